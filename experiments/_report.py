@@ -1,0 +1,57 @@
+"""Shared helpers for experiment scripts: presets, Markdown tables, figures, result files."""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+from collections.abc import Callable, Sequence
+
+PRESETS = ("quick", "paper")
+DEFAULT_OUT = pathlib.Path("results")
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub-flavoured Markdown table; floats are written with 4 significant digits."""
+
+    def fmt(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def save_figure(fig, out_dir: pathlib.Path, name: str) -> pathlib.Path:
+    """Saves a matplotlib figure as ``out_dir/name.png`` and closes it."""
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def write_markdown(text: str, out_dir: pathlib.Path, name: str) -> pathlib.Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.md"
+    path.write_text(text)
+    return path
+
+
+def cli(run: Callable[[str, pathlib.Path], str], description: str) -> None:
+    """Command line of one experiment script: ``--preset quick|paper --out DIR``.
+
+    ``run(preset, out_dir)`` writes its table and plot under ``out_dir`` and returns its
+    Markdown section (which is printed).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--preset", choices=PRESETS, default="quick")
+    parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT)
+    args = parser.parse_args()
+    print(run(args.preset, args.out))
