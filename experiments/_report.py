@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 
 PRESETS = ("quick", "paper")
 DEFAULT_OUT = pathlib.Path("results")

@@ -9,7 +9,9 @@ import jax
 import jax.numpy as jnp
 
 from spectra import _fourier
-from spectra._operator import conv, conv_transpose, dense_operator
+from spectra._operator import conv
+from spectra._operator import conv_transpose
+from spectra._operator import dense_operator
 from spectra._spec import ConvSpec
 
 EXACT_METHODS = ("fft", "dense")
