@@ -25,6 +25,7 @@ from spectra._exact import lanczos_spectral_norm
 from spectra._exact import singular_values
 from spectra._exact import spectral_norm
 from spectra._fourier import FrequencyMatrices
+from spectra._fourier import circulant_embedding
 from spectra._fourier import frequency_matrices
 from spectra._fourier import kernel_from_frequency_matrices
 from spectra._operator import conv
@@ -42,6 +43,7 @@ __all__ = [
     "PADDING_MODES",
     "SpectralNormEstimate",
     "circular_norm_bracket",
+    "circulant_embedding",
     "conv",
     "conv_transpose",
     "dense_operator",

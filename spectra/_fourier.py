@@ -15,6 +15,7 @@ kernel, i.e. the conjugate of the operator's symbol; singular values and clippin
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -132,3 +133,24 @@ def expand_multiplicity(values: jax.Array, multiplicity: np.ndarray, total: int)
 
 def sort_descending(values: jax.Array) -> jax.Array:
     return -jnp.sort(-values)
+
+
+def circulant_embedding(spec: ConvSpec, kernel_shape) -> ConvSpec:
+    """The circular layer whose operator contains ``spec``'s zero-padded operator as a submatrix.
+
+    With zero pads ``(lo, hi)`` and stride ``s`` per axis, place the input at offset ``lo`` of a
+    circular grid of size ``N = ceil((n + lo + hi) / s) * s``: every read of the zero-padded
+    conv stays inside the grid without wrapping, its outputs are rows ``0..H_out-1`` of the
+    strided circulant, and its inputs are columns of it. Hence (exact statement)
+    ``σ_max(zero-padded) <= σ_max(circulant)``: any circulant spectral-norm value or bound is an
+    **upper bound** for the zero-padded layer, at any stride, dilation and group count. (The
+    cyclic shift of Flax's ``'CIRCULAR'`` convention is a permutation and changes no singular
+    value.) For a circular ``spec`` this returns ``spec`` itself.
+    """
+    if spec.is_circular:
+        return spec
+    pads = spec.pads(kernel_shape)
+    size = tuple(
+        -(-(n + lo + hi) // s) * s for n, (lo, hi), s in zip(spec.input_shape, pads, spec.strides)
+    )
+    return dataclasses.replace(spec, input_shape=size, padding="CIRCULAR")
