@@ -58,6 +58,15 @@ def singular_values(
                 f"method='dense' explicitly, or an approximation: {APPROXIMATE_METHODS}; "
                 "spectral_norm(method='lanczos') gives the exact largest one"
             )
+    return _singular_values_jit(kernel, spec, method, tuple(sorted(kwargs.items())))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _singular_values_jit(kernel, spec, method, kwargs):
+    """Compiles the whole computation once per (shape, spec, method): eager dispatch of its
+    many small ops would otherwise compile each one separately."""
+    kshape = kernel.shape
+    kwargs = dict(kwargs)
     if method == "fft":
         fm = _fourier.frequency_matrices(kernel, spec)
         sv = jnp.linalg.svd(fm.matrices, compute_uv=False)
@@ -101,6 +110,14 @@ def spectral_norm(
     spec.validate(kernel)
     if method == "auto":
         method = "fft" if _fft_applies(spec) else "lanczos"
+    if method in APPROXIMATE_METHODS:
+        return singular_values(kernel, spec, method, **kwargs)[0]
+    return _spectral_norm_jit(kernel, spec, method, tuple(sorted(kwargs.items())))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _spectral_norm_jit(kernel, spec, method, kwargs):
+    kwargs = dict(kwargs)
     if method == "fft":
         mats = _fourier.frequency_matrices(kernel, spec).matrices
         return jnp.max(jnp.linalg.svd(mats, compute_uv=False)[..., 0])
@@ -108,8 +125,8 @@ def spectral_norm(
         return circular_norm_bracket(kernel, spec, **kwargs)[0]
     if method == "lanczos":
         return lanczos_spectral_norm(kernel, spec, **kwargs).value
-    if method in EXACT_METHODS + APPROXIMATE_METHODS:
-        return singular_values(kernel, spec, method, **kwargs)[0]
+    if method == "dense":
+        return jnp.linalg.svd(dense_operator(kernel, spec), compute_uv=False)[0]
     raise ValueError(
         f"method={method!r} is unknown; expected 'auto', one of {NORM_METHODS} or "
         f"{APPROXIMATE_METHODS} (approximate)"
@@ -190,15 +207,22 @@ def _lanczos_cycle(matvec, v0: jax.Array, num_steps: int):
     dim = v0.shape[0]
     basis = jnp.zeros((num_steps + 1, dim), v0.dtype).at[0].set(v0 / jnp.linalg.norm(v0))
     tiny = jnp.finfo(v0.dtype).tiny
+    eps = jnp.finfo(v0.dtype).eps
 
     def body(j, carry):
         basis, alphas, betas = carry
         w = matvec(basis[j])
         alpha = jnp.vdot(basis[j], w)
+        scale = jnp.linalg.norm(w)
         for _ in range(2):  # Classical Gram-Schmidt, twice: full reorthogonalisation.
             w = w - basis.T @ (basis @ w)
         beta = jnp.linalg.norm(w)
-        basis = basis.at[j + 1].set(jnp.where(beta > tiny, w / jnp.maximum(beta, tiny), 0.0))
+        # Breakdown (an invariant subspace was found): what is left of w is rounding noise, which
+        # normalising would turn into a non-orthogonal direction. Stop the recurrence instead: the
+        # Ritz values are then exact and later steps only add zeros to the tridiagonal matrix.
+        breakdown = beta <= 64 * eps * scale + tiny
+        beta = jnp.where(breakdown, 0.0, beta)
+        basis = basis.at[j + 1].set(jnp.where(breakdown, 0.0, w / jnp.maximum(beta, tiny)))
         return basis, alphas.at[j].set(alpha), betas.at[j].set(beta)
 
     zeros = jnp.zeros(num_steps, v0.dtype)
@@ -228,17 +252,23 @@ def _lanczos(kernel, v0, spec, num_steps, rtol, max_restarts):
         return v, theta, res / jnp.maximum(theta, tiny)
 
     def cond(carry):
-        return (carry[2] > rtol) & (carry[3] < max_restarts)
+        return (carry[2] > rtol) & (carry[3] < max(max_restarts, 1))
 
     def body(carry):
         return (*cycle(carry[0]), carry[3] + 1)
 
-    init = (*cycle(v0.reshape(dim)), jnp.ones((), kernel.dtype))
+    # The first cycle runs inside the loop too, so the cycle is compiled once.
+    v0 = v0.reshape(dim)
+    inf = jnp.array(jnp.inf, kernel.dtype)
+    init = (v0, jnp.zeros((), kernel.dtype), inf, jnp.zeros((), kernel.dtype))
     v, theta, residual, count = jax.lax.while_loop(cond, body, init)
     sigma = jnp.sqrt(jnp.maximum(theta, 0.0))
     u = conv(kernel, v.reshape(x_shape), spec)
     u = u / jnp.maximum(jnp.linalg.norm(u), tiny)
     return sigma, residual, count, v.reshape(x_shape), u
+
+
+_lanczos_jit = jax.jit(_lanczos, static_argnums=(2, 3, 4, 5))
 
 
 @_lanczos.defjvp
@@ -293,6 +323,6 @@ def lanczos_spectral_norm(
     if v0.size != spec.in_dim(kernel.shape):
         raise ValueError(
             f"initial_vector has {v0.size} entries; expected in_dim={spec.in_dim(kernel.shape)}")
-    sigma, residual, count, v, u = _lanczos(
+    sigma, residual, count, v, u = _lanczos_jit(
         kernel, v0, spec, int(num_steps), float(rtol), int(max_restarts))
     return SpectralNormEstimate(sigma, residual, count.astype(jnp.int32), v, u)

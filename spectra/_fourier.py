@@ -16,6 +16,7 @@ kernel, i.e. the conjugate of the operator's symbol; singular values and clippin
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -69,7 +70,7 @@ def half_plane_multiplicity(n2: int) -> np.ndarray:
 
 
 def embed_kernel(kernel: jax.Array, spec: ConvSpec) -> jax.Array:
-    """Zero-embeds a (dilated) HWIO kernel into ``(n1, n2, c_in // g, c_out)``: taps at ``p * d``."""
+    """Zero-embeds a (dilated) HWIO kernel into ``(n1, n2, c_in // g, c_out)`` (taps at p * d)."""
     kh, kw = kernel.shape[:2]
     n1, n2 = spec.input_shape
     d1, d2 = spec.kernel_dilation
@@ -89,20 +90,27 @@ def frequency_matrices(kernel: jax.typing.ArrayLike, spec: ConvSpec) -> Frequenc
       :class:`FrequencyMatrices`.
     """
     kernel = jnp.asarray(kernel)
-    kshape = spec.validate(kernel)
+    spec.validate(kernel)
     check_fft_applicable(spec)
+    return FrequencyMatrices(
+        _frequency_matrices(kernel, spec), half_plane_multiplicity(_grid(spec)[1]))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _frequency_matrices(kernel: jax.Array, spec: ConvSpec) -> jax.Array:
+    kshape = kernel.shape
     g = spec.feature_group_count
     _, _, cig, cout = kshape
     cog = cout // g
     (s1, s2), (big1, big2) = spec.strides, _grid(spec)
     e = embed_kernel(kernel, spec).reshape(big1, s1, big2, s2, cig, g, cog)
     e_hat = jnp.fft.rfft2(e, axes=(0, 2))  # (N1, s1, N2h, s2, cig, g, cog)
-    mats = e_hat.transpose(5, 0, 2, 6, 4, 1, 3).reshape(
+    return e_hat.transpose(5, 0, 2, 6, 4, 1, 3).reshape(
         g, big1, big2 // 2 + 1, cog, cig * s1 * s2
     )
-    return FrequencyMatrices(mats, half_plane_multiplicity(big2))
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def kernel_from_frequency_matrices(
     matrices: jax.typing.ArrayLike, spec: ConvSpec, kernel_shape: tuple[int, int, int, int]
 ) -> jax.Array:

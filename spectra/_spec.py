@@ -5,13 +5,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Union
 
 import jax
 import numpy as np
 from jax import lax
 
-PaddingLike = Union[str, Sequence[Sequence[int]]]
+PaddingLike = str | Sequence[Sequence[int]]
 
 PADDING_MODES = ("CIRCULAR", "SAME", "VALID", "FULL")
 

@@ -1,0 +1,62 @@
+"""The parameterised grid of layers every spectral result is checked on (small: dense SVD is cheap).
+
+Each case: ``(name, kernel_shape HWIO, ConvSpec)``. Covers k in {1, 2, 3, 5}, non-square kernels,
+c_in != c_out, stride 1/2, dilation 1/2, groups 1/2/depthwise, every padding mode and non-square
+inputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from spectra import ConvSpec
+
+_PADDINGS = ("CIRCULAR", "SAME", "VALID", "FULL", ((2, 0), (1, 1)))
+
+# (tag, kernel (kh, kw), c_in, c_out, input (H, W), strides, dilation, groups)
+_SHAPES = (
+    ("k1", (1, 1), 3, 5, (6, 4), (1, 1), (1, 1), 1),
+    ("k2_nonsquare_in", (2, 2), 2, 3, (6, 8), (1, 1), (1, 1), 1),
+    ("k3", (3, 3), 3, 2, (6, 6), (1, 1), (1, 1), 1),
+    ("k3x2", (3, 2), 2, 4, (5, 6), (1, 1), (1, 1), 1),
+    ("k5", (5, 5), 2, 3, (6, 7), (1, 1), (1, 1), 1),
+    ("stride2", (3, 3), 2, 3, (8, 6), (2, 2), (1, 1), 1),
+    ("stride2x1", (2, 3), 3, 2, (6, 6), (2, 1), (1, 1), 1),
+    ("dilation2", (3, 3), 2, 3, (7, 6), (1, 1), (2, 2), 1),
+    ("dilation2x1_stride2", (2, 2), 2, 2, (8, 6), (2, 2), (2, 1), 1),
+    ("groups2", (3, 3), 4, 6, (6, 5), (1, 1), (1, 1), 2),
+    ("depthwise", (3, 3), 3, 3, (6, 6), (1, 1), (1, 1), 3),
+    ("depthwise_mult2_stride2", (3, 2), 2, 4, (6, 8), (2, 2), (1, 1), 2),
+    ("groups2_dilation2_stride2", (2, 2), 4, 2, (8, 8), (2, 2), (2, 2), 2),
+)
+
+
+def layer_cases(paddings=_PADDINGS):
+    """Named cases for ``parameterized.named_parameters``: ``(name, kernel_shape, spec)``."""
+    cases = []
+    for tag, (kh, kw), cin, cout, n, s, d, g in _SHAPES:
+        for pad in paddings:
+            pad_tag = pad if isinstance(pad, str) else "explicit"
+            spec = ConvSpec(n, s, pad, d, g, in_features=cin)
+            cases.append((f"{tag}_{pad_tag}", (kh, kw, cin // g, cout), spec))
+    return cases
+
+
+def circular_fft_cases():
+    """Circular cases whose strides divide the input (where the exact FFT method applies)."""
+    return [
+        c for c in layer_cases(("CIRCULAR",))
+        if all(n % s == 0 for n, s in zip(c[2].input_shape, c[2].strides))
+    ]
+
+
+def random_kernel(shape, seed=0, dtype=np.float64):
+    return np.random.default_rng(seed).normal(size=shape).astype(dtype)
+
+
+def exact_singular_values(kernel, spec) -> np.ndarray:
+    """Ground truth: NumPy SVD of the dense operator built from the real conv, in float64."""
+    from spectra import dense_operator
+
+    dense = np.asarray(dense_operator(np.asarray(kernel, np.float64), spec))
+    return np.linalg.svd(dense, compute_uv=False)
