@@ -1,0 +1,25 @@
+"""convspectra.train: control the spectrum of conv layers while training (Flax NNX + optax).
+
+* :func:`find_convs` / :func:`find_convs_nnx`: trace a model once and get a pytree of
+  :class:`spectra.ConvSpec` (``None`` for non-conv leaves), with the structure of its params.
+* :func:`project_conv_operator_norm`: an optax transform, last in the chain, that projects every
+  conv kernel onto ``{σ_max <= max_norm}`` (Sedghi et al. 2019; certified by default).
+* :func:`spectral_penalty`: a differentiable sum (or max) of per-layer σ_max upper bounds, the
+  regulariser of Yi (2020).
+"""
+
+from train.discovery import find_convs
+from train.discovery import find_convs_nnx
+from train.regularizers import PENALTY_REDUCTIONS
+from train.regularizers import spectral_penalty
+from train.transforms import ProjectConvOperatorNormState
+from train.transforms import project_conv_operator_norm
+
+__all__ = [
+    "PENALTY_REDUCTIONS",
+    "ProjectConvOperatorNormState",
+    "find_convs",
+    "find_convs_nnx",
+    "project_conv_operator_norm",
+    "spectral_penalty",
+]

@@ -1,0 +1,301 @@
+"""`train.project_conv_operator_norm`: feasibility against the dense SVD, no-op inside the ball,
+optax composition (chain, masked, multi_transform, nnx.Optimizer) and errors."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl.testing import absltest
+from absl.testing import parameterized
+from flax import nnx
+
+import spectra
+import train
+from spectra._project import clip_operator_norm
+
+SPECS = {
+    "circular": spectra.ConvSpec((8, 8), padding="CIRCULAR"),
+    "same": spectra.ConvSpec((8, 8), padding="SAME"),
+    "valid_stride2": spectra.ConvSpec((8, 8), strides=2, padding="VALID"),
+    "explicit_dilated": spectra.ConvSpec((8, 6), padding=((2, 0), (1, 1)), kernel_dilation=2),
+    "depthwise_circular_stride2": spectra.ConvSpec(
+        (8, 8), strides=2, padding="CIRCULAR", feature_group_count=3
+    ),
+}
+KSHAPES = {
+    "circular": (3, 3, 3, 3),
+    "same": (3, 3, 3, 2),
+    "valid_stride2": (3, 3, 3, 3),
+    "explicit_dilated": (2, 3, 3, 3),
+    "depthwise_circular_stride2": (3, 3, 1, 3),
+}
+
+
+def exact_norm(kernel, spec) -> float:
+    """Ground truth: largest singular value of the dense operator (NumPy, float64)."""
+    dense = np.asarray(spectra.dense_operator(jnp.asarray(kernel, jnp.float64), spec))
+    return float(np.linalg.svd(dense, compute_uv=False)[0])
+
+
+def make_params(scale=1.0, seed=0):
+    rng = np.random.default_rng(seed)
+    params = {name: jnp.asarray(scale * rng.normal(size=shape)) for name, shape in KSHAPES.items()}
+    params["bias"] = jnp.asarray(rng.normal(size=3))
+    params["dense"] = jnp.asarray(rng.normal(size=(2, 2, 2, 2)))  # 4-D, not a conv.
+    return params
+
+
+def make_specs():
+    return {**SPECS, "bias": None, "dense": None}
+
+
+def step(tx, params, grads, state=None):
+    state = tx.init(params) if state is None else state
+    updates, state = jax.jit(tx.update)(grads, state, params)
+    return optax.apply_updates(params, updates), updates, state
+
+
+class ProjectionTest(parameterized.TestCase):
+
+    def test_one_step_is_feasible(self):
+        params, max_norm = make_params(), 0.5
+        for name in SPECS:
+            self.assertGreater(exact_norm(params[name], SPECS[name]), 2 * max_norm)
+        tx = optax.chain(optax.sgd(0.01), train.project_conv_operator_norm(max_norm, make_specs()))
+        grads = jax.tree.map(jnp.ones_like, params)
+        new, _, state = step(tx, params, grads)
+        for name, spec in SPECS.items():
+            self.assertEqual(new[name].shape, params[name].shape)
+            self.assertEqual(new[name].dtype, params[name].dtype)
+            self.assertLessEqual(exact_norm(new[name], spec), max_norm * (1 + 1e-4), name)
+        # Non-conv leaves: plain SGD.
+        for name in ("bias", "dense"):
+            np.testing.assert_array_equal(new[name], params[name] - 0.01)
+        self.assertIsInstance(state[1], train.ProjectConvOperatorNormState)
+        self.assertEqual(int(state[1].count), 1)
+        self.assertLessEqual(float(state[1].feasibility_gap), 1e-6)
+
+    @parameterized.parameters("rescale", "sedghi")
+    def test_other_methods(self, method):
+        spec, max_norm = SPECS["valid_stride2"], 0.5
+        params = {"w": make_params()["valid_stride2"]}
+        tx = train.project_conv_operator_norm(max_norm, {"w": spec}, method=method, num_rounds=3)
+        new, _, state = step(tx, params, {"w": jnp.zeros_like(params["w"])})
+        sigma = exact_norm(new["w"], spec)
+        self.assertLess(sigma, 0.5 * exact_norm(params["w"], spec))
+        if method == "rescale":  # Certified.
+            self.assertLessEqual(sigma, max_norm * (1 + 1e-4))
+        # The recorded gap bounds the real layer's excess: sigma - c <= gap.
+        self.assertLessEqual(sigma - max_norm, float(state.feasibility_gap) + 1e-6)
+
+    def test_inside_the_ball_is_a_no_op(self):
+        params = make_params(scale=0.01)
+        grads = jax.tree.map(lambda p: 0.1 * jnp.ones_like(p), params)
+        sgd = optax.sgd(0.01)
+        tx = optax.chain(sgd, train.project_conv_operator_norm(1.0, make_specs()))
+        new, _, _ = step(tx, params, grads)
+        plain, _, _ = step(sgd, params, grads)
+        jax.tree.map(np.testing.assert_array_equal, new, plain)  # Bit-identical.
+
+    def test_stacked_kernels_match_individual_projection(self):
+        spec = SPECS["circular"]
+        rng = np.random.default_rng(3)
+        params = {f"k{i}": jnp.asarray(rng.normal(size=(3, 3, 3, 3))) for i in range(3)}
+        max_norm = {"k0": 0.5, "k1": 1.0, "k2": 2.0}
+        tx = train.project_conv_operator_norm(max_norm, {k: spec for k in params})
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        new, _, _ = step(tx, params, zeros)
+        for name, kernel in params.items():
+            expected = clip_operator_norm(kernel, spec, max_norm[name]).kernel
+            np.testing.assert_allclose(new[name], expected, rtol=0, atol=1e-12)
+            self.assertLessEqual(exact_norm(new[name], spec), max_norm[name] * (1 + 1e-4))
+
+    def test_repeated_projection_is_monotone(self):
+        spec = SPECS["same"]
+        params = {"w": jnp.asarray(np.random.default_rng(4).normal(size=(3, 3, 3, 3)))}
+        tx = train.project_conv_operator_norm(1.0, {"w": spec}, method="sedghi")
+        state, zeros = tx.init(params), {"w": jnp.zeros((3, 3, 3, 3))}
+        norms = [exact_norm(params["w"], spec)]
+        for _ in range(4):
+            params, _, state = step(tx, params, zeros, state)
+            norms.append(exact_norm(params["w"], spec))
+        self.assertTrue(all(b <= a * (1 + 1e-9) for a, b in zip(norms, norms[1:])), norms)
+        self.assertLess(norms[-1], norms[0])
+
+    def test_every_k_steps(self):
+        spec, max_norm, k = SPECS["circular"], 1.0, 3
+        params = {"w": jnp.asarray(np.random.default_rng(5).normal(size=(3, 3, 3, 3)))}
+        tx = train.project_conv_operator_norm(max_norm, {"w": spec}, every_k_steps=k)
+        state = tx.init(params)
+        update = jax.jit(chex.assert_max_traces(tx.update, n=1))
+        projected = []
+        for t in range(7):
+            grads = {"w": 0.5 * params["w"]}  # Pushes the kernel out of the ball every step.
+            updates, state = update(grads, state, params)
+            target = params["w"] + grads["w"]
+            params = optax.apply_updates(params, updates)
+            projected.append(not np.array_equal(params["w"], target))
+            if projected[-1]:
+                self.assertLessEqual(exact_norm(params["w"], spec), max_norm * (1 + 1e-4))
+            self.assertEqual(int(state.count), t + 1)
+        self.assertEqual(projected, [t % k == 0 for t in range(7)])
+
+
+class CompositionTest(parameterized.TestCase):
+
+    def test_masked(self):
+        params, specs = make_params(), make_specs()
+        mask = {name: name != "same" for name in params}
+        tx = optax.masked(train.project_conv_operator_norm(0.5, specs), mask)
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        new, _, _ = step(tx, params, zeros)
+        np.testing.assert_array_equal(new["same"], params["same"])
+        for name in SPECS:
+            if name != "same":
+                self.assertLessEqual(exact_norm(new[name], SPECS[name]), 0.5 * (1 + 1e-4))
+
+    def test_masked_with_prefix_mask(self):
+        params = {"convs": {"a": jnp.ones((3, 3, 2, 2))}, "head": {"w": jnp.ones((4, 2))}}
+        specs = {"convs": {"a": SPECS["same"]}, "head": {"w": None}}
+        tx = optax.masked(train.project_conv_operator_norm(1.0, specs), {"convs": True,
+                                                                            "head": False})
+        new, _, _ = step(tx, params, jax.tree.map(jnp.zeros_like, params))
+        self.assertLessEqual(exact_norm(new["convs"]["a"], SPECS["same"]), 1 + 1e-4)
+        np.testing.assert_array_equal(new["head"]["w"], params["head"]["w"])
+
+    def test_multi_transform(self):
+        params, specs = make_params(), make_specs()
+        labels = {name: "conv" if name in SPECS else "other" for name in params}
+        tx = optax.multi_transform(
+            {
+                "conv": optax.chain(optax.sgd(0.01),
+                                    train.project_conv_operator_norm(0.5, specs)),
+                "other": optax.sgd(0.1),
+            },
+            labels,
+        )
+        grads = jax.tree.map(jnp.ones_like, params)
+        new, _, _ = step(tx, params, grads)
+        np.testing.assert_allclose(new["bias"], params["bias"] - 0.1)
+        for name, spec in SPECS.items():
+            self.assertLessEqual(exact_norm(new[name], spec), 0.5 * (1 + 1e-4))
+
+    def test_jitted_training_loop(self):
+        spec = SPECS["same"]
+        rng = np.random.default_rng(6)
+        teacher = jnp.asarray(0.2 * rng.normal(size=(3, 3, 3, 2)))
+        xs = jnp.asarray(rng.normal(size=(16, 8, 8, 3)))
+        ys = spectra.conv(teacher, xs, spec)
+        params = {"w": jnp.asarray(rng.normal(size=(3, 3, 3, 2)))}
+        max_norm = 1.5 * exact_norm(teacher, spec)
+
+        def loss_fn(p):
+            return jnp.mean((spectra.conv(p["w"], xs, spec) - ys) ** 2)
+
+        tx = optax.chain(optax.sgd(0.05), train.project_conv_operator_norm(max_norm, {"w": spec}))
+
+        @jax.jit
+        def train_step(p, state):
+            loss, grads = jax.value_and_grad(loss_fn)(p)
+            updates, state = tx.update(grads, state, p)
+            return optax.apply_updates(p, updates), state, loss
+
+        state, losses = tx.init(params), []
+        for _ in range(15):
+            params, state, loss = train_step(params, state)
+            losses.append(float(loss))
+            self.assertLessEqual(exact_norm(params["w"], spec), max_norm * (1 + 1e-4))
+        self.assertLess(float(loss_fn(params)), 0.5 * losses[0])
+
+    def test_nnx_optimizer(self):
+        class Net(nnx.Module):
+            def __init__(self, rngs):
+                self.c1 = nnx.Conv(3, 4, (3, 3), padding="CIRCULAR", rngs=rngs,
+                                   param_dtype=jnp.float64)
+                self.c2 = nnx.Conv(4, 2, (3, 3), strides=2, rngs=rngs, param_dtype=jnp.float64)
+
+            def __call__(self, x):
+                return self.c2(nnx.relu(self.c1(x)))
+
+        rng = np.random.default_rng(7)
+        xs = jnp.asarray(rng.normal(size=(8, 8, 8, 3)))
+        ys = Net(nnx.Rngs(1))(xs)
+        model = Net(nnx.Rngs(0))
+        specs = train.find_convs_nnx(model, xs)
+        max_norm = 2.0
+        tx = optax.chain(optax.adam(0.02), train.project_conv_operator_norm(max_norm, specs))
+        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+        def loss_fn(m):
+            return jnp.mean((m(xs) - ys) ** 2)
+
+        @nnx.jit
+        def train_step(m, opt):
+            loss, grads = nnx.value_and_grad(loss_fn)(m)
+            opt.update(m, grads)
+            return loss
+
+        losses = [float(train_step(model, optimizer)) for _ in range(25)]
+        self.assertLess(float(loss_fn(model)), 0.7 * losses[0])
+        for name in ("c1", "c2"):
+            kernel = getattr(model, name).kernel.get_value()
+            spec = specs[name]["kernel"]
+            self.assertEqual(kernel.shape, (3, 3, 3 if name == "c1" else 4, 4 if name == "c1"
+                                            else 2))
+            self.assertLessEqual(exact_norm(kernel, spec), max_norm * (1 + 1e-4))
+
+
+class ErrorTest(parameterized.TestCase):
+
+    def test_missing_params(self):
+        params = {"w": jnp.ones((3, 3, 2, 2))}
+        tx = train.project_conv_operator_norm(1.0, {"w": SPECS["same"]})
+        with self.assertRaisesRegex(ValueError, "params"):
+            tx.update(params, tx.init(params))
+
+    @parameterized.parameters(0.0, -1.0)
+    def test_max_norm_not_positive(self, value):
+        with self.assertRaisesRegex(ValueError, "max_norm"):
+            train.project_conv_operator_norm(value, {"w": SPECS["same"]})
+        with self.assertRaisesRegex(ValueError, r"max_norm\['w'\]"):
+            train.project_conv_operator_norm(
+                {"w": value, "b": 0.0}, {"w": SPECS["same"], "b": None}
+            )
+
+    def test_max_norm_wrong_structure(self):
+        with self.assertRaisesRegex(ValueError, "max_norm"):
+            train.project_conv_operator_norm({"x": 1.0}, {"w": SPECS["same"]})
+
+    def test_spec_on_a_non_kernel_leaf(self):
+        params = {"w": jnp.ones((3, 3, 2, 2)), "b": jnp.ones(2)}
+        tx = train.project_conv_operator_norm(1.0, {"w": SPECS["same"], "b": SPECS["same"]})
+        with self.assertRaisesRegex(ValueError, r"\['b'\].*4-D"):
+            tx.init(params)
+        with self.assertRaisesRegex(ValueError, r"\['b'\].*4-D"):
+            tx.update(params, optax.EmptyState(), params)
+
+    def test_specs_structure(self):
+        tx = train.project_conv_operator_norm(1.0, {"w": SPECS["same"]})
+        with self.assertRaisesRegex(ValueError, "specs"):
+            tx.init({"v": jnp.ones((3, 3, 2, 2))})
+        with self.assertRaisesRegex(ValueError, "specs"):
+            train.project_conv_operator_norm(1.0, {"w": "SAME"})
+
+    @parameterized.named_parameters(
+        ("every_k_steps", dict(every_k_steps=0), "every_k_steps"),
+        ("method", dict(method="svd"), "method"),
+        ("num_rounds", dict(num_rounds=-1), "num_rounds"),
+    )
+    def test_bad_options(self, kwargs, name):
+        with self.assertRaisesRegex(ValueError, name):
+            train.project_conv_operator_norm(1.0, {"w": SPECS["same"]}, **kwargs)
+
+    def test_circular_stride_not_dividing(self):
+        spec = spectra.ConvSpec((7, 7), strides=2, padding="CIRCULAR")
+        with self.assertRaisesRegex(ValueError, "specs.*divid"):
+            train.project_conv_operator_norm(1.0, {"w": spec})
+
+
+if __name__ == "__main__":
+    absltest.main()

@@ -1,0 +1,289 @@
+"""Optax transforms that keep conv layers inside an operator-norm ball during training."""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from spectra._project import CLIP_METHODS
+from spectra._project import clip_operator_norm
+from spectra._spec import ConvSpec
+from spectra._spec import is_concrete
+from train import discovery
+
+
+class ProjectConvOperatorNormState(NamedTuple):
+    """State of :func:`project_conv_operator_norm`.
+
+    Attributes:
+      count: int32 scalar, the number of updates seen so far (the step that is projected when
+        ``count % every_k_steps == 0``).
+      feasibility_gap: float32 scalar, the largest ``ClipResult.feasibility_gap`` over the conv
+        leaves at the most recent projecting update (``σ_max(C) - max_norm`` of the returned
+        kernels, with ``C`` the circular operator the projection works on, an upper bound on
+        the real layer's σ_max: ``<= 0`` means every projected layer is feasible); ``0`` before
+        the first projection.
+    """
+
+    count: jax.Array
+    feasibility_gap: jax.Array
+
+
+def _is_spec_or_none(x) -> bool:
+    return x is None or isinstance(x, ConvSpec)
+
+
+def _check_specs(specs: Any) -> None:
+    with_path, _ = jax.tree_util.tree_flatten_with_path(
+        discovery.strip_variables(specs), is_leaf=_is_spec_or_none
+    )
+    for path, spec in with_path:
+        if not _is_spec_or_none(spec):
+            raise ValueError(
+                f"specs must be a pytree of spectra.ConvSpec or None; got {spec!r} at "
+                f"{jax.tree_util.keystr(path)}"
+            )
+        if spec is not None and spec.is_circular:
+            if any(n % s for n, s in zip(spec.input_shape, spec.strides)):
+                raise ValueError(
+                    f"specs{jax.tree_util.keystr(path)}: a circular layer needs strides="
+                    f"{spec.strides} dividing input_shape={spec.input_shape} to be projected"
+                )
+
+
+def _max_norm_per_spec(max_norm: Any, specs: Any) -> tuple[Any, list[Any] | None]:
+    """Validates ``max_norm``; returns it as a scalar, or as a list aligned with specs' leaves."""
+
+    def check(value, where: str):
+        if np.ndim(value) != 0:
+            raise ValueError(
+                f"max_norm{where} must be a scalar; got shape {np.shape(value)}"
+            )
+        if is_concrete(value) and not float(value) > 0:
+            raise ValueError(f"max_norm{where}={value!r} must be > 0")
+
+    if isinstance(max_norm, (int, float, np.number, np.ndarray, jax.Array)):
+        check(max_norm, "")
+        return max_norm, None
+    stripped_specs = discovery.strip_variables(specs)
+    treedef = jax.tree.structure(stripped_specs, is_leaf=_is_spec_or_none)
+    try:
+        norms = treedef.flatten_up_to(discovery.strip_variables(max_norm))
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"max_norm must be a scalar or a pytree with the structure of specs ({treedef}); "
+            f"got {jax.tree.structure(max_norm)}"
+        ) from e
+    with_path, _ = jax.tree_util.tree_flatten_with_path(stripped_specs, is_leaf=_is_spec_or_none)
+    for (path, spec), value in zip(with_path, norms):
+        if spec is not None:
+            check(value, jax.tree_util.keystr(path))
+    return None, norms
+
+
+def project_conv_operator_norm(
+    max_norm: Any,
+    specs: Any,
+    *,
+    every_k_steps: int = 1,
+    method: str = "certified",
+    num_rounds: int = 1,
+) -> optax.GradientTransformation:
+    r"""Keeps every conv layer's operator norm at most ``max_norm`` (Sedghi et al. 2019).
+
+    For each params leaf with a :class:`spectra.ConvSpec` in ``specs``, the updates are
+    rewritten so that ``params + updates`` is
+    ``spectra.clip_operator_norm(params + updates, spec, max_norm, method=method,
+    num_rounds=num_rounds).kernel``; other leaves' updates are returned untouched. Like
+    :func:`optax.keep_params_nonnegative`, it needs ``params`` and goes **last** in
+    :func:`optax.chain`.
+
+    .. math::
+
+       u \leftarrow \Pi_{\{\|K\|_{op} \le c\}}(p + u) - p
+
+    Only updates with ``count % every_k_steps == 0`` project (``count`` counts updates from 0),
+    so **the first update projects** (an initial kernel outside the ball is brought in at once),
+    then updates ``k, 2k, ...``; parameters after other updates may leave the ball. The choice
+    is made with :func:`jax.lax.cond` on the step counter (for ``every_k_steps > 1``): no host
+    synchronisation, and the projection is not computed on skipped steps.
+
+    Guarantees, per projected kernel (``'certified'``, the default): the exact σ_max of the
+    layer described by the spec (zero padded or circular) is ``<= max_norm`` up to rounding.
+    ``'sedghi'``/``'dykstra'`` are approximate projections (see
+    ``state.feasibility_gap``), ``'rescale'`` is certified and cheapest. A kernel already inside
+    the ball of the circular operator the method works on is left bit-identical: its update is
+    returned unchanged. Kernels with equal ``(shape, dtype, spec)`` are stacked and projected
+    with one :func:`jax.vmap`.
+
+    Works under :func:`jax.jit`, inside :func:`optax.masked` / :func:`optax.multi_transform`
+    (``specs`` and a per-layer ``max_norm`` keep the structure of the full params tree) and with
+    ``flax.nnx.Optimizer(model, tx, wrt=nnx.Param)``: ``specs`` from
+    :func:`train.find_convs_nnx` (``nnx.Variable`` wrappers on either side are ignored).
+
+    Args:
+      max_norm: the radius ``c > 0``: a scalar, or a pytree with the structure of ``specs``
+        holding a scalar for every conv leaf (entries at ``None`` specs are ignored).
+      specs: a pytree with the structure of the params: a :class:`spectra.ConvSpec` for each
+        kernel to constrain (HWIO, 4-D), ``None`` elsewhere; e.g. from :func:`train.find_convs`.
+      every_k_steps: project every ``k``-th update (``k >= 1``).
+      method: ``spectra.clip_operator_norm`` method: ``'certified'``, ``'sedghi'``,
+        ``'dykstra'`` or ``'rescale'``.
+      num_rounds: projection rounds per projecting update (``>= 0``; see
+        ``spectra.clip_operator_norm``).
+
+    Returns:
+      An :class:`optax.GradientTransformation` whose state is
+      :class:`ProjectConvOperatorNormState`.
+
+    Raises:
+      ValueError: naming ``max_norm`` (not positive, not a scalar, wrong structure),
+        ``specs`` (not ConvSpecs, wrong structure, a circular spec whose strides do not divide
+        its input), ``every_k_steps``, ``method`` or ``num_rounds``; at ``init``/``update``,
+        naming the params leaf when a spec is given for a leaf that is not a 4-D kernel
+        matching it, and naming ``params`` when they are missing.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import spectra
+      >>> params = {'w': jnp.ones((3, 3, 2, 2)), 'b': jnp.zeros(2)}
+      >>> specs = {'w': spectra.ConvSpec((8, 8), padding='SAME'), 'b': None}
+      >>> tx = optax.chain(optax.sgd(0.1), project_conv_operator_norm(1.0, specs))
+      >>> state = tx.init(params)
+      >>> grads = {'w': jnp.ones((3, 3, 2, 2)), 'b': jnp.ones(2)}
+      >>> updates, state = tx.update(grads, state, params)
+      >>> params = optax.apply_updates(params, updates)
+      >>> bool(spectra.spectral_norm(params['w'], specs['w'], 'dense') <= 1.0 + 1e-5)
+      True
+
+    References:
+      H. Sedghi, V. Gupta, P. M. Long. The Singular Values of Convolutional Layers. ICLR 2019.
+    """
+    if not isinstance(every_k_steps, (int, np.integer)) or every_k_steps < 1:
+        raise ValueError(f"every_k_steps={every_k_steps!r} must be a positive int")
+    if method not in CLIP_METHODS:
+        raise ValueError(f"method={method!r} is unknown; expected one of {CLIP_METHODS}")
+    if not isinstance(num_rounds, (int, np.integer)) or num_rounds < 0:
+        raise ValueError(f"num_rounds={num_rounds!r} must be a non-negative int")
+    _check_specs(specs)
+    scalar_norm, spec_norms = _max_norm_per_spec(max_norm, specs)
+    every_k_steps, num_rounds = int(every_k_steps), int(num_rounds)
+
+    def conv_leaves(params) -> list[tuple[int, ConvSpec, Any]]:
+        """``(leaf index, spec, max_norm)`` for the conv leaves of ``params``; checks shapes."""
+        leaves = jax.tree.leaves(
+            discovery.strip_variables(params), is_leaf=discovery.is_leaf_or_hole
+        )
+        aligned = discovery.align_with_params(params, specs, "specs")
+        if spec_norms is not None:
+            # Number the specs' leaves, then flatten the numbers like the params.
+            treedef = jax.tree.structure(
+                discovery.strip_variables(specs), is_leaf=_is_spec_or_none
+            )
+            numbers = jax.tree.unflatten(treedef, list(range(treedef.num_leaves)))
+            aligned_numbers = discovery.align_with_params(params, numbers, "specs")
+        paths = discovery.leaf_paths(params)
+        out = []
+        for i, (leaf, spec) in enumerate(zip(leaves, aligned)):
+            if discovery.is_leaf_or_hole(leaf) or spec is None:
+                continue
+            if not isinstance(spec, ConvSpec):
+                raise ValueError(
+                    f"specs at params leaf {paths[i]} must be a ConvSpec or None; got {spec!r}"
+                )
+            shape = np.shape(leaf)
+            if len(shape) != 4:
+                raise ValueError(
+                    f"specs gives a ConvSpec for params leaf {paths[i]}, which is not a 4-D "
+                    f"HWIO kernel (shape {shape})"
+                )
+            try:
+                spec.validate(np.broadcast_to(np.zeros((), np.float32), shape))
+            except ValueError as e:
+                raise ValueError(f"params leaf {paths[i]} does not match its spec: {e}") from e
+            norm = scalar_norm if spec_norms is None else spec_norms[aligned_numbers[i]]
+            out.append((i, spec, norm))
+        return out
+
+    def init_fn(params):
+        conv_leaves(params)
+        return ProjectConvOperatorNormState(
+            count=jnp.zeros([], jnp.int32), feasibility_gap=jnp.zeros([], jnp.float32)
+        )
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError(
+                "project_conv_operator_norm needs `params` (tx.update(updates, state, params)) "
+                "to project params + updates"
+            )
+        convs = conv_leaves(params)
+        flat_params = jax.tree.leaves(params, is_leaf=discovery.is_leaf_or_hole)
+        flat_updates, updates_def = jax.tree.flatten(updates, is_leaf=discovery.is_leaf_or_hole)
+        if len(flat_updates) != len(flat_params):
+            raise ValueError(
+                f"updates ({updates_def}) must have the structure of params "
+                f"({jax.tree.structure(params, is_leaf=discovery.is_leaf_or_hole)})"
+            )
+        groups = collections.defaultdict(list)
+        for i, spec, norm in convs:
+            leaf = flat_params[i]
+            groups[(np.shape(leaf), jnp.result_type(leaf), spec)].append((i, norm))
+
+        def project(operands):
+            conv_params, conv_updates = operands
+            new_updates = dict(conv_updates)
+            gaps = []
+            for (_, _, spec), members in groups.items():
+                idx = [i for i, _ in members]
+                old = jnp.stack([conv_params[i] for i in idx])
+                upd = jnp.stack([conv_updates[i] for i in idx])
+                norms = jnp.stack([jnp.asarray(n, old.dtype) for _, n in members])
+                target = (old + upd).astype(old.dtype)  # As optax.apply_updates.
+
+                def clip(kernel, norm, spec=spec):
+                    return clip_operator_norm(
+                        kernel, spec, norm, method=method, num_rounds=num_rounds
+                    )
+
+                result = jax.vmap(clip)(target, norms)
+                # Where the projection kept a value, keep the update: params + updates is then
+                # bit-identical to the unprojected step (all of it for a kernel inside the ball).
+                kept = result.kernel == target
+                for j, i in enumerate(idx):
+                    u = conv_updates[i]
+                    new_updates[i] = jnp.where(
+                        kept[j], u, (result.kernel[j] - conv_params[i]).astype(u.dtype)
+                    )
+                gaps.append(jnp.max(result.feasibility_gap).astype(jnp.float32))
+            return new_updates, jnp.max(jnp.stack(gaps))
+
+        def skip(operands):
+            return operands[1], state.feasibility_gap
+
+        conv_params = {i: flat_params[i] for i, _, _ in convs}
+        conv_updates = {i: flat_updates[i] for i, _, _ in convs}
+        if convs and every_k_steps == 1:
+            new_conv_updates, gap = project((conv_params, conv_updates))
+        elif convs:
+            new_conv_updates, gap = lax.cond(
+                state.count % every_k_steps == 0, project, skip, (conv_params, conv_updates)
+            )
+        else:
+            new_conv_updates, gap = conv_updates, state.feasibility_gap
+        for i, value in new_conv_updates.items():
+            flat_updates[i] = value
+        new_state = ProjectConvOperatorNormState(
+            count=optax.safe_int32_increment(state.count), feasibility_gap=gap
+        )
+        return jax.tree.unflatten(updates_def, flat_updates), new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
