@@ -136,7 +136,15 @@ def expand_multiplicity(values: jax.Array, multiplicity: np.ndarray, total: int)
     """Repeats per-frequency values ``(..., N2h, r)`` by the half-plane multiplicity, flattened."""
     counts = np.broadcast_to(multiplicity[:, None], values.shape[-2:])
     counts = np.broadcast_to(counts, values.shape).ravel()
-    return jnp.repeat(values.ravel(), counts, total_repeat_length=total)
+    # Same result as ``jnp.repeat(..., total_repeat_length=total)``, but with the index computed
+    # on the host: jnp.repeat's cumsum of constant counts is constant-folded by XLA, which takes
+    # seconds to compile for large layers.
+    index = np.repeat(np.arange(counts.size), counts)
+    if index.size >= total:
+        index = index[:total]
+    else:
+        index = np.pad(index, (0, total - index.size), mode="edge")
+    return values.ravel()[index]
 
 
 def sort_descending(values: jax.Array) -> jax.Array:

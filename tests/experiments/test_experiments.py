@@ -1,0 +1,105 @@
+"""Tests of the experiment scripts (tiny "test" presets) and of ``python -m experiments``."""
+
+import importlib
+import pathlib
+import shutil
+import tempfile
+from unittest import mock
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+from absl.testing import absltest  # noqa: E402
+
+from experiments import sedghi_timing  # noqa: E402
+
+experiments_main = importlib.import_module("experiments.__main__")
+
+
+def _tmpdir(test: absltest.TestCase) -> pathlib.Path:
+    """A fresh temporary folder removed after the test (works under pytest and absltest)."""
+    path = pathlib.Path(tempfile.mkdtemp())
+    test.addCleanup(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def _table_rows(markdown: str, first_cell: str) -> list[list[str]]:
+    """The cells of the Markdown table rows whose first cell is ``first_cell``."""
+    rows = []
+    for line in markdown.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first_cell:
+            rows.append(cells)
+    return rows
+
+
+class SedghiTimingTest(absltest.TestCase):
+    def test_test_preset_writes_table_and_plot(self):
+        out = _tmpdir(self)
+        text = sedghi_timing.run("test", out)
+        md, png = out / "sedghi_timing.md", out / "sedghi_timing.png"
+        self.assertTrue(md.is_file())
+        self.assertTrue(png.is_file())
+        self.assertGreater(png.stat().st_size, 0)
+        self.assertEqual(md.read_text(), text)
+        self.assertIn("![", text)
+        self.assertIn("(sedghi_timing.png)", text)
+
+        config = sedghi_timing.PRESETS["test"]
+        channels = _table_rows(text, "channels")
+        sizes = _table_rows(text, "input size")
+        large = _table_rows(text, "large kernel")
+        self.assertEqual([int(r[2]) for r in channels], list(config["channels"]))
+        self.assertEqual([int(r[3]) for r in sizes], list(config["sizes"]))
+        self.assertEqual([(int(r[1]), int(r[3]), int(r[2])) for r in large],
+                         [tuple(p) for p in config["large"]])
+        header = next(line for line in text.splitlines() if line.startswith("| sweep"))
+        self.assertLen(header.strip().strip("|").split("|"), len(sedghi_timing.HEADERS))
+        # The tiny layers all fit the dense budget: every one is checked against the dense SVD.
+        for row in channels + sizes:
+            self.assertGreater(float(row[5]), 0.0)  # FFT time
+            self.assertGreater(float(row[6]), 0.0)  # dense time
+            self.assertLessEqual(float(row[8]), sedghi_timing.AGREEMENT_RTOL)
+        for row in large:  # Dense is never attempted for the large-kernel rows.
+            self.assertEqual(row[6], "—")
+
+    def test_unknown_preset_raises(self):
+        out = _tmpdir(self)
+        with self.assertRaisesRegex(ValueError, "preset='huge'"):
+            sedghi_timing.run("huge", out)
+
+
+class MainTest(absltest.TestCase):
+    def test_writes_report(self):
+        out = _tmpdir(self) / "results"
+        with mock.patch.object(experiments_main, "EXPERIMENTS", ["sedghi_timing"]):
+            self.assertEqual(experiments_main.main(["--preset", "test", "--out", str(out)]), 0)
+        report = (out / "REPORT.md").read_text()
+        self.assertTrue(report.startswith("# "))
+        self.assertIn("Date:", report)
+        self.assertIn("JAX", report)
+        self.assertIn("Total time:", report)
+        self.assertIn("`sedghi_timing`", report)
+        self.assertIn("## Sedghi et al. 2019", report)
+        self.assertTrue((out / "sedghi_timing.png").is_file())
+        self.assertTrue((out / "sedghi_timing.md").is_file())
+
+    def test_missing_experiment_fails_before_running_anything(self):
+        out = _tmpdir(self)
+        names = ["sedghi_timing", "no_such_experiment"]
+        with mock.patch.object(experiments_main, "EXPERIMENTS", names):
+            with self.assertRaisesRegex(ModuleNotFoundError, "no_such_experiment"):
+                experiments_main.run_all("test", out)
+        self.assertFalse((out / "REPORT.md").exists())
+        self.assertFalse((out / "sedghi_timing.md").exists())
+
+    def test_default_list_names_every_experiment(self):
+        self.assertEqual(
+            experiments_main.EXPERIMENTS,
+            ["sedghi_timing", "yi_approximation", "bounds_tightness"],
+        )
+
+
+if __name__ == "__main__":
+    absltest.main()
