@@ -16,6 +16,28 @@ Conventions
 * Every function works under ``jax.jit`` (spec static) and ``jax.vmap`` over stacked kernels.
 """
 
+from spectra._bounds import UPPER_BOUNDS
+from spectra._bounds import araujo_lipbound
+from spectra._bounds import frobenius_bound
+from spectra._bounds import frobenius_kernel_bound
+from spectra._bounds import gram_iteration_bound
+from spectra._bounds import l1_matrix_bound
+from spectra._bounds import l1_schur_bound
+from spectra._bounds import matricisation_bound
+from spectra._bounds import singla_feizi_bound
+from spectra._bounds import symbol_grid_bound
+from spectra._bounds import symbol_sup_bound
+from spectra._bounds import tap_sum_bound
+from spectra._bounds import tensor_norm_bound
+from spectra._density import CORRECTIONS
+from spectra._density import DEFAULT_CORRECTION
+from spectra._density import DEFAULT_GRID
+from spectra._density import GRIDS
+from spectra._density import FrequencyGrid
+from spectra._density import circulant_singular_values
+from spectra._density import frobenius_norm_squared
+from spectra._density import spectral_density
+from spectra._density import spectral_density_singular_values
 from spectra._exact import APPROXIMATE_METHODS
 from spectra._exact import EXACT_METHODS
 from spectra._exact import NORM_METHODS
@@ -31,25 +53,53 @@ from spectra._fourier import kernel_from_frequency_matrices
 from spectra._operator import conv
 from spectra._operator import conv_transpose
 from spectra._operator import dense_operator
+from spectra._project import CLIP_METHODS
+from spectra._project import ClipResult
+from spectra._project import clip_operator_norm
 from spectra._spec import PADDING_MODES
 from spectra._spec import ConvSpec
 
 __all__ = [
     "APPROXIMATE_METHODS",
+    "CLIP_METHODS",
+    "CORRECTIONS",
+    "ClipResult",
     "ConvSpec",
+    "DEFAULT_CORRECTION",
+    "DEFAULT_GRID",
     "EXACT_METHODS",
+    "FrequencyGrid",
     "FrequencyMatrices",
+    "GRIDS",
     "NORM_METHODS",
     "PADDING_MODES",
     "SpectralNormEstimate",
-    "circular_norm_bracket",
+    "UPPER_BOUNDS",
+    "araujo_lipbound",
     "circulant_embedding",
+    "circulant_singular_values",
+    "circular_norm_bracket",
+    "clip_operator_norm",
     "conv",
     "conv_transpose",
     "dense_operator",
     "frequency_matrices",
+    "frobenius_bound",
+    "frobenius_kernel_bound",
+    "frobenius_norm_squared",
+    "gram_iteration_bound",
     "kernel_from_frequency_matrices",
+    "l1_matrix_bound",
+    "l1_schur_bound",
     "lanczos_spectral_norm",
+    "matricisation_bound",
+    "singla_feizi_bound",
     "singular_values",
+    "spectral_density",
+    "spectral_density_singular_values",
     "spectral_norm",
+    "symbol_grid_bound",
+    "symbol_sup_bound",
+    "tap_sum_bound",
+    "tensor_norm_bound",
 ]

@@ -6,8 +6,20 @@
   conv kernel onto ``{σ_max <= max_norm}`` (Sedghi et al. 2019; certified by default).
 * :func:`spectral_penalty`: a differentiable sum (or max) of per-layer σ_max upper bounds, the
   regulariser of Yi (2020).
+* :mod:`train.models` (CIFAR ResNets, a small CNN) and :mod:`train.data` (digits / tfds
+  ``data_source`` loading and a seeded, resumable input pipeline).
 """
 
+from train import data
+from train import models
+from train.data import Batch
+from train.data import DatasetInfo
+from train.data import DatasetNotAvailableError
+from train.data import Pipeline
+from train.data import dataset_info
+from train.data import load_digits_split
+from train.data import load_split
+from train.data import load_tfds_split
 from train.discovery import find_convs
 from train.discovery import find_convs_nnx
 from train.regularizers import PENALTY_REDUCTIONS
@@ -16,6 +28,16 @@ from train.transforms import ProjectConvOperatorNormState
 from train.transforms import project_conv_operator_norm
 
 __all__ = [
+    "Batch",
+    "DatasetInfo",
+    "DatasetNotAvailableError",
+    "Pipeline",
+    "dataset_info",
+    "data",
+    "load_digits_split",
+    "load_split",
+    "load_tfds_split",
+    "models",
     "PENALTY_REDUCTIONS",
     "ProjectConvOperatorNormState",
     "find_convs",
