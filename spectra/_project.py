@@ -168,7 +168,9 @@ def _clip(
     max_norm = max_norm.astype(work.dtype)
 
     if method == "rescale":
-        upper = circular_norm_bracket(work, cspec, num_squarings=num_squarings)[1]
+        # Full-precision matmuls (no TF32 on GPU), so that the bound stays an upper bound.
+        with jax.default_matmul_precision("highest"):
+            upper = circular_norm_bracket(work, cspec, num_squarings=num_squarings)[1]
         inside = upper <= max_norm
         scaled = work * (max_norm / jnp.where(inside, max_norm, upper))
         out = jnp.where(inside, kernel, scaled.astype(kernel.dtype))
@@ -236,9 +238,9 @@ def clip_operator_norm(
     A kernel with ``σ_max(C) <= c`` (for ``'rescale'``: ``u <= c``) is returned bit-identically.
     The whole computation is one jitted function (``spec``, ``method`` and ``num_rounds`` are
     static; ``max_norm`` may be traced); it works under ``jax.jit`` and ``jax.vmap`` over stacked
-    kernels, and its cost per round is two half-plane FFTs and one batched eigendecomposition of
-    the ``min(c_out, c_in s1 s2) / groups``-sized Gram matrices at ``N1 (N2 // 2 + 1) / (s1 s2)``
-    frequencies.
+    kernels. Cost per round: two half-plane FFTs and one batched eigendecomposition of the smaller
+    Gram matrix (size ``min(c_out, c_in s1 s2) / groups``) at ``groups * M1 * (M2 // 2 + 1)``
+    frequencies, ``M = N / strides``; ``'certified'`` adds one values-only batched SVD.
 
     Args:
       kernel: HWIO kernel ``(kh, kw, c_in // groups, c_out)``.

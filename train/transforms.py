@@ -248,6 +248,11 @@ def project_conv_operator_norm(
                 upd = jnp.stack([conv_updates[i] for i in idx])
                 norms = jnp.stack([jnp.asarray(n, old.dtype) for _, n in members])
                 target = (old + upd).astype(old.dtype)  # As optax.apply_updates.
+                if gaps:
+                    # A data dependency on the previous group: XLA:CPU (jaxlib 0.10) can
+                    # deadlock when one program runs several independent batched LAPACK
+                    # eigendecompositions at once; chaining the groups serialises them.
+                    target = target + (0 * gaps[-1]).astype(target.dtype)
 
                 def clip(kernel, norm, spec=spec):
                     return clip_operator_norm(

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
 from absl.testing import parameterized
+from threadpoolctl import threadpool_limits
 
 import spectra
 from spectra._project import CLIP_METHODS
@@ -27,7 +28,10 @@ def _grid_cases():
 
 
 def _sigma_max(kernel, spec) -> float:
-    return float(layers.exact_singular_values(kernel, spec)[0])
+    # One BLAS thread: on a small shared machine, multi-threaded OpenBLAS next to JAX's spinning
+    # thread pool makes this SVD ~100x slower (measured: 1 s instead of 10 ms).
+    with threadpool_limits(limits=1, user_api="blas"):
+        return float(layers.exact_singular_values(kernel, spec)[0])
 
 
 def _embedded_sigma_max(kernel, spec) -> float:
@@ -39,7 +43,8 @@ def _numpy_sedghi_clip(kernel, n, c):
     """Reference (Sedghi et al. 2019, brain-research/conv-sv): clip per frequency, truncate."""
     kh, kw = kernel.shape[:2]
     t = np.fft.fft2(kernel, n, axes=[0, 1])
-    u, d, vh = np.linalg.svd(t, full_matrices=False)
+    with threadpool_limits(limits=1, user_api="blas"):
+        u, d, vh = np.linalg.svd(t, full_matrices=False)
     t_clipped = u @ (np.minimum(d, c)[..., None] * vh)
     return np.fft.ifft2(t_clipped, axes=[0, 1]).real[:kh, :kw]
 
