@@ -21,7 +21,14 @@ from types import ModuleType
 from experiments import _report
 
 #: Experiment modules under ``experiments/``, in the order they run and appear in the report.
-EXPERIMENTS = ["sedghi_timing", "yi_approximation", "bounds_tightness"]
+EXPERIMENTS = [
+    "sedghi_timing",
+    "yi_approximation",
+    "bounds_tightness",
+    "sedghi_training",
+    "yi_training",
+    "layer_spectra",
+]
 
 REPORT_NAME = "REPORT.md"
 
@@ -105,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=pathlib.Path, default=_report.DEFAULT_OUT,
                         help="output folder (default: results)")
     args = parser.parse_args(argv)
+    from train.loop import avoid_cpu_lapack_deadlock
+
+    avoid_cpu_lapack_deadlock()  # Before any JAX computation (XLA:CPU LAPACK deadlock).
     path = run_all(args.preset, args.out)
     print(f"[experiments] wrote {path}")
     return 0

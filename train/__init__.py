@@ -12,6 +12,8 @@
 
 from train import data
 from train import models
+from train.config import TrainConfig
+from train.config import apply_overrides
 from train.data import Batch
 from train.data import DatasetInfo
 from train.data import DatasetNotAvailableError
@@ -22,12 +24,30 @@ from train.data import load_split
 from train.data import load_tfds_split
 from train.discovery import find_convs
 from train.discovery import find_convs_nnx
+from train.loop import TrainState
+from train.loop import avoid_cpu_lapack_deadlock
+from train.loop import layer_spectral_norms
+from train.loop import learning_rate_schedule
+from train.loop import make_optimizer
+from train.loop import make_run_dir
+from train.loop import restore_model
+from train.loop import train_and_evaluate
 from train.regularizers import PENALTY_REDUCTIONS
 from train.regularizers import spectral_penalty
 from train.transforms import ProjectConvOperatorNormState
 from train.transforms import project_conv_operator_norm
 
 __all__ = [
+    "TrainConfig",
+    "TrainState",
+    "apply_overrides",
+    "avoid_cpu_lapack_deadlock",
+    "layer_spectral_norms",
+    "learning_rate_schedule",
+    "make_optimizer",
+    "make_run_dir",
+    "restore_model",
+    "train_and_evaluate",
     "Batch",
     "DatasetInfo",
     "DatasetNotAvailableError",

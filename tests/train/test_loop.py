@@ -1,0 +1,155 @@
+"""`train.loop`: loss decreases on digits, bit-identical resume, run folders, CSV, config."""
+
+import csv
+import dataclasses
+import pathlib
+import tempfile
+
+import jax
+import numpy as np
+from absl.testing import absltest
+from flax import nnx
+
+import spectra
+from train import loop
+from train.config import TrainConfig
+from train.config import apply_overrides
+
+loop.avoid_cpu_lapack_deadlock()  # Effective when this file runs first in its process.
+
+# A small ResNet-8 (BatchNorm: the state has running statistics) on 12x12 digits. Every test
+# uses the same step-relevant fields, so the jitted steps compile once per test process.
+CONFIG = TrainConfig(
+    dataset="digits",
+    model="resnet8",
+    width=8,
+    image_pad=2,
+    batch_size=64,
+    eval_batch_size=128,
+    num_steps=12,
+    lr=0.1,
+    log_every=4,
+    sigma_every=6,
+    progress=False,
+)
+
+
+def _params(model):
+    return jax.tree.leaves(nnx.state(model, nnx.Param))
+
+
+class LoopTest(absltest.TestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.root = pathlib.Path(tempfile.mkdtemp())
+
+    def test_training_reduces_loss_and_writes_csv(self):
+        result = loop.train_and_evaluate(CONFIG, self.root / "run")
+        history = result["history"]
+        losses = [row["loss"] for row in history if "loss" in row]
+        self.assertLen(losses, 3)  # Means over steps 1-4, 5-8, 9-12.
+        self.assertLess(losses[-1], losses[0] - 0.1)
+        self.assertEqual(result["test_count"], 359)  # Every test example counted once.
+        self.assertAlmostEqual(result["test_error"], 1 - result["test_accuracy"])
+        # CSV: header with one σ_max column per conv; σ rows at steps 6 and 12.
+        with (self.root / "run" / loop.METRICS_FILE).open() as f:
+            rows = list(csv.DictReader(f))
+        names = sorted(result["sigma_max"])
+        self.assertLen(names, 7)  # Stem + 3 blocks of 2 convs (shortcut option A).
+        self.assertEqual([r["step"] for r in rows], ["4", "6", "8", "12"])
+        self.assertEqual([bool(r[f"sigma/{names[0]}"]) for r in rows], [False, True, False, True])
+        self.assertEqual([bool(r["loss"]) for r in rows], [True, False, True, True])
+        self.assertNotEqual(rows[-1]["test_accuracy"], "")
+        self.assertTrue((self.root / "run" / loop.CONFIG_FILE).exists())
+
+    def test_sigma_max_is_exact(self):
+        result = loop.train_and_evaluate(CONFIG, self.root / "run")
+        model, specs = result["model"], result["specs"]
+        kernel = np.asarray(model.conv.kernel[...], np.float64)
+        dense = np.asarray(spectra.dense_operator(kernel, specs["conv"]["kernel"]))
+        expected = np.linalg.svd(dense, compute_uv=False)[0]
+        np.testing.assert_allclose(result["sigma_max"]["conv.kernel"], expected, rtol=1e-5)
+
+    def test_resume_is_bit_identical(self):
+        # Projection every 5 steps and the penalty on: their states must survive the restart.
+        config = dataclasses.replace(
+            CONFIG, project_max_norm=2.0, project_every=5, penalty_weight=1e-3
+        )
+        straight = loop.train_and_evaluate(config, self.root / "straight")
+        first = loop.train_and_evaluate(config, self.root / "resumed", until_step=7)
+        self.assertIsNone(first["test_error"])
+        self.assertEqual(first["step"], 7)
+        resumed = loop.train_and_evaluate(config, self.root / "resumed", resume=True)
+        self.assertEqual(resumed["step"], 12)
+        for a, b in zip(_params(straight["model"]), _params(resumed["model"]), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+        def strip(history):
+            return [{k: v for k, v in r.items() if k != "step_time_s"} for r in history]
+
+        self.assertEqual(strip(straight["history"]), strip(resumed["history"]))
+        self.assertEqual(straight["test_accuracy"], resumed["test_accuracy"])
+        self.assertEqual(straight["sigma_max"], resumed["sigma_max"])
+        # The projection ran at step 11: the exact σ_max moved little in the one step after.
+        self.assertLessEqual(max(straight["sigma_max"].values()), 2.0 * 1.1)
+        restored, saved_config, meta = loop.restore_model(
+            self.root / "resumed", model=loop.build_model(config, 10, 1),
+            example_input=np.zeros((1, 12, 12, 1), np.float32),
+        )
+        self.assertEqual(saved_config, config)
+        self.assertEqual(meta["step"], 12)
+        for a, b in zip(_params(straight["model"]), _params(restored), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    def test_run_dir_is_never_overwritten(self):
+        config = CONFIG
+        run = self.root / "run"
+        loop.train_and_evaluate(config, run, until_step=1)
+        with self.assertRaisesRegex(FileExistsError, "resume=True"):
+            loop.train_and_evaluate(config, run)
+        with self.assertRaisesRegex(ValueError, "lr"):
+            loop.train_and_evaluate(dataclasses.replace(config, lr=0.5), run, resume=True)
+        with self.assertRaisesRegex(FileNotFoundError, "no checkpoint"):
+            loop.train_and_evaluate(config, self.root / "other", resume=True)
+        first, second = loop.make_run_dir(self.root), loop.make_run_dir(self.root)
+        self.assertEqual((first.name, second.name), ("run_000", "run_001"))
+
+    def test_schedules_and_adam(self):
+        config = dataclasses.replace(
+            CONFIG, num_steps=100, schedule="piecewise", boundaries=(0.5, 0.75), warmup_steps=10
+        )
+        schedule = loop.learning_rate_schedule(config)
+        np.testing.assert_allclose(
+            [float(schedule(s)) for s in (0, 5, 10, 49, 50, 74, 75, 99)],
+            [0.0, 0.05, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6,
+        )
+        cosine = loop.learning_rate_schedule(dataclasses.replace(CONFIG, num_steps=100))
+        np.testing.assert_allclose([float(cosine(0)), float(cosine(100))], [0.1, 0.0], atol=1e-7)
+        params = {"w": np.ones((3, 3, 1, 1), np.float32), "b": np.ones((1,), np.float32)}
+        tx = loop.make_optimizer(dataclasses.replace(CONFIG, optimizer="adam", weight_decay=0.1))
+        updates, _ = tx.update(params, tx.init(params), params)
+        # Adam's first step is -lr * sign(g); weight decay (0.1 w) only on the 4-D kernel.
+        np.testing.assert_allclose(updates["w"], -0.1 * np.ones((3, 3, 1, 1)), rtol=1e-4)
+        np.testing.assert_allclose(updates["b"], -0.1 * np.ones(1), rtol=1e-4)
+
+    def test_overrides(self):
+        config = apply_overrides(
+            TrainConfig(),
+            ["--config.lr=0.05", "nesterov=true", "project_max_norm=none",
+             "boundaries=0.3,0.6", "model=resnet8"],
+        )
+        self.assertEqual(
+            (config.lr, config.nesterov, config.project_max_norm, config.boundaries,
+             config.model),
+            (0.05, True, None, (0.3, 0.6), "resnet8"),
+        )
+        with self.assertRaisesRegex(ValueError, "not a TrainConfig field"):
+            apply_overrides(TrainConfig(), ["learning_rate=0.1"])
+        with self.assertRaisesRegex(ValueError, "optimizer"):
+            apply_overrides(TrainConfig(), ["optimizer=lion"])
+        self.assertEqual(TrainConfig.from_json(config.to_json()), config)
+
+
+if __name__ == "__main__":
+    absltest.main()

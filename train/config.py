@@ -1,0 +1,215 @@
+"""The training configuration: a frozen dataclass with ``key=value`` command-line overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("cosine", "piecewise", "constant")
+PADDINGS = ("SAME", "CIRCULAR")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run (hashable; saved as ``config.json`` in the run).
+
+    Attributes:
+      dataset: ``'digits'`` (scikit-learn 8x8 digits, no download) or a tfds name
+        (``'cifar10'``, ``'cifar100'``) read with ``tfds.data_source`` from ``data_dir``.
+      data_dir: the tfds data folder (``None``: the tfds default).
+      augment: random crop (pad 4, or 1 for 8x8 inputs, as the data pipeline chooses) + horizontal
+        flip of the training images.
+      image_pad: zero pixels added on every side of every image before the pipeline (e.g. 2
+        turns the 8x8 digits into 12x12, so that a ResNet's third stage sees 3x3 inputs, as large
+        as its 3x3 kernels, which :class:`spectra.ConvSpec` requires).
+      batch_size: training batch size (the last partial batch of an epoch is dropped).
+      eval_batch_size: evaluation batch size (the last partial batch is padded and masked: every
+        test example counts exactly once).
+      model: ``'resnet<depth>'`` (``depth = 6n + 2``, e.g. ``'resnet8'``, ``'resnet20'``) or
+        ``'simple_cnn'`` from :mod:`train.models.resnet`.
+      width: channels of the first ResNet stage (16 in He et al. 2016; the stages have
+        ``width, 2 width, 4 width``).
+      padding: the conv padding of the model, ``'SAME'`` (zeros) or ``'CIRCULAR'``.
+      shortcut: ResNet shortcut option ``'A'`` (parameter-free) or ``'B'`` (1x1 conv).
+      num_steps: optimiser steps of the whole run.
+      optimizer: ``'sgd'`` (with ``momentum``, ``nesterov``) or ``'adam'``.
+      lr: peak learning rate.
+      momentum: SGD momentum (0 for plain SGD).
+      nesterov: Nesterov momentum.
+      weight_decay: L2 weight decay added to the gradients (``optax.add_decayed_weights``) of
+        every parameter with more than one axis (kernels, not biases / BN scales).
+      schedule: ``'cosine'`` (to 0 at ``num_steps``), ``'piecewise'`` (``lr`` times
+        ``decay_factor`` at each fraction of ``num_steps`` in ``boundaries``) or ``'constant'``.
+      warmup_steps: linear warm-up from 0 before the schedule.
+      boundaries: fractions of ``num_steps`` where the piecewise schedule decays.
+      decay_factor: multiplier applied at each piecewise boundary.
+      penalty_weight: λ of the spectral penalty ``λ · train.spectral_penalty(params, specs)``
+        (Yi 2020); ``0`` disables it.
+      penalty_bound: the upper bound used by the penalty (a key of
+        ``spectra._bounds.UPPER_BOUNDS`` or ``'exact'``).
+      penalty_reduce: ``'sum'`` or ``'max'`` over the conv layers.
+      project_max_norm: ``c`` of :func:`train.project_conv_operator_norm` (Sedghi et al. 2019),
+        appended last in the optax chain; ``None`` disables the projection.
+      project_every: project every ``k``-th update (the first update projects).
+      project_method: ``'certified'``, ``'sedghi'``, ``'dykstra'`` or ``'rescale'``.
+      project_rounds: projection rounds per projecting update.
+      seed: initialisation and data-order seed.
+      log_every: training loss/accuracy (means since the previous log) written every this many
+        steps (the only host synchronisation of the loop) and at the last step.
+      sigma_every: per-layer σ_max of the convs every this many steps (``0``: only at the end).
+      sigma_method: ``'auto'`` (exact: ``'fft'`` for circular layers, ``'dense'`` for small
+        zero-padded ones, ``'lanczos'`` otherwise) or a ``spectra.spectral_norm`` method.
+      eval_every: test-set evaluation every this many steps (``0``: only at the end).
+      checkpoint_every: orbax checkpoint every this many steps (``0``: only at the end).
+      max_to_keep: checkpoints kept.
+      progress: show a tqdm progress bar.
+    """
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    augment: bool = True
+    image_pad: int = 0
+    batch_size: int = 128
+    eval_batch_size: int = 500
+    model: str = "resnet20"
+    width: int = 16
+    padding: str = "SAME"
+    shortcut: str = "A"
+    num_steps: int = 1000
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    boundaries: tuple[float, ...] = (0.5, 0.75)
+    decay_factor: float = 0.1
+    penalty_weight: float = 0.0
+    penalty_bound: str = "gram_iteration"
+    penalty_reduce: str = "sum"
+    project_max_norm: float | None = None
+    project_every: int = 1
+    project_method: str = "certified"
+    project_rounds: int = 1
+    seed: int = 0
+    log_every: int = 50
+    sigma_every: int = 0
+    sigma_method: str = "auto"
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    max_to_keep: int = 2
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("batch_size", "eval_batch_size", "num_steps", "width", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive int")
+        for name in ("image_pad", "warmup_steps", "sigma_every", "eval_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}={value!r} must be a non-negative int")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={self.optimizer!r} must be one of {OPTIMIZERS}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r} must be one of {SCHEDULES}")
+        if self.padding not in PADDINGS:
+            raise ValueError(f"padding={self.padding!r} must be one of {PADDINGS}")
+        if self.penalty_weight < 0:
+            raise ValueError(f"penalty_weight={self.penalty_weight!r} must be >= 0")
+        if self.project_max_norm is not None and not self.project_max_norm > 0:
+            raise ValueError(f"project_max_norm={self.project_max_norm!r} must be > 0 or None")
+        if not isinstance(self.project_every, int) or self.project_every < 1:
+            raise ValueError(f"project_every={self.project_every!r} must be a positive int")
+        if self.max_to_keep < 1:
+            raise ValueError(f"max_to_keep={self.max_to_keep!r} must be >= 1")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        data = json.loads(text)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"config JSON has unknown fields {unknown}")
+        if "boundaries" in data:
+            data["boundaries"] = tuple(data["boundaries"])
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: str | pathlib.Path) -> TrainConfig:
+        return cls.from_json(pathlib.Path(path).read_text())
+
+
+def _field_types() -> dict[str, Any]:
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
+
+
+def _parse_value(name: str, text: str, annotation: Any) -> Any:
+    """Parses ``text`` as the type ``annotation`` of field ``name``."""
+    args = typing.get_args(annotation)
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and text.lower() in ("none", "null", ""):
+            return None
+        others = [a for a in args if a is not type(None)]
+        return _parse_value(name, text, others[0])
+    if origin is tuple:
+        items = [t for t in text.strip("()[] ").split(",") if t.strip()]
+        return tuple(_parse_value(name, t.strip(), args[0]) for t in items)
+    if annotation is bool:
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"config.{name}={text!r}: expected a boolean (true/false)")
+    try:
+        if annotation is int:
+            return int(text)
+        if annotation is float:
+            return float(text)
+    except ValueError as e:
+        raise ValueError(f"config.{name}={text!r}: expected {annotation.__name__}") from e
+    return text
+
+
+def apply_overrides(config: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
+    """``config`` with ``key=value`` overrides applied (``--config.key=value`` also accepted).
+
+    Values are parsed as the field's type: ``lr=0.05``, ``nesterov=true``,
+    ``project_max_norm=none``, ``boundaries=0.3,0.6``.
+
+    Raises:
+      ValueError: naming the override when it is not ``key=value``, the key is not a field of
+        :class:`TrainConfig`, or the value does not parse / is invalid.
+
+    Example:
+      >>> apply_overrides(TrainConfig(), ['--config.lr=0.05', 'model=resnet8']).lr
+      0.05
+    """
+    types_by_name = _field_types()
+    changes = {}
+    for item in overrides:
+        text = item[2:] if item.startswith("--") else item
+        text = text[len("config."):] if text.startswith("config.") else text
+        if "=" not in text:
+            raise ValueError(f"override {item!r} must be key=value or --config.key=value")
+        key, value = text.split("=", 1)
+        if key not in types_by_name:
+            raise ValueError(
+                f"override {item!r}: {key!r} is not a TrainConfig field; expected one of "
+                f"{sorted(types_by_name)}"
+            )
+        changes[key] = _parse_value(key, value, types_by_name[key])
+    return dataclasses.replace(config, **changes)
