@@ -25,9 +25,9 @@ state and read every ``log_every`` steps; the per-layer σ_max of the convs is c
 jitted function (exact methods, see :func:`layer_spectral_norms`) every ``sigma_every`` steps,
 dispatched asynchronously and read at the next log; evaluation sums on the device and reads once.
 
-A run folder holds ``config.json``, ``metrics.csv`` (one row per logged step; ``tensorboard/``
-as well when ``tensorboardX`` is installed, which it is not in this project's environment: the
-CSV is the record) and ``checkpoints/`` (orbax ``CheckpointManager``: the train state and a JSON
+A run folder holds ``config.json``, ``metrics.csv`` (one row per logged step), ``tensorboard/``
+(the same scalars, written with ``tensorboardX``: no TensorFlow needed) and ``checkpoints/``
+(orbax ``CheckpointManager``: the train state and a JSON
 with the step and the data position ``(epoch, batch)``). A folder is never overwritten:
 :func:`train_and_evaluate` raises when it exists and ``resume`` is false; :func:`make_run_dir`
 gives a fresh numbered folder.
@@ -617,7 +617,7 @@ def _restore(manager, template: TrainState, step: int | None = None):
 
 # ------------------------------------------------------------------------------------- metrics
 class _MetricsWriter:
-    """Appends one CSV row per logged step (and TensorBoard scalars when tensorboardX exists)."""
+    """Appends one CSV row per logged step and the same scalars to TensorBoard (tensorboardX)."""
 
     def __init__(self, path: pathlib.Path, columns: list[str], resume_step: int | None):
         self.path = path
@@ -629,13 +629,9 @@ class _MetricsWriter:
             self._rewrite(rows)
         else:
             self._rewrite([])
-        self.tb = None
-        try:  # Optional: not installed in this project's environment.
-            import tensorboardX
+        import tensorboardX
 
-            self.tb = tensorboardX.SummaryWriter(str(path.parent / "tensorboard"))
-        except ImportError:
-            pass
+        self.tb = tensorboardX.SummaryWriter(str(path.parent / "tensorboard"))
 
     def _rewrite(self, rows):
         with self.path.open("w", newline="") as f:
@@ -649,14 +645,13 @@ class _MetricsWriter:
                 {k: (repr(float(v)) if isinstance(v, (float, np.floating)) else v)
                  for k, v in row.items()}
             )
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (float, int, np.floating)):
-                    self.tb.add_scalar(k, float(v), int(row["step"]))
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (float, int, np.floating)):
+                self.tb.add_scalar(k, float(v), int(row["step"]))
+        self.tb.flush()
 
     def close(self):
-        if self.tb is not None:
-            self.tb.close()
+        self.tb.close()
 
 
 def read_history(run_dir: str | pathlib.Path) -> list[dict[str, float]]:

@@ -62,6 +62,13 @@ class LoopTest(absltest.TestCase):
         self.assertEqual([bool(r["loss"]) for r in rows], [True, False, True, True])
         self.assertNotEqual(rows[-1]["test_accuracy"], "")
         self.assertTrue((self.root / "run" / loop.CONFIG_FILE).exists())
+        # TensorBoard: the same scalars, read back from the event file.
+        from tensorboard.backend.event_processing import event_accumulator
+
+        events = event_accumulator.EventAccumulator(str(self.root / "run" / "tensorboard"))
+        events.Reload()
+        self.assertEqual([e.step for e in events.Scalars("loss")], [4, 8, 12])
+        self.assertIn(f"sigma/{names[0]}", events.Tags()["scalars"])
 
     def test_sigma_max_is_exact(self):
         result = loop.train_and_evaluate(CONFIG, self.root / "run")
