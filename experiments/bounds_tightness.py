@@ -10,7 +10,6 @@ call, ``block_until_ready``). The script fails if a bound falls below the exact 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import pathlib
@@ -72,22 +71,6 @@ PRESETS = {
 MAX_REPEATS = 50
 #: Relative slack for rounding (and the Lanczos tolerance) when checking ``bound >= exact``.
 CHECK_RTOL = 1e-8
-
-
-def _single_threaded_blas():
-    """Limits BLAS/LAPACK (used by XLA CPU's SVD/eigh) to one thread, via ``threadpoolctl``.
-
-    On a shared machine, multi-threaded BLAS made some LAPACK calls 100-1000x slower
-    (spin-waiting threads), which made the timings depend on the order of the layers.
-    """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - optional dependency
-        return contextlib.nullcontext()
-    # threadpoolctl only limits libraries already loaded: load NumPy's and JAX's LAPACK first.
-    np.linalg.svd(np.eye(2), compute_uv=False)
-    jax.block_until_ready(jax.numpy.linalg.svd(jax.numpy.eye(2), compute_uv=False))
-    return threadpool_limits(limits=1)
 
 
 def _kernel(shape: tuple[int, int, int, int], seed: int) -> jax.Array:
@@ -198,7 +181,7 @@ def run(preset: str, out_dir: pathlib.Path) -> str:
     jax.config.update("jax_enable_x64", True)
     config = PRESETS[preset]
     start = time.time()
-    with _single_threaded_blas():
+    with _report.single_threaded_blas():
         results = measure(config)
     plot(results, out_dir)
     violations = [

@@ -19,7 +19,6 @@ one core; kernels are random Gaussian (std ``1/sqrt(k^2 c)``), float64.
 
 from __future__ import annotations
 
-import contextlib
 import pathlib
 import statistics
 import time
@@ -62,18 +61,6 @@ HEADERS = [
     "sweep", "k", "c_in = c_out", "n", "matrix size", "FFT time (s)", "dense time (s)",
     "dense / FFT", "max abs Δσ / σ_max",
 ]
-
-
-def _single_threaded_blas():
-    """Limits BLAS/LAPACK to one thread where ``threadpoolctl`` is available."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - optional dependency
-        return contextlib.nullcontext()
-    # threadpoolctl only limits libraries already loaded: load NumPy's and JAX's LAPACK first.
-    np.linalg.svd(np.eye(2), compute_uv=False)
-    jax.block_until_ready(jnp.linalg.svd(jnp.eye(2), compute_uv=False))
-    return threadpool_limits(limits=1)
 
 
 def _kernel(k: int, c: int, seed: int) -> jax.Array:
@@ -194,7 +181,7 @@ def run(preset: str, out_dir: pathlib.Path) -> str:
     config = PRESETS[preset]
     start = time.time()
     budget, repeats = config["dense_budget"], config["repeats"]
-    with _single_threaded_blas():
+    with _report.single_threaded_blas():
         channel_rows = measure(
             "channels", [(3, config["n_fixed"], c) for c in config["channels"]], config)
         size_rows = measure("input size", [(3, n, config["c_fixed"]) for n in config["sizes"]],

@@ -39,6 +39,15 @@ PRESETS = {
         sweep_sizes=(6, 8, 10, 12, 14, 16),
         representative=dict(n=16, k=3, channels=(2, 3)),
     ),
+    "test": dict(  # Tiny: for the test suite only.
+        kernel_sizes=(3,),
+        channels=((2, 3),),
+        paddings=("SAME", "VALID"),
+        strides=(1,),
+        sizes=(6,),
+        sweep_sizes=(6, 8),
+        representative=dict(n=8, k=3, channels=(2, 3)),
+    ),
     "paper": dict(
         kernel_sizes=(2, 3, 4, 5),
         channels=((2, 3), (3, 2)),

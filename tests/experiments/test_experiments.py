@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 from absl.testing import absltest  # noqa: E402
+from absl.testing import parameterized  # noqa: E402
 
 from experiments import sedghi_timing  # noqa: E402
 
@@ -68,6 +69,23 @@ class SedghiTimingTest(absltest.TestCase):
         out = _tmpdir(self)
         with self.assertRaisesRegex(ValueError, "preset='huge'"):
             sedghi_timing.run("huge", out)
+
+
+class NumericalExperimentsTest(parameterized.TestCase):
+    """The other numerical experiments run end to end on their tiny ``test`` preset."""
+
+    @parameterized.parameters("yi_approximation", "bounds_tightness")
+    def test_test_preset_writes_table_and_plot(self, name):
+        module = importlib.import_module(f"experiments.{name}")
+        out = pathlib.Path(tempfile.mkdtemp())
+        try:
+            text = module.run("test", out)
+            self.assertIn("|---", text)
+            self.assertIn(f"({name}.png)", text)
+            self.assertTrue((out / f"{name}.md").exists())
+            self.assertGreater((out / f"{name}.png").stat().st_size, 1000)
+        finally:
+            shutil.rmtree(out)
 
 
 class MainTest(absltest.TestCase):
