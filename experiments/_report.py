@@ -78,3 +78,10 @@ def single_threaded_blas():
     np.linalg.svd(np.eye(2), compute_uv=False)
     jax.block_until_ready(jax.numpy.linalg.svd(jax.numpy.eye(2), compute_uv=False))
     return threadpool_limits(limits=1)
+
+
+def preset_config(presets: dict, preset: str):
+    """``presets[preset]``, or a ``ValueError`` naming ``preset`` and the known names."""
+    if preset not in presets:
+        raise ValueError(f"preset={preset!r} is unknown; expected one of {tuple(presets)}")
+    return presets[preset]

@@ -176,10 +176,8 @@ def plot(results: list[dict], out_dir: pathlib.Path) -> None:
 
 def run(preset: str, out_dir: pathlib.Path) -> str:
     """Measures every bound on the preset's layers; writes ``out_dir/bounds_tightness.{md,png}``."""
-    if preset not in PRESETS:
-        raise ValueError(f"preset={preset!r} is unknown; expected one of {tuple(PRESETS)}")
+    config = _report.preset_config(PRESETS, preset)
     jax.config.update("jax_enable_x64", True)
-    config = PRESETS[preset]
     start = time.time()
     with _report.single_threaded_blas():
         results = measure(config)

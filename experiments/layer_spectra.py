@@ -137,10 +137,8 @@ def run(preset: str, out_dir: pathlib.Path, run_dir: str | pathlib.Path | None =
     from matplotlib import cm
     from matplotlib import colors
 
-    if preset not in PRESETS:
-        raise ValueError(f"preset={preset!r}: expected one of {sorted(PRESETS)}")
+    max_dense_dim = _report.preset_config(PRESETS, preset)["max_dense_dim"]
     out_dir = pathlib.Path(out_dir)
-    max_dense_dim = PRESETS[preset]["max_dense_dim"]
     if run_dir is not None:
         model, config, meta = loop.restore_model(run_dir)
         models = [(f"{pathlib.Path(run_dir).name} (step {meta['step']})", model,

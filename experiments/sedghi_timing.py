@@ -175,10 +175,8 @@ def plot(channel_rows: list[dict], size_rows: list[dict], large_rows: list[dict]
 
 def run(preset: str, out_dir: pathlib.Path) -> str:
     """Runs the timing sweeps; writes ``out_dir/sedghi_timing.{md,png}``; returns the section."""
-    if preset not in PRESETS:
-        raise ValueError(f"preset={preset!r} is unknown; expected one of {tuple(PRESETS)}")
+    config = _report.preset_config(PRESETS, preset)
     jax.config.update("jax_enable_x64", True)
-    config = PRESETS[preset]
     start = time.time()
     budget, repeats = config["dense_budget"], config["repeats"]
     with _report.single_threaded_blas():

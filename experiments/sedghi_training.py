@@ -176,14 +176,54 @@ def format_mean_std(values: list[float], scale: float = 100.0) -> str:
     return f"{mean:.2f} ± {std:.2f}"
 
 
-def run(preset: str, out_dir: pathlib.Path) -> str:
-    """Trains every variant over the preset's seeds; writes ``sedghi_training.md``/``.png``."""
+def plot_error_and_sigma(
+    runs: list[tuple[str, list[dict[str, Any]]]],
+    out_dir: pathlib.Path,
+    name: str,
+    *,
+    sigma_log: bool,
+    xtick_rotation: float = 0,
+) -> None:
+    """Two panels for training sweeps: test error per run (seeds and mean ± std) and the mean
+    exact σ_max of every layer (depth order); writes ``out_dir/<name>.png``.
+
+    ``runs``: ``(label, per-seed results of train_once)`` per run.
+    """
     import matplotlib.pyplot as plt
 
-    if preset not in PRESETS:
-        raise ValueError(f"preset={preset!r}: expected one of {sorted(PRESETS)}")
+    fig, (ax_err, ax_sig) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for i, (_, per_seed) in enumerate(runs):
+        errs = [100 * r["test_error"] for r in per_seed]
+        ax_err.scatter([i] * len(errs), errs, color="C0", alpha=0.6)
+        mean, std = mean_std(errs)
+        ax_err.errorbar(i, mean, yerr=std, fmt="s", color="C3", capsize=4)
+    labels = [label for label, _ in runs]
+    if xtick_rotation:
+        ax_err.set_xticks(range(len(labels)), labels, rotation=xtick_rotation, ha="right")
+    else:
+        ax_err.set_xticks(range(len(labels)), labels)
+    ax_err.set_ylabel("test error (%)")
+    ax_err.set_title("test error: seeds (dots), mean ± std (squares)")
+    for i, (label, per_seed) in enumerate(runs):
+        layer_names = per_seed[0]["layers"]
+        sig = [statistics.fmean(r["sigma_max"][n] for r in per_seed) for n in layer_names]
+        ax_sig.plot(range(len(sig)), sig, marker="o", label=label, color=f"C{i}")
+    ax_sig.set_xticks(range(len(layer_names)), [n.replace(".kernel", "") for n in layer_names],
+                      rotation=45, ha="right", fontsize=7)
+    ax_sig.set_ylabel("exact σ_max at the end (mean over seeds)")
+    if sigma_log:
+        ax_sig.set_yscale("log")
+    ax_sig.legend(fontsize=7)
+    ax_sig.set_title("per-layer σ_max (layers in depth order)")
+    fig.tight_layout()
+    _report.save_figure(fig, out_dir, name)
+
+
+def run(preset: str, out_dir: pathlib.Path) -> str:
+    """Trains every variant over the preset's seeds; writes ``sedghi_training.md``/``.png``."""
+
+    setting = _report.preset_config(PRESETS, preset)
     out_dir = pathlib.Path(out_dir)
-    setting = PRESETS[preset]
     base, seeds = setting["base"], setting["seeds"]
     root, temporary = runs_root(preset, out_dir)
     results = []
@@ -218,28 +258,10 @@ def run(preset: str, out_dir: pathlib.Path) -> str:
         f"{list(seeds)}"
     )
 
-    fig, (ax_err, ax_sig) = plt.subplots(1, 2, figsize=(12, 4.2))
-    labels = [label for label, _, _ in results]
-    errors = [[100 * r["test_error"] for r in per_seed] for _, _, per_seed in results]
-    for i, errs in enumerate(errors):
-        ax_err.scatter([i] * len(errs), errs, color="C0", alpha=0.6)
-        mean, std = mean_std(errs)
-        ax_err.errorbar(i, mean, yerr=std, fmt="s", color="C3", capsize=4)
-    ax_err.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
-    ax_err.set_ylabel("test error (%)")
-    ax_err.set_title("test error: seeds (dots), mean ± std (squares)")
-    for i, (label, _, per_seed) in enumerate(results):
-        layer_names = per_seed[0]["layers"]
-        sig = [statistics.fmean(r["sigma_max"][n] for r in per_seed) for n in layer_names]
-        ax_sig.plot(range(len(sig)), sig, marker="o", label=label, color=f"C{i}")
-    ax_sig.set_xticks(range(len(layer_names)), [n.replace(".kernel", "") for n in layer_names],
-                      rotation=45, ha="right", fontsize=7)
-    ax_sig.set_ylabel("exact σ_max at the end (mean over seeds)")
-    ax_sig.set_yscale("log")
-    ax_sig.legend(fontsize=7)
-    ax_sig.set_title("per-layer σ_max (layers in depth order)")
-    fig.tight_layout()
-    _report.save_figure(fig, out_dir, NAME)
+    plot_error_and_sigma(
+        [(label, per_seed) for label, _, per_seed in results], out_dir, NAME,
+        sigma_log=True, xtick_rotation=30,
+    )
 
     text = (
         "## Sedghi et al. 2019: training with operator-norm projection\n\n"

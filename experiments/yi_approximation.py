@@ -216,7 +216,7 @@ def plot(config: dict, curves: dict, out_dir: pathlib.Path) -> None:
 
 def run(preset: str, out_dir: pathlib.Path) -> str:
     jax.config.update("jax_enable_x64", True)
-    config = PRESETS[preset]
+    config = _report.preset_config(PRESETS, preset)
     start = time.time()
     results = evaluate(config)
     curves = sweep(config)

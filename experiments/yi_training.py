@@ -41,12 +41,9 @@ HEADERS = ("λ", "bound", "seeds", "test error % (mean ± std)", "max layer σ_m
 
 def run(preset: str, out_dir: pathlib.Path) -> str:
     """Trains the baseline and every λ over the seeds; writes ``yi_training.md`` and ``.png``."""
-    import matplotlib.pyplot as plt
 
-    if preset not in PRESETS:
-        raise ValueError(f"preset={preset!r}: expected one of {sorted(PRESETS)}")
+    setting = _report.preset_config(PRESETS, preset)
     out_dir = pathlib.Path(out_dir)
-    setting = PRESETS[preset]
     base, seeds, bound = setting["base"], setting["seeds"], setting["bound"]
     weights = (0.0, *setting["weights"])
     root, temporary = common.runs_root(preset, out_dir)
@@ -84,27 +81,10 @@ def run(preset: str, out_dir: pathlib.Path) -> str:
         "baseline" if w == 0 else f"λ={w:g}" for w, _ in results
     ]
 
-    fig, (ax_err, ax_sig) = plt.subplots(1, 2, figsize=(12, 4.2))
-    xs = list(range(len(results)))
-    for x, (_, per_seed) in zip(xs, results):
-        errs = [100 * r["test_error"] for r in per_seed]
-        ax_err.scatter([x] * len(errs), errs, color="C0", alpha=0.6)
-        mean, std = common.mean_std(errs)
-        ax_err.errorbar(x, mean, yerr=std, fmt="s", color="C3", capsize=4)
-    ax_err.set_xticks(xs, [h.replace("λ=", "λ = ") for h in layer_headers[1:]])
-    ax_err.set_ylabel("test error (%)")
-    ax_err.set_title("test error: seeds (dots), mean ± std (squares)")
-    for i, (weight, per_seed) in enumerate(results):
-        sig = [statistics.fmean(r["sigma_max"][n] for r in per_seed) for n in layer_names]
-        ax_sig.plot(range(len(sig)), sig, marker="o", color=f"C{i}",
-                    label="baseline" if weight == 0 else f"λ = {weight:g}")
-    ax_sig.set_xticks(range(len(layer_names)), [n.replace(".kernel", "") for n in layer_names],
-                      rotation=45, ha="right", fontsize=7)
-    ax_sig.set_ylabel("exact σ_max at the end (mean over seeds)")
-    ax_sig.legend(fontsize=7)
-    ax_sig.set_title("per-layer σ_max (layers in depth order)")
-    fig.tight_layout()
-    _report.save_figure(fig, out_dir, NAME)
+    common.plot_error_and_sigma(
+        [("baseline" if w == 0 else f"λ = {w:g}", per_seed) for w, per_seed in results],
+        out_dir, NAME, sigma_log=False,
+    )
 
     text = (
         "## Yi 2020: spectral-norm-bound regularisation\n\n"
