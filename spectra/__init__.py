@@ -55,7 +55,9 @@ from spectra._operator import conv_transpose
 from spectra._operator import dense_operator
 from spectra._project import CLIP_METHODS
 from spectra._project import ClipResult
+from spectra._project import PowerClipResult
 from spectra._project import clip_operator_norm
+from spectra._project import clip_operator_norm_power
 from spectra._spec import PADDING_MODES
 from spectra._spec import ConvSpec
 
@@ -64,6 +66,7 @@ __all__ = [
     "CLIP_METHODS",
     "CORRECTIONS",
     "ClipResult",
+    "PowerClipResult",
     "ConvSpec",
     "DEFAULT_CORRECTION",
     "DEFAULT_GRID",
@@ -80,6 +83,7 @@ __all__ = [
     "circulant_singular_values",
     "circular_norm_bracket",
     "clip_operator_norm",
+    "clip_operator_norm_power",
     "conv",
     "conv_transpose",
     "dense_operator",

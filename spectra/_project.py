@@ -58,6 +58,8 @@ from jax import lax
 
 from spectra import _fourier
 from spectra._exact import circular_norm_bracket
+from spectra._operator import conv
+from spectra._operator import conv_transpose
 from spectra._spec import ConvSpec
 from spectra._spec import is_concrete
 
@@ -286,3 +288,163 @@ def clip_operator_norm(
         raise ValueError(f"max_norm={max_norm!r} must be > 0")
     kernel = jnp.asarray(kernel)
     return _clip(kernel, jnp.asarray(max_norm), spec, method, int(num_rounds), int(num_squarings))
+
+
+#: Largest Krylov space (number of ``AᵀA`` products) of :func:`clip_operator_norm_power`;
+#: further iterations are plain power steps done first.
+MAX_KRYLOV_DIM = 8
+
+
+class PowerClipResult(NamedTuple):
+    """Result of :func:`clip_operator_norm_power`.
+
+    Attributes:
+      kernel: the rescaled kernel, same shape and dtype as the input (bit-identical when the
+        estimate is ``<= max_norm``).
+      sigma: scalar, the power-iteration estimate ``||A v||`` of the input kernel's σ_max, a
+        **lower estimate** (a Rayleigh quotient: ``<=`` the exact value, equal in the limit).
+      vector: the unit right-vector estimate, input-shaped ``(*spec.input_shape, c_in)``, to pass
+        back as ``vector`` at the next call (warm start).
+    """
+
+    kernel: jax.Array
+    sigma: jax.Array
+    vector: jax.Array
+
+
+def _safe_normalize(x: jax.Array, fallback: jax.Array) -> jax.Array:
+    norm = jnp.sqrt(jnp.sum(jnp.square(x)))
+    ok = norm > 0
+    return jnp.where(ok, x / jnp.where(ok, norm, 1.0), fallback)
+
+
+def _normalize_or_zero(x: jax.Array) -> jax.Array:
+    norm = jnp.sqrt(jnp.sum(jnp.square(x)))
+    return x / jnp.where(norm > 0, norm, 1.0)
+
+
+def _krylov_top(work: jax.Array, v0: jax.Array, spec: ConvSpec, m: int):
+    """Rayleigh–Ritz on ``span{v0, AᵀA v0, ..., (AᵀA)^m v0}``: ``(σ̂, v)``, ``σ̂ <= σ_max``.
+
+    ``m`` applications of ``AᵀA`` and one of ``A``. The basis ``q_0..q_m`` is orthonormalised
+    by classical Gram–Schmidt applied twice; ``T = Qᵀ AᵀA Q`` is assembled from the products
+    ``w_j = AᵀA q_j`` (``j < m``) and ``||A q_m||²`` using the symmetry of ``AᵀA``.
+    """
+    qs = [_safe_normalize(v0, jnp.ones_like(v0))]
+    ws = []
+    for j in range(m):
+        w = conv_transpose(work, conv(work, qs[j], spec), spec)
+        ws.append(w)
+        r = w
+        for _ in range(2):
+            basis = jnp.stack(qs)
+            r = r - jnp.tensordot(jnp.tensordot(basis, r, r.ndim), basis, 1)
+        # Drop a direction that is numerically in the span already (invariant subspace).
+        keep = jnp.sqrt(jnp.sum(jnp.square(r))) > 1e3 * jnp.finfo(work.dtype).eps * jnp.sqrt(
+            jnp.sum(jnp.square(w)))
+        qs.append(jnp.where(keep, _normalize_or_zero(r), jnp.zeros_like(r)))
+    basis = jnp.stack(qs)  # (m + 1, *x_shape)
+    tail = jnp.sum(jnp.square(conv(work, qs[m], spec)))
+    if m:
+        cols = jnp.tensordot(basis, jnp.stack(ws), (tuple(range(1, v0.ndim + 1)),) * 2)
+        t = jnp.zeros((m + 1, m + 1), work.dtype).at[:, :m].set(cols).at[m, m].set(tail)
+        t = t.at[:m, m].set(cols[m, :])
+        t = 0.5 * (t + t.T)
+        theta, y = jnp.linalg.eigh(t)
+        top = y[:, -1]
+        v = _normalize_or_zero(jnp.tensordot(top, basis, 1))
+        return jnp.sqrt(jnp.maximum(theta[-1], 0.0)), v
+    return jnp.sqrt(tail), qs[0]
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "num_iterations"))
+def _clip_power(kernel, max_norm, vector, spec, num_iterations):
+    work = kernel
+    if not jnp.issubdtype(work.dtype, jnp.floating):
+        work = work.astype(jnp.result_type(float))
+    max_norm = max_norm.astype(work.dtype)
+    v = _safe_normalize(vector.astype(work.dtype), jnp.ones_like(vector, work.dtype))
+    krylov = min(num_iterations, MAX_KRYLOV_DIM)
+
+    def power(_, v):
+        return _safe_normalize(conv_transpose(work, conv(work, v, spec), spec), v)
+
+    v = lax.fori_loop(0, num_iterations - krylov, power, v)
+    sigma, v = _krylov_top(work, v, spec, krylov)
+    inside = sigma <= max_norm
+    scaled = work * (max_norm / jnp.where(inside, max_norm, sigma))
+    out = jnp.where(inside, kernel, scaled.astype(kernel.dtype))
+    return PowerClipResult(out, sigma, v.astype(vector.dtype))
+
+
+def clip_operator_norm_power(
+    kernel: jax.typing.ArrayLike,
+    spec: ConvSpec,
+    max_norm: jax.typing.ArrayLike,
+    vector: jax.typing.ArrayLike,
+    *,
+    num_iterations: int = 1,
+) -> PowerClipResult:
+    r"""Rescales a kernel to ``σ_max <= max_norm`` by a warm-started power iteration (approximate).
+
+    ``num_iterations`` steps of the power iteration on ``AᵀA`` (``A`` the real layer of
+    ``spec``, any padding, stride, dilation and groups, applied matrix-free with
+    :func:`~spectra.conv` and :func:`~spectra.conv_transpose`) from ``vector``, then
+    ``σ̂ = ||A v||`` and the kernel is scaled by ``min(1, max_norm / σ̂)``:
+
+    .. math::
+
+       v \leftarrow \frac{A^T A v}{\|A^T A v\|}\ (\text{num\_iterations times}),\qquad
+       \hat\sigma = \|A v\| \le \sigma_{\max}(A),\qquad
+       K \leftarrow K \min(1, c / \hat\sigma).
+
+    **Approximate, not certified**: ``σ̂`` is a lower estimate, so the result's exact σ_max may
+    exceed ``max_norm`` by the estimate's relative error. Meant for training, where ``vector`` is
+    carried from one step to the next (the persistent power iteration of Miyato et al. 2018 and
+    Gouk et al. 2021, on the true operator rather than the ``c_out x (c_in k^2)`` reshape): the
+    weights move little per step, so one iteration per step keeps ``σ̂`` close to the exact
+    value (measured in ``benchmarks/bench_train_step.py``). For a guarantee use
+    :func:`clip_operator_norm` with ``method='certified'`` or ``'rescale'``.
+
+    Cost: ``num_iterations + 1`` applications of the layer and ``num_iterations`` of its
+    transpose on one input-sized vector (no FFT, no SVD). Works under ``jax.jit`` and
+    ``jax.vmap`` (over stacked kernels and vectors).
+
+    Args:
+      kernel: HWIO kernel ``(kh, kw, c_in // groups, c_out)``.
+      spec: the layer (any padding).
+      max_norm: radius ``c > 0``; a scalar, possibly traced.
+      vector: the warm start, input-shaped ``(*spec.input_shape, c_in)`` (any nonzero array of
+        that shape; e.g. ``PowerClipResult.vector`` of the previous call, or random at first).
+      num_iterations: power-iteration steps (``>= 0``; ``0`` only evaluates ``||A v||``).
+
+    Returns:
+      :class:`PowerClipResult` ``(kernel, sigma, vector)``.
+
+    Raises:
+      ValueError: naming ``max_norm`` (not a positive scalar, when concrete), ``vector`` (wrong
+        shape), ``num_iterations`` (negative) or a kernel not matching ``spec``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import spectra
+      >>> spec = spectra.ConvSpec((8, 8), padding="SAME")
+      >>> kernel = jnp.ones((3, 3, 2, 2))
+      >>> v = jnp.ones((8, 8, 2))
+      >>> result = spectra.clip_operator_norm_power(kernel, spec, 1.0, v, num_iterations=50)
+      >>> round(float(spectra.spectral_norm(result.kernel, spec, "dense")), 3)
+      1.0
+    """
+    if not isinstance(num_iterations, (int, np.integer)) or num_iterations < 0:
+        raise ValueError(f"num_iterations={num_iterations!r} must be a non-negative int")
+    if np.ndim(max_norm) != 0:
+        raise ValueError(f"max_norm must be a scalar; got shape {np.shape(max_norm)}")
+    if is_concrete(max_norm) and not float(max_norm) > 0:
+        raise ValueError(f"max_norm={max_norm!r} must be > 0")
+    kernel = jnp.asarray(kernel)
+    kshape = spec.validate(kernel)
+    expected = (*spec.input_shape, spec.channels(kshape)[0])
+    vector = jnp.asarray(vector)
+    if vector.shape != expected:
+        raise ValueError(f"vector has shape {vector.shape}; expected {expected} (input-shaped)")
+    return _clip_power(kernel, jnp.asarray(max_norm), vector, spec, int(num_iterations))

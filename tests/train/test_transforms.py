@@ -89,6 +89,40 @@ class ProjectionTest(parameterized.TestCase):
         # The recorded gap bounds the real layer's excess: sigma - c <= gap.
         self.assertLessEqual(sigma - max_norm, float(state.feasibility_gap) + 1e-6)
 
+    def test_power_tracks_the_exact_norm(self):
+        # Every layer kind of SPECS (circular, zero padding, strides, dilation, depthwise).
+        # init converges the vectors on the initial kernels, so the first projection is already
+        # accurate; then small updates (1% of the kernel per step) keep the warm start good.
+        params, max_norm = make_params(), 0.5
+        specs = make_specs()
+        tx = train.project_conv_operator_norm(max_norm, specs, method="power", num_rounds=2)
+        new, _, state = step(tx, params, jax.tree.map(jnp.zeros_like, params))
+        self.assertEqual(len(state.vectors), 5)  # One group per distinct (shape, dtype, spec).
+        for name, spec in SPECS.items():
+            self.assertAlmostEqual(exact_norm(new[name], spec), max_norm, delta=1e-6 * max_norm)
+        np.testing.assert_array_equal(new["bias"], params["bias"])
+        rng = np.random.default_rng(1)
+        for _ in range(5):
+            grads = {k: jnp.asarray(0.01 * rng.normal(size=np.shape(v)) * np.std(v))
+                     for k, v in new.items()}
+            new, _, state = step(tx, new, grads, state)
+        for name, spec in SPECS.items():
+            sigma = exact_norm(new[name], spec)
+            self.assertLessEqual(sigma, max_norm * (1 + 1e-3), name)
+            self.assertGreater(sigma, max_norm * (1 - 1e-2), name)  # Not over-shrunk.
+        # The gap is the estimate of the input kernels: >= 0 after a step leaving the ball.
+        self.assertGreater(float(state.feasibility_gap), -max_norm)
+
+    def test_power_every_k_steps_keeps_vectors_on_skipped_steps(self):
+        params = {"w": make_params()["same"]}
+        tx = train.project_conv_operator_norm(
+            0.5, {"w": SPECS["same"]}, method="power", every_k_steps=2
+        )
+        _, _, s1 = step(tx, params, {"w": jnp.zeros_like(params["w"])})
+        _, _, s2 = step(tx, params, {"w": jnp.zeros_like(params["w"])}, s1)
+        np.testing.assert_array_equal(s1.vectors[0], s2.vectors[0])  # Step 1 skipped.
+        self.assertEqual(int(s2.count), 2)
+
     def test_inside_the_ball_is_a_no_op(self):
         params = make_params(scale=0.01)
         grads = jax.tree.map(lambda p: 0.1 * jnp.ones_like(p), params)
