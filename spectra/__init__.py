@@ -60,6 +60,14 @@ from spectra._project import clip_operator_norm
 from spectra._project import clip_operator_norm_power
 from spectra._spec import PADDING_MODES
 from spectra._spec import ConvSpec
+from spectra._tt import tt_matrix_apply
+from spectra._tt import tt_matrix_svd
+from spectra._tt import tt_matrix_to_full
+from spectra._tt import tt_matvec
+from spectra._tt import tt_num_params
+from spectra._tt import tt_ranks
+from spectra._tt import tt_svd
+from spectra._tt import tt_to_full
 
 __all__ = [
     "APPROXIMATE_METHODS",
@@ -106,4 +114,12 @@ __all__ = [
     "symbol_sup_bound",
     "tap_sum_bound",
     "tensor_norm_bound",
+    "tt_matrix_apply",
+    "tt_matrix_svd",
+    "tt_matrix_to_full",
+    "tt_matvec",
+    "tt_num_params",
+    "tt_ranks",
+    "tt_svd",
+    "tt_to_full",
 ]
