@@ -28,6 +28,8 @@ EXPERIMENTS = [
     "sedghi_training",
     "yi_training",
     "layer_spectra",
+    "svd_training",
+    "tt_compression",
 ]
 
 REPORT_NAME = "REPORT.md"

@@ -13,6 +13,10 @@ from typing import Any
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "piecewise", "constant")
 PADDINGS = ("SAME", "CIRCULAR")
+#: SVD-training decompositions of Yang et al. (2020) (``train.layers.svd``).
+DECOMPOSITIONS = ("channel", "spatial")
+#: Sparsity terms on the singular values of SVD layers (``train.regularizers.sparsity_loss``).
+SPARSITIES = ("l1", "hoyer", "hoyer_square")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +63,19 @@ class TrainConfig:
       project_every: project every ``k``-th update (the first update projects).
       project_method: ``'certified'``, ``'sedghi'``, ``'dykstra'`` or ``'rescale'``.
       project_rounds: projection rounds per projecting update.
+      decomposition: ``None`` (plain convs) or the SVD-training form of Yang et al. (2020) that
+        :func:`train.loop.build_model` gives every layer: ``'channel'`` (a ``k x k`` conv with
+        ``r`` outputs then a 1x1 conv) or ``'spatial'`` (a ``k x 1`` then a ``1 x k`` conv),
+        full rank, the paper's random initialisation (Kaiming-normal U and V, ``s ~ N(0, 1)``);
+        see :func:`train.layers.svd.decompose`.
+      decompose_dense: also decompose the dense (classifier) layers when ``decomposition`` is set.
+      orth_weight: λ_o of the orthogonality term ``λ_o · train.regularizers.orthogonality_loss``
+        on the U and V factors of the SVD layers (1 on CIFAR in Yang et al. 2020); ``0`` adds
+        nothing to the loss (the term is still logged for a decomposed model).
+      sparsity: the sparsity term on the singular values of the SVD layers, one of
+        :data:`SPARSITIES` (``'l1'``, ``'hoyer'``, ``'hoyer_square'``).
+      sparsity_weight: λ_s of the sparsity term ``λ_s · train.regularizers.sparsity_loss``;
+        ``0`` adds nothing to the loss (the term is still logged for a decomposed model).
       seed: initialisation and data-order seed.
       log_every: training loss/accuracy (means since the previous log) written every this many
         steps (the only host synchronisation of the loop) and at the last step.
@@ -98,6 +115,11 @@ class TrainConfig:
     project_every: int = 1
     project_method: str = "certified"
     project_rounds: int = 1
+    decomposition: str | None = None
+    decompose_dense: bool = True
+    orth_weight: float = 0.0
+    sparsity: str = "hoyer"
+    sparsity_weight: float = 0.0
     seed: int = 0
     log_every: int = 50
     sigma_every: int = 0
@@ -128,6 +150,16 @@ class TrainConfig:
             raise ValueError(f"project_max_norm={self.project_max_norm!r} must be > 0 or None")
         if not isinstance(self.project_every, int) or self.project_every < 1:
             raise ValueError(f"project_every={self.project_every!r} must be a positive int")
+        if self.decomposition is not None and self.decomposition not in DECOMPOSITIONS:
+            raise ValueError(
+                f"decomposition={self.decomposition!r} must be None or one of {DECOMPOSITIONS}"
+            )
+        if self.sparsity not in SPARSITIES:
+            raise ValueError(f"sparsity={self.sparsity!r} must be one of {SPARSITIES}")
+        for name in ("orth_weight", "sparsity_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+                raise ValueError(f"{name}={value!r} must be a number >= 0")
         if self.max_to_keep < 1:
             raise ValueError(f"max_to_keep={self.max_to_keep!r} must be >= 1")
 

@@ -14,11 +14,16 @@ update it performs (``tx.update`` then ``optax.apply_updates``) is the same.
 The optimiser (:func:`make_optimizer`) is ``optax.chain`` of weight decay, SGD-momentum or Adam
 with a cosine / piecewise / constant schedule, and, when ``project_max_norm`` is set,
 :func:`train.project_conv_operator_norm` last (Sedghi et al. 2019). The loss is the (masked)
-cross entropy plus ``penalty_weight * train.spectral_penalty`` (Yi 2020).
+cross entropy plus ``penalty_weight * train.spectral_penalty`` (Yi 2020), and, for SVD
+training (Yang et al. 2020; ``config.decomposition`` builds the decomposed model),
+``orth_weight * train.regularizers.orthogonality_loss + sparsity_weight *
+train.regularizers.sparsity_loss`` (both terms are logged as the ``orth`` and ``sparsity``
+metrics whenever they are computed: for a decomposed model or a positive weight).
 
-The penalty weight λ and the projection radius c are traced arguments of the step
-(:func:`step_hyperparameters`), and the jitted functions are cached across runs
-(:func:`make_steps`): a sweep over seeds, λ or c compiles once.
+The penalty weight λ, the projection radius c and the SVD-training weights λ_o, λ_s are traced
+arguments of the step (:func:`step_hyperparameters`), and the jitted functions are cached
+across runs (:func:`make_steps`): a sweep over seeds, λ, c, λ_o or λ_s compiles once (per
+on/off pattern of the terms).
 
 Host synchronisation: none per step. Training metrics are summed on the device inside the
 state and read every ``log_every`` steps; the per-layer σ_max of the convs is computed by one
@@ -175,7 +180,9 @@ class TrainState(NamedTuple):
       step: int32 scalar, optimiser steps done.
       sums: dict of float32 scalars summed since the last log: ``'loss'`` (cross entropy
         times examples), ``'penalty'`` (per step), ``'correct'``, ``'count'`` (examples),
-        ``'steps'``.
+        ``'steps'``, and, only when the SVD-training terms are computed (see
+        :func:`svd_terms_on`), ``'orth'`` and ``'sparsity'`` (per step; so the checkpoints of
+        runs without them keep their structure).
     """
 
     params: Any
@@ -185,8 +192,23 @@ class TrainState(NamedTuple):
     sums: dict[str, jax.Array]
 
 
-def _zero_sums() -> dict[str, jax.Array]:
-    return {k: jnp.zeros([], jnp.float32) for k in ("loss", "penalty", "correct", "count", "steps")}
+_SUM_KEYS = ("loss", "penalty", "correct", "count", "steps")
+_SVD_SUM_KEYS = ("orth", "sparsity")
+
+
+def svd_terms_on(config: TrainConfig) -> bool:
+    """Whether the step computes (and logs) the SVD-training terms ``orth`` and ``sparsity``:
+    for a decomposed model (``config.decomposition`` set) or a positive λ_o or λ_s."""
+    return (
+        config.decomposition is not None or config.orth_weight > 0 or config.sparsity_weight > 0
+    )
+
+
+def _zero_sums(config: TrainConfig | None = None) -> dict[str, jax.Array]:
+    keys = _SUM_KEYS
+    if config is not None and svd_terms_on(config):
+        keys = keys + _SVD_SUM_KEYS
+    return {k: jnp.zeros([], jnp.float32) for k in keys}
 
 
 # ------------------------------------------------------------------------------------ optimiser
@@ -336,17 +358,21 @@ class Steps(NamedTuple):
 _STEP_FIELDS = (
     "num_steps", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule",
     "warmup_steps", "boundaries", "decay_factor", "penalty_bound", "penalty_reduce",
-    "project_every", "project_method", "project_rounds", "sigma_method",
+    "project_every", "project_method", "project_rounds", "sigma_method", "sparsity",
 )
 
 
 def step_hyperparameters(config: TrainConfig) -> dict[str, jax.Array]:
-    """The traced scalars of the train step: ``penalty_weight`` (λ) and ``max_norm`` (c)."""
+    """The traced scalars of the train step: ``penalty_weight`` (λ), ``max_norm`` (c) and the
+    SVD-training weights ``orth_weight`` (λ_o) and ``sparsity_weight`` (λ_s)."""
     c = config.project_max_norm
     return {
         "penalty_weight": jnp.asarray(config.penalty_weight, jnp.float32),
         "max_norm": jnp.asarray(1.0 if c is None else c, jnp.float32),
+        "orth_weight": jnp.asarray(config.orth_weight, jnp.float32),
+        "sparsity_weight": jnp.asarray(config.sparsity_weight, jnp.float32),
     }
+
 _STEPS_CACHE: dict[Any, Steps] = {}
 _STEPS_CACHE_SIZE = 16
 
@@ -364,13 +390,16 @@ def make_steps(
 
     ``train_step(state, image, label, mask, hyper) -> (state, lr)`` does one optimiser step on
     the mask-weighted mean cross entropy (+ ``hyper['penalty_weight']`` times the spectral
-    penalty; projection radius ``hyper['max_norm']``, see :func:`step_hyperparameters`) with the
+    penalty, + ``hyper['orth_weight']`` times the orthogonality term and
+    ``hyper['sparsity_weight']`` times the ``config.sparsity`` term of the SVD layers when
+    :func:`svd_terms_on`; projection radius ``hyper['max_norm']``, see
+    :func:`step_hyperparameters`) with the
     model in training mode (``graphdef_train``: BatchNorm on batch statistics, running averages
     updated in ``state.rest``) and adds its metrics to ``state.sums``.
     ``eval_step(params, rest, image, label, mask, sums) -> sums`` adds the masked loss / correct /
     count of a batch in evaluation mode. ``sigmas(params)`` is :func:`layer_spectral_norms`.
     Functions are cached on ``(graphdefs, specs, the step-relevant config fields)``, so runs
-    that differ only in the seed, λ or c share one compilation.
+    that differ only in the seed, λ, c, λ_o or λ_s share one compilation.
     """
     spec_leaves, spec_def = jax.tree.flatten(
         discovery.strip_variables(specs), is_leaf=_is_spec_or_none
@@ -383,14 +412,19 @@ def make_steps(
         tuple(getattr(config, f) for f in _STEP_FIELDS),
         config.penalty_weight > 0,
         config.project_max_norm is not None,
+        svd_terms_on(config),
     )
     if key in _STEPS_CACHE:
         return _STEPS_CACHE[key]
     tx = make_optimizer(config, specs)
     schedule = learning_rate_schedule(config)
     use_penalty = config.penalty_weight > 0
+    use_svd_terms = svd_terms_on(config)
+    if use_svd_terms:
+        from train.regularizers import orthogonality_loss
+        from train.regularizers import sparsity_loss
 
-    def loss_fn(params, rest, image, label, mask, penalty_weight):
+    def loss_fn(params, rest, image, label, mask, hyper):
         model = nnx.merge(graphdef_train, params, rest)
         logits = model(image)
         _, _, new_rest = nnx.split(model, nnx.Param, ...)
@@ -401,16 +435,25 @@ def make_steps(
             if use_penalty
             else jnp.zeros([], jnp.float32)
         )
-        total = loss + penalty_weight * penalty
-        return total, (nnx.as_pure(new_rest), loss_sum, correct, count, penalty)
+        total = loss + hyper["penalty_weight"] * penalty
+        terms = {}
+        if use_svd_terms:
+            terms["orth"] = orthogonality_loss(params)
+            terms["sparsity"] = sparsity_loss(params, config.sparsity)
+            total = (
+                total
+                + hyper["orth_weight"] * terms["orth"]
+                + hyper["sparsity_weight"] * terms["sparsity"]
+            )
+        return total, (nnx.as_pure(new_rest), loss_sum, correct, count, penalty, terms)
 
     @jax.jit
     def train_step(state: TrainState, image, label, mask, hyper):
         image = jnp.asarray(image, jnp.float32)
         mask = jnp.asarray(mask, jnp.float32)
-        grads, (rest, loss_sum, correct, count, penalty) = jax.grad(loss_fn, has_aux=True)(
-            state.params, state.rest, image, label, mask, hyper["penalty_weight"]
-        )
+        grads, (rest, loss_sum, correct, count, penalty, terms) = jax.grad(
+            loss_fn, has_aux=True
+        )(state.params, state.rest, image, label, mask, hyper)
         step_tx = (
             make_optimizer(config, specs, max_norm=hyper["max_norm"])
             if config.project_max_norm is not None
@@ -424,6 +467,8 @@ def make_steps(
         sums["correct"] = sums["correct"] + correct
         sums["count"] = sums["count"] + count
         sums["steps"] = sums["steps"] + 1.0
+        for name, value in terms.items():
+            sums[name] = sums[name] + jnp.asarray(value, jnp.float32)
         new = TrainState(params, rest, opt_state, state.step + 1, sums)
         return new, schedule(state.step)
 
@@ -476,7 +521,28 @@ def evaluate(steps: Steps, params: Any, rest: Any, source: Any) -> dict[str, flo
 
 # ---------------------------------------------------------------------------- models and data
 def build_model(config: TrainConfig, num_classes: int, in_channels: int) -> nnx.Module:
-    """The model named by ``config.model`` (``'resnet<6n+2>'`` or ``'simple_cnn'``), seeded."""
+    """The model named by ``config.model`` (``'resnet<6n+2>'`` or ``'simple_cnn'``), seeded.
+
+    With ``config.decomposition`` set, every conv (and, with ``config.decompose_dense``, every
+    dense layer) is replaced by its full-rank SVD form (Yang et al. 2020) with the paper's random
+    initialisation: ``train.layers.svd.decompose(model, config.decomposition, init='random',
+    dense=config.decompose_dense, rngs=...)`` (seeded by ``config.seed``).
+    """
+    model = _build_plain_model(config, num_classes, in_channels)
+    if config.decomposition is None:
+        return model
+    from train.layers import svd
+
+    return svd.decompose(
+        model,
+        config.decomposition,
+        dense=config.decompose_dense,
+        init="random",
+        rngs=nnx.Rngs(config.seed + 1),
+    )
+
+
+def _build_plain_model(config: TrainConfig, num_classes: int, in_channels: int) -> nnx.Module:
     from train.models import resnet
 
     rngs = nnx.Rngs(config.seed)
@@ -759,7 +825,9 @@ def train_and_evaluate(
     model.train()
     params, rest = nnx.as_pure(params), nnx.as_pure(rest)
     steps = make_steps(graphdef_train, graphdef_eval, specs, config)
-    state = TrainState(params, rest, steps.tx.init(params), jnp.zeros([], jnp.int32), _zero_sums())
+    state = TrainState(
+        params, rest, steps.tx.init(params), jnp.zeros([], jnp.int32), _zero_sums(config)
+    )
 
     run_dir.mkdir(parents=True, exist_ok=True)
     manager = _checkpoint_manager(run_dir, config)
@@ -773,7 +841,8 @@ def train_and_evaluate(
         (run_dir / CONFIG_FILE).write_text(config.to_json())
 
     sigma_cols = [f"sigma/{name}" for name, _ in layers]
-    columns = ["step", "epoch", "lr", "loss", "penalty", "accuracy", "step_time_s",
+    svd_cols = list(_SVD_SUM_KEYS) if svd_terms_on(config) else []
+    columns = ["step", "epoch", "lr", "loss", "penalty", *svd_cols, "accuracy", "step_time_s",
                "test_loss", "test_accuracy", *sigma_cols]
     writer = _MetricsWriter(run_dir / METRICS_FILE, columns, resume_step)
 
@@ -829,15 +898,17 @@ def train_and_evaluate(
                     interval_times.append(step_time)
                 t_last, steps_since = now, 0
                 count = max(float(sums["count"]), 1.0)
+                num = max(float(sums["steps"]), 1.0)
                 last_train_loss = float(sums["loss"]) / count
                 row_at(step).update(
                     lr=lr,
                     loss=last_train_loss,
-                    penalty=float(sums["penalty"]) / max(float(sums["steps"]), 1.0),
+                    penalty=float(sums["penalty"]) / num,
                     accuracy=float(sums["correct"]) / count,
                     step_time_s=step_time,
+                    **{k: float(sums[k]) / num for k in svd_cols},
                 )
-                state = state._replace(sums=_zero_sums())
+                state = state._replace(sums=_zero_sums(config))
                 if progress is not None:
                     progress.set_postfix(loss=f"{last_train_loss:.4f}", refresh=False)
             if (config.eval_every and step % config.eval_every == 0) or step == config.num_steps:
@@ -950,7 +1021,9 @@ def restore_model(
     _, params, rest = nnx.split(model, nnx.Param, ...)
     params, rest = nnx.as_pure(params), nnx.as_pure(rest)
     tx = make_optimizer(config, specs)
-    template = TrainState(params, rest, tx.init(params), jnp.zeros([], jnp.int32), _zero_sums())
+    template = TrainState(
+        params, rest, tx.init(params), jnp.zeros([], jnp.int32), _zero_sums(config)
+    )
     manager = _checkpoint_manager(run_dir, config)
     try:
         if manager.latest_step() is None:
@@ -961,6 +1034,78 @@ def restore_model(
     nnx.update(model, state.params, state.rest)
     model.eval()
     return model, config, meta
+
+
+def _split_for_steps(model: nnx.Module, example_input: Any, config: TrainConfig):
+    """``(specs, graphdef_train, graphdef_eval, params, rest)`` as :func:`train_and_evaluate`
+    splits a model (left in training mode)."""
+    specs = discovery.find_convs_nnx(model, example_input)
+    model.eval()
+    graphdef_eval = nnx.split(model, nnx.Param, ...)[0]
+    model.train()
+    graphdef_train, params, rest = nnx.split(model, nnx.Param, ...)
+    return specs, graphdef_train, graphdef_eval, nnx.as_pure(params), nnx.as_pure(rest)
+
+
+def evaluate_model(
+    model: nnx.Module, config: TrainConfig, test_data: Any, example_input: Any = None
+) -> dict[str, float]:
+    """Test loss / accuracy / error of ``model`` on one pass of ``test_data`` (eval mode).
+
+    The same jitted evaluation as the end of :func:`train_and_evaluate` (BatchNorm running
+    averages, every masked-in example counted once), for a model that was not trained by the
+    loop (e.g. a pruned one). ``config`` supplies the step-relevant fields of the cached steps.
+
+    Args:
+      model: the model (left in training mode afterwards, as the loop leaves it).
+      config: a configuration (only the fields of :func:`make_steps`'s cache key matter).
+      test_data: a :class:`BatchSource` (one pass, masked).
+      example_input: one input batch ``(1, H, W, C)`` (default: ``test_data``'s first example).
+
+    Returns:
+      ``{'loss', 'accuracy', 'error', 'count'}`` (see :func:`evaluate`).
+    """
+    example = _example_input(test_data) if example_input is None else example_input
+    specs, graphdef_train, graphdef_eval, params, rest = _split_for_steps(model, example, config)
+    steps = make_steps(graphdef_train, graphdef_eval, specs, config)
+    return evaluate(steps, params, rest, test_data)
+
+
+def save_model(
+    run_dir: str | pathlib.Path,
+    model: nnx.Module,
+    config: TrainConfig,
+    example_input: Any,
+    step: int = 0,
+) -> None:
+    """Writes ``model`` to a new run folder in the loop's format, readable by
+    :func:`restore_model` (and resumable by ``train_and_evaluate(config, run_dir,
+    resume=True, model=...)`` with ``config.num_steps > step``).
+
+    The folder gets ``config.json`` (``config``) and one orbax checkpoint at ``step`` holding
+    the model's params and other state (BatchNorm statistics, RNG streams) and a fresh
+    optimiser state of :func:`make_optimizer` (``config``). For models made outside the loop,
+    e.g. a pruned SVD model (:mod:`train.svd_pipeline`).
+
+    Raises:
+      FileExistsError: when ``run_dir`` exists and is not empty.
+    """
+    run_dir = pathlib.Path(run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f"run_dir={str(run_dir)!r} exists and is not empty")
+    specs, _, _, params, rest = _split_for_steps(model, example_input, config)
+    tx = make_optimizer(config, specs)
+    state = TrainState(
+        params, rest, tx.init(params), jnp.asarray(step, jnp.int32), _zero_sums(config)
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CONFIG_FILE).write_text(config.to_json())
+    manager = _checkpoint_manager(run_dir, config)
+    try:
+        _save(manager, state, {"step": int(step), "epoch": 0, "batch": 0, "seed": config.seed})
+        manager.wait_until_finished()
+    finally:
+        manager.close()
 
 
 def main(argv: list[str] | None = None) -> None:

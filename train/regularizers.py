@@ -1,11 +1,19 @@
-"""Differentiable spectral-norm penalties on the conv layers of a model (Yi 2020)."""
+"""Differentiable regularisers on a model's parameters.
+
+* :func:`spectral_penalty`: spectral-norm penalties on the conv layers (Yi 2020).
+* :func:`orthogonality_loss`, :func:`sparsity_loss` (with :func:`svd_factors`): the losses of
+  SVD training (Yang et al. 2020) on the factors of :class:`train.layers.svd.SVDConv` /
+  :class:`train.layers.svd.SVDDense` layers.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from spectra._bounds import UPPER_BOUNDS
 from spectra._exact import spectral_norm
@@ -13,6 +21,8 @@ from spectra._spec import ConvSpec
 from train import discovery
 
 PENALTY_REDUCTIONS = ("sum", "max")
+#: Kinds of :func:`sparsity_loss`.
+SPARSITY = ("l1", "hoyer", "hoyer_square")
 
 
 def spectral_penalty(
@@ -86,3 +96,161 @@ def spectral_penalty(
         return jnp.zeros([])
     stacked = jnp.stack([jnp.asarray(v) for v in values])
     return jnp.sum(stacked) if reduce == "sum" else jnp.max(stacked)
+
+
+_FACTOR_NAMES = ("svd_u", "svd_s", "svd_v")
+
+
+def _unwrap(leaf: Any) -> jax.Array:
+    if isinstance(leaf, nnx.Variable):
+        return leaf[...]
+    if hasattr(leaf, "value") and not isinstance(leaf, jax.Array):  # e.g. nnx.VariableState
+        return leaf.value
+    return leaf
+
+
+def _children(node: Any) -> list[tuple[Any, Any]] | None:
+    if isinstance(node, Mapping):
+        return list(node.items())
+    if hasattr(node, "items") and callable(node.items) and not isinstance(node, jax.Array):
+        return list(node.items())
+    if isinstance(node, (list, tuple)) and not isinstance(node, nnx.Variable):
+        return list(enumerate(node))
+    return None
+
+
+def _sum(terms: list[jax.Array]) -> jax.Array:
+    return jnp.sum(jnp.stack(terms)) if terms else jnp.zeros([])
+
+
+def svd_factors(params: Any) -> list[tuple[str, jax.Array, jax.Array, jax.Array]]:
+    """Every ``(path, u, s, v)`` of a parameter tree: the nodes with ``svd_u, svd_s, svd_v``.
+
+    Args:
+      params: a parameter tree: ``nnx.State`` (e.g. ``nnx.split(model, nnx.Param, ...)[1]``),
+        its pure form (``nnx.to_pure_dict`` / ``nnx.as_pure``: nested dicts of arrays) or any
+        nest of mappings and lists; ``nnx.Variable`` leaves are unwrapped.
+
+    Returns:
+      ``[(path, u, s, v)]`` in tree order, ``path`` the keys joined with ``'/'`` (the paths of
+      :func:`train.layers.svd.svd_layers`), ``u`` ``(a, r)``, ``s`` ``(r,)``, ``v`` ``(b, r)``.
+    """
+    found = []
+
+    def visit(node: Any, path: tuple[Any, ...]) -> None:
+        items = _children(node)
+        if items is None:
+            return
+        keys = {k for k, _ in items}
+        if all(name in keys for name in _FACTOR_NAMES):
+            u, s, v = (_unwrap(node[name]) for name in _FACTOR_NAMES)
+            found.append(("/".join(str(k) for k in path), u, s, v))
+        for key, child in items:
+            if key not in _FACTOR_NAMES:
+                visit(child, path + (key,))
+
+    visit(params, ())
+    return found
+
+
+def factor_orthogonality(factor: jax.typing.ArrayLike) -> jax.Array:
+    r"""``L_o(A) = ||G - I||_F^2 / r^2`` for one factor ``A`` of shape ``(m, r)``.
+
+    ``G = A^T A`` (``r x r``) when ``m >= r`` and ``G = A A^T`` (``m x m``) otherwise: the
+    paper's rule (Gram of the smaller side) restated for our ``(m, r)`` orientation; for the
+    factors of an SVD layer ``m >= r`` always. Zero exactly when the columns of ``A`` (rows when
+    ``m < r``) are orthonormal.
+    """
+    a = jnp.asarray(factor)
+    m, r = a.shape
+    gram = a.T @ a if m >= r else a @ a.T
+    eye = jnp.eye(gram.shape[0], dtype=gram.dtype)
+    return jnp.sum(jnp.square(gram - eye)) / r**2
+
+
+def orthogonality_loss(params: Any) -> jax.Array:
+    r"""Orthogonality regulariser of SVD training (Yang et al. 2020), summed over the layers.
+
+    .. math:: L_o = \sum_{\ell} L_o(U_\ell) + L_o(V_\ell), \qquad
+       L_o(A) = \lVert A^T A - I \rVert_F^2 / r^2 \quad (A \in \mathbb{R}^{m \times r},\;
+       m \ge r;\ A A^T \text{ when } m < r)
+
+    (see :func:`factor_orthogonality`). ``0`` when there is no SVD layer. Differentiable and
+    jit-able.
+
+    Args:
+      params: a parameter tree holding SVD layers (see :func:`svd_factors`).
+
+    Returns:
+      A scalar.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> params = {"layer": {"svd_u": jnp.eye(3, 2), "svd_s": jnp.ones(2),
+      ...                     "svd_v": 2 * jnp.eye(4, 2)}}
+      >>> float(orthogonality_loss(params))  # U orthonormal; V^T V = 4 I: 2 * 3^2 / 2^2.
+      4.5
+    """
+    terms = [
+        factor_orthogonality(u) + factor_orthogonality(v) for _, u, _, v in svd_factors(params)
+    ]
+    return _sum(terms)
+
+
+def singular_value_sparsity(s: jax.typing.ArrayLike, kind: str = "hoyer") -> jax.Array:
+    r"""Sparsity measure of one vector ``s`` (see :func:`sparsity_loss`).
+
+    ``'l1'``: ``||s||_1``; ``'hoyer'``: ``||s||_1 / ||s||_2``; ``'hoyer_square'``:
+    ``||s||_1^2 / ||s||_2^2``. Hoyer and Hoyer-square are scale invariant, in ``[1, sqrt(r)]``
+    and ``[1, r]`` for ``s != 0``; at ``s = 0`` both are defined as ``0`` with zero gradient (no
+    NaN).
+
+    Raises:
+      ValueError: naming ``kind`` when not in :data:`SPARSITY`.
+    """
+    if kind not in SPARSITY:
+        raise ValueError(f"kind={kind!r} is unknown; expected one of {SPARSITY}")
+    s = jnp.asarray(s)
+    l1 = jnp.sum(jnp.abs(s))
+    if kind == "l1":
+        return l1
+    squares = jnp.sum(jnp.square(s))
+    nonzero = squares > 0
+    safe = jnp.where(nonzero, squares, jnp.ones_like(squares))
+    ratio = l1**2 / safe if kind == "hoyer_square" else l1 / jnp.sqrt(safe)
+    return jnp.where(nonzero, ratio, jnp.zeros_like(ratio))
+
+
+def sparsity_loss(params: Any, kind: str = "hoyer") -> jax.Array:
+    r"""Sparsity regulariser of SVD training (Yang et al. 2020) on every layer's ``s``, summed.
+
+    .. math::
+       L_1 = \sum_\ell \lVert s_\ell \rVert_1, \quad
+       L_H = \sum_\ell \frac{\lVert s_\ell \rVert_1}{\lVert s_\ell \rVert_2}, \quad
+       L_{H^2} = \sum_\ell \frac{\lVert s_\ell \rVert_1^2}{\lVert s_\ell \rVert_2^2}.
+
+    The paper writes Hoyer and Hoyer-square with an offset ``- 1`` per layer; the offsets are
+    **dropped** here (a constant: same gradients, so the same training). A layer with
+    ``s = 0`` contributes ``0`` with a zero gradient for the Hoyer kinds (no NaN) and the
+    subgradient of ``|.|`` at 0 for L1. Differentiable and jit-able.
+
+    Args:
+      params: a parameter tree holding SVD layers (see :func:`svd_factors`).
+      kind: ``'l1'``, ``'hoyer'`` or ``'hoyer_square'``.
+
+    Returns:
+      A scalar (``0`` when there is no SVD layer).
+
+    Raises:
+      ValueError: naming ``kind`` when not in :data:`SPARSITY`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> params = {"layer": {"svd_u": jnp.eye(2), "svd_s": jnp.array([3.0, 4.0]),
+      ...                     "svd_v": jnp.eye(2)}}
+      >>> float(sparsity_loss(params, "l1")), round(float(sparsity_loss(params, "hoyer")), 6)
+      (7.0, 1.4)
+    """
+    if kind not in SPARSITY:
+        raise ValueError(f"kind={kind!r} is unknown; expected one of {SPARSITY}")
+    return _sum([singular_value_sparsity(s, kind) for _, _, s, _ in svd_factors(params)])

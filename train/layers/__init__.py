@@ -1,12 +1,30 @@
 """Flax NNX layers in compressed forms: SVD-decomposed (Yang et al. 2020) and tensor-train
 (Novikov et al. 2015; Garipov et al. 2016)."""
 
+from train.layers.svd import DECOMPOSITIONS
+from train.layers.svd import SVD_CONV_PADDINGS
+from train.layers.svd import SVDConv
+from train.layers.svd import SVDDense
+from train.layers.svd import decompose
+from train.layers.svd import factor_shape
+from train.layers.svd import kernel_to_matrix
+from train.layers.svd import matrix_to_kernel
+from train.layers.svd import svd_layers
 from train.layers.tt import AUTO_CORES_COST_FACTOR
 from train.layers.tt import TTConv
 from train.layers.tt import TTDense
 from train.layers.tt import tt_conv_flops
 
 __all__ = [
+    "DECOMPOSITIONS",
+    "SVD_CONV_PADDINGS",
+    "SVDConv",
+    "SVDDense",
+    "decompose",
+    "factor_shape",
+    "kernel_to_matrix",
+    "matrix_to_kernel",
+    "svd_layers",
     "AUTO_CORES_COST_FACTOR",
     "TTConv",
     "TTDense",

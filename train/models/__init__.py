@@ -1,5 +1,12 @@
-"""Models for the training experiments: CIFAR ResNets (He et al. 2016) and a small CNN, Flax NNX."""
+"""Models for the training experiments, Flax NNX: CIFAR ResNets (He et al. 2016), a small CNN, and
+Garipov et al.'s (2016) CIFAR-10 conv / conv-fc networks with their TT versions."""
 
+from train.models.garipov import RELEASED_TT_CONV
+from train.models.garipov import RELEASED_TT_CONV_TT_FC
+from train.models.garipov import GaripovNet
+from train.models.garipov import NaiveTTConv
+from train.models.garipov import compression_ratio
+from train.models.garipov import decompose_tt
 from train.models.resnet import PADDINGS
 from train.models.resnet import SHORTCUTS
 from train.models.resnet import BasicBlock
@@ -13,6 +20,12 @@ from train.models.resnet import resnet110
 from train.models.resnet import shortcut_option_a
 
 __all__ = [
+    "RELEASED_TT_CONV",
+    "RELEASED_TT_CONV_TT_FC",
+    "GaripovNet",
+    "NaiveTTConv",
+    "compression_ratio",
+    "decompose_tt",
     "PADDINGS",
     "SHORTCUTS",
     "BasicBlock",

@@ -1,0 +1,225 @@
+"""`train.svd_pipeline`: the four stages of SVD training, pruning and resumption."""
+
+import dataclasses
+import json
+import pathlib
+import shutil
+import tempfile
+import time
+
+import numpy as np
+from absl.testing import absltest
+from flax import nnx
+
+from train import flops
+from train import loop
+from train import pruning
+from train import svd_pipeline
+from train.config import TrainConfig
+from train.layers import svd
+
+loop.avoid_cpu_lapack_deadlock()  # Effective when this file runs first in its process.
+
+# A channel-decomposed SimpleCNN (no BatchNorm, cheap) on the 8x8 digits; stages 1 and 2 have
+# the same length so that they share one compilation.
+CONFIG = TrainConfig(
+    dataset="digits",
+    model="simple_cnn",
+    width=4,
+    batch_size=64,
+    eval_batch_size=512,
+    optimizer="adam",
+    lr=1e-2,
+    weight_decay=0.0,
+    schedule="constant",
+    log_every=3,
+    decomposition="channel",
+    orth_weight=1.0,
+    sparsity="hoyer",
+    progress=False,
+)
+STAGE_STEPS = (6, 6, 3)
+ENERGIES = (0.05, 0.3)
+SPARSITY_WEIGHT = 0.1
+EXAMPLE = np.zeros((1, 8, 8, 1), np.float32)
+
+
+def _run(root, config=CONFIG, **kwargs):
+    options = dict(sparsity_weight=SPARSITY_WEIGHT, energies=ENERGIES, stage_steps=STAGE_STEPS)
+    options.update(kwargs)
+    return svd_pipeline.run_svd_pipeline(config, root, **options)
+
+
+def _numbers(result):
+    """The reported numbers of every stage (what a rerun must give back unchanged)."""
+    keys = ("test_error", "test_accuracy", "test_loss", "params", "flops", "ranks")
+    out = {k: {kk: result[k][kk] for kk in keys} for k in ("stage1", "stage2")}
+    for stage in ("stage3", "stage4"):
+        for e, summary in result[stage].items():
+            out[f"{stage}_{e}"] = {kk: summary[kk] for kk in keys}
+    return out
+
+
+class SVDPipelineTest(absltest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.tmp = pathlib.Path(tempfile.mkdtemp())
+        cls.root = cls.tmp / "pipeline"
+        cls.result = _run(cls.root)
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+        super().tearDownClass()
+
+    def test_all_stages_and_folders(self):
+        result = self.result
+        self.assertTrue(all(result[k]["trained"] for k in ("stage1", "stage2")))
+        self.assertEqual(result["stage1"]["step"], STAGE_STEPS[0])
+        self.assertEqual(result["stage2"]["step"], STAGE_STEPS[1])
+        for name in ("pipeline.json", "stage1_decomposed", "stage2_sparse",
+                     "stage3_prune_e0.05", "stage3_prune_e0.3",
+                     "stage4_finetune_e0.05", "stage4_finetune_e0.3"):
+            self.assertTrue((self.root / name).exists(), name)
+        # Stage configs: λ_s only in stage 2, λ_o everywhere, a fresh schedule per stage.
+        saved = {
+            name: TrainConfig.load(self.root / name / loop.CONFIG_FILE)
+            for name in ("stage1_decomposed", "stage2_sparse", "stage4_finetune_e0.3")
+        }
+        self.assertEqual([c.sparsity_weight for c in saved.values()], [0.0, SPARSITY_WEIGHT, 0.0])
+        self.assertEqual([c.orth_weight for c in saved.values()], [1.0, 1.0, 1.0])
+        self.assertEqual([c.num_steps for c in saved.values()], [6, 6, 3])
+        history2 = loop.read_history(self.root / "stage2_sparse")
+        self.assertEqual(history2[0]["step"], 3)  # Stage 2 counts its own steps from 0.
+        self.assertIn("sparsity", history2[0])
+        # Full rank before pruning: every SVD layer of the decomposed SimpleCNN.
+        model = loop.build_model(CONFIG, 10, 1)
+        full = {path: layer.max_rank for path, layer in svd.svd_layers(model)}
+        self.assertEqual(result["stage1"]["ranks"], full)
+        self.assertEqual(result["stage1"]["params"], flops.count_params(model))
+        self.assertEqual(result["stage1"]["flops"], flops.count_flops(model, EXAMPLE))
+
+    def test_compact_models_are_smaller(self):
+        full = self.result["stage2"]
+        previous = full
+        for e in ENERGIES:  # Increasing energy: never larger.
+            pruned, tuned = self.result["stage3"][e], self.result["stage4"][e]
+            self.assertEqual(pruned["energy"], e)
+            self.assertEqual(pruned["ranks"], tuned["ranks"])
+            self.assertEqual((pruned["params"], pruned["flops"]), (tuned["params"], tuned["flops"]))
+            self.assertTrue(all(pruned["ranks"][p] <= full["ranks"][p] for p in full["ranks"]))
+            self.assertLessEqual(pruned["params"], previous["params"])
+            self.assertLessEqual(pruned["flops"], previous["flops"])
+            previous = pruned
+        self.assertLess(self.result["stage3"][0.3]["params"], full["params"])
+        self.assertLess(self.result["stage3"][0.3]["flops"], full["flops"])
+        self.assertEqual(self.result["stage4"][0.3]["step"], STAGE_STEPS[2])
+
+    def test_pruned_error_equals_masked_error(self):
+        stage2, _, _ = loop.restore_model(
+            self.root / "stage2_sparse", model=loop.build_model(CONFIG, 10, 1),
+            example_input=EXAMPLE,
+        )
+        test = loop.build_data(CONFIG)[1]
+        for e in ENERGIES:
+            masked = pruning.mask_by_energy(stage2, e)
+            error = loop.evaluate_model(masked, CONFIG, test, EXAMPLE)["error"]
+            self.assertAlmostEqual(error, self.result["stage3"][e]["test_error"], places=12)
+            # The saved compact model is rebuilt from ranks.json and restored.
+            ranks = json.loads((self.root / f"stage3_prune_e{e:g}" / "ranks.json").read_text())
+            self.assertEqual(ranks, self.result["stage3"][e]["ranks"])
+            compact, _, meta = loop.restore_model(
+                self.root / f"stage3_prune_e{e:g}",
+                model=svd_pipeline.rebuild_pruned(loop.build_model(CONFIG, 10, 1), ranks),
+                example_input=EXAMPLE,
+            )
+            self.assertEqual(meta["step"], 0)
+            self.assertEqual(svd_pipeline.svd_ranks(compact), ranks)
+            self.assertEqual(
+                loop.evaluate_model(compact, CONFIG, test, EXAMPLE)["error"],
+                self.result["stage3"][e]["test_error"],
+            )
+
+    def test_rerun_reads_back_without_training(self):
+        start = time.perf_counter()
+        again = _run(self.root)
+        elapsed = time.perf_counter() - start
+        self.assertEqual(_numbers(again), _numbers(self.result))
+        self.assertFalse(again["stage1"]["trained"] or again["stage2"]["trained"])
+        self.assertFalse(any(s["trained"] for s in again["stage3"].values()))
+        self.assertFalse(any(s["trained"] for s in again["stage4"].values()))
+        self.assertLess(elapsed, 20.0)  # Loads the data only: no model, no compilation.
+        # A new energy adds its stage 3/4 folders and reuses stages 1 and 2.
+        more = _run(self.root, energies=(0.3, 0.5))
+        self.assertFalse(more["stage2"]["trained"] or more["stage3"][0.3]["trained"])
+        self.assertTrue(more["stage3"][0.5]["trained"] and more["stage4"][0.5]["trained"])
+        self.assertLessEqual(more["stage3"][0.5]["params"], more["stage3"][0.3]["params"])
+
+    def test_different_setup_on_the_same_root_raises(self):
+        with self.assertRaisesRegex(ValueError, "config.lr"):
+            _run(self.root, config=dataclasses.replace(CONFIG, lr=0.5))
+        with self.assertRaisesRegex(ValueError, "sparsity_weight"):
+            _run(self.root, sparsity_weight=0.2)
+        with self.assertRaisesRegex(ValueError, "stage_steps"):
+            _run(self.root, stage_steps=(6, 6, 4))
+        # Resumable changes (progress, checkpointing) are allowed.
+        _run(self.root, config=dataclasses.replace(CONFIG, max_to_keep=3))
+        foreign = self.tmp / "foreign"
+        foreign.mkdir()
+        (foreign / "notes.txt").write_text("x")
+        with self.assertRaisesRegex(ValueError, "root="):
+            _run(foreign)
+
+    def test_interrupted_stage_resumes_bit_identically(self):
+        # A copy of the finished stage 1, then stage 2 stopped after 4 of its 6 steps.
+        root = self.tmp / "interrupted"
+        root.mkdir()
+        shutil.copy(self.root / "pipeline.json", root / "pipeline.json")
+        shutil.copytree(self.root / "stage1_decomposed", root / "stage1_decomposed")
+        configs = svd_pipeline.stage_configs(CONFIG, SPARSITY_WEIGHT, STAGE_STEPS)
+        start, _, _ = loop.restore_model(
+            root / "stage1_decomposed", model=loop.build_model(CONFIG, 10, 1),
+            example_input=EXAMPLE,
+        )
+        first = loop.train_and_evaluate(
+            configs["stage2"], root / "stage2_sparse", until_step=4, model=start
+        )
+        self.assertIsNone(first["test_error"])
+        result = _run(root, energies=(0.3,))
+        self.assertFalse(result["stage1"]["trained"])
+        self.assertTrue(result["stage2"]["trained"])
+        expected = _numbers(self.result)
+        self.assertEqual(_numbers(result)["stage2"], expected["stage2"])
+        self.assertEqual(_numbers(result)["stage4_0.3"], expected["stage4_0.3"])
+
+    def test_argument_errors(self):
+        root = self.tmp / "errors"
+        with self.assertRaisesRegex(ValueError, "config.decomposition"):
+            _run(root, config=dataclasses.replace(CONFIG, decomposition=None))
+        with self.assertRaisesRegex(ValueError, "sparsity_weight"):
+            _run(root, sparsity_weight=0.0)
+        with self.assertRaisesRegex(ValueError, "energies"):
+            _run(root, energies=(0.1, 1.0))
+        with self.assertRaisesRegex(ValueError, "energies"):
+            _run(root, energies=())
+        with self.assertRaisesRegex(ValueError, "stage_steps"):
+            _run(root, stage_steps=(1, 2))
+        self.assertFalse(root.exists())  # Checked before anything is written.
+
+    def test_rebuild_pruned_checks_ranks(self):
+        model = loop.build_model(CONFIG, 10, 1)
+        with self.assertRaisesRegex(ValueError, "not SVD layers"):
+            svd_pipeline.rebuild_pruned(model, {"nope": 1})
+        with self.assertRaisesRegex(ValueError, "ranks"):
+            svd_pipeline.rebuild_pruned(model, {"head": 99})
+        small = svd_pipeline.rebuild_pruned(model, {"head": 2})
+        self.assertEqual(svd_pipeline.svd_ranks(small)["head"], 2)
+        self.assertEqual(svd_pipeline.svd_ranks(model)["head"], 8)  # The input is unchanged.
+        self.assertIsInstance(small.head, svd.SVDDense)
+        self.assertEqual(nnx.state(small.head, nnx.Param)["svd_u"].shape, (8, 2))
+
+
+if __name__ == "__main__":
+    absltest.main()
