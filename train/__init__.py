@@ -67,6 +67,7 @@ from train.svd_pipeline import model_summary
 from train.svd_pipeline import rebuild_pruned
 from train.svd_pipeline import run_svd_pipeline
 from train.svd_pipeline import svd_ranks
+from train.transforms import PROJECT_METHODS
 from train.transforms import ProjectConvOperatorNormState
 from train.transforms import project_conv_operator_norm
 
@@ -119,6 +120,7 @@ __all__ = [
     "load_tfds_split",
     "models",
     "PENALTY_REDUCTIONS",
+    "PROJECT_METHODS",
     "ProjectConvOperatorNormState",
     "find_convs",
     "find_convs_nnx",

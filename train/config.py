@@ -61,8 +61,11 @@ class TrainConfig:
       project_max_norm: ``c`` of :func:`train.project_conv_operator_norm` (Sedghi et al. 2019),
         appended last in the optax chain; ``None`` disables the projection.
       project_every: project every ``k``-th update (the first update projects).
-      project_method: ``'certified'``, ``'sedghi'``, ``'dykstra'`` or ``'rescale'``.
-      project_rounds: projection rounds per projecting update.
+      project_method: ``'certified'``, ``'sedghi'``, ``'dykstra'``, ``'rescale'`` (exact or
+        certified, see :func:`spectra.clip_operator_norm`) or ``'power'`` (cheapest,
+        approximate: a warm-started Krylov estimate of σ_max, see
+        :func:`train.project_conv_operator_norm`).
+      project_rounds: projection rounds per projecting update (``'power'``: Krylov products).
       decomposition: ``None`` (plain convs) or the SVD-training form of Yang et al. (2020) that
         :func:`train.loop.build_model` gives every layer: ``'channel'`` (a ``k x k`` conv with
         ``r`` outputs then a 1x1 conv) or ``'spatial'`` (a ``k x 1`` then a ``1 x k`` conv),
@@ -148,6 +151,12 @@ class TrainConfig:
             raise ValueError(f"penalty_weight={self.penalty_weight!r} must be >= 0")
         if self.project_max_norm is not None and not self.project_max_norm > 0:
             raise ValueError(f"project_max_norm={self.project_max_norm!r} must be > 0 or None")
+        from train.transforms import PROJECT_METHODS
+
+        if self.project_method not in PROJECT_METHODS:
+            raise ValueError(
+                f"project_method={self.project_method!r} must be one of {PROJECT_METHODS}"
+            )
         if not isinstance(self.project_every, int) or self.project_every < 1:
             raise ValueError(f"project_every={self.project_every!r} must be a positive int")
         if self.decomposition is not None and self.decomposition not in DECOMPOSITIONS:

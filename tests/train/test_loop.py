@@ -156,6 +156,11 @@ class LoopTest(absltest.TestCase):
             apply_overrides(TrainConfig(), ["learning_rate=0.1"])
         with self.assertRaisesRegex(ValueError, "optimizer"):
             apply_overrides(TrainConfig(), ["optimizer=lion"])
+        with self.assertRaisesRegex(ValueError, "project_method"):
+            apply_overrides(TrainConfig(), ["project_method=clip"])
+        self.assertEqual(
+            apply_overrides(TrainConfig(), ["project_method=power"]).project_method, "power"
+        )
         self.assertEqual(TrainConfig.from_json(config.to_json()), config)
 
 
