@@ -6,7 +6,9 @@ momentum 0.9 and weight decay, metric sums) of ResNet-20 (width 16, zero padding
 where :func:`train.project_conv_operator_norm` projects all 19 conv kernels every step (radius
 ``c = 1``) with each method (``certified``, ``sedghi``, ``dykstra``, ``rescale``; one round).
 Times are medians over ``--repeats`` steps after ``--warmup`` steps (compilation excluded), each
-step timed to ``block_until_ready``, all in one process, on whatever device JAX uses (CPU here).
+step timed to ``block_until_ready``, the variants interleaved (one step of each per round), all in
+one process, on whatever device JAX uses (CPU here). The last column is the largest exact σ_max
+of the convs after the steps (the approximate methods may end above ``c``).
 
 Printed: the median step time per variant, its ratio to the plain step, the overhead
 (``ratio - 1``; target ≤ 25%), and the derived amortised overhead when projecting every 100 steps
@@ -44,36 +46,37 @@ from train.models.resnet import ResNet  # noqa: E402
 METHODS = ("certified", "sedghi", "dykstra", "rescale", "power")
 
 
-def time_steps(
-    config: TrainConfig, batch: tuple, repeats: int, warmup: int
-) -> tuple[list[float], float]:
-    """Seconds per step (``repeats`` values) of ``config``'s jitted train step on ``batch``, and
-    the largest exact σ_max over the conv layers after the last step (``train.loop.
-    layer_spectral_norms``: Lanczos to 1e-5 for these zero-padded layers)."""
-    model = ResNet(20, 10, in_channels=3, width=config.width, padding=config.padding,
-                   rngs=nnx.Rngs(0))
-    specs = discovery.find_convs_nnx(model, batch[0][:1])
-    model.train()
-    graphdef_train, params, rest = nnx.split(model, nnx.Param, ...)
-    model.eval()
-    graphdef_eval = nnx.split(model, nnx.Param, ...)[0]
-    params, rest = nnx.as_pure(params), nnx.as_pure(rest)
-    steps = loop.make_steps(graphdef_train, graphdef_eval, specs, config)
-    hyper = loop.step_hyperparameters(config)
-    state = loop.TrainState(
-        params, rest, steps.tx.init(params), jnp.zeros([], jnp.int32), loop._zero_sums()
-    )
-    for _ in range(warmup):
-        state, _ = steps.train_step(state, *batch, hyper)
-    jax.block_until_ready(state)
-    times = []
-    for _ in range(repeats):
+class Variant:
+    """One variant's jitted train step and its state (ResNet-20, compiled by ``warm_up``)."""
+
+    def __init__(self, config: TrainConfig, batch: tuple):
+        model = ResNet(20, 10, in_channels=3, width=config.width, padding=config.padding,
+                       rngs=nnx.Rngs(0))
+        self.specs = discovery.find_convs_nnx(model, batch[0][:1])
+        model.train()
+        graphdef_train, params, rest = nnx.split(model, nnx.Param, ...)
+        model.eval()
+        graphdef_eval = nnx.split(model, nnx.Param, ...)[0]
+        params, rest = nnx.as_pure(params), nnx.as_pure(rest)
+        self.steps = loop.make_steps(graphdef_train, graphdef_eval, self.specs, config)
+        self.hyper = loop.step_hyperparameters(config)
+        self.state = loop.TrainState(
+            params, rest, self.steps.tx.init(params), jnp.zeros([], jnp.int32), loop._zero_sums()
+        )
+        self.batch = batch
+        self.times: list[float] = []
+
+    def step(self, record: bool = True) -> None:
         start = time.perf_counter()
-        state, _ = steps.train_step(state, *batch, hyper)
-        jax.block_until_ready(state)
-        times.append(time.perf_counter() - start)
-    sigma = float(jnp.max(loop.layer_spectral_norms(state.params, specs)))
-    return times, sigma
+        self.state, _ = self.steps.train_step(self.state, *self.batch, self.hyper)
+        jax.block_until_ready(self.state)
+        if record:
+            self.times.append(time.perf_counter() - start)
+
+    def sigma_max(self) -> float:
+        """Largest exact σ_max over the convs now (``train.loop.layer_spectral_norms``:
+        Lanczos to 1e-5 for these zero-padded layers)."""
+        return float(jnp.max(loop.layer_spectral_norms(self.state.params, self.specs)))
 
 
 def main() -> None:
@@ -104,14 +107,20 @@ def main() -> None:
           f"{jax.devices()[0].device_kind} ({jax.default_backend()}), "
           f"{os.cpu_count()} CPUs visible; median of {args.repeats} steps after "
           f"{args.warmup} warm-up steps")
-    medians, sigmas = {}, {}
+    runs = {}
     for label, config in variants:
         t0 = time.perf_counter()
-        times, sigmas[label] = time_steps(config, batch, args.repeats, args.warmup)
-        medians[label] = statistics.median(times)
-        print(f"  measured {label}: median {1000 * medians[label]:.1f} ms "
-              f"(min {1000 * min(times):.1f}, max {1000 * max(times):.1f}; "
-              f"{time.perf_counter() - t0:.0f} s incl. compile)", flush=True)
+        runs[label] = Variant(config, batch)
+        for _ in range(args.warmup):
+            runs[label].step(record=False)
+        print(f"  compiled {label} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    # Interleaved: one step of every variant per round, so that slow drifts of the machine's
+    # load hit all variants alike; medians over the rounds.
+    for _ in range(args.repeats):
+        for run in runs.values():
+            run.step()
+    medians = {label: statistics.median(run.times) for label, run in runs.items()}
+    sigmas = {label: run.sigma_max() for label, run in runs.items()}
     plain = medians["plain SGD"]
     print()
     print("| variant | median step (ms) | ratio to plain | overhead | amortised every 100 "
