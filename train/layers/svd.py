@@ -30,6 +30,8 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from spectra._spec import _pair
+
 #: Ways to view an HWIO kernel ``(kh, kw, c_in, c_out)`` as a matrix ``(a, b)``:
 #: ``'channel'``: ``(c_out, kh kw c_in)``; ``'spatial'``: ``(c_in kh, c_out kw)``.
 DECOMPOSITIONS = ("channel", "spatial")
@@ -40,18 +42,6 @@ SVD_CONV_PADDINGS = ("SAME", "VALID", "CIRCULAR", "REFLECT")
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
-
-
-def _pair(value: Any, name: str) -> tuple[int, int]:
-    if isinstance(value, (int, np.integer)):
-        value = (int(value), int(value))
-    try:
-        pair = tuple(int(v) for v in value)
-    except TypeError as e:
-        raise ValueError(f"{name}={value!r} must be an int or a pair of ints") from e
-    if len(pair) != 2 or min(pair) < 1:
-        raise ValueError(f"{name}={value!r} must be a positive int or a pair of positive ints")
-    return pair  # type: ignore[return-value]
 
 
 def _normalise_padding(padding: Any) -> str | Pads:
@@ -190,7 +180,28 @@ def _flatten_batch(x: jax.Array, num_feature_dims: int) -> tuple[jax.Array, tupl
     return x.reshape((-1,) + x.shape[x.ndim - num_feature_dims:]), batch_shape
 
 
-class SVDConv(nnx.Module):
+class _SVDFactors(nnx.Module):
+    """Shared parameters of :class:`SVDConv` and :class:`SVDDense`: ``svd_u``, ``svd_s``,
+    ``svd_v`` (``W = U diag(|s|) Vᵀ``) and an optional ``bias``."""
+
+    def _set_factors(self, u, s, v, out_features: int, use_bias: bool, param_dtype) -> None:
+        self.use_bias = use_bias
+        self.param_dtype = param_dtype
+        self.svd_u = nnx.Param(u)
+        self.svd_s = nnx.Param(s)
+        self.svd_v = nnx.Param(v)
+        if use_bias:
+            self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype))
+        else:
+            self.bias = nnx.data(None)
+
+    @property
+    def rank(self) -> int:
+        """``r``: the current number of singular values (the length of ``svd_s``)."""
+        return int(self.svd_s.shape[0])
+
+
+class SVDConv(_SVDFactors):
     r"""A 2-D conv whose kernel is ``U diag(|s|) V^T``, reshaped (Yang et al. 2020).
 
     The HWIO kernel ``K`` of shape ``(kh, kw, c_in, c_out)`` is viewed as a matrix ``W`` of shape
@@ -294,20 +305,7 @@ class SVDConv(nnx.Module):
         self.strides = _pair(strides, "strides")
         self.padding = _normalise_padding(padding)
         self.kernel_dilation = _pair(kernel_dilation, "kernel_dilation")
-        self.use_bias = use_bias
-        self.param_dtype = param_dtype
-        self.svd_u = nnx.Param(u)
-        self.svd_s = nnx.Param(s)
-        self.svd_v = nnx.Param(v)
-        if use_bias:
-            self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype))
-        else:
-            self.bias = nnx.data(None)
-
-    @property
-    def rank(self) -> int:
-        """``r``: the current number of singular values (the length of ``svd_s``)."""
-        return int(self.svd_s.shape[0])
+        self._set_factors(u, s, v, out_features, use_bias, param_dtype)
 
     @property
     def max_rank(self) -> int:
@@ -486,7 +484,7 @@ class SVDConv(nnx.Module):
         return y.reshape(batch_shape + y.shape[1:])
 
 
-class SVDDense(nnx.Module):
+class SVDDense(_SVDFactors):
     r"""A dense layer ``y = x @ W + b`` with ``W = U diag(|s|) V^T`` (Yang et al. 2020).
 
     ``W`` has flax ``Linear``'s ``(in, out)`` orientation: ``svd_u`` ``(in, r)``, ``svd_s``
@@ -537,20 +535,7 @@ class SVDDense(nnx.Module):
         u, s, v = _initial_factors(factors, rank, rngs, in_features, out_features, param_dtype)
         self.in_features = in_features
         self.out_features = out_features
-        self.use_bias = use_bias
-        self.param_dtype = param_dtype
-        self.svd_u = nnx.Param(u)
-        self.svd_s = nnx.Param(s)
-        self.svd_v = nnx.Param(v)
-        if use_bias:
-            self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype))
-        else:
-            self.bias = nnx.data(None)
-
-    @property
-    def rank(self) -> int:
-        """``r``: the current number of singular values."""
-        return int(self.svd_s.shape[0])
+        self._set_factors(u, s, v, out_features, use_bias, param_dtype)
 
     @property
     def max_rank(self) -> int:
