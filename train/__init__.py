@@ -16,12 +16,15 @@
   read from the jaxpr (:func:`count_flops`).
 """
 
+from train import batchnorm
 from train import data
 from train import flops
 from train import layers
 from train import models
 from train import pruning
 from train import svd_pipeline
+from train.batchnorm import batch_norm_layers
+from train.batchnorm import recalibrate_batch_stats
 from train.config import DECOMPOSITIONS
 from train.config import SPARSITIES
 from train.config import TrainConfig
@@ -72,6 +75,9 @@ from train.transforms import ProjectConvOperatorNormState
 from train.transforms import project_conv_operator_norm
 
 __all__ = [
+    "batchnorm",
+    "batch_norm_layers",
+    "recalibrate_batch_stats",
     "flops",
     "layers",
     "pruning",

@@ -56,8 +56,13 @@ class SVDTrainingExperimentTest(absltest.TestCase):
                 self.assertAlmostEqual(float(r[col["%FLOPs reduction"]]), expected, delta=0.051)
             fraction = float(pruned[col["mean kept rank fraction"]])
             self.assertTrue(0 < fraction < 1)
-            for name in ("test acc % (pruned)", "test acc % (final)"):
+            for name in ("test acc % (pruned)", "test acc % (pruned + BN recal.)",
+                         "test acc % (final)"):
                 self.assertTrue(0 <= float(pruned[col[name]]) <= 100)
+            # The SimpleCNN has no BatchNorm: recalibration changes nothing.
+            self.assertEqual(pruned[col["test acc % (pruned)"]],
+                             pruned[col["test acc % (pruned + BN recal.)"]])
+            self.assertEqual(full[col["test acc % (pruned + BN recal.)"]], "-")
 
     def test_unknown_preset(self):
         with self.assertRaisesRegex(ValueError, "preset='huge'"):

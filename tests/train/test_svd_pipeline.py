@@ -7,10 +7,12 @@ import shutil
 import tempfile
 import time
 
+import jax
 import numpy as np
 from absl.testing import absltest
 from flax import nnx
 
+from train import batchnorm
 from train import flops
 from train import loop
 from train import pruning
@@ -53,11 +55,38 @@ def _run(root, config=CONFIG, **kwargs):
 def _numbers(result):
     """The reported numbers of every stage (what a rerun must give back unchanged)."""
     keys = ("test_error", "test_accuracy", "test_loss", "params", "flops", "ranks")
+    pruned_keys = ("pruned_test_error", "pruned_test_accuracy", "pruned_test_loss",
+                   "recalibrated")
     out = {k: {kk: result[k][kk] for kk in keys} for k in ("stage1", "stage2")}
     for stage in ("stage3", "stage4"):
         for e, summary in result[stage].items():
-            out[f"{stage}_{e}"] = {kk: summary[kk] for kk in keys}
+            extra = pruned_keys if stage == "stage3" else ()
+            out[f"{stage}_{e}"] = {kk: summary[kk] for kk in keys + extra}
     return out
+
+
+class TinyBNNet(nnx.Module):
+    """conv -> BatchNorm -> relu -> strided conv -> BatchNorm -> relu -> mean -> linear."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(1, 4, (3, 3), use_bias=False, rngs=rngs)
+        self.bn1 = nnx.BatchNorm(4, momentum=0.9, rngs=rngs)
+        self.conv2 = nnx.Conv(4, 8, (3, 3), strides=2, use_bias=False, rngs=rngs)
+        self.bn2 = nnx.BatchNorm(8, momentum=0.9, rngs=rngs)
+        self.head = nnx.Linear(8, 10, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.bn1(self.conv1(x)))
+        x = nnx.relu(self.bn2(self.conv2(x)))
+        return self.head(x.mean(axis=(1, 2)))
+
+
+def _tiny_bn_model():
+    return svd.decompose(TinyBNNet(nnx.Rngs(0)), "channel", init="random", rngs=nnx.Rngs(1))
+
+
+def _bn_stats(model):
+    return [np.asarray(v) for v in jax.tree.leaves(nnx.as_pure(nnx.state(model, nnx.BatchStat)))]
 
 
 class SVDPipelineTest(absltest.TestCase):
@@ -126,7 +155,12 @@ class SVDPipelineTest(absltest.TestCase):
         for e in ENERGIES:
             masked = pruning.mask_by_energy(stage2, e)
             error = loop.evaluate_model(masked, CONFIG, test, EXAMPLE)["error"]
-            self.assertAlmostEqual(error, self.result["stage3"][e]["test_error"], places=12)
+            summary = self.result["stage3"][e]
+            self.assertAlmostEqual(error, summary["pruned_test_error"], places=12)
+            # No BatchNorm in the SimpleCNN: nothing to recalibrate, the saved model is the
+            # pruned one.
+            self.assertFalse(summary["recalibrated"])
+            self.assertEqual(summary["test_error"], summary["pruned_test_error"])
             # The saved compact model is rebuilt from ranks.json and restored.
             ranks = json.loads((self.root / f"stage3_prune_e{e:g}" / "ranks.json").read_text())
             self.assertEqual(ranks, self.result["stage3"][e]["ranks"])
@@ -164,6 +198,8 @@ class SVDPipelineTest(absltest.TestCase):
             _run(self.root, sparsity_weight=0.2)
         with self.assertRaisesRegex(ValueError, "stage_steps"):
             _run(self.root, stage_steps=(6, 6, 4))
+        with self.assertRaisesRegex(ValueError, "recalibration_batches"):
+            _run(self.root, recalibration_batches=5)
         # Resumable changes (progress, checkpointing) are allowed.
         _run(self.root, config=dataclasses.replace(CONFIG, max_to_keep=3))
         foreign = self.tmp / "foreign"
@@ -206,6 +242,9 @@ class SVDPipelineTest(absltest.TestCase):
             _run(root, energies=())
         with self.assertRaisesRegex(ValueError, "stage_steps"):
             _run(root, stage_steps=(1, 2))
+        for bad in (-1, 1.5, True):
+            with self.assertRaisesRegex(ValueError, "recalibration_batches"):
+                _run(root, recalibration_batches=bad)
         self.assertFalse(root.exists())  # Checked before anything is written.
 
     def test_rebuild_pruned_checks_ranks(self):
@@ -219,6 +258,75 @@ class SVDPipelineTest(absltest.TestCase):
         self.assertEqual(svd_pipeline.svd_ranks(model)["head"], 8)  # The input is unchanged.
         self.assertIsInstance(small.head, svd.SVDDense)
         self.assertEqual(nnx.state(small.head, nnx.Param)["svd_u"].shape, (8, 2))
+
+
+class BatchNormRecalibrationTest(absltest.TestCase):
+    """Stage 3 on a model with BatchNorm: the pruned model's statistics are re-estimated."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.tmp = pathlib.Path(tempfile.mkdtemp())
+        cls.root = cls.tmp / "bn"
+        cls.train, cls.test = loop.build_data(CONFIG)[:2]
+        cls.result = _run(cls.root, energies=(0.3,), model=_tiny_bn_model(),
+                          train_data=cls.train, test_data=cls.test)
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+        super().tearDownClass()
+
+    def _restore(self, name, ranks=None):
+        template = _tiny_bn_model()
+        if ranks is not None:
+            template = svd_pipeline.rebuild_pruned(template, ranks)
+        model, _, _ = loop.restore_model(self.root / name, model=template, example_input=EXAMPLE)
+        return model
+
+    def test_pruned_and_recalibrated_errors_compare_like_with_like(self):
+        summary = self.result["stage3"][0.3]
+        self.assertTrue(summary["recalibrated"])
+        stage2 = self._restore("stage2_sparse")
+        masked = pruning.mask_by_energy(stage2, 0.3)
+        # Pruned, stage 2's statistics: the masked model with stage 2's statistics.
+        error = loop.evaluate_model(masked, CONFIG, self.test, EXAMPLE)["error"]
+        self.assertAlmostEqual(error, summary["pruned_test_error"], places=12)
+        # Pruned + recalibrated: the masked model recalibrated on the same training batches.
+        masked_recal = batchnorm.recalibrate_batch_stats(masked, self.train)
+        error = loop.evaluate_model(masked_recal, CONFIG, self.test, EXAMPLE)["error"]
+        self.assertAlmostEqual(error, summary["test_error"], places=12)
+        # The saved compact model holds the recalibrated statistics (one epoch of batches).
+        compact = self._restore("stage3_prune_e0.3", summary["ranks"])
+        for saved, expected in zip(_bn_stats(compact), _bn_stats(masked_recal)):
+            np.testing.assert_allclose(saved, expected, rtol=1e-5, atol=1e-6)
+        for saved, old in zip(_bn_stats(compact), _bn_stats(stage2)):
+            self.assertFalse(np.allclose(saved, old))
+        self.assertEqual(loop.evaluate_model(compact, CONFIG, self.test, EXAMPLE)["error"],
+                         summary["test_error"])
+        self.assertEqual(self.result["stage4"][0.3]["step"], STAGE_STEPS[2])
+
+    def test_no_recalibration(self):
+        # Stages 1 and 2 copied, the record rewritten for recalibration_batches=0.
+        root = self.tmp / "off"
+        root.mkdir()
+        for name in ("stage1_decomposed", "stage2_sparse"):
+            shutil.copytree(self.root / name, root / name)
+        record = json.loads((self.root / "pipeline.json").read_text())
+        self.assertEqual(record["recalibration_batches"], "one epoch")
+        record["recalibration_batches"] = 0
+        (root / "pipeline.json").write_text(json.dumps(record))
+        result = _run(root, energies=(0.3,), model=_tiny_bn_model(), train_data=self.train,
+                      test_data=self.test, recalibration_batches=0)
+        summary, recal = result["stage3"][0.3], self.result["stage3"][0.3]
+        self.assertFalse(summary["recalibrated"])
+        self.assertEqual(summary["test_error"], summary["pruned_test_error"])
+        self.assertEqual(summary["pruned_test_error"], recal["pruned_test_error"])
+        compact = svd_pipeline.rebuild_pruned(_tiny_bn_model(), summary["ranks"])
+        compact, _, _ = loop.restore_model(root / "stage3_prune_e0.3", model=compact,
+                                           example_input=EXAMPLE)
+        for saved, old in zip(_bn_stats(compact), _bn_stats(self._restore("stage2_sparse"))):
+            np.testing.assert_array_equal(saved, old)
 
 
 if __name__ == "__main__":

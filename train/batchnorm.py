@@ -1,0 +1,249 @@
+"""BatchNorm recalibration: re-estimate running statistics after a network was changed.
+
+A network whose weights were edited after training (energy pruning of its singular values,
+:mod:`train.pruning`; a TT-SVD of its layers, :func:`train.models.garipov.decompose_tt`) keeps
+the BatchNorm running means and variances of the network it was made from. In evaluation mode
+every BatchNorm then normalises its new activations with the old statistics; the mismatch grows
+layer after layer. :func:`recalibrate_batch_stats` re-estimates the statistics of every
+``nnx.BatchNorm`` from a few training batches (no gradient, no parameter changes), as
+``torch.optim.swa_utils.update_bn`` does for SWA.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from train import loop
+
+
+def batch_norm_layers(model: nnx.Module) -> list[tuple[str, nnx.BatchNorm]]:
+    """``[(path, layer)]`` of every ``nnx.BatchNorm`` of ``model``, in graph order.
+
+    ``path`` joins the attribute names / indices with ``'/'`` (``'blocks/0/bn1'``).
+    """
+    return [
+        ("/".join(str(p) for p in path), module)
+        for path, module in nnx.iter_modules(model)
+        if isinstance(module, nnx.BatchNorm)
+    ]
+
+
+def _check_arguments(num_batches: int | None, momentum: float | None) -> None:
+    if num_batches is not None and not (
+        isinstance(num_batches, (int, np.integer)) and num_batches >= 1
+    ):
+        raise ValueError(f"num_batches={num_batches!r} must be None or an int >= 1")
+    if momentum is not None and not (
+        isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0
+    ):
+        raise ValueError(f"momentum={momentum!r} must be None or a float in [0, 1)")
+
+
+def _source_batches(data: Any, num_batches: int | None) -> Iterator[np.ndarray]:
+    """The input batches of a :class:`train.loop.BatchSource`, padding rows dropped.
+
+    Epochs 0, 1, ... in order until ``num_batches`` batches with at least one real example
+    were yielded (``None``: every such batch of epoch 0).
+    """
+    yielded, epoch = 0, 0
+    while True:
+        useful = 0
+        for batch in data.batches(epoch):
+            images, _, mask = loop._unpack(batch)
+            mask = np.asarray(mask, bool)
+            if not mask.any():
+                continue
+            images = np.asarray(images)
+            yield images if mask.all() else images[mask]
+            useful += 1
+            yielded += 1
+            if num_batches is not None and yielded == num_batches:
+                return
+        if num_batches is None:
+            return
+        if useful == 0:
+            raise ValueError(
+                f"data yielded no batch with a real example in epoch {epoch}: expected a "
+                "source with at least one unmasked example"
+            )
+        epoch += 1
+
+
+def _array_batches(
+    data: Any, num_batches: int | None, batch_size: int | None
+) -> Iterator[np.ndarray]:
+    """Consecutive slices of ``batch_size`` examples of an array of inputs."""
+    images = np.asarray(data)
+    if images.ndim < 1 or images.shape[0] == 0:
+        raise ValueError(
+            f"data has shape {images.shape}: expected a non-empty array of inputs (N, ...) "
+            "or a BatchSource"
+        )
+    n = images.shape[0]
+    size = n if batch_size is None else batch_size
+    if not (isinstance(size, (int, np.integer)) and size >= 1):
+        raise ValueError(f"batch_size={batch_size!r} must be None or an int >= 1")
+    available = -(-n // size)
+    count = available if num_batches is None else num_batches
+    if count > available:
+        raise ValueError(
+            f"num_batches={num_batches} exceeds the {available} batches of {size} examples "
+            f"that data (N={n}) holds"
+        )
+    for b in range(count):
+        yield images[b * size : (b + 1) * size]
+
+
+@functools.lru_cache(maxsize=64)
+def _batch_statistics_fn(graphdef: Any) -> Callable[..., Any]:
+    """The jitted training-mode forward pass of ``graphdef`` that returns its new
+    ``nnx.BatchStat`` and ``nnx.RngState`` (cached per architecture, so recalibrating models of
+    one architecture twice compiles once)."""
+
+    @jax.jit
+    def batch_statistics(blank, rng_state, others, inputs):
+        module = nnx.merge(graphdef, blank, rng_state, others)
+        module(inputs)
+        _, measured, rng_state, _ = nnx.split(module, nnx.BatchStat, nnx.RngState, ...)
+        return measured, rng_state
+
+    return batch_statistics
+
+
+def recalibrate_batch_stats(
+    model: nnx.Module,
+    data: Any,
+    num_batches: int | None = None,
+    *,
+    momentum: float | None = None,
+    batch_size: int | None = None,
+) -> nnx.Module:
+    r"""A copy of ``model`` whose BatchNorm running statistics are re-estimated from ``data``.
+
+    Every ``nnx.BatchNorm`` (:func:`batch_norm_layers`) gets new running ``mean`` and ``var``
+    measured on the batches ``x_1, ..., x_K`` (``K`` = ``num_batches``). Batch ``k`` runs one
+    forward pass of a copy of ``model`` in **training mode** (``model.train()``: every
+    BatchNorm normalises with the statistics of the batch itself, as during training; dropout,
+    if any, is on), jitted, without gradient; it gives, per BatchNorm layer and channel, the
+    mean :math:`\mu_k` and the variance :math:`\sigma_k^2` of that layer's input over the
+    batch and spatial axes, computed as BatchNorm computes them in training mode (biased:
+    divided by the count; ``E[x^2] - E[x]^2`` with flax's default ``use_fast_variance``). The
+    layers before it are in training mode too, so these are the statistics that training
+    itself would feed to the running averages. The new statistics are then
+
+    * ``momentum=None`` (default): the **exact average over the batches** (not an exponential
+      moving average; the old statistics are discarded):
+
+      .. math:: \text{mean} = \frac{1}{K} \sum_{k=1}^{K} \mu_k, \qquad
+         \text{var} = \frac{1}{K} \sum_{k=1}^{K} \sigma_k^2,
+
+      i.e. the cumulative mean of the batch means and of the batch variances, every batch
+      weighted equally (also a smaller, partly padded last batch). For batches of equal size
+      ``var`` is the mean within-batch variance: the variance of the union of the batches
+      minus the variance of the batch means (a slight underestimate of it, as the running
+      variance of training also is);
+    * ``momentum=m`` in ``[0, 1)``: BatchNorm's exponential moving average
+      ``s_k = m s_{k-1} + (1 - m) b_k``, started from the first batch (``s_1 = b_1``; the old
+      statistics are discarded), for ``mean`` and ``var`` alike; ``m = 0`` keeps the last
+      batch's statistics.
+
+    Accumulated in float64 on the host, then stored in each statistic's dtype. Parameters, other
+    state (RNG counters included) and the train / eval mode flags of the result are those of
+    ``model``; ``model`` itself is left untouched. Assumes every BatchNorm is called once per
+    forward pass, in its module-level mode (a layer called with ``use_running_average=True``
+    at call time would not be re-estimated). A model without BatchNorm is returned as an
+    equal copy (no data read).
+
+    Args:
+      model: an NNX model taking one batch of inputs ``(B, ...)``.
+      data: a :class:`train.loop.BatchSource` (e.g. a training :class:`train.data.Pipeline`:
+        ``.batches(epoch)`` yielding ``Batch(images, labels, mask)``, dicts or tuples), whose
+        masked-out (padding) examples are dropped before the forward pass (a batch without a
+        real example is skipped); or an array of inputs ``(N, ...)`` cut into consecutive
+        batches of ``batch_size`` examples.
+      num_batches: ``K``, the number of batches used; ``None``: every batch of epoch 0 of a
+        source, every batch of an array. A source is read through epochs 0, 1, ... until
+        ``K`` batches were used (its own order).
+      momentum: ``None`` for the exact average, or ``m`` in ``[0, 1)`` (see above).
+      batch_size: examples per batch when ``data`` is an array (default: the whole array in
+        one batch); ignored for a source.
+
+    Returns:
+      A new model (``nnx.clone`` of ``model``) with the re-estimated statistics.
+
+    Raises:
+      ValueError: naming the argument: ``num_batches`` not ``None`` or an int ``>= 1`` (or
+        more than an array holds), ``momentum`` outside ``[0, 1)``, ``batch_size`` not
+        ``>= 1``, ``data`` an empty array or a source without unmasked examples.
+
+    Example:
+      >>> model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)),
+      ...                        nnx.BatchNorm(4, rngs=nnx.Rngs(0)))
+      >>> x = np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32)
+      >>> new = recalibrate_batch_stats(model, x, batch_size=16)  # 4 batches, exact average.
+      >>> new.layers[1].mean.shape
+      (4,)
+    """
+    _check_arguments(num_batches, momentum)
+    new = nnx.clone(model)
+    layers = batch_norm_layers(new)
+    if not layers:
+        return new
+    if hasattr(data, "batches"):
+        batches = _source_batches(data, num_batches)
+    else:
+        batches = _array_batches(data, num_batches, batch_size)
+
+    # The working copy: training mode, every BatchNorm with momentum 0, so that after one
+    # forward pass its running statistics are exactly that batch's statistics.
+    work = nnx.clone(model)
+    for _, layer in batch_norm_layers(work):
+        layer.momentum = 0.0
+    work.train()
+    graphdef, stats, rng_state, others = nnx.split(work, nnx.BatchStat, nnx.RngState, ...)
+    # Fed to every pass: 0 * (finite) old value, whatever the model's statistics hold.
+    blank = jax.tree.map(jnp.zeros_like, stats)
+
+    batch_statistics = _batch_statistics_fn(graphdef)
+
+    names = [(path, name) for path, _ in layers for name in ("mean", "var")]
+    estimate: dict[tuple[str, str], np.ndarray] = {}
+    count = 0
+    for inputs in batches:
+        measured, rng_state = batch_statistics(
+            blank, rng_state, others, jnp.asarray(inputs)
+        )
+        flat = {
+            "/".join(str(p) for p in path): np.asarray(value, np.float64)
+            for path, value in nnx.to_flat_state(nnx.as_pure(measured))
+        }
+        count += 1
+        for key in names:
+            value = flat[f"{key[0]}/{key[1]}"]
+            if count == 1:
+                estimate[key] = value
+            elif momentum is None:
+                estimate[key] = estimate[key] + (value - estimate[key]) / count
+            else:
+                estimate[key] = momentum * estimate[key] + (1.0 - momentum) * value
+    if count == 0:
+        raise ValueError(
+            "data yielded no batch with a real example: expected a source with at least one "
+            "unmasked example"
+        )
+    for path, layer in layers:
+        for name in ("mean", "var"):
+            variable = getattr(layer, name)
+            variable[...] = jnp.asarray(estimate[(path, name)], variable[...].dtype)
+    return new
+
+
+__all__ = ["recalibrate_batch_stats", "batch_norm_layers"]
