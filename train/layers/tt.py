@@ -68,6 +68,17 @@ TT_CONV_IMPLS = ("auto", "cores", "full")
 AUTO_CORES_COST_FACTOR = 24.0
 
 
+def _check_modes(in_modes, out_modes) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Positive input / output modes of equal length ``d``."""
+    in_modes = _positive_ints(in_modes, "in_modes")
+    out_modes = _positive_ints(out_modes, "out_modes")
+    if len(out_modes) != len(in_modes):
+        raise ValueError(
+            f"in_modes={in_modes} and out_modes={out_modes} must have the same length"
+        )
+    return in_modes, out_modes
+
+
 def _check_ranks(ranks, length: int, name: str = "ranks") -> tuple[int, ...]:
     try:
         out = tuple(int(r) for r in ranks)
@@ -132,15 +143,8 @@ class TTDense(nnx.Module):
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
-        self.in_modes = _positive_ints(in_modes, "in_modes")
-        self.out_modes = _positive_ints(out_modes, "out_modes")
-        d = len(self.in_modes)
-        if len(self.out_modes) != d:
-            raise ValueError(
-                f"in_modes={self.in_modes} and out_modes={self.out_modes} must have the same "
-                "length"
-            )
-        self.ranks = _check_ranks(ranks, d + 1)
+        self.in_modes, self.out_modes = _check_modes(in_modes, out_modes)
+        self.ranks = _check_ranks(ranks, len(self.in_modes) + 1)
         if self.ranks[0] != 1 or self.ranks[-1] != 1:
             raise ValueError(f"ranks={self.ranks} must start and end with 1 (r_0 = r_d = 1)")
         self.in_features = math.prod(self.in_modes)
@@ -350,15 +354,8 @@ class TTConv(nnx.Module):
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
-        self.in_modes = _positive_ints(in_modes, "in_modes")
-        self.out_modes = _positive_ints(out_modes, "out_modes")
-        d = len(self.in_modes)
-        if len(self.out_modes) != d:
-            raise ValueError(
-                f"in_modes={self.in_modes} and out_modes={self.out_modes} must have the same "
-                "length"
-            )
-        self.ranks = _check_ranks(ranks, d + 1)
+        self.in_modes, self.out_modes = _check_modes(in_modes, out_modes)
+        self.ranks = _check_ranks(ranks, len(self.in_modes) + 1)
         if self.ranks[-1] != 1:
             raise ValueError(f"ranks={self.ranks} must end with 1 (r_d = 1)")
         self.kernel_size = _pair(kernel_size, "kernel_size")
