@@ -27,9 +27,14 @@ import argparse
 import datetime
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable
+
+# benchmarks/_timing.py: the script's folder is on sys.path.
+from _timing import fmt_time
+from _timing import limit_threads
+from _timing import markdown
+from _timing import time_all
 
 #: Full run: (kh, kw, c_in, c_out, n) circular layers, and the zero-padded 'SAME' layer.
 FULL_CIRCULAR = ((3, 3, 64, 64, 32), (3, 3, 256, 256, 16), (3, 3, 512, 512, 8), (5, 5, 64, 64, 12))
@@ -45,14 +50,6 @@ NORM_SPEEDUP = 20.0
 NORM_RTOL = 1e-4
 LANCZOS_SPEEDUP = 100.0
 
-
-def _limit_threads(threads: int) -> None:
-    """Limits BLAS/LAPACK and XLA's CPU thread pools; must run before NumPy/JAX are imported."""
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(threads)
-    if threads == 1:
-        flags = os.environ.get("XLA_FLAGS", "")
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false".strip()
 
 
 def _random_kernel(kh: int, kw: int, c_in: int, c_out: int, seed: int = 0):
@@ -70,23 +67,6 @@ def _compiled(fn: Callable, kernel) -> Callable:
     return lambda: jax.block_until_ready(compiled(kernel))
 
 
-def _time_all(fns: dict[str, Callable], repeats: int) -> dict[str, float]:
-    """Median wall time of each callable; repeats are interleaved so load drifts hit all alike."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def _fmt_time(seconds: float | None) -> str:
-    if seconds is None:
-        return "n/a"
-    if seconds >= 1.0:
-        return f"{seconds:.3g} s"
-    return f"{seconds * 1e3:.3g} ms"
 
 
 def _fmt_ratio(value: float | None) -> str:
@@ -131,7 +111,7 @@ def bench_circular(layer, repeats: int, num_squarings: int) -> dict:
         ),
         "fft": _compiled(lambda k: spectra.frequency_matrices(k, spec).matrices, kernel),
     }
-    times = _time_all(fns, repeats)
+    times = time_all(fns, repeats)
     ref_sv = np.sort(numpy_reference().ravel())[::-1]
     full_sv = np.asarray(fns["full"]())
     exact = float(full_sv[0])
@@ -159,7 +139,7 @@ def bench_zero_padded(layer, repeats: int, lanczos_steps: tuple[int, ...]) -> di
         fns[f"lanczos{steps}"] = _compiled(
             lambda k, s=steps: spectra.lanczos_spectral_norm(k, spec, num_steps=s).value, kernel
         )
-    times = _time_all(fns, repeats)
+    times = time_all(fns, repeats)
     exact = float(fns["dense"]())
     sweep = {}
     for steps in lanczos_steps:
@@ -193,19 +173,13 @@ def bench_num_squarings(layer, repeats: int, squarings: tuple[int, ...]) -> list
         t: _compiled(lambda k, t=t: spectra.circular_norm_bracket(k, spec, num_squarings=t), kernel)
         for t in squarings
     }
-    times = _time_all(fns, repeats)
+    times = time_all(fns, repeats)
     rows = []
     for t in squarings:
         lower, upper = (float(v) for v in fns[t]())
         rows.append((t, times[t], (lower - exact) / exact, (upper - exact) / exact))
     return rows
 
-
-def _markdown(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    out = [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    return "\n".join(out + [line(r) for r in rows])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-squarings", type=int, default=6, help="Gram iteration squarings")
     args = parser.parse_args(argv)
     if args.threads > 0:
-        _limit_threads(args.threads)
+        limit_threads(args.threads)
 
     import jax
     import numpy as np
@@ -255,21 +229,21 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         t = r["times"]
         rows.append([
-            r["layer"], _fmt_time(t["ref"]), _fmt_time(t["full"]), _fmt_time(t["fft"]),
+            r["layer"], fmt_time(t["ref"]), fmt_time(t["full"]), fmt_time(t["fft"]),
             _fmt_ratio(t["ref"] / t["full"]),
-            _fmt_time(t["upper"]), _fmt_ratio(t["full"] / t["upper"]), _fmt_err(r["upper_err"]),
-            _fmt_time(t["gram"]), _fmt_ratio(t["full"] / t["gram"]), _fmt_err(r["gram_err"]),
+            fmt_time(t["upper"]), _fmt_ratio(t["full"] / t["upper"]), _fmt_err(r["upper_err"]),
+            fmt_time(t["gram"]), _fmt_ratio(t["full"] / t["gram"]), _fmt_err(r["gram_err"]),
             "n/a", "—", "n/a", "—",
         ])
     z = zero_result
     best = z["sweep"][z["best_steps"]]
     rows.append([
         z["layer"], "n/a", "n/a", "n/a", "n/a", "—", "—", "—", "—", "—", "—",
-        _fmt_time(z["dense"]), f"{_fmt_time(best['time'])} (steps={z['best_steps']})",
+        fmt_time(z["dense"]), f"{fmt_time(best['time'])} (steps={z['best_steps']})",
         _fmt_ratio(z["dense"] / best["time"]), _fmt_err(best["err"]),
     ])
     print()
-    print(_markdown(headers, rows))
+    print(markdown(headers, rows))
     print(
         "\nerr = (σ - exact) / exact, exact = max of our full spectrum (circular rows) or of the "
         "dense SVD (SAME row); 'n/a' = does not apply / does not fit in memory; '—' = not run; "
@@ -301,18 +275,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  [{_verdict(speed >= LANCZOS_SPEEDUP)}] zero-padded σmax lanczos >= "
           f"{LANCZOS_SPEEDUP:g}x dense SVD: {speed:.3g}x (err {best['err']:+.1e})  {z['layer']}")
 
-    print(f"\nTuning: Lanczos num_steps on {z['layer']} (dense SVD {_fmt_time(z['dense'])})")
-    print(_markdown(
+    print(f"\nTuning: Lanczos num_steps on {z['layer']} (dense SVD {fmt_time(z['dense'])})")
+    print(markdown(
         ["num_steps", "time", "dense/lanczos", "err", "cycles"],
-        [[str(s), _fmt_time(v["time"]), _fmt_ratio(z["dense"] / v["time"]), _fmt_err(v["err"]),
+        [[str(s), fmt_time(v["time"]), _fmt_ratio(z["dense"] / v["time"]), _fmt_err(v["err"]),
           str(v["restarts"])] for s, v in z["sweep"].items()],
     ))
     full_time = results[0]["times"]["full"]
     print(f"\nTuning: circular_norm_bracket num_squarings on {results[0]['layer']} "
-          f"(ours full {_fmt_time(full_time)})")
-    print(_markdown(
+          f"(ours full {fmt_time(full_time)})")
+    print(markdown(
         ["num_squarings", "time", "full/bracket", "lower err", "upper err"],
-        [[str(t), _fmt_time(s), _fmt_ratio(full_time / s), _fmt_err(lo), _fmt_err(up)]
+        [[str(t), fmt_time(s), _fmt_ratio(full_time / s), _fmt_err(lo), _fmt_err(up)]
          for t, s, lo, up in squaring_rows],
     ))
     print(f"\ntotal {time.perf_counter() - start:.1f} s")

@@ -30,6 +30,12 @@ import platform
 import statistics
 import time
 
+# benchmarks/_timing.py: the script's folder is on sys.path.
+from _timing import fmt_time
+from _timing import limit_threads
+from _timing import markdown
+from _timing import time_all
+
 #: (in_modes, out_modes): 64 -> 64 and 128 -> 128 channels, Garipov's modes.
 FULL_LAYERS = (((4, 4, 4), (4, 4, 4)), ((4, 8, 4), (4, 8, 4)))
 FULL_RANKS = (4, 8, 16, 32)
@@ -39,35 +45,8 @@ QUICK_RANKS = (4, 16)
 QUICK_SIZES = (16,)
 
 
-def _limit_threads(threads: int) -> None:
-    """Limits BLAS and XLA's CPU thread pools; must run before NumPy/JAX are imported."""
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(threads)
-    if threads == 1:
-        flags = os.environ.get("XLA_FLAGS", "")
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false".strip()
 
 
-def _time_all(fns: dict, repeats: int) -> dict[str, float]:
-    """Median wall time of each callable; repeats interleaved so load drifts hit all alike."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def _fmt_time(seconds: float) -> str:
-    return f"{seconds:.3g} s" if seconds >= 1.0 else f"{seconds * 1e3:.3g} ms"
-
-
-def _markdown(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    out = [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    return "\n".join(out + [line(r) for r in rows])
 
 
 def bench_layer(in_modes, out_modes, rank: int, size: int, batch: int, repeats: int,
@@ -128,7 +107,7 @@ def bench_layer(in_modes, out_modes, rank: int, size: int, batch: int, repeats: 
                     / jnp.max(jnp.abs(fns["full"]())))
     else:
         err = float("nan")
-    times = _time_all(fns, repeats)
+    times = time_all(fns, repeats)
     return {
         "layer": f"{layer.in_features}->{layer.out_features} {in_modes} r={rank} @{size}²",
         "times": times,
@@ -151,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                              "(inf: time every layer; the full run then takes ~6 min)")
     args = parser.parse_args(argv)
     if args.threads > 0:
-        _limit_threads(args.threads)
+        limit_threads(args.threads)
 
     import jax
     import numpy as np
@@ -188,9 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         mac_ratio = f["cores"] / f["full"]
         if "cores" not in t:
             rows.append([
-                r["layer"], f"{r['params']}/{r['dense_params']}", _fmt_time(t["dense"]),
-                _fmt_time(t["full"]), "skipped", f"{t['full'] / t['dense']:.3g}x", "—",
-                _fmt_time(t["dense_bwd"]), _fmt_time(t["full_bwd"]), "skipped",
+                r["layer"], f"{r['params']}/{r['dense_params']}", fmt_time(t["dense"]),
+                fmt_time(t["full"]), "skipped", f"{t['full'] / t['dense']:.3g}x", "—",
+                fmt_time(t["dense_bwd"]), fmt_time(t["full_bwd"]), "skipped",
                 f"{t['full_bwd'] / t['dense_bwd']:.3g}x", "—", f"{mac_ratio:.3g}", "—",
                 r["auto"], "full (MACs)",
             ])
@@ -200,15 +179,15 @@ def main(argv: list[str] | None = None) -> int:
         factors += [factor, factor_bwd]
         faster = "cores" if t["cores"] + t["cores_bwd"] < t["full"] + t["full_bwd"] else "full"
         rows.append([
-            r["layer"], f"{r['params']}/{r['dense_params']}", _fmt_time(t["dense"]),
-            _fmt_time(t["full"]), _fmt_time(t["cores"]), f"{t['full'] / t['dense']:.3g}x",
-            f"{t['cores'] / t['full']:.3g}x", _fmt_time(t["dense_bwd"]),
-            _fmt_time(t["full_bwd"]), _fmt_time(t["cores_bwd"]),
+            r["layer"], f"{r['params']}/{r['dense_params']}", fmt_time(t["dense"]),
+            fmt_time(t["full"]), fmt_time(t["cores"]), f"{t['full'] / t['dense']:.3g}x",
+            f"{t['cores'] / t['full']:.3g}x", fmt_time(t["dense_bwd"]),
+            fmt_time(t["full_bwd"]), fmt_time(t["cores_bwd"]),
             f"{t['full_bwd'] / t['dense_bwd']:.3g}x", f"{t['cores_bwd'] / t['full_bwd']:.3g}x",
             f"{mac_ratio:.3g}", f"{factor:.3g} / {factor_bwd:.3g}", r["auto"], faster,
         ])
     print()
-    print(_markdown(headers, rows))
+    print(markdown(headers, rows))
     print(
         "\nf+b = forward + backward (grads w.r.t. params and input). MACs = multiply-adds of the "
         "forward (tt_conv_flops). per-MAC cost cores/full = (time cores / time full) / (MACs "
