@@ -14,30 +14,16 @@ from absl.testing import absltest  # noqa: E402
 from absl.testing import parameterized  # noqa: E402
 
 from experiments import sedghi_timing  # noqa: E402
+from tests.experiments import tables  # noqa: E402
 
 experiments_main = importlib.import_module("experiments.__main__")
 
 
-def _tmpdir(test: absltest.TestCase) -> pathlib.Path:
-    """A fresh temporary folder removed after the test (works under pytest and absltest)."""
-    path = pathlib.Path(tempfile.mkdtemp())
-    test.addCleanup(shutil.rmtree, path, ignore_errors=True)
-    return path
-
-
-def _table_rows(markdown: str, first_cell: str) -> list[list[str]]:
-    """The cells of the Markdown table rows whose first cell is ``first_cell``."""
-    rows = []
-    for line in markdown.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("|") and cells[0] == first_cell:
-            rows.append(cells)
-    return rows
 
 
 class SedghiTimingTest(absltest.TestCase):
     def test_test_preset_writes_table_and_plot(self):
-        out = _tmpdir(self)
+        out = tables.tmpdir(self)
         text = sedghi_timing.run("test", out)
         md, png = out / "sedghi_timing.md", out / "sedghi_timing.png"
         self.assertTrue(md.is_file())
@@ -48,9 +34,9 @@ class SedghiTimingTest(absltest.TestCase):
         self.assertIn("(sedghi_timing.png)", text)
 
         config = sedghi_timing.PRESETS["test"]
-        channels = _table_rows(text, "channels")
-        sizes = _table_rows(text, "input size")
-        large = _table_rows(text, "large kernel")
+        channels = [r for r in tables.table_rows(text) if r[0] == "channels"]
+        sizes = [r for r in tables.table_rows(text) if r[0] == "input size"]
+        large = [r for r in tables.table_rows(text) if r[0] == "large kernel"]
         self.assertEqual([int(r[2]) for r in channels], list(config["channels"]))
         self.assertEqual([int(r[3]) for r in sizes], list(config["sizes"]))
         self.assertEqual([(int(r[1]), int(r[3]), int(r[2])) for r in large],
@@ -66,7 +52,7 @@ class SedghiTimingTest(absltest.TestCase):
             self.assertEqual(row[6], "—")
 
     def test_unknown_preset_raises(self):
-        out = _tmpdir(self)
+        out = tables.tmpdir(self)
         with self.assertRaisesRegex(ValueError, "preset='huge'"):
             sedghi_timing.run("huge", out)
 
@@ -90,7 +76,7 @@ class NumericalExperimentsTest(parameterized.TestCase):
 
 class MainTest(absltest.TestCase):
     def test_writes_report(self):
-        out = _tmpdir(self) / "results"
+        out = tables.tmpdir(self) / "results"
         with mock.patch.object(experiments_main, "EXPERIMENTS", ["sedghi_timing"]):
             self.assertEqual(experiments_main.main(["--preset", "test", "--out", str(out)]), 0)
         report = (out / "REPORT.md").read_text()
@@ -104,7 +90,7 @@ class MainTest(absltest.TestCase):
         self.assertTrue((out / "sedghi_timing.md").is_file())
 
     def test_missing_experiment_fails_before_running_anything(self):
-        out = _tmpdir(self)
+        out = tables.tmpdir(self)
         names = ["sedghi_timing", "no_such_experiment"]
         with mock.patch.object(experiments_main, "EXPERIMENTS", names):
             with self.assertRaisesRegex(ModuleNotFoundError, "no_such_experiment"):

@@ -11,15 +11,7 @@ matplotlib.use("Agg")
 from absl.testing import absltest  # noqa: E402
 
 from experiments import svd_training  # noqa: E402
-
-
-def _rows(markdown: str) -> list[list[str]]:
-    """Cells of every Markdown table row (header and separator lines excluded)."""
-    rows = []
-    for line in markdown.splitlines():
-        if line.startswith("|") and not line.startswith(("|---", "| model")):
-            rows.append([c.strip() for c in line.strip().strip("|").split("|")])
-    return rows
+from tests.experiments import tables  # noqa: E402
 
 
 class SVDTrainingExperimentTest(absltest.TestCase):
@@ -32,7 +24,7 @@ class SVDTrainingExperimentTest(absltest.TestCase):
         self.assertGreater((out / "svd_training.png").stat().st_size, 0)
         self.assertIn("(svd_training.png)", text)
         self.assertFalse(any(out.glob("runs")))  # Test/quick run folders are temporary.
-        rows = _rows(text)
+        rows = [r for r in tables.table_rows(text) if r[0] != "model"]
         header = list(svd_training.HEADERS)
         self.assertTrue(all(len(r) == len(header) for r in rows))
         col = {name: i for i, name in enumerate(header)}

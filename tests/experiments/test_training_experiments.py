@@ -1,8 +1,6 @@
 """The training experiments (sedghi_training, yi_training, layer_spectra) on their tiny presets."""
 
 import pathlib
-import shutil
-import tempfile
 
 import matplotlib
 
@@ -14,22 +12,8 @@ from absl.testing import absltest  # noqa: E402
 from experiments import layer_spectra  # noqa: E402
 from experiments import sedghi_training  # noqa: E402
 from experiments import yi_training  # noqa: E402
+from tests.experiments import tables  # noqa: E402
 from train import loop  # noqa: E402
-
-
-def _tmpdir(test: absltest.TestCase) -> pathlib.Path:
-    path = pathlib.Path(tempfile.mkdtemp())
-    test.addCleanup(shutil.rmtree, path, ignore_errors=True)
-    return path
-
-
-def _rows(markdown: str) -> list[list[str]]:
-    """Cells of every Markdown table row (header and separator lines excluded)."""
-    rows = []
-    for line in markdown.splitlines():
-        if line.startswith("|") and not line.startswith("|---"):
-            rows.append([c.strip() for c in line.strip().strip("|").split("|")])
-    return rows
 
 
 def _check_outputs(test, out: pathlib.Path, name: str, text: str) -> None:
@@ -41,10 +25,10 @@ def _check_outputs(test, out: pathlib.Path, name: str, text: str) -> None:
 class TrainingExperimentsTest(absltest.TestCase):
 
     def test_sedghi_training(self):
-        out = _tmpdir(self)
+        out = tables.tmpdir(self)
         text = sedghi_training.run("test", out)
         _check_outputs(self, out, "sedghi_training", text)
-        rows = {r[0]: r for r in _rows(text)}
+        rows = {r[0]: r for r in tables.table_rows(text)}
         self.assertEqual(set(rows) - {"run"}, {"baseline", "certified c=1, every 2"})
         self.assertEqual(rows["certified c=1, every 2"][1], "certified, c=1")
         error = float(rows["baseline"][4].split("±")[0])
@@ -53,10 +37,10 @@ class TrainingExperimentsTest(absltest.TestCase):
         self.assertFalse(any(out.glob("runs")))  # Quick/test run folders are temporary.
 
     def test_yi_training(self):
-        out = _tmpdir(self)
+        out = tables.tmpdir(self)
         text = yi_training.run("test", out)
         _check_outputs(self, out, "yi_training", text)
-        rows = _rows(text)
+        rows = tables.table_rows(text)
         self.assertIn(["0 (baseline)", "-", "1"], [r[:3] for r in rows])
         self.assertIn(["0.01", "gram_iteration", "1"], [r[:3] for r in rows])
         layer_rows = [r for r in rows if r[0].startswith(("conv", "blocks"))]
@@ -65,12 +49,12 @@ class TrainingExperimentsTest(absltest.TestCase):
 
     def test_layer_spectra_from_a_checkpoint(self):
         config = sedghi_training.TEST_BASE
-        run_dir = _tmpdir(self) / "run"
+        run_dir = tables.tmpdir(self) / "run"
         result = loop.train_and_evaluate(config, run_dir)
-        out = _tmpdir(self)
+        out = tables.tmpdir(self)
         text = layer_spectra.run("test", out, run_dir=run_dir)
         _check_outputs(self, out, "layer_spectra", text)
-        rows = [r for r in _rows(text) if r[0] == "run"]
+        rows = [r for r in tables.table_rows(text) if r[0] == "run"]
         self.assertLen(rows, 7)
         self.assertEqual(rows[0][1], "conv")
         self.assertTrue(all(r[5] == "dense (exact)" for r in rows))
@@ -82,10 +66,10 @@ class TrainingExperimentsTest(absltest.TestCase):
         self.assertEqual(int(rows[0][6]), 12 * 12)  # 1 -> 8 channels at 12x12: 144 values.
 
     def test_layer_spectra_trains_when_no_checkpoint(self):
-        out = _tmpdir(self)
+        out = tables.tmpdir(self)
         text = layer_spectra.run("test", out)
         _check_outputs(self, out, "layer_spectra", text)
-        self.assertLen([r for r in _rows(text) if r[0] == "baseline"], 7)
+        self.assertLen([r for r in tables.table_rows(text) if r[0] == "baseline"], 7)
 
 
 if __name__ == "__main__":

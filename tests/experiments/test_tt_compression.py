@@ -13,16 +13,8 @@ matplotlib.use("Agg")
 from absl.testing import absltest  # noqa: E402
 
 from experiments import tt_compression  # noqa: E402
+from tests.experiments import tables  # noqa: E402
 from train.models import garipov  # noqa: E402
-
-
-def _rows(markdown: str) -> list[list[str]]:
-    """Cells of every Markdown table row (header and separator lines excluded)."""
-    rows = []
-    for line in markdown.splitlines():
-        if line.startswith("|") and not line.startswith("|---"):
-            rows.append([c.strip() for c in line.strip().strip("|").split("|")])
-    return rows
 
 
 class TTCompressionTest(absltest.TestCase):
@@ -32,7 +24,9 @@ class TTCompressionTest(absltest.TestCase):
         super().setUpClass()
         cls.out = pathlib.Path(tempfile.mkdtemp())
         cls.text = tt_compression.run("test", cls.out)
-        cls.table = [r for r in _rows(cls.text) if len(r) == len(tt_compression.HEADERS)]
+        cls.table = [
+            r for r in tables.table_rows(cls.text) if len(r) == len(tt_compression.HEADERS)
+        ]
 
     @classmethod
     def tearDownClass(cls):
