@@ -84,6 +84,14 @@ class ClipResult(NamedTuple):
     feasibility_gap: jax.Array
 
 
+def _check_max_norm(max_norm) -> None:
+    """``max_norm`` must be a scalar, and ``> 0`` when concrete (a traced one is not checked)."""
+    if np.ndim(max_norm) != 0:
+        raise ValueError(f"max_norm must be a scalar; got shape {np.shape(max_norm)}")
+    if is_concrete(max_norm) and not float(max_norm) > 0:
+        raise ValueError(f"max_norm={max_norm!r} must be > 0")
+
+
 def _hermitian(x: jax.Array) -> jax.Array:
     return jnp.conj(jnp.swapaxes(x, -1, -2))
 
@@ -282,10 +290,7 @@ def clip_operator_norm(
         raise ValueError(f"num_rounds={num_rounds!r} must be a non-negative int")
     if not isinstance(num_squarings, (int, np.integer)) or num_squarings < 0:
         raise ValueError(f"num_squarings={num_squarings!r} must be a non-negative int")
-    if np.ndim(max_norm) != 0:
-        raise ValueError(f"max_norm must be a scalar; got shape {np.shape(max_norm)}")
-    if is_concrete(max_norm) and not float(max_norm) > 0:
-        raise ValueError(f"max_norm={max_norm!r} must be > 0")
+    _check_max_norm(max_norm)
     kernel = jnp.asarray(kernel)
     return _clip(kernel, jnp.asarray(max_norm), spec, method, int(num_rounds), int(num_squarings))
 
@@ -312,25 +317,22 @@ class PowerClipResult(NamedTuple):
     vector: jax.Array
 
 
-def _safe_normalize(x: jax.Array, fallback: jax.Array) -> jax.Array:
+def _normalize(x: jax.Array, fallback: jax.Array) -> jax.Array:
+    """``x / ||x||``, or ``fallback`` where ``x`` is zero."""
     norm = jnp.sqrt(jnp.sum(jnp.square(x)))
     ok = norm > 0
     return jnp.where(ok, x / jnp.where(ok, norm, 1.0), fallback)
 
 
-def _normalize_or_zero(x: jax.Array) -> jax.Array:
-    norm = jnp.sqrt(jnp.sum(jnp.square(x)))
-    return x / jnp.where(norm > 0, norm, 1.0)
-
-
 def _krylov_top(work: jax.Array, v0: jax.Array, spec: ConvSpec, m: int):
     """Rayleigh–Ritz on ``span{v0, AᵀA v0, ..., (AᵀA)^m v0}``: ``(σ̂, v)``, ``σ̂ <= σ_max``.
 
-    ``m`` applications of ``AᵀA`` and one of ``A``. The basis ``q_0..q_m`` is orthonormalised
-    by classical Gram–Schmidt applied twice; ``T = Qᵀ AᵀA Q`` is assembled from the products
-    ``w_j = AᵀA q_j`` (``j < m``) and ``||A q_m||²`` using the symmetry of ``AᵀA``.
+    ``v0`` must have unit norm. ``m`` applications of ``AᵀA`` and one of ``A``. The basis
+    ``q_0..q_m`` is orthonormalised by classical Gram–Schmidt applied twice; ``T = Qᵀ AᵀA Q`` is
+    assembled from the products ``w_j = AᵀA q_j`` (``j < m``) and ``||A q_m||²`` using the
+    symmetry of ``AᵀA``.
     """
-    qs = [_safe_normalize(v0, jnp.ones_like(v0))]
+    qs = [v0]
     ws = []
     for j in range(m):
         w = conv_transpose(work, conv(work, qs[j], spec), spec)
@@ -340,9 +342,9 @@ def _krylov_top(work: jax.Array, v0: jax.Array, spec: ConvSpec, m: int):
             basis = jnp.stack(qs)
             r = r - jnp.tensordot(jnp.tensordot(basis, r, r.ndim), basis, 1)
         # Drop a direction that is numerically in the span already (invariant subspace).
-        keep = jnp.sqrt(jnp.sum(jnp.square(r))) > 1e3 * jnp.finfo(work.dtype).eps * jnp.sqrt(
-            jnp.sum(jnp.square(w)))
-        qs.append(jnp.where(keep, _normalize_or_zero(r), jnp.zeros_like(r)))
+        norm_r = jnp.sqrt(jnp.sum(jnp.square(r)))
+        keep = norm_r > 1e3 * jnp.finfo(work.dtype).eps * jnp.sqrt(jnp.sum(jnp.square(w)))
+        qs.append(jnp.where(keep, r / jnp.where(keep, norm_r, 1.0), 0.0))
     basis = jnp.stack(qs)  # (m + 1, *x_shape)
     tail = jnp.sum(jnp.square(conv(work, qs[m], spec)))
     if m:
@@ -352,7 +354,7 @@ def _krylov_top(work: jax.Array, v0: jax.Array, spec: ConvSpec, m: int):
         t = 0.5 * (t + t.T)
         theta, y = jnp.linalg.eigh(t)
         top = y[:, -1]
-        v = _normalize_or_zero(jnp.tensordot(top, basis, 1))
+        v = _normalize(jnp.tensordot(top, basis, 1), v0)
         return jnp.sqrt(jnp.maximum(theta[-1], 0.0)), v
     return jnp.sqrt(tail), qs[0]
 
@@ -363,11 +365,12 @@ def _clip_power(kernel, max_norm, vector, spec, num_iterations):
     if not jnp.issubdtype(work.dtype, jnp.floating):
         work = work.astype(jnp.result_type(float))
     max_norm = max_norm.astype(work.dtype)
-    v = _safe_normalize(vector.astype(work.dtype), jnp.ones_like(vector, work.dtype))
+    ones = jnp.ones_like(vector, work.dtype)
+    v = _normalize(vector.astype(work.dtype), ones / jnp.sqrt(jnp.asarray(ones.size, work.dtype)))
     krylov = min(num_iterations, MAX_KRYLOV_DIM)
 
     def power(_, v):
-        return _safe_normalize(conv_transpose(work, conv(work, v, spec), spec), v)
+        return _normalize(conv_transpose(work, conv(work, v, spec), spec), v)
 
     v = lax.fori_loop(0, num_iterations - krylov, power, v)
     sigma, v = _krylov_top(work, v, spec, krylov)
@@ -437,10 +440,7 @@ def clip_operator_norm_power(
     """
     if not isinstance(num_iterations, (int, np.integer)) or num_iterations < 0:
         raise ValueError(f"num_iterations={num_iterations!r} must be a non-negative int")
-    if np.ndim(max_norm) != 0:
-        raise ValueError(f"max_norm must be a scalar; got shape {np.shape(max_norm)}")
-    if is_concrete(max_norm) and not float(max_norm) > 0:
-        raise ValueError(f"max_norm={max_norm!r} must be > 0")
+    _check_max_norm(max_norm)
     kernel = jnp.asarray(kernel)
     kshape = spec.validate(kernel)
     expected = (*spec.input_shape, spec.channels(kshape)[0])

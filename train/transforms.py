@@ -233,9 +233,8 @@ def project_conv_operator_norm(
             out.append((i, spec, norm))
         return out
 
-    def group_convs(params, convs) -> dict[tuple, list[tuple[int, Any]]]:
+    def group_convs(flat_params, convs) -> dict[tuple, list[tuple[int, Any]]]:
         """Conv leaves grouped by ``(shape, dtype, spec)``, in order of first appearance."""
-        flat_params = jax.tree.leaves(params, is_leaf=discovery.is_leaf_or_hole)
         groups = collections.defaultdict(list)
         for i, spec, norm in convs:
             leaf = flat_params[i]
@@ -248,12 +247,15 @@ def project_conv_operator_norm(
         if method == "power":
             flat_params = jax.tree.leaves(params, is_leaf=discovery.is_leaf_or_hole)
             vectors = []
-            for g, ((shape, dtype, spec), members) in enumerate(group_convs(params, convs).items()):
+            groups = group_convs(flat_params, convs)
+            for g, ((shape, dtype, spec), members) in enumerate(groups.items()):
                 vshape = (len(members), *spec.input_shape, spec.channels(shape)[0])
                 start = jax.random.normal(
                     jax.random.fold_in(jax.random.PRNGKey(0), g), vshape, dtype
                 )
                 kernels = jnp.stack([flat_params[i] for i, _ in members])
+                if vectors:  # Chained like the groups of update_fn (XLA:CPU LAPACK deadlock).
+                    start = start + 0 * jnp.sum(vectors[-1]).astype(dtype)
 
                 def warm(kernel, vector, spec=spec):
                     return clip_operator_norm_power(
@@ -282,7 +284,7 @@ def project_conv_operator_norm(
                 f"updates ({updates_def}) must have the structure of params "
                 f"({jax.tree.structure(params, is_leaf=discovery.is_leaf_or_hole)})"
             )
-        groups = group_convs(params, convs)
+        groups = group_convs(flat_params, convs)
         if method == "power" and len(state.vectors) != len(groups):
             raise ValueError(
                 f"state.vectors holds {len(state.vectors)} groups but params have {len(groups)}"
