@@ -195,6 +195,14 @@ class _SVDFactors(nnx.Module):
         else:
             self.bias = nnx.data(None)
 
+    def _load_bias(self, bias, features: int, dtype) -> None:
+        """Sets ``bias`` (checked to be ``(features,)``); ``None`` leaves the layer as it is."""
+        if bias is not None:
+            bias = jnp.asarray(bias, dtype)
+            if bias.shape != (features,):
+                raise ValueError(f"bias has shape {bias.shape}; expected ({features},)")
+            self.bias = nnx.Param(bias)
+
     @property
     def rank(self) -> int:
         """``r``: the current number of singular values (the length of ``svd_s``)."""
@@ -385,11 +393,7 @@ class SVDConv(_SVDFactors):
             param_dtype=dtype,
             factors=factors,
         )
-        if bias is not None:
-            bias = jnp.asarray(bias, dtype)
-            if bias.shape != (c_out,):
-                raise ValueError(f"bias has shape {bias.shape}; expected ({c_out},)")
-            layer.bias = nnx.Param(bias)
+        layer._load_bias(bias, c_out, dtype)
         return layer
 
     def output_shape(self, input_shape: Sequence[int]) -> tuple[int, int]:
@@ -589,11 +593,7 @@ class SVDDense(_SVDFactors):
         layer = cls(
             n_in, n_out, use_bias=bias is not None, param_dtype=dtype, factors=factors
         )
-        if bias is not None:
-            bias = jnp.asarray(bias, dtype)
-            if bias.shape != (n_out,):
-                raise ValueError(f"bias has shape {bias.shape}; expected ({n_out},)")
-            layer.bias = nnx.Param(bias)
+        layer._load_bias(bias, n_out, dtype)
         return layer
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
