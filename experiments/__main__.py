@@ -5,6 +5,15 @@ writes ``out_dir/<name>.md`` and ``out_dir/<name>.png`` and returns its Markdown
 writes ``out_dir/REPORT.md``: a title, the date, the JAX version and backend, the total time and
 every section. Every module is imported before anything runs: a missing or broken experiment
 module is an error, never silently skipped.
+
+Process set-up, done here once for every experiment (the experiment modules have no import-time
+side effects to rely on):
+
+* :func:`main` applies the XLA:CPU LAPACK-deadlock work-around before the first JAX computation
+  (``avoid_cpu_lapack_deadlock``; it only works before the CPU backend starts);
+* :func:`run_all` calls :func:`spectra.clear_caches` after every experiment: the compiled
+  programs of one experiment are never reused by the next, and keeping them all alive made a
+  ``--preset paper`` run pass the kernel's ``vm.max_map_count`` and segfault inside XLA.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import sys
 import time
 from types import ModuleType
 
+import spectra
 from experiments import _report
 
 #: Experiment modules under ``experiments/``, in the order they run and appear in the report.
@@ -86,6 +96,7 @@ def run_all(preset: str, out_dir: pathlib.Path) -> pathlib.Path:
         t0 = time.perf_counter()
         sections.append(module.run(preset, out_dir).strip())
         durations.append(time.perf_counter() - t0)
+        spectra.clear_caches()  # Frees this experiment's compiled programs (see module doc).
         print(f"[experiments] {name} done in {durations[-1]:.1f} s", flush=True)
     total = time.perf_counter() - start
     contents = "\n".join(

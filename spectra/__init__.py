@@ -29,6 +29,7 @@ from spectra._bounds import symbol_grid_bound
 from spectra._bounds import symbol_sup_bound
 from spectra._bounds import tap_sum_bound
 from spectra._bounds import tensor_norm_bound
+from spectra._caches import clear_caches
 from spectra._density import CORRECTIONS
 from spectra._density import DEFAULT_CORRECTION
 from spectra._density import DEFAULT_GRID
@@ -90,6 +91,7 @@ __all__ = [
     "circulant_embedding",
     "circulant_singular_values",
     "circular_norm_bracket",
+    "clear_caches",
     "clip_operator_norm",
     "clip_operator_norm_power",
     "conv",
