@@ -16,6 +16,7 @@ Conventions
 * Every function works under ``jax.jit`` (spec static) and ``jax.vmap`` over stacked kernels.
 """
 
+from spectra._bounds import SPEC_DEPENDENT_BOUNDS
 from spectra._bounds import UPPER_BOUNDS
 from spectra._bounds import araujo_lipbound
 from spectra._bounds import frobenius_bound
@@ -61,7 +62,12 @@ from spectra._project import clip_operator_norm
 from spectra._project import clip_operator_norm_power
 from spectra._spec import PADDING_MODES
 from spectra._spec import ConvSpec
+from spectra._spec import is_concrete
+from spectra._spec import normalize_padding
+from spectra._spec import normalize_pair
+from spectra._tt import normalize_modes
 from spectra._tt import tt_matrix_apply
+from spectra._tt import tt_matrix_contract
 from spectra._tt import tt_matrix_svd
 from spectra._tt import tt_matrix_to_full
 from spectra._tt import tt_matvec
@@ -75,7 +81,6 @@ __all__ = [
     "CLIP_METHODS",
     "CORRECTIONS",
     "ClipResult",
-    "PowerClipResult",
     "ConvSpec",
     "DEFAULT_CORRECTION",
     "DEFAULT_GRID",
@@ -85,6 +90,8 @@ __all__ = [
     "GRIDS",
     "NORM_METHODS",
     "PADDING_MODES",
+    "PowerClipResult",
+    "SPEC_DEPENDENT_BOUNDS",
     "SpectralNormEstimate",
     "UPPER_BOUNDS",
     "araujo_lipbound",
@@ -102,11 +109,15 @@ __all__ = [
     "frobenius_kernel_bound",
     "frobenius_norm_squared",
     "gram_iteration_bound",
+    "is_concrete",
     "kernel_from_frequency_matrices",
     "l1_matrix_bound",
     "l1_schur_bound",
     "lanczos_spectral_norm",
     "matricisation_bound",
+    "normalize_modes",
+    "normalize_padding",
+    "normalize_pair",
     "singla_feizi_bound",
     "singular_values",
     "spectral_density",
@@ -117,6 +128,7 @@ __all__ = [
     "tap_sum_bound",
     "tensor_norm_bound",
     "tt_matrix_apply",
+    "tt_matrix_contract",
     "tt_matrix_svd",
     "tt_matrix_to_full",
     "tt_matvec",

@@ -46,7 +46,6 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from spectra import _fourier
 from spectra._exact import circular_norm_bracket
@@ -121,28 +120,6 @@ def exact_circular_spec(spec: ConvSpec, kernel_shape: Sequence[int]) -> ConvSpec
     return _fourier.circulant_embedding(spec, kernel_shape)
 
 
-def _polyphase_axis(kernel: jax.Array, axis: int, dilation: int, stride: int) -> jax.Array:
-    """Polyphase reduction of an HWIO kernel along spatial ``axis`` (0 or 1); see the module doc.
-
-    Returns ``(.., ceil(k_eff / stride), .., c * num_phases, c_out)`` with the phase index fastest
-    in the channel axis; phases that hold no tap are dropped.
-    """
-    size = kernel.shape[axis]
-    keff = (size - 1) * dilation + 1
-    taps = -(-keff // stride)
-    config = [(0, 0, 0)] * 4
-    config[axis] = (0, taps * stride - keff, dilation - 1)
-    dilated = lax.pad(kernel, jnp.zeros((), kernel.dtype), config)
-    phases = np.array(sorted({(p * dilation) % stride for p in range(size)}))
-    shape = list(dilated.shape)
-    split = shape[:axis] + [taps, stride] + shape[axis + 1:]
-    dilated = jnp.take(dilated.reshape(split), phases, axis=axis + 1)
-    # (.., taps, phase, .., c, o) -> (.., taps, .., c, phase, o)
-    perm = (0, 2, 3, 1, 4) if axis == 0 else (0, 1, 3, 2, 4)
-    out = dilated.transpose(perm)
-    return out.reshape(*out.shape[:2], out.shape[2] * out.shape[3], out.shape[4])
-
-
 def reduced_kernel(kernel: jax.Array, spec: ConvSpec) -> jax.Array:
     """The stride-1, undilated HWIO kernel whose symbol's sup bounds the layer (module doc, 2).
 
@@ -151,7 +128,7 @@ def reduced_kernel(kernel: jax.Array, spec: ConvSpec) -> jax.Array:
     """
     for axis, (s, d) in enumerate(zip(effective_strides(spec), spec.kernel_dilation)):
         if s > 1:
-            kernel = _polyphase_axis(kernel, axis, d, s)
+            kernel = _fourier.polyphase_axis(kernel, axis, d, s, drop_empty_phases=True)
     return kernel
 
 
@@ -160,28 +137,6 @@ def _candidate_kernels(kernel: jax.Array, spec: ConvSpec) -> list[jax.Array]:
     if all(s == 1 for s in effective_strides(spec)):
         return [kernel]
     return [kernel, reduced_kernel(kernel, spec)]
-
-
-def _group_taps(kernel: jax.Array, groups: int) -> jax.Array:
-    """HWIO ``(kh, kw, cig, c_out)`` -> per-group tap matrices ``(groups, kh, kw, cog, cig)``."""
-    kh, kw, cig, cout = kernel.shape
-    return kernel.reshape(kh, kw, cig, groups, cout // groups).transpose(3, 0, 1, 4, 2)
-
-
-def _symbol(taps: jax.Array, grid: tuple[int, int]) -> jax.Array:
-    """``A(2π u / M1, 2π v / M2)`` on the rfft half grid: ``(g, M1, M2 // 2 + 1, cog, cig)``.
-
-    A size-1 grid axis (single tap) needs no transform; skipping it also avoids an XLA CPU FFT
-    layout check failure on degenerate shapes.
-    """
-    m1, m2 = grid
-    if m2 > 1:
-        out = jnp.fft.rfft(taps, n=m2, axis=2)
-    else:
-        out = taps.astype(jnp.result_type(taps.dtype, jnp.complex64))
-    if m1 > 1:
-        out = jnp.fft.fft(out, n=m1, axis=1)
-    return out
 
 
 def _resolve_grid(grid_size: GridSize, taps_shape: tuple[int, int]) -> tuple[int, int]:
@@ -378,7 +333,7 @@ def _tensor_warm_start(mat: jax.Array, f1: jax.Array, f2: jax.Array, key: tuple,
 @functools.partial(jax.jit, static_argnums=(1, 3))
 def _tensor_hopm(kernel: jax.Array, key: tuple, init: tuple, num_iterations: int) -> jax.Array:
     """``sqrt(kh kw) max_g |K_g(a, b, v, u)|`` after HOPM sweeps from ``init`` (constants)."""
-    taps = _group_taps(_candidates_from_key(kernel, key)[-1], key[0])
+    taps = _fourier.group_taps(_candidates_from_key(kernel, key)[-1], key[0])
     g, kh, kw, cog, cig = taps.shape
     taps_c = taps.astype(init[0].dtype)
     flat = jax.lax.stop_gradient(taps_c).reshape(g, kh * kw, cog * cig)
@@ -460,9 +415,9 @@ def _grid_sup_jit(kernel: jax.Array, key: tuple, grid_size, frobenius: bool) -> 
     norm = _frobenius if frobenius else _two_norm
     values = []
     for cand in _candidates_from_key(kernel, key):
-        taps = _group_taps(cand, key[0])
+        taps = _fourier.group_taps(cand, key[0])
         grid = _resolve_grid(grid_size, taps.shape[1:3])
-        grid_max = jnp.max(norm(_symbol(taps, grid)), axis=(1, 2))
+        grid_max = jnp.max(norm(_fourier.symbol_on_grid(taps, grid)), axis=(1, 2))
         values.append(jnp.max(_grid_corrected_sup(grid_max, norm(taps), grid)))
     return functools.reduce(jnp.minimum, values)
 
@@ -549,7 +504,8 @@ def araujo_lipbound(
 @functools.partial(jax.jit, static_argnums=(0, 2))
 def _kernel_only_jit(per_group, kernel: jax.Array, key: tuple) -> jax.Array:
     values = [
-        jnp.max(per_group(_group_taps(c, key[0]))) for c in _candidates_from_key(kernel, key)
+        jnp.max(per_group(_fourier.group_taps(c, key[0])))
+        for c in _candidates_from_key(kernel, key)
     ]
     return functools.reduce(jnp.minimum, values)
 

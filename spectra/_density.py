@@ -49,7 +49,7 @@ from jax import lax
 
 from spectra import _fourier
 from spectra._spec import ConvSpec
-from spectra._spec import _pair
+from spectra._spec import normalize_pair
 
 # --------------------------------------------------------------------------------------------
 # The symbol.
@@ -69,22 +69,6 @@ def _check_kernel(kernel: jax.Array, feature_group_count: int) -> None:
             f"feature_group_count={feature_group_count!r} must be a positive int dividing "
             f"c_out={kernel.shape[3]}"
         )
-
-
-def _symbol_blocks(kernel: jax.Array, omegas: jax.Array, dilation: tuple[int, int], groups: int):
-    """Per-group symbol blocks ``(..., groups, c_out // groups, c_in // groups)``."""
-    kh, kw, cig, cout = kernel.shape
-    dtype = jnp.result_type(kernel.dtype, jnp.complex64)
-    real = jnp.finfo(dtype).dtype
-    omegas = omegas.astype(real)
-    taps1 = jnp.arange(kh, dtype=real) * dilation[0]
-    taps2 = jnp.arange(kw, dtype=real) * dilation[1]
-    e1 = jnp.exp(-1j * omegas[..., 0:1] * taps1).astype(dtype)  # (..., kh)
-    e2 = jnp.exp(-1j * omegas[..., 1:2] * taps2).astype(dtype)  # (..., kw)
-    k = kernel.astype(dtype).reshape(kh, kw, cig, groups, cout // groups)
-    return jnp.einsum(
-        "...p,...q,pqcgo->...goc", e1, e2, k, precision=lax.Precision.HIGHEST
-    )
 
 
 def spectral_density(
@@ -134,31 +118,13 @@ def spectral_density(
             f"{omegas.shape}"
         )
     _check_kernel(kernel, feature_group_count)
-    dilation = _pair(kernel_dilation, "kernel_dilation")
+    dilation = normalize_pair(kernel_dilation, "kernel_dilation")
     g = int(feature_group_count)
-    blocks = _symbol_blocks(kernel, omegas, dilation, g)  # (..., g, cog, cig)
+    blocks = _fourier.symbol(kernel, omegas, dilation, g)  # (..., g, cog, cig)
     eye = jnp.eye(g, dtype=blocks.dtype)
     full = jnp.einsum("...goc,gh->...gohc", blocks, eye)
     cig, cout = kernel.shape[2:]
     return full.reshape(*omegas.shape[:-1], cout, g * cig)
-
-
-def polyphase_kernel(kernel: jax.Array, spec: ConvSpec) -> jax.Array:
-    """The stride-1, undilated kernel of the layer's polyphase form.
-
-    The dilated kernel (taps at ``p * d``), zero-padded to a multiple of the stride, split into
-    its ``s1 * s2`` phases: ``(ceil(k_eff1 / s1), ceil(k_eff2 / s2), (c_in // g) s1 s2, c_out)``
-    with input channels ordered ``(c, r1, r2)`` inside each group. Its symbol is the
-    ``c_out x (c_in s1 s2)`` symbol of the strided operator (exact relabelling).
-    """
-    kh, kw, cig, cout = kernel.shape
-    (s1, s2), (d1, d2) = spec.strides, spec.kernel_dilation
-    keff1, keff2 = spec.dilated_kernel_size(kernel.shape)
-    k1, k2 = -(-keff1 // s1), -(-keff2 // s2)
-    config = [(0, k1 * s1 - keff1, d1 - 1), (0, k2 * s2 - keff2, d2 - 1), (0, 0, 0), (0, 0, 0)]
-    e = lax.pad(kernel, jnp.zeros((), kernel.dtype), config)
-    e = e.reshape(k1, s1, k2, s2, cig, cout).transpose(0, 2, 4, 1, 3, 5)
-    return e.reshape(k1, k2, cig * s1 * s2, cout)
 
 
 # --------------------------------------------------------------------------------------------
@@ -411,10 +377,10 @@ def _check_correction(correction: str) -> None:
 
 def _sorted_symbol_values(kernel: jax.Array, spec: ConvSpec, w1: np.ndarray, w2: np.ndarray):
     """Singular values of the polyphase symbol on the grid ``w1 x w2``, sorted descending."""
-    poly = polyphase_kernel(kernel, spec)
+    poly = _fourier.polyphase_kernel(kernel, spec.strides, spec.kernel_dilation)
     real = jnp.finfo(jnp.result_type(kernel.dtype, jnp.float32)).dtype
     mesh = np.stack(np.meshgrid(w1, w2, indexing="ij"), axis=-1)
-    blocks = _symbol_blocks(poly, jnp.asarray(mesh, real), (1, 1), spec.feature_group_count)
+    blocks = _fourier.symbol(poly, jnp.asarray(mesh, real), (1, 1), spec.feature_group_count)
     sv = jnp.linalg.svd(blocks, compute_uv=False)
     return _fourier.sort_descending(sv.ravel())
 

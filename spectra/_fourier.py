@@ -170,3 +170,122 @@ def circulant_embedding(spec: ConvSpec, kernel_shape) -> ConvSpec:
         -(-(n + lo + hi) // s) * s for n, (lo, hi), s in zip(spec.input_shape, pads, spec.strides)
     )
     return dataclasses.replace(spec, input_shape=size, padding="CIRCULAR")
+
+
+# ---------------------------------------------------------------------------------------------
+# The polyphase form and the symbol: the one implementation of each, used by ``_bounds`` (certified
+# bounds) and ``_density`` (the spectral-density approximation).
+
+
+def polyphase_axis(
+    kernel: jax.Array, axis: int, dilation: int, stride: int, *, drop_empty_phases: bool = False
+) -> jax.Array:
+    """Polyphase reduction of an HWIO kernel along spatial ``axis`` (0 or 1).
+
+    The kernel dilated along ``axis`` (taps at ``p * dilation``), zero-padded to a multiple of
+    ``stride``, split into its ``stride`` phases ``r``: tap ``a`` of phase ``r`` is the dilated
+    tap ``stride * a + r``. Along that axis, the strided, dilated conv is the stride-1,
+    undilated conv of this kernel applied to the polyphase components of its input (an exact
+    re-indexing; Senderovich et al. 2022). With ``stride = 1`` it is the dilated kernel.
+
+    Args:
+      kernel: HWIO ``(kh, kw, c, c_out)``.
+      axis: 0 (H) or 1 (W).
+      dilation: the dilation along ``axis``.
+      stride: the stride along ``axis``.
+      drop_empty_phases: drop the phases that hold no tap (their columns of the symbol are 0).
+
+    Returns:
+      ``(.., ceil(k_eff / stride), .., c * num_phases, c_out)`` with the phase index fastest in
+      the channel axis; ``num_phases`` is ``stride`` unless empty phases are dropped.
+    """
+    size = kernel.shape[axis]
+    keff = (size - 1) * dilation + 1
+    taps = -(-keff // stride)
+    config = [(0, 0, 0)] * 4
+    config[axis] = (0, taps * stride - keff, dilation - 1)
+    dilated = lax.pad(kernel, jnp.zeros((), kernel.dtype), config)
+    shape = list(dilated.shape)
+    split = shape[:axis] + [taps, stride] + shape[axis + 1:]
+    dilated = dilated.reshape(split)
+    if drop_empty_phases:
+        phases = np.array(sorted({(p * dilation) % stride for p in range(size)}))
+        if phases.size < stride:
+            dilated = jnp.take(dilated, phases, axis=axis + 1)
+    # (.., taps, phase, .., c, o) -> (.., taps, .., c, phase, o)
+    perm = (0, 2, 3, 1, 4) if axis == 0 else (0, 1, 3, 2, 4)
+    out = dilated.transpose(perm)
+    return out.reshape(*out.shape[:2], out.shape[2] * out.shape[3], out.shape[4])
+
+
+def polyphase_kernel(
+    kernel: jax.Array, strides: tuple[int, int], dilation: tuple[int, int]
+) -> jax.Array:
+    """The stride-1, undilated kernel of a strided, dilated layer's polyphase form.
+
+    :func:`polyphase_axis` on both axes, keeping every phase:
+    ``(ceil(k_eff1 / s1), ceil(k_eff2 / s2), (c_in // g) s1 s2, c_out)`` with input channels
+    ordered ``(c, r1, r2)`` inside each group. Its symbol is the ``c_out x (c_in s1 s2)`` symbol
+    of the strided operator (exact relabelling).
+    """
+    for axis in (0, 1):
+        kernel = polyphase_axis(kernel, axis, dilation[axis], strides[axis])
+    return kernel
+
+
+def group_taps(kernel: jax.Array, groups: int) -> jax.Array:
+    """HWIO ``(kh, kw, cig, c_out)`` -> per-group tap matrices ``(groups, kh, kw, cog, cig)``."""
+    kh, kw, cig, cout = kernel.shape
+    return kernel.reshape(kh, kw, cig, groups, cout // groups).transpose(3, 0, 1, 4, 2)
+
+
+def symbol(
+    kernel: jax.Array, omegas: jax.Array, dilation: tuple[int, int], groups: int
+) -> jax.Array:
+    r"""The symbol ``F(ω) = Σ_pq T_pq e^{-i (p d1 ω1 + q d2 ω2)}`` per group, at any frequencies.
+
+    Args:
+      kernel: HWIO ``(kh, kw, c_in // groups, c_out)``.
+      omegas: ``(..., 2)`` angles in radians.
+      dilation: ``(d1, d2)``.
+      groups: the group count.
+
+    Returns:
+      complex ``(..., groups, c_out // groups, c_in // groups)`` (exact; direct sum over taps at
+      ``Precision.HIGHEST``). On the DFT grid it equals :func:`symbol_on_grid` of
+      :func:`group_taps` (tested).
+    """
+    kh, kw, cig, cout = kernel.shape
+    dtype = jnp.result_type(kernel.dtype, jnp.complex64)
+    real = jnp.finfo(dtype).dtype
+    omegas = omegas.astype(real)
+    taps1 = jnp.arange(kh, dtype=real) * dilation[0]
+    taps2 = jnp.arange(kw, dtype=real) * dilation[1]
+    e1 = jnp.exp(-1j * omegas[..., 0:1] * taps1).astype(dtype)  # (..., kh)
+    e2 = jnp.exp(-1j * omegas[..., 1:2] * taps2).astype(dtype)  # (..., kw)
+    k = kernel.astype(dtype).reshape(kh, kw, cig, groups, cout // groups)
+    return jnp.einsum(
+        "...p,...q,pqcgo->...goc", e1, e2, k, precision=lax.Precision.HIGHEST
+    )
+
+
+def symbol_on_grid(taps: jax.Array, grid: tuple[int, int]) -> jax.Array:
+    """The undilated symbol at ``ω = 2π (u / M1, v / M2)`` on the rfft half grid, by FFT.
+
+    Args:
+      taps: per-group taps ``(g, kh, kw, cog, cig)`` (:func:`group_taps`).
+      grid: ``(M1, M2)``, each at least the number of taps on its axis.
+
+    Returns:
+      complex ``(g, M1, M2 // 2 + 1, cog, cig)``: :func:`symbol` (dilation 1) at those points.
+      A size-1 grid axis (single tap) needs no transform; skipping it also avoids an XLA CPU FFT
+      layout check failure on degenerate shapes.
+    """
+    m1, m2 = grid
+    if m2 > 1:
+        out = jnp.fft.rfft(taps, n=m2, axis=2)
+    else:
+        out = taps.astype(jnp.result_type(taps.dtype, jnp.complex64))
+    if m1 > 1:
+        out = jnp.fft.fft(out, n=m1, axis=1)
+    return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -15,8 +16,26 @@ PaddingLike = str | Sequence[Sequence[int]]
 PADDING_MODES = ("CIRCULAR", "SAME", "VALID", "FULL")
 
 
-def _pair(value, name: str) -> tuple[int, int]:
-    """Normalises an int or a length-2 sequence of ints to a tuple of two positive ints."""
+Pads = tuple[tuple[int, int], tuple[int, int]]
+
+
+def normalize_pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    """An int or a length-2 sequence of ints as a tuple of two positive ints.
+
+    The form of ``strides``, ``kernel_dilation``, ``kernel_size`` and ``input_shape`` everywhere
+    in ``spectra`` and its layers: ``2 -> (2, 2)``, ``[3, 1] -> (3, 1)``.
+
+    Args:
+      value: an int or a sequence of two ints.
+      name: the argument's name, for the error message.
+
+    Raises:
+      ValueError: naming ``name`` when ``value`` is not an int or a pair of ints, or not
+        positive.
+
+    >>> normalize_pair(2, "strides"), normalize_pair([3, 1], "kernel_size")
+    ((2, 2), (3, 1))
+    """
     if isinstance(value, (int, np.integer)):
         value = (int(value), int(value))
     try:
@@ -30,26 +49,48 @@ def _pair(value, name: str) -> tuple[int, int]:
     return pair  # type: ignore[return-value]
 
 
-def _normalise_padding(padding: PaddingLike) -> str | tuple[tuple[int, int], tuple[int, int]]:
+def normalize_padding(padding: Any, modes: Sequence[str] = PADDING_MODES) -> str | Pads:
+    """The canonical form of a 2-D conv padding: an upper-case mode or ``((lo, hi), (lo, hi))``.
+
+    Accepts every form ``flax.nnx.Conv`` takes for a 2-D conv: a mode name (any case) among
+    ``modes``, an int ``p`` (``((p, p), (p, p))``), a pair of ints ``(p, q)``
+    (``((p, p), (q, q))``) or explicit zero padding ``((lo, hi), (lo, hi))`` of non-negative
+    ints. The one padding normaliser of ``spectra`` (:class:`ConvSpec`) and ``train.layers``.
+
+    Args:
+      padding: the padding.
+      modes: the mode names accepted (default :data:`PADDING_MODES`; a layer passes its own,
+        e.g. with ``'REFLECT'``).
+
+    Returns:
+      The upper-case mode name, or the explicit pads as a tuple of two ``(lo, hi)`` tuples.
+
+    Raises:
+      ValueError: naming ``padding`` and the accepted forms.
+
+    >>> normalize_padding("same"), normalize_padding(1), normalize_padding([[1, 0], (2, 2)])
+    ('SAME', ((1, 1), (1, 1)), ((1, 0), (2, 2)))
+    """
+    expected = (
+        f"expected one of {tuple(modes)}, an int, a pair of ints or explicit zero padding "
+        "((lo, hi), (lo, hi)) of non-negative ints"
+    )
     if isinstance(padding, str):
         mode = padding.upper()
-        if mode not in PADDING_MODES:
-            raise ValueError(
-                f"padding={padding!r} is unknown; expected one of {PADDING_MODES} or explicit "
-                "zero padding ((lo, hi), (lo, hi))"
-            )
+        if mode not in modes:
+            raise ValueError(f"padding={padding!r} is not supported; {expected}")
         return mode
+    if isinstance(padding, (int, np.integer)):
+        padding = ((padding, padding), (padding, padding))
     try:
-        pads = tuple(tuple(int(p) for p in pair) for pair in padding)
+        items = list(padding)
+        if len(items) == 2 and all(isinstance(p, (int, np.integer)) for p in items):
+            items = [(p, p) for p in items]
+        pads = tuple(tuple(int(v) for v in pair) for pair in items)
     except TypeError as e:
-        raise ValueError(
-            f"padding={padding!r} is unknown; expected one of {PADDING_MODES} or explicit "
-            "zero padding ((lo, hi), (lo, hi))"
-        ) from e
+        raise ValueError(f"padding={padding!r} is not supported; {expected}") from e
     if len(pads) != 2 or any(len(p) != 2 for p in pads) or any(v < 0 for p in pads for v in p):
-        raise ValueError(
-            f"padding={padding!r} must be two pairs of non-negative ints ((lo, hi), (lo, hi))"
-        )
+        raise ValueError(f"padding={padding!r} is not supported; {expected}")
     return pads  # type: ignore[return-value]
 
 
@@ -72,7 +113,8 @@ class ConvSpec:
       strides: ``(sh, sw)``; an int means the same stride on both axes.
       padding: ``'CIRCULAR'`` (wrap-around, as ``flax.nnx.Conv``: pads ``((k-1)//2, k//2)``
         with ``mode='wrap'`` then a VALID conv), ``'SAME'``, ``'VALID'``, ``'FULL'`` (zero pads of
-        ``k_eff - 1`` on each side), or explicit zero padding ``((lo, hi), (lo, hi))``.
+        ``k_eff - 1`` on each side), or explicit zero padding ``((lo, hi), (lo, hi))`` (also as
+        ``nnx.Conv``'s int ``p`` or pair ``(p, q)``); see :func:`normalize_padding`.
       kernel_dilation: ``(dh, dw)``; the effective kernel size is ``(k - 1) * d + 1``.
       feature_group_count: number of groups (``c_in`` for a depthwise conv).
       in_features: optional ``c_in``; when given, kernels are checked against it.
@@ -86,10 +128,11 @@ class ConvSpec:
     in_features: int | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "input_shape", _pair(self.input_shape, "input_shape"))
-        object.__setattr__(self, "strides", _pair(self.strides, "strides"))
-        object.__setattr__(self, "kernel_dilation", _pair(self.kernel_dilation, "kernel_dilation"))
-        object.__setattr__(self, "padding", _normalise_padding(self.padding))
+        object.__setattr__(self, "input_shape", normalize_pair(self.input_shape, "input_shape"))
+        object.__setattr__(self, "strides", normalize_pair(self.strides, "strides"))
+        object.__setattr__(
+            self, "kernel_dilation", normalize_pair(self.kernel_dilation, "kernel_dilation"))
+        object.__setattr__(self, "padding", normalize_padding(self.padding))
         groups = self.feature_group_count
         if not isinstance(groups, (int, np.integer)) or groups < 1:
             raise ValueError(f"feature_group_count={groups!r} must be a positive int")

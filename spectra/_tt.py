@@ -42,8 +42,20 @@ import numpy as np
 from spectra._spec import is_concrete
 
 
-def _positive_ints(values, name: str) -> tuple[int, ...]:
-    """Normalises a sequence of positive ints, raising ValueError naming ``name``."""
+def normalize_modes(values: Sequence[int], name: str) -> tuple[int, ...]:
+    """A non-empty sequence of positive ints (TT mode sizes) as a tuple of ints.
+
+    Args:
+      values: the mode sizes, e.g. ``row_modes`` of :func:`tt_matrix_svd`.
+      name: the argument's name, for the error message.
+
+    Raises:
+      ValueError: naming ``name`` when ``values`` is empty, not a sequence of ints, or holds
+        an int < 1.
+
+    >>> normalize_modes([4, 2], "in_modes")
+    (4, 2)
+    """
     try:
         out = tuple(int(v) for v in values)
     except TypeError as e:
@@ -226,8 +238,8 @@ def tt_num_params(cores: Sequence[jax.typing.ArrayLike]) -> int:
 
 
 def _check_modes(matrix_shape, row_modes, col_modes) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    row_modes = _positive_ints(row_modes, "row_modes")
-    col_modes = _positive_ints(col_modes, "col_modes")
+    row_modes = normalize_modes(row_modes, "row_modes")
+    col_modes = normalize_modes(col_modes, "col_modes")
     if len(row_modes) != len(col_modes):
         raise ValueError(
             f"row_modes={row_modes} and col_modes={col_modes} must have the same length"

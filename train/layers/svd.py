@@ -30,7 +30,8 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from spectra._spec import _pair
+from spectra import normalize_padding
+from spectra import normalize_pair
 
 #: Ways to view an HWIO kernel ``(kh, kw, c_in, c_out)`` as a matrix ``(a, b)``:
 #: ``'channel'``: ``(c_out, kh kw c_in)``; ``'spatial'``: ``(c_in kh, c_out kw)``.
@@ -42,34 +43,6 @@ SVD_CONV_PADDINGS = ("SAME", "VALID", "CIRCULAR", "REFLECT")
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
-
-
-def _normalise_padding(padding: Any) -> str | Pads:
-    """``'SAME'``/``'VALID'``/``'CIRCULAR'``/``'REFLECT'``, or explicit ``((lo, hi), (lo, hi))``.
-
-    As ``nnx.Conv``: an int ``p`` means ``((p, p), (p, p))`` and a pair of ints ``(p, q)`` means
-    ``((p, p), (q, q))``.
-    """
-    expected = (
-        f"expected one of {SVD_CONV_PADDINGS}, an int, or explicit zero padding "
-        "((lo, hi), (lo, hi))"
-    )
-    if isinstance(padding, str):
-        if padding.upper() not in SVD_CONV_PADDINGS:
-            raise ValueError(f"padding={padding!r} is not supported; {expected}")
-        return padding.upper()
-    if isinstance(padding, (int, np.integer)):
-        padding = ((padding, padding), (padding, padding))
-    try:
-        items = list(padding)
-        if len(items) == 2 and all(isinstance(p, (int, np.integer)) for p in items):
-            items = [(p, p) for p in items]
-        pads = tuple(tuple(int(v) for v in pair) for pair in items)
-    except TypeError as e:
-        raise ValueError(f"padding={padding!r} is not supported; {expected}") from e
-    if len(pads) != 2 or any(len(p) != 2 for p in pads) or min(v for p in pads for v in p) < 0:
-        raise ValueError(f"padding={padding!r} is not supported; {expected}")
-    return pads  # type: ignore[return-value]
 
 
 def factor_shape(
@@ -303,16 +276,16 @@ class SVDConv(_SVDFactors):
             raise ValueError(
                 f"in_features={in_features!r} and out_features={out_features!r} must be >= 1"
             )
-        kernel_size = _pair(kernel_size, "kernel_size")
+        kernel_size = normalize_pair(kernel_size, "kernel_size")
         a, b = factor_shape(decomposition, in_features, out_features, kernel_size)
         u, s, v = _initial_factors(factors, rank, rngs, a, b, param_dtype)
         self.in_features = in_features
         self.out_features = out_features
         self.kernel_size = kernel_size
         self.decomposition = decomposition
-        self.strides = _pair(strides, "strides")
-        self.padding = _normalise_padding(padding)
-        self.kernel_dilation = _pair(kernel_dilation, "kernel_dilation")
+        self.strides = normalize_pair(strides, "strides")
+        self.padding = normalize_padding(padding, SVD_CONV_PADDINGS)
+        self.kernel_dilation = normalize_pair(kernel_dilation, "kernel_dilation")
         self._set_factors(u, s, v, out_features, use_bias, param_dtype)
 
     @property
@@ -629,7 +602,7 @@ def _conv_is_supported(conv: nnx.Conv) -> bool:
     if conv.input_dilation not in (None, 1, (1, 1), [1, 1]):
         return False
     try:
-        _normalise_padding(conv.padding)
+        normalize_padding(conv.padding, SVD_CONV_PADDINGS)
     except ValueError:
         return False
     return True

@@ -3,7 +3,7 @@
 
 * :class:`TTDense`: ``y = x @ W + b`` with ``W`` ``(prod in_modes, prod out_modes)`` a TT-matrix
   (cores ``(r_{k-1}, m_k, n_k, r_k)``, ``m = in_modes``, ``n = out_modes``,
-  ``r_0 = r_d = 1``), applied core by core (:func:`spectra._tt.tt_matrix_apply`); ``W`` is never
+  ``r_0 = r_d = 1``), applied core by core (:func:`spectra.tt_matrix_apply`); ``W`` is never
   formed.
 * :class:`TTConv`: Garipov's layout. The HWIO kernel ``K`` ``(kh, kw, C, S)``,
   ``C = prod c_k`` (``in_modes``), ``S = prod s_k`` (``out_modes``), is
@@ -48,16 +48,16 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from spectra._spec import ConvSpec
-from spectra._spec import _normalise_padding
-from spectra._spec import _pair
-from spectra._tt import _positive_ints
-from spectra._tt import tt_matrix_apply
-from spectra._tt import tt_matrix_contract
-from spectra._tt import tt_matrix_svd
-from spectra._tt import tt_matrix_to_full
-from spectra._tt import tt_ranks
-from spectra._tt import tt_svd
+from spectra import ConvSpec
+from spectra import normalize_modes
+from spectra import normalize_padding
+from spectra import normalize_pair
+from spectra import tt_matrix_apply
+from spectra import tt_matrix_contract
+from spectra import tt_matrix_svd
+from spectra import tt_matrix_to_full
+from spectra import tt_ranks
+from spectra import tt_svd
 
 #: ``TTConv(impl=...)`` values.
 TT_CONV_IMPLS = ("auto", "cores", "full")
@@ -70,8 +70,8 @@ AUTO_CORES_COST_FACTOR = 24.0
 
 def _check_modes(in_modes, out_modes) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Positive input / output modes of equal length ``d``."""
-    in_modes = _positive_ints(in_modes, "in_modes")
-    out_modes = _positive_ints(out_modes, "out_modes")
+    in_modes = normalize_modes(in_modes, "in_modes")
+    out_modes = normalize_modes(out_modes, "out_modes")
     if len(out_modes) != len(in_modes):
         raise ValueError(
             f"in_modes={in_modes} and out_modes={out_modes} must have the same length"
@@ -197,7 +197,7 @@ class TTDense(nnx.Module):
     ) -> TTDense:
         """A TTDense whose ``W`` is the TT-SVD of a dense ``kernel`` ``(in, out)``.
 
-        :func:`spectra._tt.tt_matrix_svd` with ``max_rank = ranks[1:-1]`` and ``rtol``: exact at
+        :func:`spectra.tt_matrix_svd` with ``max_rank = ranks[1:-1]`` and ``rtol``: exact at
         full rank (``ranks`` and ``rtol`` None), ``||W - kernel||_F <= rtol ||kernel||_F`` with
         ``rtol`` alone, the quasi-optimal truncation with ``ranks``. The layer's ranks are those
         obtained (a requested rank above the full rank of an unfolding is capped to it), so read
@@ -212,8 +212,8 @@ class TTDense(nnx.Module):
           param_dtype: dtype of the parameters (default: ``kernel``'s).
         """
         kernel = jnp.asarray(kernel)
-        in_modes = _positive_ints(in_modes, "in_modes")
-        out_modes = _positive_ints(out_modes, "out_modes")
+        in_modes = normalize_modes(in_modes, "in_modes")
+        out_modes = normalize_modes(out_modes, "out_modes")
         max_rank = None
         if ranks is not None:
             ranks = _check_ranks(ranks, len(in_modes) + 1)
@@ -240,16 +240,6 @@ class TTDense(nnx.Module):
         if bias is not None:
             layer.bias.set_value(jnp.asarray(bias, dtype).reshape(layer.out_features))
         return layer
-
-
-def _normalise_conv_padding(padding):
-    """nnx.Conv's padding forms -> a string or ((lo, hi), (lo, hi)) (ValueError naming it)."""
-    if isinstance(padding, (int, np.integer)):
-        padding = ((int(padding),) * 2,) * 2
-    elif (not isinstance(padding, str) and isinstance(padding, Sequence) and len(padding) == 2
-          and all(isinstance(p, (int, np.integer)) for p in padding)):
-        padding = tuple((int(p), int(p)) for p in padding)
-    return _normalise_padding(padding)
 
 
 def tt_conv_flops(
@@ -301,7 +291,7 @@ class TTConv(nnx.Module):
       ``kh kw`` shifted copies of the input, see ``_cores_forward``), giving
       ``(P, c_1..c_d, r_0)`` with ``P`` = batch x output pixels; then core 1 is contracted over
       ``(r_0, c_1)`` -> ``s_1``, core 2 over ``(r_1, c_2)`` -> ``s_2``, ...
-      (:func:`spectra._tt.tt_matrix_contract`). Its intermediates are ``r`` times larger than
+      (:func:`spectra.tt_matrix_contract`). Its intermediates are ``r`` times larger than
       the activations, so it is memory-bound.
     * ``"auto"``: "cores" when ``AUTO_CORES_COST_FACTOR * cores_flops < full_flops`` at the actual
       input size and batch (:func:`tt_conv_flops`; decided at trace time from static shapes),
@@ -358,9 +348,9 @@ class TTConv(nnx.Module):
         self.ranks = _check_ranks(ranks, len(self.in_modes) + 1)
         if self.ranks[-1] != 1:
             raise ValueError(f"ranks={self.ranks} must end with 1 (r_d = 1)")
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.strides = _pair(strides, "strides")
-        self.padding = _normalise_conv_padding(padding)
+        self.kernel_size = normalize_pair(kernel_size, "kernel_size")
+        self.strides = normalize_pair(strides, "strides")
+        self.padding = normalize_padding(padding)
         if impl not in TT_CONV_IMPLS:
             raise ValueError(f"impl={impl!r} must be one of {TT_CONV_IMPLS}")
         self.impl = impl
@@ -499,7 +489,7 @@ class TTConv(nnx.Module):
 
         The kernel is viewed as Garipov's matrix ``(i j c_1..c_d) x (s_1..s_d)``, i.e. the tensor
         with modes ``(kh kw, c_1 s_1, ..., c_d s_d)``, and decomposed by
-        :func:`spectra._tt.tt_svd` with ``max_rank = ranks[:-1]`` and ``rtol``: exact at full rank
+        :func:`spectra.tt_svd` with ``max_rank = ranks[:-1]`` and ``rtol``: exact at full rank
         (``ranks`` and ``rtol`` None), ``||K - kernel||_F <= rtol ||kernel||_F`` with ``rtol``
         alone, the quasi-optimal truncation with ``ranks``. The layer's ranks are those obtained
         (capped at the full ranks), so read ``layer.ranks``. Not jit-able with ``rtol``.
@@ -514,8 +504,8 @@ class TTConv(nnx.Module):
           param_dtype: dtype of the parameters (default: ``kernel``'s).
         """
         kernel = jnp.asarray(kernel)
-        in_modes = _positive_ints(in_modes, "in_modes")
-        out_modes = _positive_ints(out_modes, "out_modes")
+        in_modes = normalize_modes(in_modes, "in_modes")
+        out_modes = normalize_modes(out_modes, "out_modes")
         d = len(in_modes)
         if len(out_modes) != d:
             raise ValueError(
