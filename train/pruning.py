@@ -135,10 +135,7 @@ def prune_by_energy(
     ranks = {}
     for path, layer in svd_layers(new):
         keep = _kept_indices(layer, _layer_energy(energy, path))
-        for name in ("svd_u", "svd_v"):
-            factor = np.asarray(getattr(layer, name)[...])
-            setattr(layer, name, nnx.Param(jnp.asarray(factor[:, keep])))
-        layer.svd_s = nnx.Param(jnp.asarray(np.asarray(layer.svd_s[...])[keep]))
+        layer.keep_triplets(keep)
         ranks[path] = len(keep)
     return new, ranks
 

@@ -15,10 +15,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from spectra._bounds import UPPER_BOUNDS
-from spectra._exact import spectral_norm
-from spectra._spec import ConvSpec
+from spectra import UPPER_BOUNDS
+from spectra import ConvSpec
+from spectra import spectral_norm
 from train import discovery
+from train.layers.svd import FACTOR_NAMES
+from train.layers.svd import path_name
 
 PENALTY_REDUCTIONS = ("sum", "max")
 #: Kinds of :func:`sparsity_loss`.
@@ -98,9 +100,6 @@ def spectral_penalty(
     return jnp.sum(stacked) if reduce == "sum" else jnp.max(stacked)
 
 
-_FACTOR_NAMES = ("svd_u", "svd_s", "svd_v")
-
-
 def _unwrap(leaf: Any) -> jax.Array:
     if isinstance(leaf, nnx.Variable):
         return leaf[...]
@@ -132,8 +131,9 @@ def svd_factors(params: Any) -> list[tuple[str, jax.Array, jax.Array, jax.Array]
         nest of mappings and lists; ``nnx.Variable`` leaves are unwrapped.
 
     Returns:
-      ``[(path, u, s, v)]`` in tree order, ``path`` the keys joined with ``'/'`` (the paths of
-      :func:`train.layers.svd.svd_layers`), ``u`` ``(a, r)``, ``s`` ``(r,)``, ``v`` ``(b, r)``.
+      ``[(path, u, s, v)]`` in tree order, ``path`` the keys joined with ``'/'``
+      (:func:`train.layers.svd.path_name`, the paths of :func:`train.layers.svd.svd_layers`),
+      ``u`` ``(a, r)``, ``s`` ``(r,)``, ``v`` ``(b, r)``.
     """
     found = []
 
@@ -142,11 +142,11 @@ def svd_factors(params: Any) -> list[tuple[str, jax.Array, jax.Array, jax.Array]
         if items is None:
             return
         keys = {k for k, _ in items}
-        if all(name in keys for name in _FACTOR_NAMES):
-            u, s, v = (_unwrap(node[name]) for name in _FACTOR_NAMES)
-            found.append(("/".join(str(k) for k in path), u, s, v))
+        if all(name in keys for name in FACTOR_NAMES):
+            u, s, v = (_unwrap(node[name]) for name in FACTOR_NAMES)
+            found.append((path_name(path), u, s, v))
         for key, child in items:
-            if key not in _FACTOR_NAMES:
+            if key not in FACTOR_NAMES:
                 visit(child, path + (key,))
 
     visit(params, ())

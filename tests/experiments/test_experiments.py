@@ -2,8 +2,6 @@
 
 import importlib
 import pathlib
-import shutil
-import tempfile
 from unittest import mock
 
 import matplotlib
@@ -63,15 +61,12 @@ class NumericalExperimentsTest(parameterized.TestCase):
     @parameterized.parameters("yi_approximation", "bounds_tightness")
     def test_test_preset_writes_table_and_plot(self, name):
         module = importlib.import_module(f"experiments.{name}")
-        out = pathlib.Path(tempfile.mkdtemp())
-        try:
-            text = module.run("test", out)
-            self.assertIn("|---", text)
-            self.assertIn(f"({name}.png)", text)
-            self.assertTrue((out / f"{name}.md").exists())
-            self.assertGreater((out / f"{name}.png").stat().st_size, 1000)
-        finally:
-            shutil.rmtree(out)
+        out = tables.tmpdir(self)
+        text = module.run("test", out)
+        self.assertIn("|---", text)
+        self.assertIn(f"({name}.png)", text)
+        self.assertTrue((out / f"{name}.md").exists())
+        self.assertGreater((out / f"{name}.png").stat().st_size, 1000)
 
 
 class MainTest(absltest.TestCase):

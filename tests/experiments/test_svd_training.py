@@ -1,8 +1,5 @@
 """The svd_training experiment (Yang et al. 2020) on its tiny test preset, end to end."""
 
-import pathlib
-import shutil
-import tempfile
 
 import matplotlib
 
@@ -17,8 +14,7 @@ from tests.experiments import tables  # noqa: E402
 class SVDTrainingExperimentTest(absltest.TestCase):
 
     def test_test_preset(self):
-        out = pathlib.Path(tempfile.mkdtemp())
-        self.addCleanup(shutil.rmtree, out, ignore_errors=True)
+        out = tables.tmpdir(self)
         text = svd_training.run("test", out)
         self.assertEqual((out / "svd_training.md").read_text(), text)
         self.assertGreater((out / "svd_training.png").stat().st_size, 0)
@@ -58,7 +54,7 @@ class SVDTrainingExperimentTest(absltest.TestCase):
 
     def test_unknown_preset(self):
         with self.assertRaisesRegex(ValueError, "preset='huge'"):
-            svd_training.run("huge", pathlib.Path(tempfile.mkdtemp()))
+            svd_training.run("huge", tables.tmpdir(self))
 
     def test_paper_preset_uses_released_weights(self):
         paper = svd_training.PRESETS["paper"]

@@ -3,6 +3,7 @@
 import csv
 import dataclasses
 import pathlib
+import shutil
 import tempfile
 
 import jax
@@ -44,6 +45,7 @@ class LoopTest(absltest.TestCase):
     def setUp(self):
         super().setUp()
         self.root = pathlib.Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, self.root, ignore_errors=True)
 
     def test_training_reduces_loss_and_writes_csv(self):
         result = loop.train_and_evaluate(CONFIG, self.root / "run")
@@ -176,6 +178,7 @@ class SVDTrainingLoopTest(absltest.TestCase):
     def setUp(self):
         super().setUp()
         self.root = pathlib.Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, self.root, ignore_errors=True)
 
     def test_config_validation(self):
         with self.assertRaisesRegex(ValueError, "decomposition='tucker'"):

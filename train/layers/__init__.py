@@ -2,6 +2,7 @@
 (Novikov et al. 2015; Garipov et al. 2016)."""
 
 from train.layers.svd import DECOMPOSITIONS
+from train.layers.svd import FACTOR_NAMES
 from train.layers.svd import SVD_CONV_PADDINGS
 from train.layers.svd import SVDConv
 from train.layers.svd import SVDDense
@@ -9,6 +10,8 @@ from train.layers.svd import decompose
 from train.layers.svd import factor_shape
 from train.layers.svd import kernel_to_matrix
 from train.layers.svd import matrix_to_kernel
+from train.layers.svd import path_name
+from train.layers.svd import select_triplets
 from train.layers.svd import svd_layers
 from train.layers.tt import AUTO_CORES_COST_FACTOR
 from train.layers.tt import TTConv
@@ -16,17 +19,20 @@ from train.layers.tt import TTDense
 from train.layers.tt import tt_conv_flops
 
 __all__ = [
+    "AUTO_CORES_COST_FACTOR",
     "DECOMPOSITIONS",
-    "SVD_CONV_PADDINGS",
+    "FACTOR_NAMES",
     "SVDConv",
     "SVDDense",
+    "SVD_CONV_PADDINGS",
+    "TTConv",
+    "TTDense",
     "decompose",
     "factor_shape",
     "kernel_to_matrix",
     "matrix_to_kernel",
+    "path_name",
+    "select_triplets",
     "svd_layers",
-    "AUTO_CORES_COST_FACTOR",
-    "TTConv",
-    "TTDense",
     "tt_conv_flops",
 ]

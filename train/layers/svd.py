@@ -40,6 +40,9 @@ DECOMPOSITIONS = ("channel", "spatial")
 #: String paddings :class:`SVDConv` accepts (the ones of ``nnx.Conv`` for 2-D convs).
 SVD_CONV_PADDINGS = ("SAME", "VALID", "CIRCULAR", "REFLECT")
 
+#: Names of the three factor parameters of an SVD layer, ``W = U diag(|s|) V^T``.
+FACTOR_NAMES = ("svd_u", "svd_s", "svd_v")
+
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
@@ -143,9 +146,32 @@ def _initial_factors(
     return u, s, v
 
 
+def select_triplets(u: Any, s: Any, v: Any, index: Any) -> tuple[Any, Any, Any]:
+    """The singular triplets ``index`` of SVD factors: ``(u[:, index], s[index], v[:, index])``.
+
+    The one place that slices the factors of an SVD layer (truncation in ``from_dense``,
+    pruning in :mod:`train.pruning`).
+
+    Args:
+      u: ``(a, r)``.
+      s: ``(r,)``.
+      v: ``(b, r)``.
+      index: a slice or an integer index array into the ``r`` triplets.
+
+    Returns:
+      The selected ``(u, s, v)``, of the input array type (NumPy stays NumPy).
+
+    >>> import numpy as np
+    >>> u, s, v = select_triplets(np.eye(3), np.arange(3.0), np.ones((4, 3)), [2, 0])
+    >>> u.shape, s.tolist(), v.shape
+    ((3, 2), [2.0, 0.0], (4, 2))
+    """
+    return u[:, index], s[index], v[:, index]
+
+
 def _truncated_svd(matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     u, s, vt = np.linalg.svd(matrix, full_matrices=False)
-    return u[:, :rank], s[:rank], vt[:rank].T
+    return select_triplets(u, s, vt.T, slice(rank))
 
 
 def _flatten_batch(x: jax.Array, num_feature_dims: int) -> tuple[jax.Array, tuple[int, ...]]:
@@ -180,6 +206,16 @@ class _SVDFactors(nnx.Module):
     def rank(self) -> int:
         """``r``: the current number of singular values (the length of ``svd_s``)."""
         return int(self.svd_s.shape[0])
+
+    def keep_triplets(self, index: Any) -> None:
+        """Keeps only the singular triplets ``index`` (:func:`select_triplets`): the arrays shrink.
+
+        The parameters are replaced by new ``nnx.Param`` of shapes ``(a, k)``, ``(k,)``,
+        ``(b, k)`` (the selection is done on host copies: exact).
+        """
+        factors = (np.asarray(getattr(self, name)[...]) for name in FACTOR_NAMES)
+        for name, value in zip(FACTOR_NAMES, select_triplets(*factors, index)):
+            setattr(self, name, nnx.Param(jnp.asarray(value)))
 
 
 class SVDConv(_SVDFactors):
@@ -581,8 +617,17 @@ class SVDDense(_SVDFactors):
 SVDLayer = SVDConv | SVDDense
 
 
-def _path_name(path: Sequence[Any]) -> str:
-    return "/".join(str(k) for k in path)
+def path_name(path: Sequence[Any]) -> str:
+    """The name of a module or parameter path: its keys joined with ``'/'`` (``'blocks/0/conv1'``).
+
+    ``jax.tree_util.keystr(path, simple=True, separator='/')``: the one path format of the SVD
+    layers, :func:`svd_layers`, :func:`train.regularizers.svd_factors` and :mod:`train.pruning`
+    (NNX graph paths of plain keys and pytree key paths give the same names).
+
+    >>> path_name(("blocks", 0, "conv1"))
+    'blocks/0/conv1'
+    """
+    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
 def _child(node: Any, key: Any) -> Any:
@@ -706,7 +751,7 @@ def decompose(
         elif dense and isinstance(module, nnx.Linear):
             targets.append((path, module))
     for path, module in targets:
-        name = _path_name(path)
+        name = path_name(path)
         if isinstance(module, nnx.Conv):
             a, b = factor_shape(
                 decomposition, module.in_features, module.out_features, module.kernel_size
@@ -725,11 +770,11 @@ def decompose(
 def svd_layers(model: nnx.Module) -> list[tuple[str, SVDLayer]]:
     """Every :class:`SVDConv` / :class:`SVDDense` of ``model`` with its path ``'a/b/c'``.
 
-    Paths join the NNX graph keys with ``'/'`` (``'blocks/0/conv1'``), in the order of
+    Paths are :func:`path_name` of the NNX graph paths (``'blocks/0/conv1'``), in the order of
     ``nnx.iter_modules``; they match the paths of :func:`train.regularizers.svd_factors`.
     """
     return [
-        (_path_name(path), module)
+        (path_name(path), module)
         for path, module in nnx.iter_modules(model)
         if isinstance(module, (SVDConv, SVDDense))
     ]
