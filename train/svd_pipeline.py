@@ -52,6 +52,9 @@ Every stage reports its test error/accuracy (stage 3: of the saved, recalibrated
 parameter count, MACs per example
 (:func:`train.flops.count_flops`: exact for the traced forward pass; "FLOPs" in the paper's
 tables) and the rank of every SVD layer.
+
+Length (~510 lines): one concern, the pipeline; about half of it is the documentation of its
+stages and of their resumption rules.
 """
 
 from __future__ import annotations
