@@ -32,8 +32,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from spectra._project import clip_operator_norm  # noqa: E402
-from spectra._spec import ConvSpec  # noqa: E402
+from spectra import ConvSpec  # noqa: E402
+from spectra import clip_operator_norm  # noqa: E402
 
 
 def small_cnn_layers() -> dict[str, tuple[tuple[int, int, int, int], ConvSpec]]:

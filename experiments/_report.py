@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import tempfile
 from collections.abc import Callable
 from collections.abc import Sequence
 
 PRESETS = ("quick", "paper")
 DEFAULT_OUT = pathlib.Path("results")
+
+
+def runs_root(preset: str, out_dir: pathlib.Path) -> tuple[pathlib.Path, bool]:
+    """Where run folders go: a temporary folder for quick/test (removed after), else
+    ``out_dir/runs``. Returns ``(root, temporary)``."""
+    if preset == "paper":
+        root = pathlib.Path(out_dir) / "runs"
+        root.mkdir(parents=True, exist_ok=True)
+        return root, False
+    return pathlib.Path(tempfile.mkdtemp(prefix="convspectra_runs_")), True
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -34,11 +34,16 @@ import jax
 import numpy as np
 
 from experiments import _report
-from experiments import sedghi_training as common  # Sets the CPU deadlock workaround.
-from spectra._exact import singular_values
-from spectra._spec import ConvSpec
+from experiments import sedghi_training as common  # The ResNet runs shared with that table.
+from spectra import ConvSpec
+from spectra import singular_values
 from train import discovery
 from train import loop
+from train.builders import example_input
+from train.conv_norms import conv_layers
+from train.lapack_workaround import avoid_cpu_lapack_deadlock
+
+avoid_cpu_lapack_deadlock()  # Before the first JAX computation of this process, if any.
 
 NAME = "layer_spectra"
 
@@ -92,7 +97,7 @@ def layer_spectra(model, example_input, max_dense_dim: int = 4096) -> list[dict[
 
     specs = discovery.find_convs_nnx(model, example_input)
     params = discovery.strip_variables(nnx.state(model, nnx.Param))
-    named = loop.conv_layers(specs)
+    named = conv_layers(specs)
     leaves = jax.tree.leaves(params, is_leaf=discovery.is_leaf_or_hole)
     aligned = discovery.align_with_params(params, specs, "specs")
     conv_kernels = [leaf for leaf, spec in zip(leaves, aligned) if spec is not None]
@@ -110,25 +115,18 @@ def layer_spectra(model, example_input, max_dense_dim: int = 4096) -> list[dict[
 def _train_models(preset: str, out_dir: pathlib.Path) -> list[tuple[str, Any, Any]]:
     """Trains (or reuses from :mod:`experiments.sedghi_training`'s memo) the preset's models."""
     setting = PRESETS[preset]
-    root, temporary = common.runs_root(preset, out_dir)
+    root, temporary = _report.runs_root(preset, out_dir)
     models = []
     try:
         for label, changes in setting["variants"]:
             config = dataclasses.replace(setting["base"], seed=0, **changes)
             result = common.train_once(config, root, "spectra")
             models.append((f"{label} (test error {100 * result['test_error']:.2f}%)",
-                           result["model"], _example(config)))
+                           result["model"], example_input(config)))
     finally:
         if temporary:
             shutil.rmtree(root, ignore_errors=True)
     return models
-
-
-def _example(config) -> np.ndarray:
-    from train import data
-
-    h, w, c = data.dataset_info(config.dataset).image_shape
-    return np.zeros((1, h + 2 * config.image_pad, w + 2 * config.image_pad, c), np.float32)
 
 
 def run(preset: str, out_dir: pathlib.Path, run_dir: str | pathlib.Path | None = None) -> str:
@@ -142,7 +140,7 @@ def run(preset: str, out_dir: pathlib.Path, run_dir: str | pathlib.Path | None =
     if run_dir is not None:
         model, config, meta = loop.restore_model(run_dir)
         models = [(f"{pathlib.Path(run_dir).name} (step {meta['step']})", model,
-                   _example(config))]
+                   example_input(config))]
         source = f"the checkpoint of `{run_dir}` (step {meta['step']}, {config.model})"
     else:
         models = _train_models(preset, out_dir)

@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import _report
-from spectra._exact import singular_values
-from spectra._operator import dense_operator
-from spectra._spec import ConvSpec
+from spectra import ConvSpec
+from spectra import dense_operator
+from spectra import singular_values
 
 NAME = "sedghi_timing"
 

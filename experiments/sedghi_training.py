@@ -28,15 +28,16 @@ import pathlib
 import re
 import shutil
 import statistics
-import tempfile
 from typing import Any
 
+from experiments import _report
 from train import loop
+from train.checkpoint import make_run_dir
 from train.config import TrainConfig
+from train.conv_norms import conv_layers
+from train.lapack_workaround import avoid_cpu_lapack_deadlock
 
-loop.avoid_cpu_lapack_deadlock()  # Before the first JAX computation of this process, if any.
-
-from experiments import _report  # noqa: E402
+avoid_cpu_lapack_deadlock()  # Before the first JAX computation of this process, if any.
 
 NAME = "sedghi_training"
 
@@ -122,16 +123,6 @@ HEADERS = (
 _RUNS: dict[TrainConfig, dict[str, Any]] = {}
 
 
-def runs_root(preset: str, out_dir: pathlib.Path) -> tuple[pathlib.Path, bool]:
-    """Where run folders go: a temporary folder for quick/test (removed after), else
-    ``out_dir/runs``. Returns ``(root, temporary)``."""
-    if preset == "paper":
-        root = pathlib.Path(out_dir) / "runs"
-        root.mkdir(parents=True, exist_ok=True)
-        return root, False
-    return pathlib.Path(tempfile.mkdtemp(prefix="convspectra_runs_")), True
-
-
 def _natural(name: str) -> list[Any]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
@@ -146,14 +137,14 @@ def depth_ordered(specs: Any) -> list[tuple[str, Any]]:
         h, w = spec.input_shape
         return (-h * w, spec.in_features or 0, _natural(name))
 
-    return sorted(loop.conv_layers(specs), key=key)
+    return sorted(conv_layers(specs), key=key)
 
 
 def train_once(config: TrainConfig, root: pathlib.Path, prefix: str) -> dict[str, Any]:
     """Trains ``config`` in a fresh folder under ``root`` (memoised in-process by config)."""
     if config in _RUNS:
         return _RUNS[config]
-    run_dir = loop.make_run_dir(root, prefix)
+    run_dir = make_run_dir(root, prefix)
     try:
         result = loop.train_and_evaluate(config, run_dir)
     except BaseException:
@@ -231,7 +222,7 @@ def run(preset: str, out_dir: pathlib.Path) -> str:
     setting = _report.preset_config(PRESETS, preset)
     out_dir = pathlib.Path(out_dir)
     base, seeds = setting["base"], setting["seeds"]
-    root, temporary = runs_root(preset, out_dir)
+    root, temporary = _report.runs_root(preset, out_dir)
     results = []
     try:
         for label, changes in setting["variants"]:

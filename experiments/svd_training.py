@@ -34,13 +34,15 @@ import statistics
 import time
 from typing import Any
 
+from experiments import _report
 from train import loop
+from train.batches import example_input
+from train.builders import build_data
+from train.checkpoint import CHECKPOINT_DIR
 from train.config import TrainConfig
+from train.lapack_workaround import avoid_cpu_lapack_deadlock
 
-loop.avoid_cpu_lapack_deadlock()  # Before the first JAX computation of this process, if any.
-
-from experiments import _report  # noqa: E402
-from experiments import sedghi_training as common  # noqa: E402
+avoid_cpu_lapack_deadlock()  # Before the first JAX computation of this process, if any.
 
 NAME = "svd_training"
 
@@ -153,9 +155,9 @@ def _train_baseline(config: TrainConfig, run_dir: pathlib.Path, data: dict[str, 
     """Trains (or resumes, or reads back) the undecomposed baseline in ``run_dir``."""
     from train import flops
 
-    resume = (run_dir / loop.CHECKPOINT_DIR).exists()
+    resume = (run_dir / CHECKPOINT_DIR).exists()
     result = loop.train_and_evaluate(config, run_dir, resume=resume, **data)
-    example = loop._example_input(data["train_data"])
+    example = example_input(data["train_data"])
     return {
         "test_accuracy": result["test_accuracy"],
         "params": flops.count_params(result["model"]),
@@ -200,10 +202,10 @@ def run(preset: str, out_dir: pathlib.Path) -> str:
     out_dir = pathlib.Path(out_dir)
     started = time.perf_counter()
     base, energies, stage_steps = setting["base"], setting["energies"], setting["stage_steps"]
-    root, temporary = common.runs_root(preset, out_dir)
+    root, temporary = _report.runs_root(preset, out_dir)
     rows, series_by_model, baselines = [], {}, {}
     try:
-        train_data, test_data, _ = loop.build_data(base)
+        train_data, test_data, _ = build_data(base)
         data = dict(train_data=train_data, test_data=test_data)
         for model_name, variants in setting["models"]:
             plain = dataclasses.replace(

@@ -46,14 +46,20 @@ import numpy as np
 from flax import nnx
 
 from experiments import _report
-from experiments import sedghi_training as common  # Sets the CPU deadlock workaround.
-from spectra._exact import spectral_norm
+from spectra import spectral_norm
 from train import batchnorm
 from train import loop
+from train.builders import build_data
+from train.checkpoint import make_run_dir
 from train.config import TrainConfig
+from train.conv_norms import sigma_method
 from train.flops import count_flops
 from train.flops import count_params
+from train.lapack_workaround import avoid_cpu_lapack_deadlock
 from train.models import garipov
+from train.models.registry import build_model
+
+avoid_cpu_lapack_deadlock()  # Before the first JAX computation of this process, if any.
 
 NAME = "tt_compression"
 
@@ -313,16 +319,11 @@ def _evaluate(model: nnx.Module, test_data: Any) -> float:
     return correct / count
 
 
-def _norm_method(spec, kshape) -> str:
-    small = max(spec.in_dim(kshape), spec.out_dim(kshape)) <= loop.MAX_DENSE_SIGMA_DIM
-    return "dense" if small else "lanczos"
-
-
 def tt_sigmas(model: garipov.GaripovNet) -> dict[str, float]:
     """Exact σ_max of every TT / naive-TT layer of ``model``: ``{'conv2': ..., 'fc1': ...}``.
 
     Conv layers: the operator of ``layer.kernel()`` as a ``'SAME'`` conv at the layer's input
-    size (``'dense'`` SVD when both dims are at most ``loop.MAX_DENSE_SIGMA_DIM``, else
+    size (``'dense'`` SVD when both dims are at most ``train.conv_norms.MAX_DENSE_SIGMA_DIM``, else
     ``'lanczos'``, exact to its tolerance). TT-FC layers: σ_max of ``layer.matrix()``.
     """
     out = {}
@@ -330,7 +331,7 @@ def tt_sigmas(model: garipov.GaripovNet) -> dict[str, float]:
         if kind == "dense":
             continue
         kernel = jnp.asarray(garipov.layer_kernel(layer), jnp.float32)
-        out[name] = float(spectral_norm(kernel, spec, method=_norm_method(spec, kernel.shape)))
+        out[name] = float(spectral_norm(kernel, spec, method=sigma_method(spec, kernel.shape)))
     for index, (layer, kind) in enumerate(zip([*model.fcs, model.head], model.fc_kinds), 1):
         if kind == "tt":
             matrix = np.asarray(garipov.layer_matrix(layer), np.float64)
@@ -340,7 +341,7 @@ def tt_sigmas(model: garipov.GaripovNet) -> dict[str, float]:
 
 def _train(config: TrainConfig, model: nnx.Module, root: pathlib.Path, prefix: str,
            data: tuple[Any, Any]) -> dict[str, Any]:
-    run_dir = loop.make_run_dir(root, prefix)
+    run_dir = make_run_dir(root, prefix)
     return loop.train_and_evaluate(config, run_dir, model=model, train_data=data[0],
                                    test_data=data[1])
 
@@ -351,10 +352,10 @@ def run(preset: str, out_dir: pathlib.Path) -> str:
     out_dir = pathlib.Path(out_dir)
     base = setting.base
     started = time.perf_counter()
-    train_data, test_data, _ = loop.build_data(base)
+    train_data, test_data, _ = build_data(base)
     data = (train_data, test_data)
     example = jax.ShapeDtypeStruct((1, *setting.input_shape, setting.in_channels), jnp.float32)
-    root, temporary = common.runs_root(preset, out_dir)
+    root, temporary = _report.runs_root(preset, out_dir)
     results, trained_baselines = [], {}
     try:
         for index, row in enumerate(setting.rows):
@@ -364,9 +365,11 @@ def run(preset: str, out_dir: pathlib.Path) -> str:
             if row.family != "baseline" and not row.released:
                 scale = choose_scale(setting, row, baseline_params)
             tt = {} if row.family == "baseline" else tt_kwargs(setting, row, scale)
-            config = base
+            # The architecture goes into the config (config.json), so that
+            # train.loop.restore_model rebuilds the run's model from the registry.
+            config = dataclasses.replace(base, model_kwargs={**net_kwargs, **tt})
             if row.family == "tt_conv_tt_fc" and setting.tt_fc_lr is not None:
-                config = dataclasses.replace(base, lr=setting.tt_fc_lr)
+                config = dataclasses.replace(config, lr=setting.tt_fc_lr)
             before = before_recal = None
             if row.decompose:
                 trained = trained_baselines[row.variant]
@@ -383,7 +386,7 @@ def run(preset: str, out_dir: pathlib.Path) -> str:
                     log_every=min(config.log_every, steps),
                 )
             else:
-                model = garipov.GaripovNet(**net_kwargs, **tt, rngs=nnx.Rngs(base.seed))
+                model = build_model(config, 10, setting.in_channels, setting.input_shape)
             result = _train(config, model, root, f"tt_{index:02d}", data)
             model = result["model"]
             if row.family == "baseline":

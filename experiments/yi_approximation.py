@@ -23,9 +23,9 @@ import jax
 import numpy as np
 
 from experiments import _report
+from spectra import ConvSpec
 from spectra import _density
-from spectra._operator import dense_operator
-from spectra._spec import ConvSpec
+from spectra import dense_operator
 
 NAME = "yi_approximation"
 

@@ -23,7 +23,10 @@ import statistics
 from typing import Any
 
 from experiments import _report
-from experiments import sedghi_training as common  # Sets the CPU deadlock workaround.
+from experiments import sedghi_training as common  # Its presets, runs and plots.
+from train.lapack_workaround import avoid_cpu_lapack_deadlock
+
+avoid_cpu_lapack_deadlock()  # Before the first JAX computation of this process, if any.
 
 NAME = "yi_training"
 
@@ -46,7 +49,7 @@ def run(preset: str, out_dir: pathlib.Path) -> str:
     out_dir = pathlib.Path(out_dir)
     base, seeds, bound = setting["base"], setting["seeds"], setting["bound"]
     weights = (0.0, *setting["weights"])
-    root, temporary = common.runs_root(preset, out_dir)
+    root, temporary = _report.runs_root(preset, out_dir)
     results = []
     try:
         for weight in weights:

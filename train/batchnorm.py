@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from train import loop
+from train.batches import unpack_batch
 
 
 def batch_norm_layers(model: nnx.Module) -> list[tuple[str, nnx.BatchNorm]]:
@@ -48,7 +48,7 @@ def _check_arguments(num_batches: int | None, momentum: float | None) -> None:
 
 
 def _source_batches(data: Any, num_batches: int | None) -> Iterator[np.ndarray]:
-    """The input batches of a :class:`train.loop.BatchSource`, padding rows dropped.
+    """The input batches of a :class:`train.batches.BatchSource`, padding rows dropped.
 
     Epochs 0, 1, ... in order until ``num_batches`` batches with at least one real example
     were yielded (``None``: every such batch of epoch 0).
@@ -57,7 +57,7 @@ def _source_batches(data: Any, num_batches: int | None) -> Iterator[np.ndarray]:
     while True:
         useful = 0
         for batch in data.batches(epoch):
-            images, _, mask = loop._unpack(batch)
+            images, _, mask = unpack_batch(batch)
             mask = np.asarray(mask, bool)
             if not mask.any():
                 continue
@@ -164,7 +164,7 @@ def recalibrate_batch_stats(
 
     Args:
       model: an NNX model taking one batch of inputs ``(B, ...)``.
-      data: a :class:`train.loop.BatchSource` (e.g. a training :class:`train.data.Pipeline`:
+      data: a :class:`train.batches.BatchSource` (e.g. a training :class:`train.data.Pipeline`:
         ``.batches(epoch)`` yielding ``Batch(images, labels, mask)``, dicts or tuples), whose
         masked-out (padding) examples are dropped before the forward pass (a batch without a
         real example is skipped); or an array of inputs ``(N, ...)`` cut into consecutive

@@ -1,22 +1,61 @@
-"""The training configuration: a frozen dataclass with ``key=value`` command-line overrides."""
+"""The training configuration: a frozen dataclass, JSON in the run folder, command-line overrides.
 
-from __future__ import annotations
+Overrides (``key=value`` or ``--config.key=value``) are parsed and type-checked by
+``ml_collections.config_flags`` against the field types of :class:`TrainConfig`
+(:func:`apply_overrides`), then validated by :class:`TrainConfig` itself.
+"""
+
 
 import dataclasses
 import json
 import pathlib
-import types
-import typing
+from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
+
+from absl import flags
+from flax.core import FrozenDict
+from ml_collections import config_flags
+
+from train.layers.svd import DECOMPOSITIONS
+from train.regularizers import SPARSITY
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "piecewise", "constant")
 PADDINGS = ("SAME", "CIRCULAR")
-#: SVD-training decompositions of Yang et al. (2020) (``train.layers.svd``).
-DECOMPOSITIONS = ("channel", "spatial")
-#: Sparsity terms on the singular values of SVD layers (``train.regularizers.sparsity_loss``).
-SPARSITIES = ("l1", "hoyer", "hoyer_square")
+#: Words that set an optional field to ``None`` in an override.
+_NONE_WORDS = ("none", "null", "")
+
+
+def _freeze(value: Any) -> Any:
+    """A hashable copy of a JSON-like value: mappings -> ``FrozenDict``, lists -> tuples."""
+    if isinstance(value, Mapping):
+        return FrozenDict({k: _freeze(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _to_json(value: Any) -> Any:
+    """JSON form of a frozen value; a mapping with a non-string key becomes
+    ``{"__items__": [[key, value], ...]}`` so that its key types survive."""
+    if isinstance(value, Mapping):
+        if all(isinstance(k, str) for k in value):
+            return {k: _to_json(v) for k, v in value.items()}
+        return {"__items__": [[k, _to_json(v)] for k, v in value.items()]}
+    if isinstance(value, tuple):
+        return [_to_json(v) for v in value]
+    return value
+
+
+def _from_json(value: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"__items__"}:
+            return FrozenDict({_freeze(k): _from_json(v) for k, v in value["__items__"]})
+        return FrozenDict({k: _from_json(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return tuple(_from_json(v) for v in value)
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,8 +74,12 @@ class TrainConfig:
       batch_size: training batch size (the last partial batch of an epoch is dropped).
       eval_batch_size: evaluation batch size (the last partial batch is padded and masked: every
         test example counts exactly once).
-      model: ``'resnet<depth>'`` (``depth = 6n + 2``, e.g. ``'resnet8'``, ``'resnet20'``) or
-        ``'simple_cnn'`` from :mod:`train.models.resnet`.
+      model: a name of the model registry (:func:`train.models.registry.build_model`):
+        ``'resnet<depth>'`` (``depth = 6n + 2``, e.g. ``'resnet8'``, ``'resnet20'``) or
+        ``'simple_cnn'`` from :mod:`train.models.resnet`, ``'garipov'`` from
+        :mod:`train.models.garipov`.
+      model_kwargs: further constructor arguments of the model (e.g. the variant and TT
+        layers of ``'garipov'``), a JSON-like mapping (stored frozen: ``FrozenDict``, tuples).
       width: channels of the first ResNet stage (16 in He et al. 2016; the stages have
         ``width, 2 width, 4 width``).
       padding: the conv padding of the model, ``'SAME'`` (zeros) or ``'CIRCULAR'``.
@@ -76,7 +119,7 @@ class TrainConfig:
         on the U and V factors of the SVD layers (1 on CIFAR in Yang et al. 2020); ``0`` adds
         nothing to the loss (the term is still logged for a decomposed model).
       sparsity: the sparsity term on the singular values of the SVD layers, one of
-        :data:`SPARSITIES` (``'l1'``, ``'hoyer'``, ``'hoyer_square'``).
+        ``train.regularizers.SPARSITY`` (``'l1'``, ``'hoyer'``, ``'hoyer_square'``).
       sparsity_weight: λ_s of the sparsity term ``λ_s · train.regularizers.sparsity_loss``;
         ``0`` adds nothing to the loss (the term is still logged for a decomposed model).
       seed: initialisation and data-order seed.
@@ -98,6 +141,7 @@ class TrainConfig:
     batch_size: int = 128
     eval_batch_size: int = 500
     model: str = "resnet20"
+    model_kwargs: Mapping[str, Any] = FrozenDict()
     width: int = 16
     padding: str = "SAME"
     shortcut: str = "A"
@@ -133,6 +177,9 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
+        if not isinstance(self.model_kwargs, Mapping):
+            raise ValueError(f"model_kwargs={self.model_kwargs!r} must be a mapping")
+        object.__setattr__(self, "model_kwargs", _freeze(self.model_kwargs))
         for name in ("batch_size", "eval_batch_size", "num_steps", "width", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -163,8 +210,8 @@ class TrainConfig:
             raise ValueError(
                 f"decomposition={self.decomposition!r} must be None or one of {DECOMPOSITIONS}"
             )
-        if self.sparsity not in SPARSITIES:
-            raise ValueError(f"sparsity={self.sparsity!r} must be one of {SPARSITIES}")
+        if self.sparsity not in SPARSITY:
+            raise ValueError(f"sparsity={self.sparsity!r} must be one of {SPARSITY}")
         for name in ("orth_weight", "sparsity_weight"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
@@ -172,11 +219,15 @@ class TrainConfig:
         if self.max_to_keep < 1:
             raise ValueError(f"max_to_keep={self.max_to_keep!r} must be >= 1")
 
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-able dict (what ``config.json`` holds)."""
+        return {f.name: _to_json(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> TrainConfig:
+    def from_json(cls, text: str) -> "TrainConfig":
         data = json.loads(text)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
@@ -184,52 +235,37 @@ class TrainConfig:
             raise ValueError(f"config JSON has unknown fields {unknown}")
         if "boundaries" in data:
             data["boundaries"] = tuple(data["boundaries"])
+        if "model_kwargs" in data:
+            data["model_kwargs"] = _from_json(data["model_kwargs"])
         return cls(**data)
 
     @classmethod
-    def load(cls, path: str | pathlib.Path) -> TrainConfig:
+    def load(cls, path: str | pathlib.Path) -> "TrainConfig":
         return cls.from_json(pathlib.Path(path).read_text())
 
 
-def _field_types() -> dict[str, Any]:
-    hints = typing.get_type_hints(TrainConfig)
-    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
+def _override_mirror() -> type:
+    """A mutable dataclass with the fields and types of :class:`TrainConfig`: what
+    ``ml_collections.config_flags`` parses overrides into (it assigns fields in place)."""
+    return dataclasses.make_dataclass(
+        "TrainConfigOverrides",
+        [
+            (f.name, f.type, dataclasses.field(default=f.default))
+            for f in dataclasses.fields(TrainConfig)
+        ],
+    )
 
 
-def _parse_value(name: str, text: str, annotation: Any) -> Any:
-    """Parses ``text`` as the type ``annotation`` of field ``name``."""
-    args = typing.get_args(annotation)
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if type(None) in args and text.lower() in ("none", "null", ""):
-            return None
-        others = [a for a in args if a is not type(None)]
-        return _parse_value(name, text, others[0])
-    if origin is tuple:
-        items = [t for t in text.strip("()[] ").split(",") if t.strip()]
-        return tuple(_parse_value(name, t.strip(), args[0]) for t in items)
-    if annotation is bool:
-        lowered = text.lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"config.{name}={text!r}: expected a boolean (true/false)")
-    try:
-        if annotation is int:
-            return int(text)
-        if annotation is float:
-            return float(text)
-    except ValueError as e:
-        raise ValueError(f"config.{name}={text!r}: expected {annotation.__name__}") from e
-    return text
+def _optional(annotation: Any) -> bool:
+    return type(None) in getattr(annotation, "__args__", ())
 
 
 def apply_overrides(config: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
     """``config`` with ``key=value`` overrides applied (``--config.key=value`` also accepted).
 
-    Values are parsed as the field's type: ``lr=0.05``, ``nesterov=true``,
-    ``project_max_norm=none``, ``boundaries=0.3,0.6``.
+    Values are parsed as the field's type by ``ml_collections.config_flags``: ``lr=0.05``,
+    ``nesterov=true``, ``boundaries=0.3,0.6`` (or ``'(0.3, 0.6)'``); an optional field takes
+    ``none`` (``project_max_norm=none``). The result is validated by :class:`TrainConfig`.
 
     Raises:
       ValueError: naming the override when it is not ``key=value``, the key is not a field of
@@ -239,18 +275,35 @@ def apply_overrides(config: TrainConfig, overrides: Sequence[str]) -> TrainConfi
       >>> apply_overrides(TrainConfig(), ['--config.lr=0.05', 'model=resnet8']).lr
       0.05
     """
-    types_by_name = _field_types()
-    changes = {}
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    argv, to_none = ["apply_overrides"], []
     for item in overrides:
         text = item[2:] if item.startswith("--") else item
         text = text[len("config."):] if text.startswith("config.") else text
         if "=" not in text:
             raise ValueError(f"override {item!r} must be key=value or --config.key=value")
         key, value = text.split("=", 1)
-        if key not in types_by_name:
+        if key not in fields:
             raise ValueError(
                 f"override {item!r}: {key!r} is not a TrainConfig field; expected one of "
-                f"{sorted(types_by_name)}"
+                f"{sorted(fields)}"
             )
-        changes[key] = _parse_value(key, value, types_by_name[key])
+        if _optional(fields[key].type) and value.lower() in _NONE_WORDS:
+            to_none.append(key)
+        else:
+            argv.append(f"--config.{key}={value}")
+    mirror = _override_mirror()(
+        **{f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)}
+    )
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_dataclass(
+        "config", mirror, flag_values=flag_values, sys_argv=argv
+    )
+    try:
+        flag_values(argv)
+    except (flags.Error, KeyError, TypeError) as e:
+        raise ValueError(f"overrides {list(overrides)!r}: {e}") from e
+    parsed = flag_values.config
+    changes = {name: getattr(parsed, name) for name in fields}
+    changes.update({name: None for name in to_none})
     return dataclasses.replace(config, **changes)

@@ -29,7 +29,7 @@ import optax
 from flax import nnx
 from jax import lax
 
-from spectra._spec import ConvSpec
+from spectra import ConvSpec
 
 #: Primitives through which a params leaf is still "the kernel" (same values, same layout).
 _VALUE_PRESERVING = frozenset(
@@ -450,15 +450,9 @@ feature_group_count=1, in_features=2)
 
 
 # ------------------------------------------------------------------ aligning specs with params
-def _is_variable(x) -> bool:
-    return isinstance(x, nnx.Variable)
-
-
-def strip_variables(tree: Any) -> Any:
-    """Replaces every ``nnx.Variable`` in ``tree`` by its value (like ``nnx.as_pure``)."""
-    return jax.tree.map(
-        lambda x: x.get_value() if _is_variable(x) else x, tree, is_leaf=_is_variable
-    )
+#: Kept for callers of the former helper: every ``nnx.Variable`` replaced by its value.
+#: Identical to ``nnx.as_pure`` (which also reads array refs); new code calls ``nnx.as_pure``.
+strip_variables = nnx.as_pure
 
 
 def is_leaf_or_hole(x) -> bool:
@@ -478,19 +472,19 @@ def align_with_params(params: Any, tree: Any, name: str) -> list[Any]:
     Raises:
       ValueError: naming ``name`` when the structures differ.
     """
-    treedef = jax.tree.structure(strip_variables(params), is_leaf=is_leaf_or_hole)
+    treedef = jax.tree.structure(nnx.as_pure(params), is_leaf=is_leaf_or_hole)
     try:
-        return treedef.flatten_up_to(strip_variables(tree))
+        return treedef.flatten_up_to(nnx.as_pure(tree))
     except (ValueError, TypeError) as e:
         raise ValueError(
             f"{name} must have the structure of params ({treedef}); got "
-            f"{jax.tree.structure(strip_variables(tree))}: {e}"
+            f"{jax.tree.structure(nnx.as_pure(tree))}: {e}"
         ) from e
 
 
 def leaf_paths(params: Any) -> list[str]:
     """``jax.tree_util.keystr`` of every leaf of ``params`` (``is_leaf_or_hole`` leaves)."""
     with_path, _ = jax.tree_util.tree_flatten_with_path(
-        strip_variables(params), is_leaf=is_leaf_or_hole
+        nnx.as_pure(params), is_leaf=is_leaf_or_hole
     )
     return [jax.tree_util.keystr(p) for p, _ in with_path]

@@ -38,12 +38,13 @@ as do the data order (the same ``config.seed``) and the model's RNG streams (tak
 previous stage's checkpoint).
 
 Resumption: ``root/pipeline.json`` records what defines the pipeline (``config`` except the
-fields of :data:`train.loop.RESUMABLE_CHANGES`, ``sparsity_weight``, the stage lengths). A rerun
-with the same root checks it (a different one raises ``ValueError``: nothing is overwritten),
-skips every finished stage (its ``result.json`` is read back: no training, no evaluation) and
-resumes an interrupted training stage from its latest checkpoint (bit-identical, see
-:func:`train.loop.train_and_evaluate`; with ``config.checkpoint_every = 0`` a stage interrupted
-before its end has no checkpoint and restarts). The energies are not part of the record: a
+fields of :data:`train.checkpoint.RESUMABLE_CHANGES`, ``sparsity_weight``, the stage
+lengths). A rerun with the same root checks it (a different one raises ``ValueError``:
+nothing is overwritten), skips every finished stage (its ``result.json`` is read back: no
+training, no evaluation) and resumes an interrupted training stage from its latest
+checkpoint (bit-identical, see :func:`train.loop.train_and_evaluate`; with
+``config.checkpoint_every = 0`` a stage interrupted before its end has no checkpoint and
+restarts). The energies are not part of the record: a
 rerun may add energies (new stage 3/4 folders) and reuses those already done.
 
 Every stage reports its test error/accuracy (stage 3: of the saved, recalibrated model, and
@@ -51,6 +52,9 @@ Every stage reports its test error/accuracy (stage 3: of the saved, recalibrated
 parameter count, MACs per example
 (:func:`train.flops.count_flops`: exact for the traced forward pass; "FLOPs" in the paper's
 tables) and the rank of every SVD layer.
+
+Length (~510 lines): one concern, the pipeline; about half of it is the documentation of its
+stages and of their resumption rules.
 """
 
 from __future__ import annotations
@@ -66,8 +70,12 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from train import builders
+from train import checkpoint
 from train import loop
+from train.batches import example_input
 from train.config import TrainConfig
+from train.models.registry import build_model
 
 STAGE1 = "stage1_decomposed"
 STAGE2 = "stage2_sparse"
@@ -159,9 +167,7 @@ def _pipeline_record(
     recalibration_batches: int | None = None,
 ) -> dict[str, Any]:
     fields = {
-        k: v
-        for k, v in json.loads(config.to_json()).items()
-        if k not in loop.RESUMABLE_CHANGES
+        k: v for k, v in config.to_dict().items() if k not in checkpoint.RESUMABLE_CHANGES
     }
     return {
         "config": fields,
@@ -171,7 +177,9 @@ def _pipeline_record(
     }
 
 
-def _check_or_write_record(root: pathlib.Path, record: dict[str, Any]) -> None:
+def _check_or_write_record(
+    root: pathlib.Path, record: dict[str, Any], config: TrainConfig
+) -> None:
     path = root / PIPELINE_FILE
     if path.exists():
         saved = json.loads(path.read_text())
@@ -179,13 +187,10 @@ def _check_or_write_record(root: pathlib.Path, record: dict[str, Any]) -> None:
         for key in ("sparsity_weight", "stage_steps", "recalibration_batches"):
             if saved.get(key) != record[key]:
                 diffs.append(f"{key}: saved {saved.get(key)!r}, given {record[key]!r}")
-        saved_config = saved.get("config", {})
-        for key in sorted(set(saved_config) | set(record["config"])):
-            if saved_config.get(key) != record["config"].get(key):
-                diffs.append(
-                    f"config.{key}: saved {saved_config.get(key)!r}, "
-                    f"given {record['config'].get(key)!r}"
-                )
+        saved_config = TrainConfig.from_json(
+            json.dumps({**config.to_dict(), **saved.get("config", {})})
+        )
+        diffs += checkpoint.config_differences(saved_config, config, prefix="config.")
         if diffs:
             raise ValueError(
                 f"root={str(root)!r} holds an SVD pipeline with a different set-up (use another "
@@ -202,21 +207,18 @@ def _check_or_write_record(root: pathlib.Path, record: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------------- one stage
-def _has_checkpoint(run_dir: pathlib.Path) -> bool:
-    ckpt = run_dir / loop.CHECKPOINT_DIR
-    return ckpt.exists() and any(p.name.isdigit() for p in ckpt.iterdir())
-
-
 def _clear_unstarted(run_dir: pathlib.Path, config: TrainConfig) -> None:
     """Removes a stage folder that holds no checkpoint (a stage interrupted before its first
     checkpoint: nothing to resume) after checking that it was written for ``config``."""
     if not run_dir.exists():
         return
-    config_file = run_dir / loop.CONFIG_FILE
+    config_file = run_dir / checkpoint.CONFIG_FILE
     if config_file.exists():
-        loop._check_resume_config(run_dir, config)  # ValueError on a different config.
+        checkpoint.check_resume_config(run_dir, config)  # ValueError on a different config.
     elif any(run_dir.iterdir()):
-        raise ValueError(f"{run_dir} holds files but no {loop.CONFIG_FILE}: not a stage folder")
+        raise ValueError(
+            f"{run_dir} holds files but no {checkpoint.CONFIG_FILE}: not a stage folder"
+        )
     shutil.rmtree(run_dir)
 
 
@@ -238,9 +240,9 @@ def _train_stage(
     """
     done = _read_result(run_dir)
     if done is not None:
-        loop._check_resume_config(run_dir, config)
+        checkpoint.check_resume_config(run_dir, config)
         return done, None
-    if _has_checkpoint(run_dir):
+    if checkpoint.has_checkpoint(run_dir):
         result = loop.train_and_evaluate(
             config, run_dir, resume=True, model=template(),
             train_data=train_data, test_data=test_data,
@@ -338,9 +340,9 @@ def run_svd_pipeline(
         of every layer is at most the fraction ``e`` of its ``Σ s_j²``).
       stage_steps: optimiser steps of stages 1, 2 and 4 (default: ``config.num_steps`` each).
       model: the decomposed model to train in stage 1 (instead of
-        ``train.loop.build_model(config, ...)``); trained in place.
-      train_data: a :class:`train.loop.BatchSource` (default: :func:`train.loop.build_data`).
-      test_data: the test :class:`train.loop.BatchSource` (default: ``build_data``'s).
+        ``train.models.registry.build_model(config, ...)``); trained in place.
+      train_data: a :class:`train.batches.BatchSource` (default: :func:`train.builders.build_data`).
+      test_data: the test :class:`train.batches.BatchSource` (default: ``build_data``'s).
       recalibration_batches: training batches (``train_data``, from epoch 0 in its order)
         over which stage 3 re-estimates every BatchNorm's running mean and variance of a
         pruned model (:func:`train.batchnorm.recalibrate_batch_stats`: the exact average of
@@ -374,18 +376,19 @@ def run_svd_pipeline(
     )
     root = pathlib.Path(root)
     _check_or_write_record(
-        root, _pipeline_record(config, sparsity_weight, stage_steps, recalibration_batches)
+        root, _pipeline_record(config, sparsity_weight, stage_steps, recalibration_batches),
+        config,
     )
     configs = stage_configs(config, sparsity_weight, stage_steps)
     dirs = stage_dirs(root, energies)
 
     num_classes = None
     if train_data is None or test_data is None:
-        built_train, built_test, info = loop.build_data(config)
+        built_train, built_test, info = builders.build_data(config)
         train_data = built_train if train_data is None else train_data
         test_data = built_test if test_data is None else test_data
         num_classes = info.num_classes
-    example = loop._example_input(train_data)
+    example = example_input(train_data)
     # Models are built only when a stage needs one (a finished pipeline builds none).
     built: dict[str, nnx.Module] = {}
 
@@ -396,8 +399,10 @@ def run_svd_pipeline(
                 built["initial"] = model
             else:
                 if num_classes is None:
-                    num_classes = loop._dataset_num_classes(config)
-                built["initial"] = loop.build_model(config, num_classes, example.shape[-1])
+                    num_classes = builders.num_classes(config)
+                built["initial"] = build_model(
+                    config, num_classes, example.shape[-1], example.shape[1:3]
+                )
             # The architecture, kept before stage 1 trains the initial model in place.
             built["pristine"] = nnx.clone(built["initial"])
         return built["initial"]
@@ -475,8 +480,8 @@ def rebuild_pruned(model: nnx.Module, ranks: dict[str, int]) -> nnx.Module:
     """A model with the architecture of a stage-3 pruned model, for restoring its checkpoint.
 
     A copy of ``model`` (a decomposed model of the pipeline's architecture, e.g. a fresh
-    ``train.loop.build_model(config, ...)``) with the factors of every SVD layer at ``path``
-    cut to their first ``ranks[path]`` columns (``svd_u[:, :r]``, ``svd_s[:r]``,
+    ``train.models.registry.build_model(config, ...)``) with the factors of every SVD layer
+    at ``path`` cut to their first ``ranks[path]`` columns (``svd_u[:, :r]``, ``svd_s[:r]``,
     ``svd_v[:, :r]``); layers not in ``ranks`` are kept. Only the shapes matter: the values are
     those of ``model``, to be replaced by :func:`train.loop.restore_model`.
 

@@ -12,12 +12,18 @@ from absl.testing import absltest
 from flax import nnx
 
 import spectra
+from train import checkpoint
 from train import discovery
 from train import loop
+from train import metrics
+from train import optim
+from train import steps as steps_lib
 from train.config import TrainConfig
 from train.config import apply_overrides
+from train.lapack_workaround import avoid_cpu_lapack_deadlock
+from train.models.registry import build_model
 
-loop.avoid_cpu_lapack_deadlock()  # Effective when this file runs first in its process.
+avoid_cpu_lapack_deadlock()  # Effective when this file runs first in its process.
 
 # A small ResNet-8 (BatchNorm: the state has running statistics) on 12x12 digits. Every test
 # uses the same step-relevant fields, so the jitted steps compile once per test process.
@@ -56,7 +62,7 @@ class LoopTest(absltest.TestCase):
         self.assertEqual(result["test_count"], 359)  # Every test example counted once.
         self.assertAlmostEqual(result["test_error"], 1 - result["test_accuracy"])
         # CSV: header with one σ_max column per conv; σ rows at steps 6 and 12.
-        with (self.root / "run" / loop.METRICS_FILE).open() as f:
+        with (self.root / "run" / metrics.METRICS_FILE).open() as f:
             rows = list(csv.DictReader(f))
         names = sorted(result["sigma_max"])
         self.assertLen(names, 7)  # Stem + 3 blocks of 2 convs (shortcut option A).
@@ -64,7 +70,7 @@ class LoopTest(absltest.TestCase):
         self.assertEqual([bool(r[f"sigma/{names[0]}"]) for r in rows], [False, True, False, True])
         self.assertEqual([bool(r["loss"]) for r in rows], [True, False, True, True])
         self.assertNotEqual(rows[-1]["test_accuracy"], "")
-        self.assertTrue((self.root / "run" / loop.CONFIG_FILE).exists())
+        self.assertTrue((self.root / "run" / checkpoint.CONFIG_FILE).exists())
         # TensorBoard: the same scalars, read back from the event file.
         from tensorboard.backend.event_processing import event_accumulator
 
@@ -104,7 +110,7 @@ class LoopTest(absltest.TestCase):
         # The projection ran at step 11: the exact σ_max moved little in the one step after.
         self.assertLessEqual(max(straight["sigma_max"].values()), 2.0 * 1.1)
         restored, saved_config, meta = loop.restore_model(
-            self.root / "resumed", model=loop.build_model(config, 10, 1),
+            self.root / "resumed", model=build_model(config, 10, 1),
             example_input=np.zeros((1, 12, 12, 1), np.float32),
         )
         self.assertEqual(saved_config, config)
@@ -122,22 +128,22 @@ class LoopTest(absltest.TestCase):
             loop.train_and_evaluate(dataclasses.replace(config, lr=0.5), run, resume=True)
         with self.assertRaisesRegex(FileNotFoundError, "no checkpoint"):
             loop.train_and_evaluate(config, self.root / "other", resume=True)
-        first, second = loop.make_run_dir(self.root), loop.make_run_dir(self.root)
+        first, second = checkpoint.make_run_dir(self.root), checkpoint.make_run_dir(self.root)
         self.assertEqual((first.name, second.name), ("run_000", "run_001"))
 
     def test_schedules_and_adam(self):
         config = dataclasses.replace(
             CONFIG, num_steps=100, schedule="piecewise", boundaries=(0.5, 0.75), warmup_steps=10
         )
-        schedule = loop.learning_rate_schedule(config)
+        schedule = optim.learning_rate_schedule(config)
         np.testing.assert_allclose(
             [float(schedule(s)) for s in (0, 5, 10, 49, 50, 74, 75, 99)],
             [0.0, 0.05, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6,
         )
-        cosine = loop.learning_rate_schedule(dataclasses.replace(CONFIG, num_steps=100))
+        cosine = optim.learning_rate_schedule(dataclasses.replace(CONFIG, num_steps=100))
         np.testing.assert_allclose([float(cosine(0)), float(cosine(100))], [0.1, 0.0], atol=1e-7)
         params = {"w": np.ones((3, 3, 1, 1), np.float32), "b": np.ones((1,), np.float32)}
-        tx = loop.make_optimizer(dataclasses.replace(CONFIG, optimizer="adam", weight_decay=0.1))
+        tx = optim.make_optimizer(dataclasses.replace(CONFIG, optimizer="adam", weight_decay=0.1))
         updates, _ = tx.update(params, tx.init(params), params)
         # Adam's first step is -lr * sign(g); weight decay (0.1 w) only on the 4-D kernel.
         np.testing.assert_allclose(updates["w"], -0.1 * np.ones((3, 3, 1, 1)), rtol=1e-4)
@@ -164,6 +170,49 @@ class LoopTest(absltest.TestCase):
             apply_overrides(TrainConfig(), ["project_method=power"]).project_method, "power"
         )
         self.assertEqual(TrainConfig.from_json(config.to_json()), config)
+
+    def test_step_cache_key_is_derived_from_the_config(self):
+        model = build_model(CONFIG, 10, 1)
+        specs, graphdef_train, graphdef_eval, _, _ = steps_lib.split_model(
+            model, np.zeros((1, 12, 12, 1), np.float32)
+        )
+
+        def steps(**changes):
+            config = dataclasses.replace(CONFIG, **changes)
+            return steps_lib.make_steps(graphdef_train, graphdef_eval, specs, config)
+
+        # Traced values (peak lr, λ, c) and fields no step reads share the compiled steps.
+        self.assertIs(steps(), steps(lr=0.5, seed=3, log_every=1, batch_size=16))
+        self.assertIs(steps(penalty_weight=1e-3), steps(penalty_weight=0.5))
+        self.assertIs(steps(project_max_norm=1.0), steps(project_max_norm=2.0))
+        # Their on/off pattern and every other field change the program.
+        self.assertIsNot(steps(), steps(penalty_weight=1e-3))
+        self.assertIsNot(steps(), steps(project_max_norm=1.0))
+        for change in (dict(momentum=0.5), dict(num_steps=13), dict(weight_decay=0.0),
+                       dict(sigma_method="dense"), dict(penalty_reduce="max")):
+            self.assertIsNot(steps(), steps(**change), change)
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        self.assertContainsSubset(steps_lib.TRACED_FIELDS + steps_lib.UNUSED_FIELDS, names)
+        # The traced peak learning rate lives in the optimiser state.
+        state = steps_lib.init_train_state(
+            dataclasses.replace(CONFIG, lr=0.25), specs, *steps_lib.split_model(
+                model, np.zeros((1, 12, 12, 1), np.float32))[3:]
+        )
+        self.assertEqual(float(state.opt_state.hyperparams[optim.LEARNING_RATE]), 0.25)
+
+    def test_command_line(self):
+        from train import cli
+
+        run = self.root / "cli"
+        overrides = ["dataset=digits", "model=resnet8", "width=8", "image_pad=2",
+                     "batch_size=64", "eval_batch_size=128", "num_steps=12", "--config.lr=0.1",
+                     "log_every=4", "sigma_every=6", "progress=false"]
+        cli.main(["--run-dir", str(run), *overrides])
+        saved = TrainConfig.load(run / checkpoint.CONFIG_FILE)
+        self.assertEqual(saved, dataclasses.replace(CONFIG, lr=0.1))
+        self.assertEqual([r["step"] for r in metrics.read_history(run)], [4, 6, 8, 12])
+        with self.assertRaisesRegex(ValueError, "not a TrainConfig field"):
+            cli.main(["--run-dir", str(self.root / "bad"), "learning_rate=1"])
 
 
 # SVD training (Yang et al. 2020): a channel-decomposed ResNet-8 of width 4, logged every step.
@@ -202,18 +251,18 @@ class SVDTrainingLoopTest(absltest.TestCase):
     def test_build_model_decomposes(self):
         from train.layers import svd
 
-        model = loop.build_model(SVD_CONFIG, 10, 1)
+        model = build_model(SVD_CONFIG, 10, 1)
         layers = svd.svd_layers(model)
         self.assertLen(layers, 8)  # 7 convs + the classifier.
         self.assertTrue(all(layer.rank == layer.max_rank for _, layer in layers))
         self.assertEqual(layers[0][1].decomposition, "channel")
-        no_dense = loop.build_model(
+        no_dense = build_model(
             dataclasses.replace(SVD_CONFIG, decompose_dense=False, decomposition="spatial"), 10, 1
         )
         self.assertLen(svd.svd_layers(no_dense), 7)
         self.assertIsInstance(no_dense.head, nnx.Linear)
         # Seeded: the same config gives the same initial values.
-        again = loop.build_model(SVD_CONFIG, 10, 1)
+        again = build_model(SVD_CONFIG, 10, 1)
         for a, b in zip(_params(model), _params(again), strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -221,7 +270,7 @@ class SVDTrainingLoopTest(absltest.TestCase):
         from train.regularizers import orthogonality_loss
         from train.regularizers import sparsity_loss
 
-        initial = nnx.state(loop.build_model(SVD_CONFIG, 10, 1), nnx.Param)
+        initial = nnx.state(build_model(SVD_CONFIG, 10, 1), nnx.Param)
         straight = loop.train_and_evaluate(SVD_CONFIG, self.root / "straight")
         history = straight["history"]
         self.assertEqual([r["step"] for r in history], [1, 2, 3, 4, 5, 6])
@@ -232,7 +281,7 @@ class SVDTrainingLoopTest(absltest.TestCase):
         np.testing.assert_allclose(
             history[0]["sparsity"], float(sparsity_loss(initial, "hoyer")), rtol=1e-5
         )
-        with (self.root / "straight" / loop.METRICS_FILE).open() as f:
+        with (self.root / "straight" / metrics.METRICS_FILE).open() as f:
             header = next(csv.reader(f))
         self.assertIn("orth", header)
         self.assertIn("sparsity", header)
@@ -252,19 +301,19 @@ class SVDTrainingLoopTest(absltest.TestCase):
         from train.regularizers import sparsity_loss
 
         # Runs differing only in λ_o / λ_s (both > 0, or the model decomposed) share the steps.
-        model = loop.build_model(SVD_CONFIG, 10, 1)
+        model = build_model(SVD_CONFIG, 10, 1)
         example = np.zeros((1, 12, 12, 1), np.float32)
         specs = discovery.find_convs_nnx(model, example)
         graphdef = nnx.split(model, nnx.Param, ...)[0]
         steps = [
-            loop.make_steps(graphdef, graphdef, specs, dataclasses.replace(SVD_CONFIG, **kw))
+            steps_lib.make_steps(graphdef, graphdef, specs, dataclasses.replace(SVD_CONFIG, **kw))
             for kw in ({}, dict(orth_weight=0.0, sparsity_weight=0.0), dict(sparsity_weight=5.0))
         ]
         self.assertIs(steps[0], steps[1])
         self.assertIs(steps[0], steps[2])
         self.assertIsNot(
             steps[0],
-            loop.make_steps(graphdef, graphdef, specs,
+            steps_lib.make_steps(graphdef, graphdef, specs,
                             dataclasses.replace(SVD_CONFIG, sparsity="l1")),
         )
         # A large λ_s lowers the Hoyer measure of the singular values more than λ_s = 0.

@@ -13,14 +13,19 @@ from absl.testing import absltest
 from flax import nnx
 
 from train import batchnorm
+from train import builders
+from train import checkpoint
 from train import flops
 from train import loop
+from train import metrics
 from train import pruning
 from train import svd_pipeline
 from train.config import TrainConfig
+from train.lapack_workaround import avoid_cpu_lapack_deadlock
 from train.layers import svd
+from train.models.registry import build_model
 
-loop.avoid_cpu_lapack_deadlock()  # Effective when this file runs first in its process.
+avoid_cpu_lapack_deadlock()  # Effective when this file runs first in its process.
 
 # A channel-decomposed SimpleCNN (no BatchNorm, cheap) on the 8x8 digits; stages 1 and 2 have
 # the same length so that they share one compilation.
@@ -114,17 +119,17 @@ class SVDPipelineTest(absltest.TestCase):
             self.assertTrue((self.root / name).exists(), name)
         # Stage configs: λ_s only in stage 2, λ_o everywhere, a fresh schedule per stage.
         saved = {
-            name: TrainConfig.load(self.root / name / loop.CONFIG_FILE)
+            name: TrainConfig.load(self.root / name / checkpoint.CONFIG_FILE)
             for name in ("stage1_decomposed", "stage2_sparse", "stage4_finetune_e0.3")
         }
         self.assertEqual([c.sparsity_weight for c in saved.values()], [0.0, SPARSITY_WEIGHT, 0.0])
         self.assertEqual([c.orth_weight for c in saved.values()], [1.0, 1.0, 1.0])
         self.assertEqual([c.num_steps for c in saved.values()], [6, 6, 3])
-        history2 = loop.read_history(self.root / "stage2_sparse")
+        history2 = metrics.read_history(self.root / "stage2_sparse")
         self.assertEqual(history2[0]["step"], 3)  # Stage 2 counts its own steps from 0.
         self.assertIn("sparsity", history2[0])
         # Full rank before pruning: every SVD layer of the decomposed SimpleCNN.
-        model = loop.build_model(CONFIG, 10, 1)
+        model = build_model(CONFIG, 10, 1)
         full = {path: layer.max_rank for path, layer in svd.svd_layers(model)}
         self.assertEqual(result["stage1"]["ranks"], full)
         self.assertEqual(result["stage1"]["params"], flops.count_params(model))
@@ -148,10 +153,10 @@ class SVDPipelineTest(absltest.TestCase):
 
     def test_pruned_error_equals_masked_error(self):
         stage2, _, _ = loop.restore_model(
-            self.root / "stage2_sparse", model=loop.build_model(CONFIG, 10, 1),
+            self.root / "stage2_sparse", model=build_model(CONFIG, 10, 1),
             example_input=EXAMPLE,
         )
-        test = loop.build_data(CONFIG)[1]
+        test = builders.build_data(CONFIG)[1]
         for e in ENERGIES:
             masked = pruning.mask_by_energy(stage2, e)
             error = loop.evaluate_model(masked, CONFIG, test, EXAMPLE)["error"]
@@ -166,7 +171,7 @@ class SVDPipelineTest(absltest.TestCase):
             self.assertEqual(ranks, self.result["stage3"][e]["ranks"])
             compact, _, meta = loop.restore_model(
                 self.root / f"stage3_prune_e{e:g}",
-                model=svd_pipeline.rebuild_pruned(loop.build_model(CONFIG, 10, 1), ranks),
+                model=svd_pipeline.rebuild_pruned(build_model(CONFIG, 10, 1), ranks),
                 example_input=EXAMPLE,
             )
             self.assertEqual(meta["step"], 0)
@@ -216,7 +221,7 @@ class SVDPipelineTest(absltest.TestCase):
         shutil.copytree(self.root / "stage1_decomposed", root / "stage1_decomposed")
         configs = svd_pipeline.stage_configs(CONFIG, SPARSITY_WEIGHT, STAGE_STEPS)
         start, _, _ = loop.restore_model(
-            root / "stage1_decomposed", model=loop.build_model(CONFIG, 10, 1),
+            root / "stage1_decomposed", model=build_model(CONFIG, 10, 1),
             example_input=EXAMPLE,
         )
         first = loop.train_and_evaluate(
@@ -248,7 +253,7 @@ class SVDPipelineTest(absltest.TestCase):
         self.assertFalse(root.exists())  # Checked before anything is written.
 
     def test_rebuild_pruned_checks_ranks(self):
-        model = loop.build_model(CONFIG, 10, 1)
+        model = build_model(CONFIG, 10, 1)
         with self.assertRaisesRegex(ValueError, "not SVD layers"):
             svd_pipeline.rebuild_pruned(model, {"nope": 1})
         with self.assertRaisesRegex(ValueError, "ranks"):
@@ -268,7 +273,7 @@ class BatchNormRecalibrationTest(absltest.TestCase):
         super().setUpClass()
         cls.tmp = pathlib.Path(tempfile.mkdtemp())
         cls.root = cls.tmp / "bn"
-        cls.train, cls.test = loop.build_data(CONFIG)[:2]
+        cls.train, cls.test = builders.build_data(CONFIG)[:2]
         cls.result = _run(cls.root, energies=(0.3,), model=_tiny_bn_model(),
                           train_data=cls.train, test_data=cls.test)
 

@@ -65,6 +65,9 @@ A TT or naive-TT layer has no kernel parameter: its operator is ``layer.kernel()
 
 Reference: T. Garipov, D. Podoprikhin, A. Novikov, D. Vetrov, "Ultimate tensorization:
 compressing convolutional and FC layers alike", NIPS 2016 workshop, arXiv 1611.03214.
+
+Length (~590 lines): one network family, kept whole: the network, its naive-TT conv layer and
+:func:`decompose_tt` read the same layer tables, and most of the text is their documentation.
 """
 
 from __future__ import annotations
@@ -79,9 +82,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from spectra._spec import ConvSpec
-from spectra._tt import tt_svd
-from spectra._tt import tt_to_full
+from spectra import ConvSpec
+from spectra import tt_svd
+from spectra import tt_to_full
 from train.models.resnet import conv_kernel_init
 from train.models.resnet import count_params
 

@@ -1,0 +1,134 @@
+"""Run folders and their orbax checkpoints: layout, save / restore, the resume check.
+
+A run folder holds ``config.json`` (:data:`CONFIG_FILE`), ``metrics.csv`` and ``tensorboard/``
+(:mod:`train.metrics`) and ``checkpoints/`` (:data:`CHECKPOINT_DIR`: an orbax
+``CheckpointManager`` whose every step holds the train state and a JSON ``meta`` with the step
+and the data position ``(epoch, batch)``). Typed PRNG keys are stored as their ``uint32`` data
+and re-wrapped on restore (:func:`to_storable`, :func:`from_storable`).
+"""
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import jax
+
+from train.config import TrainConfig
+
+CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = "config.json"
+
+#: Config fields that may differ between a run and its resumption (they change no number).
+RESUMABLE_CHANGES = frozenset({"progress", "checkpoint_every", "max_to_keep", "data_dir"})
+
+
+def make_run_dir(root: str | pathlib.Path, prefix: str = "run") -> pathlib.Path:
+    """Creates and returns a fresh folder ``root/<prefix>_<NNN>`` (the first unused number)."""
+    root = pathlib.Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for index in range(100000):
+        path = root / f"{prefix}_{index:03d}"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise RuntimeError(f"no free run folder name under {root}")
+
+
+def has_checkpoint(run_dir: str | pathlib.Path) -> bool:
+    """Whether ``run_dir/checkpoints`` holds at least one step."""
+    ckpt = pathlib.Path(run_dir) / CHECKPOINT_DIR
+    return ckpt.exists() and any(p.name.isdigit() for p in ckpt.iterdir())
+
+
+def config_differences(saved: TrainConfig, given: TrainConfig, prefix: str = "") -> list[str]:
+    """``'<prefix><field>: saved <value>, given <value>'`` for every field that differs between
+    ``saved`` and ``given``, except :data:`RESUMABLE_CHANGES` (the one resume check of runs
+    and of :mod:`train.svd_pipeline`)."""
+    return [
+        f"{prefix}{f.name}: saved {getattr(saved, f.name)!r}, given {getattr(given, f.name)!r}"
+        for f in dataclasses.fields(TrainConfig)
+        if f.name not in RESUMABLE_CHANGES and getattr(saved, f.name) != getattr(given, f.name)
+    ]
+
+
+def check_resume_config(run_dir: str | pathlib.Path, config: TrainConfig) -> None:
+    """Checks that ``config`` may continue the run in ``run_dir``.
+
+    Raises:
+      ValueError: naming every field (except :data:`RESUMABLE_CHANGES`) whose value differs
+        from the one in ``run_dir/config.json``.
+    """
+    run_dir = pathlib.Path(run_dir)
+    diffs = config_differences(TrainConfig.load(run_dir / CONFIG_FILE), config)
+    if diffs:
+        raise ValueError(
+            f"config differs from the one of the run in {run_dir} (only {sorted(RESUMABLE_CHANGES)}"
+            f" may change on resume): " + "; ".join(diffs)
+        )
+
+
+def to_storable(tree: Any) -> Any:
+    """``tree`` with typed PRNG keys replaced by their ``uint32`` data (what orbax writes)."""
+
+    def convert(x):
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.key_data(x)
+        return x
+
+    return jax.tree.map(convert, tree)
+
+
+def from_storable(restored: Any, template: Any) -> Any:
+    """Inverse of :func:`to_storable`: key data re-wrapped where ``template`` holds keys."""
+
+    def convert(x, t):
+        if isinstance(t, jax.Array) and jax.dtypes.issubdtype(t.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(x, impl=jax.random.key_impl(t))
+        return x
+
+    return jax.tree.map(convert, restored, template)
+
+
+def checkpoint_manager(run_dir: str | pathlib.Path, config: TrainConfig):
+    """The ``orbax.checkpoint.CheckpointManager`` of ``run_dir/checkpoints`` (created if
+    missing; keeps ``config.max_to_keep`` steps). Close it after use."""
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=config.max_to_keep, create=True)
+    return ocp.CheckpointManager(
+        (pathlib.Path(run_dir) / CHECKPOINT_DIR).absolute(), options=options
+    )
+
+
+def save_checkpoint(manager, state: Any, meta: dict[str, Any]) -> None:
+    """Saves ``state`` and the JSON ``meta`` at step ``meta['step']`` (asynchronously; nothing
+    when that step is already saved)."""
+    import orbax.checkpoint as ocp
+
+    step = int(meta["step"])
+    if step in manager.all_steps():
+        return
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(to_storable(state)), meta=ocp.args.JsonSave(meta)
+        ),
+    )
+
+
+def restore_checkpoint(manager, template: Any, step: int | None = None) -> tuple[Any, dict]:
+    """``(state, meta)`` of checkpoint ``step`` (default: the latest), with the structure,
+    dtypes and shardings of ``template`` (arrays or ``jax.ShapeDtypeStruct``)."""
+    import orbax.checkpoint as ocp
+
+    step = manager.latest_step() if step is None else step
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, to_storable(template))
+    out = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+        ),
+    )
+    return from_storable(out["state"], template), out["meta"]

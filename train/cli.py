@@ -1,0 +1,37 @@
+"""Command line of the training loop: ``python -m train`` (or ``python -m train.loop``).
+
+``python -m train --out runs [--run-dir DIR] [--resume] [key=value | --config.key=value ...]``
+trains :class:`~train.config.TrainConfig` with the overrides applied (parsed and type-checked
+by ``ml_collections.config_flags``, see :func:`train.config.apply_overrides`), in a fresh
+numbered folder under ``--out`` or in ``--run-dir``, and prints the test error and the σ_max
+of every conv layer.
+"""
+
+import argparse
+import pathlib
+import sys
+
+from train.lapack_workaround import avoid_cpu_lapack_deadlock
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m train --out runs [--resume] [--config.key=value | key=value ...]``."""
+    parser = argparse.ArgumentParser(prog="python -m train", description=main.__doc__)
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs"),
+                        help="root folder: a fresh numbered run folder is made under it")
+    parser.add_argument("--run-dir", type=pathlib.Path, default=None,
+                        help="an explicit run folder (must be new unless --resume)")
+    parser.add_argument("--resume", action="store_true")
+    args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    avoid_cpu_lapack_deadlock()  # Before the first JAX computation.
+    from train.checkpoint import make_run_dir
+    from train.config import TrainConfig
+    from train.config import apply_overrides
+    from train.loop import train_and_evaluate
+
+    config = apply_overrides(TrainConfig(), overrides)
+    run_dir = args.run_dir if args.run_dir is not None else make_run_dir(args.out)
+    result = train_and_evaluate(config, run_dir, resume=args.resume)
+    print(f"run {result['run_dir']}: step {result['step']}, test error {result['test_error']}")
+    for name, value in result["sigma_max"].items():
+        print(f"  σ_max {name}: {value:.4f}")

@@ -1,0 +1,41 @@
+"""A work-around for a CPU deadlock of jax 0.10's XLA:CPU with concurrent batched LAPACK calls.
+
+Entry points (the training CLI, the experiment scripts, tests and benchmarks that run the
+projection or exact spectra) call :func:`avoid_cpu_lapack_deadlock` before the first JAX
+computation of the process.
+"""
+
+import os
+
+#: XLA flag that avoids a CPU deadlock of jax 0.10 (see :func:`avoid_cpu_lapack_deadlock`).
+CPU_DEADLOCK_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def avoid_cpu_lapack_deadlock() -> bool:
+    """Adds :data:`CPU_DEADLOCK_FLAG` to ``XLA_FLAGS`` if the JAX backend has not started yet.
+
+    jax/jaxlib 0.10 run batched LAPACK calls (SVD, eigh) on XLA:CPU's intra-op thread pool
+    (``ParallelBatchMap``) from thunks that themselves occupy the pool's threads; when as many
+    independent batched LAPACK calls run concurrently as the pool has threads (2 on a 2-core
+    machine), every worker waits for sub-tasks that no free thread can run: the jitted step hangs
+    (seen with ``project_conv_operator_norm`` on several layers every step; jax issue reports:
+    ffsim PR 684, PyAutoFit issue 1530). Disabling the concurrency-optimised scheduler makes
+    XLA reuse buffers between such calls, which orders them; it is a workaround, not a proof.
+    Call before the first JAX computation (it is read when the CPU backend starts).
+
+    Returns:
+      True when the flag is (now) in ``XLA_FLAGS`` before the backend started, False when the
+      backend was already running (nothing can be changed then).
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if CPU_DEADLOCK_FLAG.split("=")[0] in flags:
+        return True
+    try:
+        from jax._src import xla_bridge
+
+        if xla_bridge.backends_are_initialized():
+            return False
+    except (ImportError, AttributeError):
+        return False
+    os.environ["XLA_FLAGS"] = f"{flags} {CPU_DEADLOCK_FLAG}".strip()
+    return True

@@ -1,0 +1,121 @@
+"""The optimiser of a run: learning-rate schedule, weight decay, SGD / Adam, the projection.
+
+:func:`make_optimizer` wraps the whole ``optax.chain`` in ``optax.inject_hyperparams``: the peak
+learning rate (``config.lr``) and, when the projection is on, its radius
+(``config.project_max_norm``) live in the optimiser state (``opt_state.hyperparams``) as
+float32 arrays instead of being constants of the compiled step, so runs that differ only in them
+share one compilation (and a restored state carries them).
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from train.config import TrainConfig
+from train.transforms import project_conv_operator_norm
+
+#: Names of the traced hyperparameters in ``opt_state.hyperparams``.
+LEARNING_RATE = "learning_rate"
+MAX_NORM = "max_norm"
+
+
+def learning_rate_schedule(config: TrainConfig, peak: Any = None) -> optax.Schedule:
+    """The learning rate as a function of the step: warm-up, then cosine / piecewise / constant.
+
+    ``'cosine'`` decays from the peak to 0 at ``num_steps``; ``'piecewise'`` multiplies the peak
+    by ``decay_factor`` at each ``round(b * num_steps)`` for ``b`` in ``boundaries``.
+
+    Args:
+      config: the run's configuration (schedule shape and ``lr``).
+      peak: the peak learning rate, e.g. a traced scalar (default ``config.lr``).
+
+    Example:
+      >>> schedule = learning_rate_schedule(TrainConfig(num_steps=100, schedule='constant'))
+      >>> float(schedule(50))
+      0.1
+    """
+    lr = config.lr if peak is None else peak
+    decay_steps = max(config.num_steps - config.warmup_steps, 1)
+    if config.schedule == "cosine":
+        main = optax.cosine_decay_schedule(lr, decay_steps)
+    elif config.schedule == "piecewise":
+        bounds = {
+            max(int(round(b * config.num_steps)) - config.warmup_steps, 1): config.decay_factor
+            for b in config.boundaries
+        }
+        main = optax.piecewise_constant_schedule(lr, bounds)
+    else:
+        main = optax.constant_schedule(lr)
+    if config.warmup_steps == 0:
+        return main
+    warmup = optax.linear_schedule(0.0, lr, config.warmup_steps)
+    return optax.join_schedules([warmup, main], [config.warmup_steps])
+
+
+def _chain(
+    learning_rate: Any, max_norm: Any, *, config: TrainConfig, specs: Any
+) -> optax.GradientTransformation:
+    """The inner transformation of :func:`make_optimizer` for given (traced) hyperparameters."""
+    schedule = learning_rate_schedule(config, learning_rate)
+    parts = []
+    if config.weight_decay:
+        parts.append(
+            optax.add_decayed_weights(
+                config.weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)
+            )
+        )
+    if config.optimizer == "sgd":
+        parts.append(
+            optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov)
+        )
+    else:
+        parts.append(optax.adam(schedule))
+    if max_norm is not None:
+        parts.append(
+            project_conv_operator_norm(
+                max_norm,
+                specs,
+                every_k_steps=config.project_every,
+                method=config.project_method,
+                num_rounds=config.project_rounds,
+            )
+        )
+    return optax.chain(*parts)
+
+
+def make_optimizer(config: TrainConfig, specs: Any = None) -> optax.GradientTransformation:
+    """``optax.chain(weight decay, SGD-momentum | Adam with the schedule[, projection])``.
+
+    The chain is built by ``optax.inject_hyperparams`` with the hyperparameters
+    :data:`LEARNING_RATE` (the peak of :func:`learning_rate_schedule`) and, when
+    ``config.project_max_norm`` is set, :data:`MAX_NORM` (the radius of
+    :func:`train.project_conv_operator_norm`, last in the chain): both are float32 arrays of
+    ``opt_state.hyperparams``, set by ``init`` from ``config``.
+
+    Args:
+      config: the run's configuration.
+      specs: conv specs with the structure of the params (from :func:`train.find_convs_nnx`);
+        needed when ``config.project_max_norm`` is set.
+
+    Returns:
+      The transformation; its ``update`` needs ``params`` when the projection is on.
+
+    Raises:
+      ValueError: when ``config.project_max_norm`` is set and ``specs`` is ``None``.
+    """
+    if config.project_max_norm is not None and specs is None:
+        raise ValueError("specs are needed when config.project_max_norm is set")
+    factory = optax.inject_hyperparams(
+        _chain, static_args=("config", "specs"), hyperparam_dtype=jnp.float32
+    )
+    return factory(
+        learning_rate=config.lr, max_norm=config.project_max_norm, config=config, specs=specs
+    )
+
+
+def current_learning_rate(config: TrainConfig, opt_state: Any, step: Any) -> jax.Array:
+    """The learning rate applied at ``step`` by :func:`make_optimizer`'s state ``opt_state``
+    (the schedule of ``config`` with the state's peak learning rate)."""
+    return learning_rate_schedule(config, opt_state.hyperparams[LEARNING_RATE])(step)
