@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=pathlib.Path, default=_report.DEFAULT_OUT,
                         help="output folder (default: results)")
     args = parser.parse_args(argv)
-    from train.loop import avoid_cpu_lapack_deadlock
+    from train.lapack_workaround import avoid_cpu_lapack_deadlock
 
     avoid_cpu_lapack_deadlock()  # Before any JAX computation (XLA:CPU LAPACK deadlock).
     path = run_all(args.preset, args.out)

@@ -20,11 +20,11 @@ import jax
 import numpy as np
 
 from experiments import _report
+from spectra import SPEC_DEPENDENT_BOUNDS
 from spectra import UPPER_BOUNDS
 from spectra import ConvSpec
 from spectra import lanczos_spectral_norm
 from spectra import spectral_norm
-from spectra._bounds import SPEC_DEPENDENT_BOUNDS
 
 NAME = "bounds_tightness"
 

@@ -7,8 +7,8 @@ spectrum ``np.linalg.svd(dense_operator)``:
 * the relative L2 error of the sorted spectrum ``||approx - exact|| / ||exact||``;
 * the relative error of σ_max ``|approx_1 - exact_1| / exact_1``;
 
-for :func:`spectra._density.circulant_singular_values` and every grid of
-:data:`spectra._density.GRIDS` with every correction of :data:`spectra._density.CORRECTIONS`.
+for :func:`spectra.circulant_singular_values` and every grid of
+:data:`spectra.GRIDS` with every correction of :data:`spectra.CORRECTIONS`.
 It writes a summary table (mean over layers, per padding/stride group), a per-layer table, and a
 plot (sorted spectra of one representative layer; error vs input size).
 """
@@ -22,9 +22,9 @@ import time
 import jax
 import numpy as np
 
+import spectra
 from experiments import _report
 from spectra import ConvSpec
-from spectra import _density
 from spectra import dense_operator
 
 NAME = "yi_approximation"
@@ -64,7 +64,7 @@ CIRCULANT = ("circulant baseline", None)
 
 def methods() -> list[tuple[str, str | None]]:
     """``(grid, correction)`` pairs; the circulant baseline has correction ``None``."""
-    return [CIRCULANT] + [(g, c) for g in _density.GRIDS for c in _density.CORRECTIONS]
+    return [CIRCULANT] + [(g, c) for g in spectra.GRIDS for c in spectra.CORRECTIONS]
 
 
 def method_label(method: tuple[str, str | None]) -> str:
@@ -75,9 +75,9 @@ def method_label(method: tuple[str, str | None]) -> str:
 def approximate(kernel: np.ndarray, spec: ConvSpec, method: tuple[str, str | None]) -> np.ndarray:
     grid, correction = method
     if correction is None:
-        return np.asarray(_density.circulant_singular_values(kernel, spec))
+        return np.asarray(spectra.circulant_singular_values(kernel, spec))
     return np.asarray(
-        _density.spectral_density_singular_values(kernel, spec, grid=grid, correction=correction)
+        spectra.spectral_density_singular_values(kernel, spec, grid=grid, correction=correction)
     )
 
 
@@ -151,9 +151,9 @@ def summary_rows(results: list[dict]) -> tuple[list[str], list[list[object]]]:
 
 
 def per_layer_rows(results: list[dict]) -> tuple[list[str], list[list[object]]]:
-    default = (_density.DEFAULT_GRID, _density.DEFAULT_CORRECTION)
-    shown = [CIRCULANT] + [(g, "none") for g in _density.GRIDS]
-    shown += [(_density.DEFAULT_GRID, c) for c in _density.CORRECTIONS if c != "none"]
+    default = (spectra.DEFAULT_GRID, spectra.DEFAULT_CORRECTION)
+    shown = [CIRCULANT] + [(g, "none") for g in spectra.GRIDS]
+    shown += [(spectra.DEFAULT_GRID, c) for c in spectra.CORRECTIONS if c != "none"]
     headers = ["layer"] + [method_label(m) + (" (default)" if m == default else "") for m in shown]
     table = []
     for r in results:
@@ -164,8 +164,8 @@ def per_layer_rows(results: list[dict]) -> tuple[list[str], list[list[object]]]:
 
 
 def sweep_methods() -> list[tuple[str, str | None]]:
-    return [CIRCULANT, ("dst", "none"), (_density.DEFAULT_GRID, "shift"),
-            (_density.DEFAULT_GRID, _density.DEFAULT_CORRECTION)]
+    return [CIRCULANT, ("dst", "none"), (spectra.DEFAULT_GRID, "shift"),
+            (spectra.DEFAULT_GRID, spectra.DEFAULT_CORRECTION)]
 
 
 def sweep(config: dict, seeds: int = 3) -> dict:
@@ -223,7 +223,7 @@ def run(preset: str, out_dir: pathlib.Path) -> str:
     plot(config, curves, out_dir)
     headers, table = summary_rows(results)
     best = table[0][0]
-    default = method_label((_density.DEFAULT_GRID, _density.DEFAULT_CORRECTION))
+    default = method_label((spectra.DEFAULT_GRID, spectra.DEFAULT_CORRECTION))
     circ = next(row for row in table if row[0] == method_label(CIRCULANT))
     dflt = next(row for row in table if row[0] == default)
     per_headers, per_table = per_layer_rows(results)
@@ -232,7 +232,7 @@ def run(preset: str, out_dir: pathlib.Path) -> str:
         f"{len(results)} zero-padded layers, random Gaussian kernels (std 1/sqrt(c_in k^2)), "
         "float64, compared with the exact spectrum `np.linalg.svd(dense_operator)`. Errors: "
         "relative L2 error of the sorted spectrum and relative error of σ_max. Grid names: see "
-        "`spectra._density.GRIDS`; corrections: `none` (plain symbol sampling, as Yi 2020), "
+        "`spectra.GRIDS`; corrections: `none` (plain symbol sampling, as Yi 2020), "
         "`shift` / `tapered_shift` / `stretch` (ours: match the exact Frobenius norm).\n\n"
         f"Best on average (spectrum error): **{best}**; library default: **{default}** "
         f"(mean spectrum error {dflt[-3]:.4g} vs circulant {circ[-3]:.4g}; mean σ_max error "

@@ -18,7 +18,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
-from train.loop import avoid_cpu_lapack_deadlock  # noqa: E402
+from train.lapack_workaround import avoid_cpu_lapack_deadlock  # noqa: E402
 
 avoid_cpu_lapack_deadlock()  # Before JAX starts: see its docstring (XLA:CPU LAPACK deadlock).
 
