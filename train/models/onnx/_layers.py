@@ -98,7 +98,7 @@ def _conv_transpose(node, xp, x, w, b=None):
         pads = []
         for size, k, s, op, out in zip(x.shape[2:], keff, strides, out_pad, output_shape):
             total = s * (size - 1) + op + k - out
-            lo = total // 2 if auto_pad != "SAME_UPPER" else total - total // 2
+            lo = total // 2 if auto_pad == "SAME_UPPER" else total - total // 2
             pads.append((lo, total - lo))
     else:
         pads = explicit_pads(node, x.shape[2:], keff, strides)

@@ -127,7 +127,7 @@ def from_onnx(path_or_model_proto: str | onnx.ModelProto, input_shape: InputShap
       >>> graph = helper.make_graph(
       ...     [helper.make_node('Conv', ['x', 'w'], ['y'], name='conv', pads=[1, 1, 1, 1])],
       ...     'g', [helper.make_tensor_value_info('x', TensorProto.FLOAT, ['n', 3, 8, 8])],
-      ...     [helper.make_tensor_value_info('y', TensorProto.FLOAT, None)], [w])
+      ...     [helper.make_tensor_value_info('y', TensorProto.FLOAT, ['n', 4, 8, 8])], [w])
       >>> model = from_onnx(helper.make_model(graph), input_shape=(1, 3, 8, 8))
       >>> model.params['conv']['W'].shape, model.output_shapes
       ((3, 3, 3, 4), ((1, 4, 8, 8),))
