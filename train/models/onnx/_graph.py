@@ -103,8 +103,8 @@ def load_model(source: Any) -> onnx.ModelProto:
             "path_or_model_proto is not an ONNX model: it has no graph nodes (a file that is not "
             "ONNX, or a truncated one)"
         )
-    try:
-        onnx.checker.check_model(model)
+    try:  # A path lets the checker find external data and models over 2 GB.
+        onnx.checker.check_model(model if isinstance(source, onnx.ModelProto) else path)
     except (onnx.checker.ValidationError, ValueError) as e:
         raise ValueError(f"path_or_model_proto is not a valid ONNX model: {e}") from e
     return model
