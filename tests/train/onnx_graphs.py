@@ -1,4 +1,4 @@
-"""Helpers for the ONNX import tests: small graphs built with ``onnx.helper``, run by onnxruntime."""
+"""Helpers for the ONNX import tests: graphs built with ``onnx.helper``, run by onnxruntime."""
 
 from __future__ import annotations
 

@@ -29,15 +29,33 @@ def _specs(model):
 # (attrs, input (H, W), kernel (kh, kw), c_in, groups, expected padding): the expected pads are
 # worked out by hand from the ONNX rules, not by the code under test.
 CONV_LAYERS = {
-    "explicit_asymmetric": (dict(pads=[0, 1, 2, 1], strides=[2, 3]), (9, 8), (3, 2), 3, 1,
-                            ((0, 2), (1, 1))),
+    "explicit_asymmetric": (
+        dict(pads=[0, 1, 2, 1], strides=[2, 3]),
+        (9, 8),
+        (3, 2),
+        3,
+        1,
+        ((0, 2), (1, 1)),
+    ),
     "same_upper": (dict(auto_pad="SAME_UPPER", strides=[2, 2]), (7, 8), (3, 4), 3, 1, "SAME"),
     # SAME_LOWER, H: out 4, total 3*2+4-7=3 -> (2, 1); W: out 3, total 2*3+3-8=1 -> (1, 0).
-    "same_lower_odd": (dict(auto_pad="SAME_LOWER", strides=[2, 3]), (7, 8), (4, 3), 3, 1,
-                       ((2, 1), (1, 0))),
+    "same_lower_odd": (
+        dict(auto_pad="SAME_LOWER", strides=[2, 3]),
+        (7, 8),
+        (4, 3),
+        3,
+        1,
+        ((2, 1), (1, 0)),
+    ),
     "valid": (dict(auto_pad="VALID"), (6, 7), (3, 3), 2, 1, "VALID"),
-    "depthwise_dilated": (dict(group=4, dilations=[2, 2], pads=[2, 2, 2, 2]), (8, 8), (3, 3), 4,
-                          4, "SAME"),
+    "depthwise_dilated": (
+        dict(group=4, dilations=[2, 2], pads=[2, 2, 2, 2]),
+        (8, 8),
+        (3, 3),
+        4,
+        4,
+        "SAME",
+    ),
     "grouped_full": (dict(group=2, pads=[2, 2, 2, 2]), (5, 6), (3, 3), 4, 2, "FULL"),
 }
 
@@ -47,8 +65,9 @@ def test_find_convs_reads_the_onnx_attributes(name):
     attrs, (h, w), (kh, kw), c_in, groups, padding = CONV_LAYERS[name]
     weight = randn(8, c_in // groups, kh, kw, seed=3)
     x = randn(1, c_in, h, w)
-    model = make_model([node("Conv", ["x", "w"], ["y"], name="conv", **attrs)], {"x": x}, ["y"],
-                       {"w": weight})
+    model = make_model(
+        [node("Conv", ["x", "w"], ["y"], name="conv", **attrs)], {"x": x}, ["y"], {"w": weight}
+    )
     imported = check_against_ort(model, {"x": x})
     np.testing.assert_array_equal(imported.params["conv"]["W"], weight.transpose(2, 3, 1, 0))
     spec = _specs(imported)["conv"]
@@ -76,12 +95,17 @@ def test_wrap_pad_then_conv_is_circular():
 
 def test_one_d_conv_is_a_two_d_conv_of_height_one():
     x = randn(1, 3, 10)
-    model = make_model([node("Conv", ["x", "w"], ["y"], name="c", pads=[1, 1], strides=[2])],
-                       {"x": x}, ["y"], {"w": randn(4, 3, 3)})
+    model = make_model(
+        [node("Conv", ["x", "w"], ["y"], name="c", pads=[1, 1], strides=[2])],
+        {"x": x},
+        ["y"],
+        {"w": randn(4, 3, 3)},
+    )
     imported = check_against_ort(model, {"x": x})
     assert imported.params["c"]["W"].shape == (1, 3, 3, 4)
     assert _specs(imported)["c"] == spectra.ConvSpec(
-        (1, 10), strides=(1, 2), padding=((0, 0), (1, 1)), in_features=3)
+        (1, 10), strides=(1, 2), padding=((0, 0), (1, 1)), in_features=3
+    )
 
 
 def _onnx_dense_operator(model: onnx.ModelProto, in_shape) -> np.ndarray:
@@ -95,9 +119,13 @@ def _onnx_dense_operator(model: onnx.ModelProto, in_shape) -> np.ndarray:
 def test_exact_sigma_max_equals_the_onnx_operator(name):
     attrs, (h, w), (kh, kw), c_in, groups, _ = CONV_LAYERS[name]
     x = randn(1, c_in, h, w)
-    model = make_model([node("Conv", ["x", "w"], ["y"], name="conv", **attrs)], {"x": x}, ["y"],
-                       {"w": randn(8, c_in // groups, kh, kw, seed=3)},
-                       input_dims={"x": ["n", c_in, h, w]})
+    model = make_model(
+        [node("Conv", ["x", "w"], ["y"], name="conv", **attrs)],
+        {"x": x},
+        ["y"],
+        {"w": randn(8, c_in // groups, kh, kw, seed=3)},
+        input_dims={"x": ["n", c_in, h, w]},
+    )
     imported = from_onnx(model, input_shape=x.shape)
     spec = _specs(imported)["conv"]
     kernel = np.asarray(imported.params["conv"]["W"], np.float64)
@@ -106,8 +134,9 @@ def test_exact_sigma_max_equals_the_onnx_operator(name):
     got = spectra.singular_values(kernel, spec, method="dense")
     np.testing.assert_allclose(got[: len(want)], want[: len(got)], rtol=1e-5, atol=1e-5 * want[0])
     lanczos = spectra.spectral_norm(kernel, spec, method="lanczos")
-    np.testing.assert_allclose(lanczos, np.linalg.svd(spectra.dense_operator(kernel, spec),
-                                                      compute_uv=False)[0], rtol=1e-9)
+    np.testing.assert_allclose(
+        lanczos, np.linalg.svd(spectra.dense_operator(kernel, spec), compute_uv=False)[0], rtol=1e-9
+    )
 
 
 # -------------------------------------------------------------------------- a small CNN
@@ -118,18 +147,31 @@ def small_cnn(symbolic: bool = False) -> tuple[onnx.ModelProto, np.ndarray]:
         return (rng.standard_normal(s) / np.sqrt(np.prod(s[1:]))).astype(np.float32)
 
     inits = {
-        "w1": r(6, 3, 3, 3), "b1": r(6),
-        "g": 1 + 0.1 * r(6), "beta": r(6), "mean": r(6), "var": 1 + np.abs(r(6)),
-        "w2": r(8, 3, 3, 3), "b2": r(8),
+        "w1": r(6, 3, 3, 3),
+        "b1": r(6),
+        "g": 1 + 0.1 * r(6),
+        "beta": r(6),
+        "mean": r(6),
+        "var": 1 + np.abs(r(6)),
+        "w2": r(8, 3, 3, 3),
+        "b2": r(8),
         "w3": r(8, 1, 3, 3),
-        "fc": r(5, 8), "fcb": r(5),
+        "fc": r(5, 8),
+        "fcb": r(5),
     }
     nodes = [
         node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
         node("BatchNormalization", ["c1", "g", "beta", "mean", "var"], ["n1"], name="bn1"),
         node("Relu", ["n1"], ["a1"]),
-        node("Conv", ["a1", "w2", "b2"], ["c2"], name="conv2", group=2, strides=[2, 2],
-             auto_pad="SAME_UPPER"),
+        node(
+            "Conv",
+            ["a1", "w2", "b2"],
+            ["c2"],
+            name="conv2",
+            group=2,
+            strides=[2, 2],
+            auto_pad="SAME_UPPER",
+        ),
         node("Sigmoid", ["c2"], ["s2"]),
         node("Mul", ["c2", "s2"], ["a2"]),
         node("Conv", ["a2", "w3"], ["c3"], name="conv3", group=8, pads=[0, 1, 2, 1]),
@@ -168,8 +210,9 @@ def test_grad_matches_finite_differences():
     @jax.jit
     def analytic_and_numeric(p, inp):
         g_params, g_x = jax.grad(loss, argnums=(0, 1))(p, inp)
-        analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(g_params),
-                                                     jax.tree.leaves(direction)))
+        analytic = sum(
+            jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(g_params), jax.tree.leaves(direction))
+        )
         analytic += jnp.vdot(g_x, dx)
         h = 1e-5
         plus = loss(jax.tree.map(lambda a, d: a + h * d, p, direction), inp + h * dx)
@@ -207,13 +250,24 @@ def test_fine_tune_with_projection_keeps_every_conv_below_c():
         losses.append(float(value))
     assert losses[-1] < losses[0]
     for key, spec in found.items():
-        before = float(spectra.spectral_norm(np.asarray(imported.params[key]["W"], np.float64),
-                                             spec, method="dense"))
-        after = float(spectra.spectral_norm(np.asarray(params[key]["W"], np.float64), spec,
-                                            method="dense"))
+        before = float(
+            spectra.spectral_norm(
+                np.asarray(imported.params[key]["W"], np.float64), spec, method="dense"
+            )
+        )
+        after = float(
+            spectra.spectral_norm(np.asarray(params[key]["W"], np.float64), spec, method="dense")
+        )
         assert after <= c * (1 + 1e-4), (key, before, after)
-    assert any(float(spectra.spectral_norm(np.asarray(imported.params[k]["W"], np.float64), s,
-                                           method="dense")) > c for k, s in found.items())
+    assert any(
+        float(
+            spectra.spectral_norm(
+                np.asarray(imported.params[k]["W"], np.float64), s, method="dense"
+            )
+        )
+        > c
+        for k, s in found.items()
+    )
 
 
 # ----------------------------------------------------------------------------- BN folding
@@ -224,7 +278,8 @@ def test_fold_batch_norm():
     assert folds == (train.models.FoldedBatchNorm("conv1", "bn1"),)
     assert "bn1" not in folded.params and "bn1" in imported.params
     np.testing.assert_allclose(
-        folded.apply_fn(folded.params, x)[0], run_ort(model, {"x": x})[0], rtol=1e-5, atol=1e-6)
+        folded.apply_fn(folded.params, x)[0], run_ort(model, {"x": x})[0], rtol=1e-5, atol=1e-6
+    )
     # Same spec; the folded operator is diag(f) times the raw one, f = γ / sqrt(var + ε).
     assert _specs(folded)["conv1"] == _specs(imported)["conv1"]
     spec = _specs(imported)["conv1"]
@@ -232,17 +287,25 @@ def test_fold_batch_norm():
     factor = bn["scale"] / np.sqrt(bn["var"] + 1e-5)  # Opset 13 names the inputs so.
     raw = spectra.dense_operator(np.asarray(imported.params["conv1"]["W"], np.float64), spec)
     new = spectra.dense_operator(np.asarray(folded.params["conv1"]["W"], np.float64), spec)
-    np.testing.assert_allclose(new, np.tile(factor, raw.shape[0] // 6)[:, None] * raw,
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        new, np.tile(factor, raw.shape[0] // 6)[:, None] * raw, rtol=1e-6, atol=1e-7
+    )
 
 
 def test_fold_batch_norm_skips_a_conv_output_used_twice():
     x = randn(1, 2, 5, 5)
-    inits = {"w": randn(3, 2, 3, 3), "g": randn(3), "b": randn(3), "m": randn(3),
-             "v": np.ones(3, np.float32)}
-    nodes = [node("Conv", ["x", "w"], ["c"], name="conv"),
-             node("BatchNormalization", ["c", "g", "b", "m", "v"], ["n"], name="bn"),
-             node("Add", ["c", "n"], ["y"])]
+    inits = {
+        "w": randn(3, 2, 3, 3),
+        "g": randn(3),
+        "b": randn(3),
+        "m": randn(3),
+        "v": np.ones(3, np.float32),
+    }
+    nodes = [
+        node("Conv", ["x", "w"], ["c"], name="conv"),
+        node("BatchNormalization", ["c", "g", "b", "m", "v"], ["n"], name="bn"),
+        node("Add", ["c", "n"], ["y"]),
+    ]
     imported = from_onnx(make_model(nodes, {"x": x}, ["y"], inits))
     folded, folds = fold_batch_norm(imported)
     assert folds == () and folded is imported
@@ -254,15 +317,22 @@ def test_external_data(tmp_path):
     path = tmp_path / "model.onnx"
     saved = onnx.ModelProto()
     saved.CopyFrom(model)  # save_model moves the data of the proto it is given to the file.
-    onnx.save_model(saved, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="weights.bin", size_threshold=0)
+    onnx.save_model(
+        saved,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
     assert (tmp_path / "weights.bin").stat().st_size > 0
     assert path.stat().st_size < 2000  # The weights are outside the model file.
     imported = from_onnx(str(path))
     in_memory = from_onnx(model)
     jax.tree.map(np.testing.assert_array_equal, imported.params, in_memory.params)
-    np.testing.assert_allclose(imported.apply_fn(imported.params, x)[0],
-                               run_ort(model, {"x": x})[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        imported.apply_fn(imported.params, x)[0], run_ort(model, {"x": x})[0], rtol=1e-5, atol=1e-6
+    )
 
 
 def test_bad_files(tmp_path):
@@ -284,20 +354,25 @@ def test_bad_files(tmp_path):
 
 
 def test_unsupported_op_names_type_node_and_opset():
-    x = randn(2, 3)
-    model = make_model([node("Relu", ["x"], ["r"]), node("Det", ["r"], ["y"], name="my_det")],
-                       {"x": randn(3, 3)}, ["y"])
-    with pytest.raises(ValueError, match=r"unsupported ONNX operator Det \(node 'my_det', opset 13"):
+    model = make_model(
+        [node("Relu", ["x"], ["r"]), node("Det", ["r"], ["y"], name="my_det")],
+        {"x": randn(3, 3)},
+        ["y"],
+    )
+    with pytest.raises(
+        ValueError, match=r"unsupported ONNX operator Det \(node 'my_det', opset 13"
+    ):
         from_onnx(model)
-    del x
 
 
 def test_shape_from_graph_values_is_an_error():
     graph = helper.make_graph(
         [node("Reshape", ["y0", "x"], ["y"], name="reshape")],
         "g",
-        [helper.make_tensor_value_info("y0", onnx.TensorProto.FLOAT, [24]),
-         helper.make_tensor_value_info("x", onnx.TensorProto.INT64, [2])],
+        [
+            helper.make_tensor_value_info("y0", onnx.TensorProto.FLOAT, [24]),
+            helper.make_tensor_value_info("x", onnx.TensorProto.INT64, [2]),
+        ],
         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["a", "b"])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
@@ -326,8 +401,13 @@ def test_shape_subgraph_is_folded_at_import():
         onnx.numpy_helper.from_array(np.array([v], np.int64), name)
         for name, v in [("zero", 0), ("one", 1), ("minus_one", -1)]
     ]
-    graph = helper.make_graph(nodes, "g", model.graph.input, [helper.make_tensor_value_info(
-        "z", onnx.TensorProto.FLOAT, ["batch", "k"])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        model.graph.input,
+        [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, ["batch", "k"])],
+        inits,
+    )
     with_shape = helper.make_model(graph, opset_imports=model.opset_import, ir_version=8)
     imported = check_against_ort(with_shape, {"x": x}, input_shape=x.shape)
     ops = [step.info.op_type for step in imported.program.steps]

@@ -173,7 +173,9 @@ CASES = {
         "MaxPool", (1, 2, 8, 9), kernel_shape=[3, 3], strides=[2, 2], pads=[1, 0, 1, 1], ceil_mode=1
     ),
     "max_pool_dilation": pool("MaxPool", kernel_shape=[2, 2], dilations=[2, 2], strides=[1, 2]),
-    "max_pool_same_upper": pool("MaxPool", kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_UPPER"),
+    "max_pool_same_upper": pool(
+        "MaxPool", kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_UPPER"
+    ),
     "avg_pool": pool("AveragePool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
     "avg_pool_include_pad": pool(
         "AveragePool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], count_include_pad=1
@@ -299,8 +301,12 @@ CASES = {
             node("Concat", ["n1", "rest"], ["shape"], axis=0),
             node("Reshape", ["x", "shape"], ["y"]),
             node("Shape", ["y"], ["ys"], start=1),
-            node("ConstantOfShape", ["ys"], ["ones"], value=numpy_helper.from_array(
-                np.array([2.0], np.float32))),
+            node(
+                "ConstantOfShape",
+                ["ys"],
+                ["ones"],
+                value=numpy_helper.from_array(np.array([2.0], np.float32)),
+            ),
             node("Add", ["y", "ones"], ["z"]),
             const("start", np.array(0, I64)),
             const("step", np.array(1, I64)),
@@ -415,10 +421,6 @@ CASES = {
         {"s": np.array([1, 1, 2, 2], np.float32)},
     ),
 }
-
-
-def _params_inits(inits):
-    return inits
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -397,4 +397,7 @@ def _topk(node, xp, x, k):
         raise node.error("only largest=1, sorted=1 is supported")
     moved = jnp.moveaxis(x, axis, -1)
     values, indices = lax.top_k(moved, k)
-    return (jnp.moveaxis(values, -1, axis), jnp.moveaxis(indices, -1, axis).astype(dtype_for(xp, np.int64)))
+    return (
+        jnp.moveaxis(values, -1, axis),
+        jnp.moveaxis(indices, -1, axis).astype(dtype_for(xp, np.int64)),
+    )

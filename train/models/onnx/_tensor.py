@@ -83,8 +83,10 @@ def _transpose(node, xp, x):
 
 
 def _axes(node, x_rank: int, axes_input, attr_until: int):
-    return node.attr("axes") if node.opset < attr_until else (
-        None if axes_input is None else ints(axes_input)
+    return (
+        node.attr("axes")
+        if node.opset < attr_until
+        else (None if axes_input is None else ints(axes_input))
     )
 
 
@@ -132,8 +134,9 @@ def _split(node, xp, x, split=None):
     else:
         sizes = ints(split)
     if sum(sizes) != n or len(sizes) != node.num_outputs:
-        raise node.error(f"split sizes {sizes} do not split dimension {n} into "
-                         f"{node.num_outputs} outputs")
+        raise node.error(
+            f"split sizes {sizes} do not split dimension {n} into {node.num_outputs} outputs"
+        )
     bounds = np.cumsum(sizes)[:-1].tolist()
     return tuple(xp.split(x, bounds, axis=axis))
 
@@ -225,6 +228,8 @@ def _pad(node, xp, x, pads=None, value=None, axes=None):
 @register("NonZero")
 def _nonzero(node, xp, x):
     if is_jax(xp):
-        raise node.error("NonZero of a value computed from the graph inputs has a data-dependent "
-                         "shape; only constant inputs are supported")
+        raise node.error(
+            "NonZero of a value computed from the graph inputs has a data-dependent "
+            "shape; only constant inputs are supported"
+        )
     return (np.stack(np.nonzero(x)).astype(np.int64),)

@@ -95,7 +95,9 @@ def _apply(program: Program, params: Any, *inputs: Any) -> tuple:
     return run_program(program, params, inputs)
 
 
-def from_onnx(path_or_model_proto: str | onnx.ModelProto, input_shape: InputShape = None) -> OnnxModel:
+def from_onnx(
+    path_or_model_proto: str | onnx.ModelProto, input_shape: InputShape = None
+) -> OnnxModel:
     """Imports an ONNX model (PyTorch, TensorFlow, JAX exports) as a pure JAX function.
 
     The graph is read once: shape subgraphs (``Shape``, ``Gather``, ``Range``,
