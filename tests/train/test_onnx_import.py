@@ -196,6 +196,17 @@ def test_symbolic_dims_need_input_shape():
         from_onnx(model, input_shape=(2, 4, 8, 8))
 
 
+def test_jit_and_vmap_agree_with_onnxruntime():
+    model, x = small_cnn()
+    imported = from_onnx(model)
+    stacked = np.stack([x, 2 * x, -x])
+    got = jax.jit(jax.vmap(imported.apply_fn, in_axes=(None, 0)))(imported.params, stacked)[0]
+    for i in range(3):
+        np.testing.assert_allclose(
+            got[i], run_ort(model, {"x": stacked[i]})[0], rtol=1e-5, atol=1e-6
+        )
+
+
 def test_grad_matches_finite_differences():
     model, x = small_cnn()
     imported = from_onnx(model)

@@ -408,6 +408,23 @@ CASES = {
         {"x": randn(1, 2, 8, 6)},
         {"s": np.array([1, 1, 0.5, 0.5], np.float32)},
     ),
+    "resize_11_linear_asymmetric": (
+        11,
+        [
+            node(
+                "Resize",
+                ["x", "roi", "s"],
+                ["y"],
+                mode="linear",
+                coordinate_transformation_mode="asymmetric",
+            )
+        ],
+        {"x": randn(1, 2, 3, 4)},
+        {"roi": np.zeros(0, np.float32), "s": np.array([1, 1, 2, 2.5], np.float32)},
+    ),
+    "upsample_7_nearest_attr": unary(
+        "Upsample", randn(1, 2, 3, 4), opset=7, mode="nearest", scales=[1.0, 1.0, 2.0, 3.0]
+    ),
     "upsample_9_nearest": (
         9,
         [node("Upsample", ["x", "s"], ["y"], mode="nearest")],
