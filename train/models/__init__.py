@@ -1,5 +1,6 @@
 """Models for the training experiments, Flax NNX: CIFAR ResNets (He et al. 2016), a small CNN, and
-Garipov et al.'s (2016) CIFAR-10 conv / conv-fc networks with their TT versions."""
+Garipov et al.'s (2016) CIFAR-10 conv / conv-fc networks with their TT versions, and any ONNX
+model imported as a pure JAX function (:func:`from_onnx`)."""
 
 from train.models.garipov import RELEASED_TT_CONV
 from train.models.garipov import RELEASED_TT_CONV_TT_FC
@@ -7,6 +8,10 @@ from train.models.garipov import GaripovNet
 from train.models.garipov import NaiveTTConv
 from train.models.garipov import compression_ratio
 from train.models.garipov import decompose_tt
+from train.models.onnx import FoldedBatchNorm
+from train.models.onnx import OnnxModel
+from train.models.onnx import fold_batch_norm
+from train.models.onnx import from_onnx
 from train.models.resnet import PADDINGS
 from train.models.resnet import SHORTCUTS
 from train.models.resnet import BasicBlock
@@ -26,6 +31,10 @@ __all__ = [
     "NaiveTTConv",
     "compression_ratio",
     "decompose_tt",
+    "FoldedBatchNorm",
+    "OnnxModel",
+    "fold_batch_norm",
+    "from_onnx",
     "PADDINGS",
     "SHORTCUTS",
     "BasicBlock",
