@@ -12,7 +12,8 @@
   :func:`evaluate_model` for run folders; :func:`run_svd_pipeline` (the four stages of SVD
   training), :func:`prune_by_energy`, :func:`recalibrate_batch_stats`, :func:`count_flops`.
 * Submodules: :mod:`train.models` (CIFAR ResNets, a small CNN, Garipov et al.'s conv / conv-fc
-  nets and their TT versions; :mod:`train.models.registry`), :mod:`train.layers` (SVD and TT
+  nets and their TT versions; :mod:`train.models.registry`; ONNX import:
+  :func:`from_onnx`, :func:`fold_batch_norm`), :mod:`train.layers` (SVD and TT
   layers), :mod:`train.data` (digits / tfds loading and a seeded, resumable pipeline), and the
   parts of the loop: :mod:`train.config`, :mod:`train.optim`, :mod:`train.steps`,
   :mod:`train.checkpoint`, :mod:`train.metrics`, :mod:`train.builders`,
@@ -36,6 +37,10 @@ from train.loop import evaluate_model
 from train.loop import restore_model
 from train.loop import save_model
 from train.loop import train_and_evaluate
+from train.models.onnx import FoldedBatchNorm
+from train.models.onnx import OnnxModel
+from train.models.onnx import fold_batch_norm
+from train.models.onnx import from_onnx
 from train.models.registry import build_model
 from train.optim import learning_rate_schedule
 from train.optim import make_optimizer
@@ -48,6 +53,8 @@ from train.transforms import ProjectConvOperatorNormState
 from train.transforms import project_conv_operator_norm
 
 __all__ = [
+    "FoldedBatchNorm",
+    "OnnxModel",
     "Pipeline",
     "ProjectConvOperatorNormState",
     "TrainConfig",
@@ -59,6 +66,8 @@ __all__ = [
     "evaluate_model",
     "find_convs",
     "find_convs_nnx",
+    "fold_batch_norm",
+    "from_onnx",
     "layers",
     "layer_spectral_norms",
     "learning_rate_schedule",
