@@ -188,17 +188,13 @@ class ProjectionTest(parameterized.TestCase):
 
 
 def hybrid_cases():
-    """Layers of the shared grid (tests/spectra/layers.py) the transform accepts: every padding,
-    strides, dilation, groups; circular layers only where the strides divide the input."""
+    """Layers of the shared grid (tests/spectra/layers.py), one padding per shape in turn, so
+    that every padding, strides, dilation and groups appear (circular with strides dividing)."""
     tags = ("k1", "k3x2", "stride2", "dilation2x1_stride2", "groups2", "depthwise")
-    cases = {}
-    for name, kshape, spec in layers.layer_cases():
-        if name.rsplit("_", 1)[0] not in tags:
-            continue
-        if spec.is_circular and any(n % s for n, s in zip(spec.input_shape, spec.strides)):
-            continue
-        cases[name] = (kshape, spec)
-    return cases
+    paddings = ("CIRCULAR", "SAME", "VALID", "FULL", "explicit")
+    wanted = {f"{t}_{paddings[i % len(paddings)]}" for i, t in enumerate(tags)}
+    return {name: (kshape, spec) for name, kshape, spec in layers.layer_cases()
+            if name in wanted}
 
 
 class HybridTest(parameterized.TestCase):
