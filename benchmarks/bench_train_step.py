@@ -1,140 +1,221 @@
 """Time one training step of ResNet-20 (32x32, batch 128) without and with the projection.
 
-One jitted :func:`train.loop.make_steps` step (forward, backward, BatchNorm statistics, SGD with
-momentum 0.9 and weight decay, metric sums) of ResNet-20 (width 16, zero padding, shortcut A,
-10 classes) on a fixed random batch of 128 images 32x32x3, float32, compared with the same step
-where :func:`train.project_conv_operator_norm` projects all 19 conv kernels every step (radius
-``c = 1``) with each method (``certified``, ``sedghi``, ``dykstra``, ``rescale``; one round).
-Times are medians over ``--repeats`` steps after ``--warmup`` steps (compilation excluded), each
-step timed to ``block_until_ready``, the variants interleaved (one step of each per round), all in
-one process, on whatever device JAX uses (CPU here). The last column is the largest exact σ_max
-of the convs after the steps (the approximate methods may end above ``c``).
+One jitted training step (forward, backward, BatchNorm batch statistics, weight decay 5e-4 on
+kernels, SGD with momentum 0.9 at lr 0.1, as ``train``'s default optimiser) of ResNet-20
+(width 16, zero padding, shortcut A, 10 classes) on a fixed random batch of 128 images
+32x32x3, float32, compared with the same step where :func:`train.project_conv_operator_norm`
+(last in the chain, radius ``c``) projects all 19 conv kernels:
 
-Printed: the median step time per variant, its ratio to the plain step, the overhead
-(``ratio - 1``; target ≤ 25%), and the derived amortised overhead when projecting every 100 steps
-(``overhead / 100``, the paper's period; computed, not measured).
+* every step with one method (``--methods``: ``certified``, ``sedghi``, ``dykstra``,
+  ``rescale``, ``power``; ``--rounds`` rounds / power iterations);
+* the **hybrid** (``--certify-every``): ``method='power'`` every step plus a certified rescale
+  (``--certify-method``) after every k-th update, one row per ``k``.
 
-Usage: ``python benchmarks/bench_train_step.py [--repeats 7] [--warmup 2] [--batch 128]``.
+All variants run in one process, interleaved (one step of each per round, timed with
+``benchmarks/_timing.time_all``, so that load drifts hit all alike), ``--steps`` measured steps
+after ``--warmup`` steps (compilation excluded), each to ``block_until_ready``. Printed per
+variant: the median step, the mean step over the measured steps (it contains the certified
+steps in their proportion), the overhead of the mean over the plain median, and for hybrids the
+median of the certifying steps and the amortised overhead ``((k-1) median_power + median_certify)
+/ k / median_plain - 1``. At every certified point of a hybrid and at the end, the largest
+σ_max / c over the convs: Lanczos (``spectra.spectral_norm(..., 'lanczos')``, exact to its
+tolerance, a lower value) and the certified float64 upper bound of
+:func:`train.certify.certified_upper_bound` (circulant embedding, ``>=`` exact). At the end,
+every variant's final params also go through :func:`train.certify.certify_conv_operator_norm`.
+
+Usage: ``python benchmarks/bench_train_step.py [--steps 50] [--warmup 2] [--methods power]
+[--certify-every 10 50]``.
 """
 
 from __future__ import annotations
 
-import os
+from train.loop import avoid_cpu_lapack_deadlock
 
-# Batched small LAPACK calls are sequential per call in XLA:CPU; OpenBLAS threads only
-# oversubscribe the cores. Set before NumPy/JAX load OpenBLAS.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
-from train import loop  # noqa: E402
-
-loop.avoid_cpu_lapack_deadlock()  # Before the first JAX computation (see its docstring).
+avoid_cpu_lapack_deadlock()  # Before the first JAX computation (see its docstring).
 
 import argparse  # noqa: E402
-import dataclasses  # noqa: E402
+import os  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 from flax import nnx  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
 
+import spectra  # noqa: E402
+from benchmarks._timing import markdown  # noqa: E402
+from benchmarks._timing import time_all  # noqa: E402
 from train import discovery  # noqa: E402
-from train.config import TrainConfig  # noqa: E402
+from train.certify import certified_upper_bound  # noqa: E402
+from train.certify import certify_conv_operator_norm  # noqa: E402
 from train.models.resnet import ResNet  # noqa: E402
-
-METHODS = ("certified", "sedghi", "dykstra", "rescale", "power")
+from train.transforms import CERTIFIED_METHODS  # noqa: E402
+from train.transforms import PROJECT_METHODS  # noqa: E402
+from train.transforms import project_conv_operator_norm  # noqa: E402
 
 
 class Variant:
-    """One variant's jitted train step and its state (ResNet-20, compiled by ``warm_up``)."""
+    """One variant's jitted train step and its state (compiled by the first step)."""
 
-    def __init__(self, config: TrainConfig, batch: tuple):
-        model = ResNet(20, 10, in_channels=3, width=config.width, padding=config.padding,
-                       rngs=nnx.Rngs(0))
+    def __init__(self, projection, batch: tuple, certify_every: int | None = None):
+        model = ResNet(20, 10, in_channels=3, padding="SAME", rngs=nnx.Rngs(0))
         self.specs = discovery.find_convs_nnx(model, batch[0][:1])
         model.train()
-        graphdef_train, params, rest = nnx.split(model, nnx.Param, ...)
-        model.eval()
-        graphdef_eval = nnx.split(model, nnx.Param, ...)[0]
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         params, rest = nnx.as_pure(params), nnx.as_pure(rest)
-        self.steps = loop.make_steps(graphdef_train, graphdef_eval, self.specs, config)
-        self.hyper = loop.step_hyperparameters(config)
-        self.state = loop.TrainState(
-            params, rest, self.steps.tx.init(params), jnp.zeros([], jnp.int32), loop._zero_sums()
-        )
+        parts = [
+            optax.add_decayed_weights(5e-4, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)),
+            optax.sgd(0.1, momentum=0.9),
+        ]
+        if projection is not None:
+            parts.append(projection(self.specs))
+        tx = optax.chain(*parts)
+        self.certify_every = certify_every
+        self.state = (params, rest, tx.init(params))
         self.batch = batch
+        self.num_updates = 0
         self.times: list[float] = []
+        self.certify_times: list[float] = []
+        self.checks: list[tuple[int, float, float]] = []
 
-    def step(self, record: bool = True) -> None:
-        start = time.perf_counter()
-        self.state, _ = self.steps.train_step(self.state, *self.batch, self.hyper)
+        def loss_fn(params, rest, image, label):
+            model = nnx.merge(graphdef, params, rest)
+            logits = model(image)
+            new_rest = nnx.as_pure(nnx.split(model, nnx.Param, ...)[2])
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, label).mean()
+            return loss, new_rest
+
+        @jax.jit
+        def step(state, image, label):
+            params, rest, opt_state = state
+            grads, rest = jax.grad(loss_fn, has_aux=True)(params, rest, image, label)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), rest, opt_state
+
+        self._step = step
+
+    def certifies_next(self) -> bool:
+        return self.certify_every is not None and (self.num_updates + 1) % self.certify_every == 0
+
+    def step(self) -> None:
+        self.state = self._step(self.state, *self.batch)
         jax.block_until_ready(self.state)
-        if record:
-            self.times.append(time.perf_counter() - start)
+        self.num_updates += 1
 
-    def sigma_max(self) -> float:
-        """Largest exact σ_max over the convs now (``train.loop.layer_spectral_norms``:
-        Lanczos to 1e-5 for these zero-padded layers)."""
-        return float(jnp.max(loop.layer_spectral_norms(self.state.params, self.specs)))
+    def kernels(self, params=None):
+        params = self.state[0] if params is None else params
+        leaves = jax.tree.leaves(params)
+        aligned = discovery.align_with_params(params, self.specs, "specs")
+        return [(k, s) for k, s in zip(leaves, aligned) if s is not None]
+
+    def sigma_ratios(self, max_norm: float, params=None) -> tuple[float, float]:
+        """``(max Lanczos σ_max / c, max certified upper bound / c)`` over the convs."""
+        lanczos, bound = [], []
+        for kernel, spec in self.kernels(params):
+            lanczos.append(float(spectra.spectral_norm(kernel, spec, "lanczos")))
+            bound.append(certified_upper_bound(kernel, spec))
+        return max(lanczos) / max_norm, max(bound) / max_norm
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=50, help="measured steps per variant")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--max-norm", type=float, default=1.0)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="*", default=list(PROJECT_METHODS),
+                        choices=PROJECT_METHODS, help="projections every step to time")
     parser.add_argument("--rounds", type=int, nargs="+", default=[1],
-                        help="project_rounds values (power iterations for 'power') to time")
+                        help="num_rounds values (power iterations for 'power') to time")
+    parser.add_argument("--certify-every", type=int, nargs="*", default=[10, 50],
+                        help="hybrid rows: power every step, certified every k-th update")
+    parser.add_argument("--certify-method", default="rescale", choices=CERTIFIED_METHODS)
     args = parser.parse_args()
+    c = args.max_norm
 
     rng = np.random.default_rng(0)
     batch = (
-        rng.normal(size=(args.batch, 32, 32, 3)).astype(np.float32),
-        rng.integers(0, 10, size=args.batch).astype(np.int32),
-        np.ones(args.batch, np.float32),
+        jnp.asarray(rng.normal(size=(args.batch, 32, 32, 3)).astype(np.float32)),
+        jnp.asarray(rng.integers(0, 10, size=args.batch).astype(np.int32)),
     )
-    base = TrainConfig(model="resnet20", width=16, num_steps=1000, progress=False)
-    variants = [("plain SGD", base)] + [
-        (f"+ projection ({m}, {r} round{'s' * (r > 1)}), every step",
-         dataclasses.replace(base, project_max_norm=args.max_norm, project_method=m,
-                             project_rounds=r))
-        for m in args.methods for r in args.rounds
-    ]
+
+    def projection(**kwargs):
+        return lambda specs: project_conv_operator_norm(c, specs, **kwargs)
+
+    configs = [("plain SGD", None, None)]
+    for m in args.methods:
+        for r in args.rounds:
+            label = f"{m}, {r} round{'s' * (r > 1)}, every step"
+            configs.append((label, projection(method=m, num_rounds=r), None))
+    for k in args.certify_every:
+        label = f"power every step + {args.certify_method} every {k}"
+        kw = dict(method="power", certify_every=k, certify_method=args.certify_method)
+        configs.append((label, projection(**kw), k))
+
     print(f"# ResNet-20, 32x32x3, batch {args.batch}, float32, device "
-          f"{jax.devices()[0].device_kind} ({jax.default_backend()}), "
-          f"{os.cpu_count()} CPUs visible; median of {args.repeats} steps after "
-          f"{args.warmup} warm-up steps")
+          f"{jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs "
+          f"visible, 1 BLAS thread (threadpoolctl); {args.steps} interleaved steps per variant "
+          f"after {args.warmup} warm-up steps; c = {c}")
     runs = {}
-    for label, config in variants:
+    for label, proj, k in configs:
         t0 = time.perf_counter()
-        runs[label] = Variant(config, batch)
+        runs[label] = Variant(proj, batch, k)
         for _ in range(args.warmup):
-            runs[label].step(record=False)
+            runs[label].step()
         print(f"  compiled {label} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    # Interleaved: one step of every variant per round, so that slow drifts of the machine's
-    # load hit all variants alike; medians over the rounds.
-    for _ in range(args.repeats):
-        for run in runs.values():
-            run.step()
-    medians = {label: statistics.median(run.times) for label, run in runs.items()}
-    sigmas = {label: run.sigma_max() for label, run in runs.items()}
-    plain = medians["plain SGD"]
+
+    for _ in range(args.steps):
+        for label, run in runs.items():
+            certifying = run.certifies_next()
+            seconds = time_all({label: run.step}, 1)[label]
+            (run.certify_times if certifying else run.times).append(seconds)
+            if certifying:
+                run.checks.append((run.num_updates, *run.sigma_ratios(c)))
+
+    plain = statistics.median(runs["plain SGD"].times)
+    # Certifying steps of all hybrids (same certify method): a k with no certified point among
+    # the measured steps still gets its amortised overhead from them.
+    pooled = [t for run in runs.values() for t in run.certify_times]
+    headers = ["variant", "median step", "mean step", "overhead (mean)", "certify step",
+               "amortised overhead", "max σ/c end (Lanczos)", "max bound/c end"]
+    rows = []
+    for label, run in runs.items():
+        all_times = run.times + run.certify_times
+        mean = statistics.fmean(all_times)
+        median = statistics.median(run.times)
+        lanczos, bound = run.sigma_ratios(c)
+        certify, amortised = "-", "-"
+        if run.certify_every:
+            k = run.certify_every
+            if pooled:
+                med_c = statistics.median(run.certify_times or pooled)
+                certify = f"{1e3 * med_c:.0f} ms" + ("" if run.certify_times else " (pooled)")
+                amortised = f"{100 * (((k - 1) * median + med_c) / k / plain - 1):.1f}%"
+        rows.append([label, f"{1e3 * median:.0f} ms", f"{1e3 * mean:.0f} ms",
+                     f"{100 * (mean / plain - 1):.1f}%", certify, amortised,
+                     f"{lanczos:.6f}", f"{bound:.6f}"])
     print()
-    print("| variant | median step (ms) | ratio to plain | overhead | amortised every 100 "
-          "| max exact σ_max after the steps |")
-    print("|---|---|---|---|---|---|")
-    for label, median in medians.items():
-        overhead = median / plain - 1
-        amortised = "-" if label == "plain SGD" else f"{100 * overhead / 100:.2f}%"
-        print(f"| {label} | {1000 * median:.1f} | {median / plain:.3f} | {100 * overhead:.1f}% "
-              f"| {amortised} | {sigmas[label]:.4f} |")
-    print(f"\nTarget: overhead <= 25% when projecting every step. Radius c = {args.max_norm}; "
-          "'power' is approximate (its σ_max may exceed c by the power estimate's error, after "
-          f"{args.warmup + args.repeats} steps of warm-started iterations from a random start).")
+    print(markdown(headers, rows))
+
+    print("\nCertified points of the hybrids (after update n; max over the 19 convs):")
+    for label, run in runs.items():
+        for n, lanczos, bound in run.checks:
+            print(f"  {label}: n={n}: σ/c (Lanczos) {lanczos:.6f}, certified bound/c {bound:.6f}")
+
+    print("\nAt the end, certify_conv_operator_norm(method='certified') on each variant's params:")
+    for label, run in runs.items():
+        certified, report = certify_conv_operator_norm(run.state[0], run.specs, c)
+        lanczos, _ = run.sigma_ratios(c, certified)
+        print(f"  {label}: certified={report.certified}, changed={report.any_changed}, "
+              f"max bound/c {report.max_ratio:.6f}, max σ/c (Lanczos) {lanczos:.6f}")
+    print(f"\nTarget: hybrid overhead <= 25% with every layer's σ_max <= c (1 + 1e-4) at each "
+          f"certified point and at the end. Median and mean over {args.steps} steps; the "
+          "amortised column is derived from the medians of the plain-power and certifying steps.")
 
 
 if __name__ == "__main__":
-    main()
+    with threadpool_limits(limits=1, user_api="blas"):
+        main()

@@ -11,17 +11,25 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 
-from spectra._project import CLIP_METHODS
-from spectra._project import clip_operator_norm
-from spectra._project import clip_operator_norm_power
-from spectra._spec import ConvSpec
-from spectra._spec import is_concrete
+from spectra import CLIP_METHODS
+from spectra import ConvSpec
+from spectra import clip_operator_norm
+from spectra import clip_operator_norm_power
 from train import discovery
 
 #: Methods of :func:`project_conv_operator_norm`: those of ``spectra.clip_operator_norm`` and
 #: ``'power'`` (``spectra.clip_operator_norm_power`` with vectors carried in the state).
 PROJECT_METHODS = (*CLIP_METHODS, "power")
+#: Certified methods (the real layer's σ_max ``<= max_norm`` after each projection, up to
+#: rounding): the ``certify_method`` choices of :func:`project_conv_operator_norm`. Both are a
+#: pure rescale ``K * min(1, c / u)``: ``'rescale'`` with ``u`` the Gram-iteration upper bound of
+#: the circular operator ``C`` (matmuls only), ``'certified'`` with ``u = σ_max(C)`` exact
+#: (per-frequency SVD, ``num_rounds=0``).
+CERTIFIED_METHODS = ("certified", "rescale")
 #: Power iterations run by ``init`` for ``method='power'``, on the initial kernels, so that the
 #: first projection starts from converged vectors.
 POWER_INIT_ITERATIONS = 100
@@ -77,10 +85,8 @@ def _max_norm_per_spec(max_norm: Any, specs: Any) -> tuple[Any, list[Any] | None
 
     def check(value, where: str):
         if np.ndim(value) != 0:
-            raise ValueError(
-                f"max_norm{where} must be a scalar; got shape {np.shape(value)}"
-            )
-        if is_concrete(value) and not float(value) > 0:
+            raise ValueError(f"max_norm{where} must be a scalar; got shape {np.shape(value)}")
+        if not isinstance(value, jax.core.Tracer) and not float(value) > 0:
             raise ValueError(f"max_norm{where}={value!r} must be > 0")
 
     if isinstance(max_norm, (int, float, np.number, np.ndarray, jax.Array)):
@@ -102,6 +108,34 @@ def _max_norm_per_spec(max_norm: Any, specs: Any) -> tuple[Any, list[Any] | None
     return None, norms
 
 
+def _shard_stack(x: jax.Array, mesh: Mesh | None, axis: str) -> jax.Array:
+    """Pads a stack ``(G, ...)`` to a multiple of the mesh axis size (repeating its first entry)
+    and constrains it to be sharded over ``axis`` on its leading dimension; identity without a
+    mesh."""
+    if mesh is None:
+        return x
+    pad = -x.shape[0] % mesh.shape[axis]
+    if pad:
+        x = jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)])
+    return _constrain(x, mesh, PartitionSpec(axis))
+
+
+def _gather_stack(x: jax.Array, size: int, mesh: Mesh | None) -> jax.Array:
+    """Inverse of :func:`_shard_stack`: the first ``size`` entries, replicated over the mesh."""
+    if mesh is None:
+        return x
+    return _constrain(x[:size], mesh, PartitionSpec())
+
+
+def _constrain(x: jax.Array, mesh: Mesh, spec: PartitionSpec) -> jax.Array:
+    """``with_sharding_constraint`` on ``mesh``'s devices, its axes taken as ``Auto`` (the
+    default of ``jax.make_mesh`` is ``Explicit``, which the constraint does not accept)."""
+    auto = (jax.sharding.AxisType.Auto,) * len(mesh.axis_names)
+    if tuple(mesh.axis_types) != auto:
+        mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
+    return lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
 def project_conv_operator_norm(
     max_norm: Any,
     specs: Any,
@@ -109,6 +143,10 @@ def project_conv_operator_norm(
     every_k_steps: int = 1,
     method: str = "certified",
     num_rounds: int = 1,
+    certify_every: int | None = None,
+    certify_method: str = "rescale",
+    mesh: Mesh | None = None,
+    mesh_axis: str = "data",
 ) -> optax.GradientTransformation:
     r"""Keeps every conv layer's operator norm at most ``max_norm`` (Sedghi et al. 2019).
 
@@ -143,6 +181,29 @@ def project_conv_operator_norm(
     returned unchanged. Kernels with equal ``(shape, dtype, spec)`` are stacked and projected
     with one :func:`jax.vmap`.
 
+    **Cheap every step, certified every k steps** (``certify_every=k``): the transform is
+    ``optax.chain(P_method, optax.conditionally_transform(P_certify, every k-th update))`` with
+    ``P_certify`` the projection with ``method=certify_method`` (a pure certified rescale, see
+    :data:`CERTIFIED_METHODS`) applied to the output of ``P_method``, on the updates with
+    ``(count + 1) % k == 0``: the parameters **after** updates ``k, 2k, ...`` are certified
+    (every layer's exact σ_max ``<= max_norm`` up to rounding), so a checkpoint saved after a
+    multiple of ``k`` steps holds certified parameters. Every other update is exactly the one of
+    ``method`` alone (e.g. ``'power'``). Certify the final parameters with
+    :func:`train.certify.certify_conv_operator_norm` whatever ``k``.
+
+    **Sharded over devices** (``mesh``): each group's stacked kernels (and power vectors) are
+    padded to a multiple of ``mesh.shape[mesh_axis]`` and constrained
+    (:func:`jax.lax.with_sharding_constraint`) to be split over ``mesh_axis`` on the stack
+    dimension, so the projection's per-step cost per device falls as devices are added; the
+    results are gathered back (replicated). The values equal the single-device ones (same
+    per-kernel program). Use it under :func:`jax.jit` with params replicated on ``mesh``.
+
+    A traced radius (e.g. a sweep over ``c`` without recompiling): wrap the factory with
+    :func:`optax.inject_hyperparams`, giving the integer options as static arguments, e.g.
+    ``optax.inject_hyperparams(project_conv_operator_norm, static_args=('every_k_steps',
+    'num_rounds', 'certify_every'))(max_norm=1.0, specs=specs, method='power')``; the radius is
+    then ``state.hyperparams['max_norm']``.
+
     Works under :func:`jax.jit`, inside :func:`optax.masked` / :func:`optax.multi_transform`
     (``specs`` and a per-layer ``max_norm`` keep the structure of the full params tree) and with
     ``flax.nnx.Optimizer(model, tx, wrt=nnx.Param)``: ``specs`` from
@@ -158,15 +219,26 @@ def project_conv_operator_norm(
         (``'certified'``, ``'sedghi'``, ``'dykstra'``, ``'rescale'``) or ``'power'``.
       num_rounds: projection rounds per projecting update (``>= 0``; see
         ``spectra.clip_operator_norm``); for ``'power'``, power iterations per update.
+      certify_every: ``None`` (no extra step), or ``k >= 1``: a certified rescale after the
+        projection on every ``k``-th update (``(count + 1) % k == 0``).
+      certify_method: one of :data:`CERTIFIED_METHODS`, used when ``certify_every`` is set.
+      mesh: a :class:`jax.sharding.Mesh` to spread each group of kernels over; ``None``: no
+        sharding constraint.
+      mesh_axis: the name of the ``mesh`` axis the groups are split over.
 
     Returns:
-      An :class:`optax.GradientTransformation` whose state is
-      :class:`ProjectConvOperatorNormState`.
+      An :class:`optax.GradientTransformation`. Its state is a
+      :class:`ProjectConvOperatorNormState`; with ``certify_every``, the tuple
+      ``(ProjectConvOperatorNormState, optax.ConditionallyTransformState)`` whose
+      ``[1].inner_state`` is the certifying projection's state (its ``feasibility_gap`` is the
+      certified bound's gap ``<= 0`` at the latest certified update, its ``count`` the number of
+      certified updates) and ``[1].step`` the update counter.
 
     Raises:
       ValueError: naming ``max_norm`` (not positive, not a scalar, wrong structure),
         ``specs`` (not ConvSpecs, wrong structure, a circular spec whose strides do not divide
-        its input), ``every_k_steps``, ``method`` or ``num_rounds``; at ``init``/``update``,
+        its input), ``every_k_steps``, ``method``, ``num_rounds``, ``certify_every``,
+        ``certify_method``, ``mesh`` or ``mesh_axis``; at ``init``/``update``,
         naming the params leaf when a spec is given for a leaf that is not a 4-D kernel
         matching it, and naming ``params`` when they are missing.
 
@@ -184,6 +256,11 @@ def project_conv_operator_norm(
       >>> bool(spectra.spectral_norm(params['w'], specs['w'], 'dense') <= 1.0 + 1e-5)
       True
 
+      Power every step, a certified rescale after every 10th update:
+
+      >>> tx = project_conv_operator_norm(1.0, specs, method='power', certify_every=10)
+      >>> state = tx.init(params)
+
     References:
       H. Sedghi, V. Gupta, P. M. Long. The Singular Values of Convolutional Layers. ICLR 2019.
     """
@@ -193,9 +270,47 @@ def project_conv_operator_norm(
         raise ValueError(f"method={method!r} is unknown; expected one of {PROJECT_METHODS}")
     if not isinstance(num_rounds, (int, np.integer)) or num_rounds < 0:
         raise ValueError(f"num_rounds={num_rounds!r} must be a non-negative int")
+    if certify_every is not None and (
+        isinstance(certify_every, bool)
+        or not isinstance(certify_every, (int, np.integer))
+        or certify_every < 1
+    ):
+        raise ValueError(f"certify_every={certify_every!r} must be None or a positive int")
+    if certify_method not in CERTIFIED_METHODS:
+        raise ValueError(
+            f"certify_method={certify_method!r} is unknown; expected one of {CERTIFIED_METHODS}"
+        )
+    if mesh is not None:
+        if not isinstance(mesh, Mesh):
+            raise ValueError(f"mesh must be a jax.sharding.Mesh or None; got {mesh!r}")
+        if mesh_axis not in mesh.axis_names:
+            raise ValueError(
+                f"mesh_axis={mesh_axis!r} is not an axis of mesh (axes {mesh.axis_names})"
+            )
     _check_specs(specs)
     scalar_norm, spec_norms = _max_norm_per_spec(max_norm, specs)
-    every_k_steps, num_rounds = int(every_k_steps), int(num_rounds)
+    options = (specs, scalar_norm, spec_norms, mesh, mesh_axis)
+    cheap = _projection(*options, int(every_k_steps), method, int(num_rounds))
+    if certify_every is None:
+        return cheap
+    certify = _projection(*options, 1, certify_method, 0)
+    k = int(certify_every)
+    return optax.chain(
+        cheap, optax.conditionally_transform(certify, lambda step: (step + 1) % k == 0)
+    )
+
+
+def _projection(
+    specs: Any,
+    scalar_norm: Any,
+    spec_norms: list[Any] | None,
+    mesh: Mesh | None,
+    mesh_axis: str,
+    every_k_steps: int,
+    method: str,
+    num_rounds: int,
+) -> optax.GradientTransformation:
+    """The transform of :func:`project_conv_operator_norm` for one method (arguments checked)."""
 
     def conv_leaves(params) -> list[tuple[int, ConvSpec, Any]]:
         """``(leaf index, spec, max_norm)`` for the conv leaves of ``params``; checks shapes."""
@@ -205,9 +320,7 @@ def project_conv_operator_norm(
         aligned = discovery.align_with_params(params, specs, "specs")
         if spec_norms is not None:
             # Number the specs' leaves, then flatten the numbers like the params.
-            treedef = jax.tree.structure(
-                discovery.strip_variables(specs), is_leaf=_is_spec_or_none
-            )
+            treedef = jax.tree.structure(discovery.strip_variables(specs), is_leaf=_is_spec_or_none)
             numbers = jax.tree.unflatten(treedef, list(range(treedef.num_leaves)))
             aligned_numbers = discovery.align_with_params(params, numbers, "specs")
         paths = discovery.leaf_paths(params)
@@ -262,7 +375,10 @@ def project_conv_operator_norm(
                         kernel, spec, 1.0, vector, num_iterations=POWER_INIT_ITERATIONS
                     ).vector
 
-                vectors.append(jax.vmap(warm)(kernels, start))
+                warmed = jax.vmap(warm)(
+                    *(_shard_stack(x, mesh, mesh_axis) for x in (kernels, start))
+                )
+                vectors.append(_gather_stack(warmed, len(members), mesh))
             vectors = tuple(vectors)
         return ProjectConvOperatorNormState(
             count=jnp.zeros([], jnp.int32),
@@ -307,6 +423,12 @@ def project_conv_operator_norm(
                     # eigendecompositions at once; chaining the groups serialises them.
                     target = target + (0 * gaps[-1]).astype(target.dtype)
 
+                def shard(x):  # Spread the group over the mesh axis (identity without a mesh).
+                    return _shard_stack(x, mesh, mesh_axis)
+
+                def gather(x, idx=idx):  # Back to the group's size, replicated.
+                    return _gather_stack(x, len(idx), mesh)
+
                 if method == "power":
 
                     def clip(kernel, norm, vector, spec=spec):
@@ -314,7 +436,8 @@ def project_conv_operator_norm(
                             kernel, spec, norm, vector, num_iterations=num_rounds
                         )
 
-                    result = jax.vmap(clip)(target, norms, vectors[g])
+                    result = jax.vmap(clip)(*map(shard, (target, norms, vectors[g])))
+                    result = jax.tree.map(gather, result)
                     new_vectors.append(result.vector)
                     gap = result.sigma - norms
                 else:
@@ -324,7 +447,7 @@ def project_conv_operator_norm(
                             kernel, spec, norm, method=method, num_rounds=num_rounds
                         )
 
-                    result = jax.vmap(clip)(target, norms)
+                    result = jax.tree.map(gather, jax.vmap(clip)(*map(shard, (target, norms))))
                     gap = result.feasibility_gap
                 # Where the projection kept a value, keep the update: params + updates is then
                 # bit-identical to the unprojected step (all of it for a kernel inside the ball).

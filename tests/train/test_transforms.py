@@ -1,5 +1,13 @@
 """`train.project_conv_operator_norm`: feasibility against the dense SVD, no-op inside the ball,
-optax composition (chain, masked, multi_transform, nnx.Optimizer) and errors."""
+the hybrid (cheap every step, certified every k), sharding over simulated devices, optax
+composition (chain, masked, multi_transform, inject_hyperparams, nnx.Optimizer) and errors."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
 
 import chex
 import jax
@@ -12,7 +20,10 @@ from flax import nnx
 
 import spectra
 import train
-from spectra._project import clip_operator_norm
+from tests.spectra import layers
+from train.transforms import CERTIFIED_METHODS
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 SPECS = {
     "circular": spectra.ConvSpec((8, 8), padding="CIRCULAR"),
@@ -141,7 +152,7 @@ class ProjectionTest(parameterized.TestCase):
         zeros = jax.tree.map(jnp.zeros_like, params)
         new, _, _ = step(tx, params, zeros)
         for name, kernel in params.items():
-            expected = clip_operator_norm(kernel, spec, max_norm[name]).kernel
+            expected = spectra.clip_operator_norm(kernel, spec, max_norm[name]).kernel
             np.testing.assert_allclose(new[name], expected, rtol=0, atol=1e-12)
             self.assertLessEqual(exact_norm(new[name], spec), max_norm[name] * (1 + 1e-4))
 
@@ -174,6 +185,180 @@ class ProjectionTest(parameterized.TestCase):
                 self.assertLessEqual(exact_norm(params["w"], spec), max_norm * (1 + 1e-4))
             self.assertEqual(int(state.count), t + 1)
         self.assertEqual(projected, [t % k == 0 for t in range(7)])
+
+
+def hybrid_cases():
+    """Layers of the shared grid (tests/spectra/layers.py), one padding per shape in turn, so
+    that every padding, strides, dilation and groups appear (circular with strides dividing)."""
+    tags = ("k1", "k3x2", "stride2", "dilation2x1_stride2", "groups2", "depthwise")
+    paddings = ("CIRCULAR", "SAME", "VALID", "FULL", "explicit")
+    wanted = {f"{t}_{paddings[i % len(paddings)]}" for i, t in enumerate(tags)}
+    return {name: (kshape, spec) for name, kshape, spec in layers.layer_cases()
+            if name in wanted}
+
+
+class HybridTest(parameterized.TestCase):
+    """``method='power', certify_every=k``: power every update, certified after every k-th."""
+
+    @parameterized.parameters(*CERTIFIED_METHODS)
+    def test_certified_every_k_and_power_in_between(self, certify_method):
+        chex.clear_trace_counter()  # Parameterised: the counters are per function name.
+        cases, k, max_norm = hybrid_cases(), 3, 0.5
+        specs = {name: spec for name, (_, spec) in cases.items()}
+        params = {name: jnp.asarray(layers.random_kernel(kshape, seed=i))
+                  for i, (name, (kshape, _)) in enumerate(cases.items())}
+        hybrid = train.project_conv_operator_norm(
+            max_norm, specs, method="power", certify_every=k, certify_method=certify_method
+        )
+        power = train.project_conv_operator_norm(max_norm, specs, method="power")
+        state = jax.jit(chex.assert_max_traces(hybrid.init, n=1))(params)
+        update = jax.jit(chex.assert_max_traces(hybrid.update, n=1))
+        power_update = jax.jit(power.update)
+        rng = np.random.default_rng(0)
+        for t in range(2 * k):
+            # Grow every kernel by 10% plus noise: each update leaves the ball.
+            grads = {n: jnp.asarray(0.1 * p + 0.05 * np.std(p) * rng.normal(size=p.shape))
+                     for n, p in params.items()}
+            ref_updates, ref_state = power_update(grads, state[0], params)
+            updates, state = update(grads, state, params)
+            chex.assert_trees_all_equal(state[0], ref_state)  # The power part is plain power.
+            powered = optax.apply_updates(params, ref_updates)
+            params = optax.apply_updates(params, updates)
+            self.assertEqual(int(state[1].step), t + 1)
+            if (t + 1) % k:
+                chex.assert_trees_all_equal(params, powered)  # Not a certify point.
+                continue
+            self.assertEqual(int(state[1].inner_state.count), (t + 1) // k)
+            self.assertLessEqual(float(state[1].inner_state.feasibility_gap), 1e-9)
+            for name, spec in specs.items():
+                sigma = exact_norm(params[name], spec)
+                self.assertLessEqual(sigma, max_norm * (1 + 1e-4), f"{name} at update {t + 1}")
+                # A pure certified rescale of the power output: same direction.
+                expected = spectra.clip_operator_norm(
+                    powered[name], spec, max_norm, method=certify_method, num_rounds=0
+                ).kernel
+                np.testing.assert_allclose(params[name], expected, rtol=0, atol=1e-12)
+        # Power alone, after the same number of steps, is only approximately feasible: its
+        # estimate can sit below the exact value (zero-padded layers, where the certified
+        # rescale of the circular embedding also shrinks more).
+        self.assertTrue(any(
+            exact_norm(powered[n], s) > max_norm * (1 + 1e-9) for n, s in specs.items()
+        ))
+
+    def test_in_a_chain_with_sgd(self):
+        spec, max_norm = SPECS["same"], 1.0
+        params = {"w": jnp.asarray(layers.random_kernel((3, 3, 3, 2), seed=2)), "b": jnp.ones(2)}
+        tx = optax.chain(
+            optax.sgd(0.1),
+            train.project_conv_operator_norm(
+                max_norm, {"w": spec, "b": None}, method="sedghi", certify_every=1,
+                certify_method="certified",
+            ),
+        )
+        new, _, _ = step(tx, params, {"w": -params["w"], "b": jnp.ones(2)})
+        self.assertLessEqual(exact_norm(new["w"], spec), max_norm * (1 + 1e-4))
+        np.testing.assert_allclose(new["b"], params["b"] - 0.1)
+
+    def test_inject_hyperparams_traced_radius(self):
+        chex.clear_trace_counter()
+        spec = SPECS["valid_stride2"]
+        params = {"w": jnp.asarray(layers.random_kernel((3, 3, 3, 3), seed=3))}
+        factory = optax.inject_hyperparams(
+            train.project_conv_operator_norm,
+            static_args=("every_k_steps", "num_rounds", "certify_every"),
+        )
+        tx = factory(max_norm=1.0, specs={"w": spec}, method="power", certify_every=1)
+        state = tx.init(params)
+        update = jax.jit(chex.assert_max_traces(tx.update, n=1))
+        zeros = {"w": jnp.zeros_like(params["w"])}
+        for c in (1.0, 0.3):  # A new radius without a new trace.
+            state.hyperparams["max_norm"] = jnp.asarray(c)
+            updates, state = update(zeros, state, params)
+            new = optax.apply_updates(params, updates)
+            self.assertLessEqual(exact_norm(new["w"], spec), c * (1 + 1e-4))
+            self.assertGreater(exact_norm(new["w"], spec), 0.9 * c)
+
+
+_SHARDED_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import jax, jax.numpy as jnp, numpy as np, optax
+    jax.config.update("jax_enable_x64", True)
+    import spectra, train
+    assert jax.device_count() == 4, jax.devices()
+    mesh = jax.make_mesh((4,), ("data",))  # Explicit axes (the default); Auto works too.
+    rng = np.random.default_rng(0)
+    specs, params = {}, {}
+    # Groups of 3 (padded to 4), 5 (padded to 8) and 1 kernels; circular and zero padded.
+    for name, n, kshape, spec in (
+        ("a", 3, (3, 3, 3, 4), spectra.ConvSpec((8, 8), padding="SAME")),
+        ("b", 5, (3, 3, 2, 2), spectra.ConvSpec((6, 6), padding="CIRCULAR")),
+        ("c", 1, (2, 2, 2, 4), spectra.ConvSpec((8, 6), strides=2, padding="VALID")),
+    ):
+        for i in range(n):
+            specs[f"{name}{i}"] = spec
+            params[f"{name}{i}"] = jnp.asarray(rng.normal(size=kshape))
+    grads = jax.tree.map(lambda p: 0.1 * p, params)
+    out = {}
+    for label, kwargs in (
+        ("certified", dict(method="certified")),
+        ("hybrid", dict(method="power", certify_every=1, certify_method="rescale")),
+    ):
+        results = []
+        for m in (None, mesh):
+            tx = train.project_conv_operator_norm(0.5, specs, mesh=m, **kwargs)
+            state = jax.jit(tx.init)(params)
+            updates, state = jax.jit(tx.update)(grads, state, params)
+            results.append((updates, state))
+        diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), *results)
+        out[label] = max(jax.tree.leaves(diff))
+        hlo = jax.jit(tx.update).lower(grads, state, params).as_text()
+        out[label + "_names_axis"] = '{"data"}' in hlo
+    # Spectral core on a stack sharded over the devices (12 kernels: 3 per device).
+    spec = spectra.ConvSpec((6, 6), padding="CIRCULAR")
+    stack = jnp.asarray(rng.normal(size=(12, 3, 3, 2, 3)))
+    # Auto axes: circular_norm_bracket's scan rejects a stack on an Explicit mesh outside
+    # jax.set_mesh (jax 0.10).
+    auto = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    by_data = jax.sharding.NamedSharding(auto, jax.sharding.PartitionSpec("data"))
+    sharded = jax.device_put(stack, by_data)
+    out["stack_sharding_names_axis"] = "data" in str(sharded.sharding.spec)
+    for label, fn in (
+        ("spectral_norm", lambda k: spectra.spectral_norm(k, spec, "fft")),
+        ("singular_values", lambda k: spectra.singular_values(k, spec, "fft")),
+        ("gram_bound", lambda k: spectra.circular_norm_bracket(k, spec)[1]),
+    ):
+        f = jax.jit(jax.vmap(fn))
+        a, b = np.asarray(f(stack)), f(sharded)
+        out[label] = float(np.max(np.abs(a - np.asarray(b))))
+        out[label + "_out_sharded"] = "data" in str(b.sharding.spec)
+    json.dump(out, sys.stdout)
+    """
+)
+
+
+class ShardedTest(absltest.TestCase):
+    """Projection and spectral core on 4 simulated CPU devices (a subprocess: XLA_FLAGS must be
+    set before JAX starts)."""
+
+    def test_sharded_equals_unsharded(self):
+        env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+        env["XLA_FLAGS"] = (
+            env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+        ).strip()
+        proc = subprocess.run(
+            [sys.executable, "-c", _SHARDED_SCRIPT], env=env, capture_output=True, text=True,
+            timeout=600, cwd=ROOT,
+        )
+        self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+        out = json.loads(proc.stdout)
+        for label in ("certified", "hybrid"):
+            self.assertLessEqual(out[label], 1e-6, label)
+            self.assertTrue(out[label + "_names_axis"], label)
+        self.assertTrue(out["stack_sharding_names_axis"])
+        for label in ("spectral_norm", "singular_values", "gram_bound"):
+            self.assertLessEqual(out[label], 1e-6, label)
+            self.assertTrue(out[label + "_out_sharded"], label)
 
 
 class CompositionTest(parameterized.TestCase):
@@ -320,6 +505,13 @@ class ErrorTest(parameterized.TestCase):
         ("every_k_steps", dict(every_k_steps=0), "every_k_steps"),
         ("method", dict(method="svd"), "method"),
         ("num_rounds", dict(num_rounds=-1), "num_rounds"),
+        ("certify_every_zero", dict(certify_every=0), "certify_every"),
+        ("certify_every_float", dict(certify_every=2.0), "certify_every"),
+        ("certify_every_bool", dict(certify_every=True), "certify_every"),
+        ("certify_method_approximate", dict(certify_method="sedghi"), "certify_method"),
+        ("certify_method_power", dict(certify_method="power"), "certify_method"),
+        ("mesh", dict(mesh="data"), "mesh"),
+        ("mesh_axis", dict(mesh=jax.make_mesh((1,), ("data",)), mesh_axis="model"), "mesh_axis"),
     )
     def test_bad_options(self, kwargs, name):
         with self.assertRaisesRegex(ValueError, name):

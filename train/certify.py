@@ -1,0 +1,202 @@
+"""Certified conv layers at the end of training (and at checkpoints): projection plus a report.
+
+:func:`certify_conv_operator_norm` rescales every conv kernel whose layer may exceed the radius
+(a certified method of :func:`train.project_conv_operator_norm`) and returns a
+:class:`CertificationReport`: per layer, a **certified upper bound** on the returned kernel's
+exact σ_max, computed in float64 whatever the params' dtype. The bound is ``σ_max(C)`` of the
+circular operator ``C`` the projection works on (exact per-frequency SVD,
+``spectra.spectral_norm(kernel, spectra.circulant_embedding(spec, kernel.shape), 'fft')``):
+equal to the exact σ_max for a circular layer, ``>=`` it for a zero-padded one (``C`` contains
+the layer's operator as a submatrix), never an estimate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import spectra
+from train import discovery
+from train.transforms import CERTIFIED_METHODS
+from train.transforms import project_conv_operator_norm
+
+#: Default relative rounding allowance of :attr:`CertificationReport.certified`: a layer counts
+#: as certified when its float64 upper bound is ``<= max_norm * (1 + tolerance)`` (the rescale
+#: itself runs in the params' dtype, float32 typically, so the bound may exceed ``max_norm`` by
+#: a few ulps).
+CERTIFY_TOLERANCE = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class CertificationReport:
+    """What :func:`certify_conv_operator_norm` did and proved, per conv layer.
+
+    Attributes:
+      method: the certified method used (one of :data:`train.transforms.CERTIFIED_METHODS`).
+      layers: the params path of every conv leaf (``jax.tree_util.keystr``), in leaf order.
+      max_norms: the radius ``c`` of every layer.
+      upper_bounds: a certified upper bound on every returned layer's exact σ_max (float64
+        ``σ_max`` of the circular operator; exact for circular layers).
+      changed: whether each kernel was modified (``False``: returned bit-identical).
+      tolerance: relative rounding allowance of :attr:`certified`.
+    """
+
+    method: str
+    layers: tuple[str, ...]
+    max_norms: tuple[float, ...]
+    upper_bounds: tuple[float, ...]
+    changed: tuple[bool, ...]
+    tolerance: float
+
+    @property
+    def max_upper_bound(self) -> float:
+        """The largest upper bound over the layers (``0.0`` without conv layers)."""
+        return max(self.upper_bounds, default=0.0)
+
+    @property
+    def max_ratio(self) -> float:
+        """``max(upper_bound / max_norm)`` over the layers (``0.0`` without conv layers)."""
+        return max((u / c for u, c in zip(self.upper_bounds, self.max_norms)), default=0.0)
+
+    @property
+    def any_changed(self) -> bool:
+        """Whether any kernel was modified."""
+        return any(self.changed)
+
+    @property
+    def certified(self) -> bool:
+        """Every layer's bound ``<= max_norm * (1 + tolerance)``."""
+        return self.max_ratio <= 1.0 + self.tolerance
+
+    def as_metadata(self) -> dict[str, Any]:
+        """A JSON-serialisable dict for checkpoint metadata (``"certified"``, bounds, layers)."""
+        return {
+            "certified": self.certified,
+            "certify_method": self.method,
+            "certified_max_upper_bound": self.max_upper_bound,
+            "certified_max_ratio": self.max_ratio,
+            "certify_tolerance": self.tolerance,
+            "certify_changed_any": self.any_changed,
+            "certified_layers": [
+                {"layer": name, "max_norm": c, "upper_bound": u, "changed": ch}
+                for name, c, u, ch in zip(
+                    self.layers, self.max_norms, self.upper_bounds, self.changed
+                )
+            ],
+        }
+
+
+def certified_upper_bound(kernel: Any, spec: spectra.ConvSpec) -> float:
+    """A certified upper bound on the layer's exact σ_max, in float64 (host value).
+
+    ``σ_max`` of :func:`spectra.circulant_embedding` ``(spec, kernel.shape)`` by per-frequency
+    SVD in float64: exact for a circular ``spec``, ``>=`` the exact value for zero padding (any
+    stride, dilation, groups). Not jittable (returns a Python float).
+
+    Args:
+      kernel: HWIO kernel matching ``spec``.
+      spec: the layer.
+
+    Returns:
+      The bound, a Python float.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import spectra
+      >>> spec = spectra.ConvSpec((8, 8), padding="CIRCULAR")
+      >>> round(certified_upper_bound(jnp.ones((1, 1, 1, 1)), spec), 6)
+      1.0
+    """
+    kernel = np.asarray(kernel, np.float64)
+    cspec = spectra.circulant_embedding(spec, kernel.shape)
+    with jax.enable_x64(True):
+        return float(spectra.spectral_norm(jnp.asarray(kernel, jnp.float64), cspec, "fft"))
+
+
+def certify_conv_operator_norm(
+    params: Any,
+    specs: Any,
+    max_norm: Any,
+    *,
+    method: str = "certified",
+    tolerance: float = CERTIFY_TOLERANCE,
+) -> tuple[Any, CertificationReport]:
+    """Certifies every conv layer of ``params`` at ``σ_max <= max_norm``; reports the bounds.
+
+    Applies one update of :func:`train.project_conv_operator_norm` ``(max_norm, specs,
+    method=method, num_rounds=0)`` with zero updates: every kernel whose circular operator ``C``
+    may exceed ``c`` is rescaled by ``c / u`` (``'certified'``: ``u = σ_max(C)`` exact;
+    ``'rescale'``: ``u`` the Gram-iteration bound, cheaper and slightly over-shrinking), every
+    other kernel is returned bit-identical. Then computes, per layer, the certified float64 upper
+    bound of :func:`certified_upper_bound` on the **returned** kernel. Call it on the final
+    parameters (and at checkpoints) of a run trained with an approximate projection (e.g.
+    ``method='power'``), and store :meth:`CertificationReport.as_metadata` with the checkpoint.
+    Host-side (not jittable); the projection itself runs jitted.
+
+    Args:
+      params: the params pytree (``nnx.Variable`` wrappers allowed, as for the transform).
+      specs: a :class:`spectra.ConvSpec` per conv leaf, ``None`` elsewhere (params structure).
+      max_norm: ``c > 0``: a scalar or a pytree with the structure of ``specs``.
+      method: one of :data:`train.transforms.CERTIFIED_METHODS` (``'certified'``, ``'rescale'``).
+      tolerance: relative rounding allowance of :attr:`CertificationReport.certified` (``>= 0``).
+
+    Returns:
+      ``(params, report)``: the certified params (same structure, shapes and dtypes) and the
+      :class:`CertificationReport`.
+
+    Raises:
+      ValueError: naming ``method`` or ``tolerance``, and as
+        :func:`train.project_conv_operator_norm` for ``params``, ``specs`` and ``max_norm``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import spectra
+      >>> params = {'w': jnp.ones((3, 3, 2, 2)), 'b': jnp.zeros(2)}
+      >>> specs = {'w': spectra.ConvSpec((8, 8), padding='SAME'), 'b': None}
+      >>> params, report = certify_conv_operator_norm(params, specs, 1.0)
+      >>> report.certified, report.any_changed, report.layers
+      (True, True, ("['w']",))
+    """
+    if method not in CERTIFIED_METHODS:
+        raise ValueError(f"method={method!r} is unknown; expected one of {CERTIFIED_METHODS}")
+    if not np.ndim(tolerance) == 0 or not float(tolerance) >= 0:
+        raise ValueError(f"tolerance={tolerance!r} must be a non-negative scalar")
+    tx = project_conv_operator_norm(max_norm, specs, method=method, num_rounds=0)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
+    new_params = optax.apply_updates(params, updates)
+
+    old_leaves = jax.tree.leaves(
+        discovery.strip_variables(params), is_leaf=discovery.is_leaf_or_hole
+    )
+    new_leaves = jax.tree.leaves(
+        discovery.strip_variables(new_params), is_leaf=discovery.is_leaf_or_hole
+    )
+    aligned = discovery.align_with_params(params, specs, "specs")
+    if np.ndim(max_norm) == 0 and not isinstance(max_norm, (dict, list, tuple)):
+        norms = [max_norm] * len(aligned)
+    else:
+        norms = discovery.align_with_params(params, max_norm, "max_norm")
+    paths = discovery.leaf_paths(params)
+    layers, radii, bounds, changed = [], [], [], []
+    for path, old, new, spec, norm in zip(paths, old_leaves, new_leaves, aligned, norms):
+        if spec is None or discovery.is_leaf_or_hole(old):
+            continue
+        layers.append(path)
+        radii.append(float(norm))
+        bounds.append(certified_upper_bound(new, spec))
+        changed.append(not np.array_equal(np.asarray(old), np.asarray(new)))
+    report = CertificationReport(
+        method=method,
+        layers=tuple(layers),
+        max_norms=tuple(radii),
+        upper_bounds=tuple(bounds),
+        changed=tuple(changed),
+        tolerance=float(tolerance),
+    )
+    return new_params, report
