@@ -29,7 +29,7 @@ Usage: ``python benchmarks/bench_train_step.py [--steps 50] [--warmup 2] [--meth
 
 from __future__ import annotations
 
-from train.loop import avoid_cpu_lapack_deadlock
+from train.lapack_workaround import avoid_cpu_lapack_deadlock
 
 avoid_cpu_lapack_deadlock()  # Before the first JAX computation (see its docstring).
 

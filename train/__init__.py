@@ -4,6 +4,8 @@
   :class:`spectra.ConvSpec` (``None`` for non-conv leaves), with the structure of its params.
 * :func:`project_conv_operator_norm`: an optax transform, last in the chain, that projects every
   conv kernel onto ``{σ_max <= max_norm}`` (Sedghi et al. 2019; certified by default).
+* :func:`certify_conv_operator_norm`: a certified projection (every layer's certified upper
+  bound <= max_norm) for final parameters and checkpoints, with a JSON-able report.
 * :func:`spectral_penalty`: a differentiable sum (or max) of per-layer σ_max upper bounds, the
   regulariser of Yi (2020); :func:`orthogonality_loss` and :func:`sparsity_loss` of SVD
   training (Yang et al. 2020).
@@ -20,11 +22,14 @@
   :mod:`train.conv_norms`, :mod:`train.batches`, :mod:`train.cli`.
 """
 
+from train import certify
 from train import data
 from train import layers
 from train import models
 from train.batchnorm import recalibrate_batch_stats
 from train.builders import build_data
+from train.certify import CertificationReport
+from train.certify import certify_conv_operator_norm
 from train.checkpoint import make_run_dir
 from train.config import TrainConfig
 from train.config import apply_overrides
@@ -53,6 +58,7 @@ from train.transforms import ProjectConvOperatorNormState
 from train.transforms import project_conv_operator_norm
 
 __all__ = [
+    "CertificationReport",
     "FoldedBatchNorm",
     "OnnxModel",
     "Pipeline",
@@ -61,6 +67,8 @@ __all__ = [
     "apply_overrides",
     "build_data",
     "build_model",
+    "certify",
+    "certify_conv_operator_norm",
     "count_flops",
     "data",
     "evaluate_model",
