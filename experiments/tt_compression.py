@@ -53,6 +53,7 @@ from train.builders import build_data
 from train.checkpoint import make_run_dir
 from train.config import TrainConfig
 from train.conv_norms import sigma_method
+from train.distributed import make_mesh
 from train.flops import count_flops
 from train.flops import count_params
 from train.lapack_workaround import avoid_cpu_lapack_deadlock
@@ -378,7 +379,9 @@ def run(preset: str, out_dir: pathlib.Path) -> str:
                 # The baseline's BatchNorm statistics do not fit the decomposed layers'
                 # activations: re-estimate them (one epoch of training batches) and fine-tune
                 # from there.
-                model = batchnorm.recalibrate_batch_stats(model, train_data)
+                model = batchnorm.recalibrate_batch_stats(
+                    model, train_data, mesh=make_mesh(config.num_devices)
+                )
                 before_recal = _evaluate(model, test_data)
                 steps = max(1, round(base.num_steps * setting.finetune_fraction))
                 config = dataclasses.replace(

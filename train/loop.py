@@ -16,7 +16,12 @@ A run folder is never overwritten: :func:`train_and_evaluate` raises when it exi
 Randomness: the model's RNG streams (e.g. dropout) live in the state and are checkpointed; the
 data order and augmentation of :class:`train.data.Pipeline` are functions of
 ``(seed, epoch, batch)``, so the saved position restores them and a resumed run continues
-bit-identically. Single process (evaluation sums are not reduced across hosts).
+bit-identically.
+
+Devices: the loop is data-parallel over the mesh of :mod:`train.distributed` (every device by
+default, ``config.num_devices`` to choose; several hosts with ``jax.distributed``): the global
+batch is split over the devices, the state replicated (or FSDP-sharded), the run folder's
+``mesh.json`` records the mesh, and process 0 alone writes ``config.json`` and the metrics.
 
 Example::
 
@@ -32,6 +37,7 @@ Example::
 Command line: :mod:`train.cli` (``python -m train --out runs model=resnet8 ...``).
 """
 
+import json
 import math
 import pathlib
 import time
@@ -44,6 +50,7 @@ from flax import nnx
 from train import batches
 from train import builders
 from train import checkpoint
+from train import distributed
 from train import metrics
 from train.batches import count_batches
 from train.batches import unpack_batch
@@ -80,10 +87,13 @@ def _check_run_dir(
 
 
 def _data_and_model(config: TrainConfig, model, train_data, test_data):
-    """The run's data sources and model (built from ``config`` where not given)."""
+    """The run's data sources (this process's shard) and model (built from ``config`` where
+    not given)."""
     num_classes = None
     if train_data is None or test_data is None:
-        built_train, built_test, info = builders.build_data(config)
+        built_train, built_test, info = builders.build_data(
+            config, process_index=jax.process_index(), process_count=jax.process_count()
+        )
         train_data = built_train if train_data is None else train_data
         test_data = built_test if test_data is None else test_data
         num_classes = info.num_classes
@@ -112,9 +122,10 @@ def _progress_bar(config: TrainConfig, initial: int, total: int):
 
 class _Rows:
     """Metric rows waiting for the next host synchronisation (``step -> {column: value}``;
-    values may be device arrays, read by :meth:`flush`)."""
+    values may be device arrays, read by :meth:`flush`; written when ``writer`` is not
+    ``None``, i.e. by process 0)."""
 
-    def __init__(self, writer: metrics.MetricsWriter, steps_per_epoch: int, sigma_cols):
+    def __init__(self, writer: metrics.MetricsWriter | None, steps_per_epoch: int, sigma_cols):
         self.writer, self.steps_per_epoch, self.sigma_cols = writer, steps_per_epoch, sigma_cols
         self.pending: dict[int, dict[str, Any]] = {}
 
@@ -128,7 +139,8 @@ class _Rows:
             row = {k: (v if k == "step" else float(v)) for k, v in values.items()}
             if sigmas is not None:
                 row.update(zip(self.sigma_cols, (float(v) for v in sigmas)))
-            self.writer.write(row)
+            if self.writer is not None:
+                self.writer.write(row)
         self.pending.clear()
 
 
@@ -159,6 +171,17 @@ def _log_sums(state: TrainState, row: dict[str, Any], lr, step_time: float, svd_
 
 def _sigma_dict(layers, sigmas) -> dict[str, float]:
     return {name: float(v) for (name, _), v in zip(layers, jax.device_get(sigmas))}
+
+
+def _record_mesh(run_dir: pathlib.Path, mesh, config: TrainConfig, step: int) -> None:
+    """Writes ``run_dir/mesh.json``: the current mesh (:func:`train.distributed.mesh_metadata`)
+    and ``segments``, the mesh of every (resumed) part of the run with its first step."""
+    path = run_dir / distributed.MESH_FILE
+    current = distributed.mesh_metadata(mesh, config.fsdp)
+    segments = json.loads(path.read_text()).get("segments", []) if path.exists() else []
+    segments = [seg for seg in segments if seg["from_step"] < step]
+    segments.append({"from_step": step, **current})
+    path.write_text(json.dumps({**current, "segments": segments}, indent=2, sort_keys=True))
 
 
 def train_and_evaluate(
@@ -195,7 +218,8 @@ def train_and_evaluate(
       ``test_count`` (``None`` when stopped early by ``until_step``), ``train_loss`` (mean over
       the last log interval), ``sigma_max`` ``{layer name: σ_max}`` (exact, see
       :func:`train.conv_norms.layer_spectral_norms`), ``history`` (the rows of
-      ``metrics.csv``), ``compile_s`` (time of the first step of this call, compile included),
+      ``metrics.csv``; ``None`` on processes other than 0), ``compile_s`` (time of the first
+      step of this call, compile included),
       ``step_time_s`` (median per-step time of the log intervals), ``model`` (the trained
       model, its state updated in place, in training mode) and ``specs`` (its
       :func:`train.find_convs_nnx` specs).
@@ -206,7 +230,13 @@ def train_and_evaluate(
       ValueError: naming ``config`` fields that differ from the resumed run's.
     """
     run_dir = pathlib.Path(run_dir)
+    distributed.initialize(config)
     _check_run_dir(run_dir, config, resume, until_step)
+    distributed.barrier("train_and_evaluate: run folder checked")  # Before any process writes.
+    mesh = distributed.make_mesh(config.num_devices)
+    distributed.check_batch_sizes(
+        mesh, batch_size=config.batch_size, eval_batch_size=config.eval_batch_size
+    )
     stop = config.num_steps if until_step is None else until_step
     model, train_data, test_data, example = _data_and_model(config, model, train_data, test_data)
     steps_per_epoch = count_batches(train_data)
@@ -214,9 +244,12 @@ def train_and_evaluate(
     model.train()
     specs, graphdef_train, graphdef_eval, params, rest = split_model(model, example)
     layers = conv_layers(specs)
-    steps = make_steps(graphdef_train, graphdef_eval, specs, config)
-    state = init_train_state(config, specs, params, rest)
+    steps = make_steps(graphdef_train, graphdef_eval, specs, config, mesh)
+    state = distributed.place_state(
+        init_train_state(config, specs, params, rest), mesh, config.fsdp
+    )
 
+    main = distributed.is_main_process()
     run_dir.mkdir(parents=True, exist_ok=True)
     manager = checkpoint.checkpoint_manager(run_dir, config)
     resume_step = None
@@ -227,22 +260,27 @@ def train_and_evaluate(
             )
         state, meta = checkpoint.restore_checkpoint(manager, state)
         resume_step = int(meta["step"])
-    else:
+    elif main:
         (run_dir / checkpoint.CONFIG_FILE).write_text(config.to_json())
+    if main:
+        _record_mesh(run_dir, mesh, config, int(state.step))
 
     columns, svd_cols, sigma_cols = _columns(config, layers)
-    writer = metrics.MetricsWriter(run_dir / metrics.METRICS_FILE, columns, resume_step)
+    writer = None
+    if main:
+        writer = metrics.MetricsWriter(run_dir / metrics.METRICS_FILE, columns, resume_step)
     rows = _Rows(writer, steps_per_epoch, sigma_cols)
-    progress = _progress_bar(config, int(state.step), stop)
+    progress = _progress_bar(config, int(state.step), stop) if main else None
     try:
         state, out = _train(
             config, steps, state, train_data, test_data, stop, rows, progress, manager,
-            layers, svd_cols,
+            layers, svd_cols, mesh,
         )
         manager.wait_until_finished()
     finally:
         manager.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
         if progress is not None:
             progress.close()
 
@@ -257,7 +295,7 @@ def train_and_evaluate(
         "test_count": None if test is None else test["count"],
         "train_loss": out["train_loss"],
         "sigma_max": out["sigma_max"],
-        "history": metrics.read_history(run_dir),
+        "history": metrics.read_history(run_dir) if main else None,
         "compile_s": out["compile_s"],
         "step_time_s": out["step_time_s"],
         "model": model,
@@ -267,11 +305,11 @@ def train_and_evaluate(
 
 def _train(
     config: TrainConfig, steps: Steps, state: TrainState, train_data, test_data, stop: int,
-    rows: _Rows, progress, manager, layers, svd_cols,
+    rows: _Rows, progress, manager, layers, svd_cols, mesh,
 ) -> tuple[TrainState, dict[str, Any]]:
     """The step loop of :func:`train_and_evaluate` from ``state.step`` to ``stop``."""
     steps_per_epoch = count_batches(train_data)
-    hyper = step_hyperparameters(config)
+    hyper = distributed.place_state(step_hyperparameters(config), mesh)
     step = int(state.step)
     epoch, batch_index = divmod(step, steps_per_epoch)
     iterator = iter(train_data.batches(epoch, start_batch=batch_index))
@@ -285,6 +323,9 @@ def _train(
             iterator = iter(train_data.batches(epoch))
             batch = next(iterator)
         image, label, mask = unpack_batch(batch)
+        image, label, mask = distributed.shard_batch(
+            mesh, np.asarray(image, np.float32), label, np.asarray(mask, np.float32)
+        )
         state, lr = steps.train_step(state, image, label, mask, hyper)
         step += 1
         steps_since += 1
@@ -303,11 +344,11 @@ def _train(
                 interval_times.append(step_time)
             t_last, steps_since = now, 0
             last_train_loss = _log_sums(state, rows.at(step), lr, step_time, svd_cols)
-            state = state._replace(sums=zero_sums(config))
+            state = state._replace(sums=distributed.place_state(zero_sums(config), mesh))
             if progress is not None:
                 progress.set_postfix(loss=f"{last_train_loss:.4f}", refresh=False)
         if (config.eval_every and step % config.eval_every == 0) or step == config.num_steps:
-            test = evaluate(steps, state.params, state.rest, test_data)
+            test = evaluate(steps, state.params, state.rest, test_data, mesh)
             rows.at(step).update(test_loss=test["loss"], test_accuracy=test["accuracy"])
         if step == config.num_steps:
             final_sigmas = _sigma_dict(layers, steps.sigmas(state.params))
@@ -322,7 +363,7 @@ def _train(
     if not final_sigmas:
         final_sigmas = _sigma_dict(layers, steps.sigmas(state.params))
     if step == config.num_steps and test is None:
-        test = evaluate(steps, state.params, state.rest, test_data)
+        test = evaluate(steps, state.params, state.rest, test_data, mesh)
     return state, {
         "step": step,
         "test": test,
@@ -339,6 +380,7 @@ def restore_model(
     *,
     model: nnx.Module | None = None,
     example_input: Any = None,
+    mesh_devices: int | None = None,
 ) -> tuple[nnx.Module, TrainConfig, dict[str, Any]]:
     """The trained model of a run folder (latest checkpoint, or ``step``), in eval mode.
 
@@ -350,6 +392,8 @@ def restore_model(
         (:func:`train.models.registry.build_model`) when ``None``.
       example_input: one input batch ``(1, H, W, C)``; zeros of the run's dataset shape when
         ``None``.
+      mesh_devices: the devices to restore onto (:func:`train.distributed.make_mesh`; default
+        the config's ``num_devices``); any device count reads any checkpoint.
 
     Returns:
       ``(model, config, meta)`` with ``meta`` the checkpoint's ``{step, epoch, batch, seed}``.
@@ -368,7 +412,10 @@ def restore_model(
         )
     model.train()
     specs, _, _, params, rest = split_model(model, example_input)
-    template = init_train_state(config, specs, params, rest)
+    mesh = distributed.make_mesh(config.num_devices if mesh_devices is None else mesh_devices)
+    template = distributed.place_state(
+        init_train_state(config, specs, params, rest), mesh, config.fsdp
+    )
     manager = checkpoint.checkpoint_manager(run_dir, config)
     try:
         if manager.latest_step() is None:
@@ -390,7 +437,8 @@ def evaluate_model(
 
     The same jitted evaluation as the end of :func:`train_and_evaluate` (BatchNorm running
     averages, every masked-in example counted once), for a model that was not trained by the
-    loop (e.g. a pruned one).
+    loop (e.g. a pruned one). Data-parallel over the mesh of ``config.num_devices``
+    (``test_data`` batches must divide by its device count).
 
     Args:
       model: the model (left in training mode afterwards, as the loop leaves it).
@@ -403,8 +451,10 @@ def evaluate_model(
     """
     example = batches.example_input(test_data) if example_input is None else example_input
     specs, graphdef_train, graphdef_eval, params, rest = split_model(model, example)
-    steps = make_steps(graphdef_train, graphdef_eval, specs, config)
-    return evaluate(steps, params, rest, test_data)
+    mesh = distributed.make_mesh(config.num_devices)
+    steps = make_steps(graphdef_train, graphdef_eval, specs, config, mesh)
+    params, rest = distributed.place_state((params, rest), mesh, config.fsdp)
+    return evaluate(steps, params, rest, test_data, mesh)
 
 
 def save_model(
@@ -430,9 +480,13 @@ def save_model(
     if run_dir.exists() and any(run_dir.iterdir()):
         raise FileExistsError(f"run_dir={str(run_dir)!r} exists and is not empty")
     specs, _, _, params, rest = split_model(model, example_input)
-    state = init_train_state(config, specs, params, rest, step)
+    mesh = distributed.make_mesh(config.num_devices)
+    state = distributed.place_state(
+        init_train_state(config, specs, params, rest, step), mesh, config.fsdp
+    )
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / checkpoint.CONFIG_FILE).write_text(config.to_json())
+    if distributed.is_main_process():
+        (run_dir / checkpoint.CONFIG_FILE).write_text(config.to_json())
     manager = checkpoint.checkpoint_manager(run_dir, config)
     try:
         checkpoint.save_checkpoint(
