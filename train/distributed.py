@@ -26,7 +26,10 @@ clusters), or when the environment is a Slurm job of more than one task
 cross-process collectives. Metrics and ``config.json`` are written by process 0 only.
 """
 
+import functools
+import json
 import os
+import pathlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -167,8 +170,20 @@ def state_sharding(tree: Any, mesh: Mesh, fsdp: bool = False) -> Any:
 
 
 def place_state(tree: Any, mesh: Mesh, fsdp: bool = False) -> Any:
-    """``tree`` on the mesh with :func:`state_sharding` (the same values on every process)."""
-    return jax.device_put(tree, state_sharding(tree, mesh, fsdp))
+    """``tree`` on the mesh with :func:`state_sharding` (the same values on every process).
+
+    Values go through the host (``device_put`` of a device array onto devices of other
+    processes is not supported); typed PRNG keys as their key data, re-wrapped under ``jit``.
+    """
+
+    def put(x, sharding):
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = jax.device_put(np.asarray(jax.random.key_data(x)), replicated(mesh))
+            wrap = functools.partial(jax.random.wrap_key_data, impl=jax.random.key_impl(x))
+            return jax.jit(wrap, out_shardings=sharding)(data)
+        return jax.device_put(np.asarray(x), sharding)
+
+    return jax.tree.map(put, tree, state_sharding(tree, mesh, fsdp))
 
 
 def constrain_state(tree: Any, mesh: Mesh, fsdp: bool = False) -> Any:
@@ -211,6 +226,17 @@ def mesh_metadata(mesh: Mesh, fsdp: bool = False) -> dict[str, Any]:
         "platform": str(mesh.devices.flat[0].platform),
         "fsdp": bool(fsdp),
     }
+
+
+def record_mesh(run_dir: str | pathlib.Path, mesh: Mesh, fsdp: bool, step: int) -> None:
+    """Writes ``run_dir/mesh.json``: :func:`mesh_metadata` of the current mesh and
+    ``segments``, the mesh of every (resumed) part of the run with its first step."""
+    path = pathlib.Path(run_dir) / MESH_FILE
+    current = mesh_metadata(mesh, fsdp)
+    segments = json.loads(path.read_text()).get("segments", []) if path.exists() else []
+    segments = [seg for seg in segments if seg["from_step"] < step]
+    segments.append({"from_step": step, **current})
+    path.write_text(json.dumps({**current, "segments": segments}, indent=2, sort_keys=True))
 
 
 def barrier(name: str) -> None:

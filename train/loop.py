@@ -37,7 +37,6 @@ Example::
 Command line: :mod:`train.cli` (``python -m train --out runs model=resnet8 ...``).
 """
 
-import json
 import math
 import pathlib
 import time
@@ -58,7 +57,6 @@ from train.config import TrainConfig
 from train.conv_norms import conv_layers
 from train.lapack_workaround import avoid_cpu_lapack_deadlock
 from train.models.registry import build_model
-from train.steps import SVD_SUM_KEYS
 from train.steps import Steps
 from train.steps import TrainState
 from train.steps import evaluate
@@ -118,70 +116,6 @@ def _progress_bar(config: TrainConfig, initial: int, total: int):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, leave=False)
-
-
-class _Rows:
-    """Metric rows waiting for the next host synchronisation (``step -> {column: value}``;
-    values may be device arrays, read by :meth:`flush`; written when ``writer`` is not
-    ``None``, i.e. by process 0)."""
-
-    def __init__(self, writer: metrics.MetricsWriter | None, steps_per_epoch: int, sigma_cols):
-        self.writer, self.steps_per_epoch, self.sigma_cols = writer, steps_per_epoch, sigma_cols
-        self.pending: dict[int, dict[str, Any]] = {}
-
-    def at(self, step: int) -> dict[str, Any]:
-        return self.pending.setdefault(step, {"step": step, "epoch": step / self.steps_per_epoch})
-
-    def flush(self) -> None:
-        for s in sorted(self.pending):
-            values = jax.device_get(self.pending[s])
-            sigmas = values.pop("_sigmas", None)
-            row = {k: (v if k == "step" else float(v)) for k, v in values.items()}
-            if sigmas is not None:
-                row.update(zip(self.sigma_cols, (float(v) for v in sigmas)))
-            if self.writer is not None:
-                self.writer.write(row)
-        self.pending.clear()
-
-
-def _columns(config: TrainConfig, layers) -> tuple[list[str], list[str], list[str]]:
-    sigma_cols = [f"sigma/{name}" for name, _ in layers]
-    svd_cols = list(SVD_SUM_KEYS) if svd_terms_on(config) else []
-    columns = ["step", "epoch", "lr", "loss", "penalty", *svd_cols, "accuracy", "step_time_s",
-               "test_loss", "test_accuracy", *sigma_cols]
-    return columns, svd_cols, sigma_cols
-
-
-def _log_sums(state: TrainState, row: dict[str, Any], lr, step_time: float, svd_cols) -> float:
-    """Adds the means of ``state.sums`` to ``row``; returns the mean training loss."""
-    sums = jax.device_get(state.sums)  # The loop's host synchronisation.
-    count = max(float(sums["count"]), 1.0)
-    num = max(float(sums["steps"]), 1.0)
-    loss = float(sums["loss"]) / count
-    row.update(
-        lr=lr,
-        loss=loss,
-        penalty=float(sums["penalty"]) / num,
-        accuracy=float(sums["correct"]) / count,
-        step_time_s=step_time,
-        **{k: float(sums[k]) / num for k in svd_cols},
-    )
-    return loss
-
-
-def _sigma_dict(layers, sigmas) -> dict[str, float]:
-    return {name: float(v) for (name, _), v in zip(layers, jax.device_get(sigmas))}
-
-
-def _record_mesh(run_dir: pathlib.Path, mesh, config: TrainConfig, step: int) -> None:
-    """Writes ``run_dir/mesh.json``: the current mesh (:func:`train.distributed.mesh_metadata`)
-    and ``segments``, the mesh of every (resumed) part of the run with its first step."""
-    path = run_dir / distributed.MESH_FILE
-    current = distributed.mesh_metadata(mesh, config.fsdp)
-    segments = json.loads(path.read_text()).get("segments", []) if path.exists() else []
-    segments = [seg for seg in segments if seg["from_step"] < step]
-    segments.append({"from_step": step, **current})
-    path.write_text(json.dumps({**current, "segments": segments}, indent=2, sort_keys=True))
 
 
 def train_and_evaluate(
@@ -263,13 +197,13 @@ def train_and_evaluate(
     elif main:
         (run_dir / checkpoint.CONFIG_FILE).write_text(config.to_json())
     if main:
-        _record_mesh(run_dir, mesh, config, int(state.step))
+        distributed.record_mesh(run_dir, mesh, config.fsdp, int(state.step))
 
-    columns, svd_cols, sigma_cols = _columns(config, layers)
+    columns, svd_cols, sigma_cols = metrics.columns(svd_terms_on(config), layers)
     writer = None
     if main:
         writer = metrics.MetricsWriter(run_dir / metrics.METRICS_FILE, columns, resume_step)
-    rows = _Rows(writer, steps_per_epoch, sigma_cols)
+    rows = metrics.PendingRows(writer, steps_per_epoch, sigma_cols)
     progress = _progress_bar(config, int(state.step), stop) if main else None
     try:
         state, out = _train(
@@ -305,7 +239,7 @@ def train_and_evaluate(
 
 def _train(
     config: TrainConfig, steps: Steps, state: TrainState, train_data, test_data, stop: int,
-    rows: _Rows, progress, manager, layers, svd_cols, mesh,
+    rows: metrics.PendingRows, progress, manager, layers, svd_cols, mesh,
 ) -> tuple[TrainState, dict[str, Any]]:
     """The step loop of :func:`train_and_evaluate` from ``state.step`` to ``stop``."""
     steps_per_epoch = count_batches(train_data)
@@ -343,7 +277,7 @@ def _train(
             if steps_since:
                 interval_times.append(step_time)
             t_last, steps_since = now, 0
-            last_train_loss = _log_sums(state, rows.at(step), lr, step_time, svd_cols)
+            last_train_loss = metrics.log_sums(state.sums, rows.at(step), lr, step_time, svd_cols)
             state = state._replace(sums=distributed.place_state(zero_sums(config), mesh))
             if progress is not None:
                 progress.set_postfix(loss=f"{last_train_loss:.4f}", refresh=False)
@@ -351,7 +285,7 @@ def _train(
             test = evaluate(steps, state.params, state.rest, test_data, mesh)
             rows.at(step).update(test_loss=test["loss"], test_accuracy=test["accuracy"])
         if step == config.num_steps:
-            final_sigmas = _sigma_dict(layers, steps.sigmas(state.params))
+            final_sigmas = metrics.sigma_dict(layers, steps.sigmas(state.params))
             rows.at(step).update({f"sigma/{name}": v for name, v in final_sigmas.items()})
         if step % config.log_every == 0 or step == stop:
             rows.flush()
@@ -361,7 +295,7 @@ def _train(
     rows.flush()
     checkpoint.save_checkpoint(manager, state, _meta(step, steps_per_epoch, config))
     if not final_sigmas:
-        final_sigmas = _sigma_dict(layers, steps.sigmas(state.params))
+        final_sigmas = metrics.sigma_dict(layers, steps.sigmas(state.params))
     if step == config.num_steps and test is None:
         test = evaluate(steps, state.params, state.rest, test_data, mesh)
     return state, {

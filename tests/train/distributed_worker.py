@@ -57,6 +57,19 @@ def single(out: str) -> None:
             float(np.abs(np.asarray(v)).sum())
             for v in jax.tree.leaves(nnx.state(result["model"], nnx.Param))
         ]
+    # FSDP: params and optimiser state split over the devices, the same training.
+    fsdp = loop.train_and_evaluate(
+        dataclasses.replace(config, num_devices=4, fsdp=True), root / "fsdp"
+    )
+    report["losses_fsdp"] = _losses(fsdp)
+    report["fsdp_sharded_kernels"] = sum(
+        "data" in [str(a) for a in v.sharding.spec]
+        for v in jax.tree.leaves(nnx.state(fsdp["model"], nnx.Param))
+        if v.ndim == 4
+    )
+    report["num_kernels"] = sum(
+        v.ndim == 4 for v in jax.tree.leaves(nnx.state(fsdp["model"], nnx.Param))
+    )
     # Checkpoints: written on `a` devices at step 3, resumed on `b`.
     for a, b in ((4, 1), (1, 4)):
         run = root / f"resume{a}to{b}"

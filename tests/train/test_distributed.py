@@ -83,6 +83,12 @@ class FourDevicesTest(absltest.TestCase):
         self.assertEqual(self.report["test_4"][1], 359)  # Every test example once.
         np.testing.assert_allclose(self.report["params_4"], self.report["params_1"], rtol=RTOL)
 
+    def test_fsdp_shards_the_params_and_trains_the_same_model(self):
+        # Every conv kernel of the width-4 ResNet-8 has 4, 8 or 16 output channels.
+        self.assertEqual(self.report["fsdp_sharded_kernels"], self.report["num_kernels"])
+        self.assertGreater(self.report["num_kernels"], 0)
+        np.testing.assert_allclose(self.report["losses_fsdp"], self.report["losses_1"], rtol=RTOL)
+
     def test_run_folder_records_the_mesh(self):
         for n in (1, 4):
             mesh = self.report[f"mesh_{n}"]
