@@ -110,10 +110,10 @@ class TrainConfig:
         :func:`train.project_conv_operator_norm`).
       project_rounds: projection rounds per projecting update (``'power'``: Krylov products).
       decomposition: ``None`` (plain convs) or the SVD-training form of Yang et al. (2020) that
-        :func:`train.loop.build_model` gives every layer: ``'channel'`` (a ``k x k`` conv with
-        ``r`` outputs then a 1x1 conv) or ``'spatial'`` (a ``k x 1`` then a ``1 x k`` conv),
-        full rank, the paper's random initialisation (Kaiming-normal U and V, ``s ~ N(0, 1)``);
-        see :func:`train.layers.svd.decompose`.
+        :func:`train.models.registry.build_model` gives every layer: ``'channel'`` (a
+        ``k x k`` conv with ``r`` outputs then a 1x1 conv) or ``'spatial'`` (a ``k x 1``
+        then a ``1 x k`` conv), full rank, the paper's random initialisation (Kaiming-normal
+        U and V, ``s ~ N(0, 1)``); see :func:`train.layers.svd.decompose`.
       decompose_dense: also decompose the dense (classifier) layers when ``decomposition`` is set.
       orth_weight: λ_o of the orthogonality term ``λ_o · train.regularizers.orthogonality_loss``
         on the U and V factors of the SVD layers (1 on CIFAR in Yang et al. 2020); ``0`` adds

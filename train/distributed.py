@@ -210,6 +210,8 @@ def shard_batch(mesh: Mesh, *arrays: Any) -> tuple[jax.Array, ...]:
                 f"of the mesh axis {DATA_AXIS!r}: the batch size must be divisible by the "
                 "number of devices"
             )
+    if jax.process_count() == 1:  # One batched transfer (cheaper than one call per array).
+        return tuple(jax.device_put([np.asarray(a) for a in arrays], sharding))
     return tuple(
         jax.make_array_from_process_local_data(sharding, np.asarray(a)) for a in arrays
     )
