@@ -53,6 +53,7 @@ from train.builders import build_data
 from train.checkpoint import make_run_dir
 from train.config import TrainConfig
 from train.conv_norms import sigma_method
+from train.distributed import make_mesh
 from train.flops import count_flops
 from train.flops import count_params
 from train.lapack_workaround import avoid_cpu_lapack_deadlock
@@ -304,19 +305,10 @@ def choose_scale(setting: Setting, row: Row, baseline_params: int) -> float:
 
 
 # --------------------------------------------------------------------------------- measuring
-def _evaluate(model: nnx.Module, test_data: Any) -> float:
-    """Test accuracy of ``model`` in eval mode (every masked example counted once)."""
-    model.eval()
-    graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
-    correct = count = 0.0
-    for images, labels, mask in test_data.batches(0):
-        logits = np.asarray(forward(state, jnp.asarray(images, jnp.float32)))
-        mask = np.asarray(mask, bool)
-        correct += float(np.sum((np.argmax(logits, -1) == np.asarray(labels)) & mask))
-        count += float(np.sum(mask))
-    model.train()
-    return correct / count
+def _evaluate(model: nnx.Module, config: TrainConfig, test_data: Any) -> float:
+    """Test accuracy of ``model`` in eval mode (every masked example counted once; the loop's
+    data-parallel evaluation, :func:`train.loop.evaluate_model`)."""
+    return loop.evaluate_model(model, config, test_data)["accuracy"]
 
 
 def tt_sigmas(model: garipov.GaripovNet) -> dict[str, float]:
@@ -374,12 +366,14 @@ def run(preset: str, out_dir: pathlib.Path) -> str:
             if row.decompose:
                 trained = trained_baselines[row.variant]
                 model = garipov.decompose_tt(trained, **tt)
-                before = _evaluate(model, test_data)
+                before = _evaluate(model, config, test_data)
                 # The baseline's BatchNorm statistics do not fit the decomposed layers'
                 # activations: re-estimate them (one epoch of training batches) and fine-tune
                 # from there.
-                model = batchnorm.recalibrate_batch_stats(model, train_data)
-                before_recal = _evaluate(model, test_data)
+                model = batchnorm.recalibrate_batch_stats(
+                    model, train_data, mesh=make_mesh(config.num_devices)
+                )
+                before_recal = _evaluate(model, config, test_data)
                 steps = max(1, round(base.num_steps * setting.finetune_fraction))
                 config = dataclasses.replace(
                     config, num_steps=steps, lr=config.lr * setting.finetune_lr_factor,

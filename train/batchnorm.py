@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from train import distributed
 from train.batches import unpack_batch
 
 
@@ -125,6 +126,7 @@ def recalibrate_batch_stats(
     *,
     momentum: float | None = None,
     batch_size: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> nnx.Module:
     r"""A copy of ``model`` whose BatchNorm running statistics are re-estimated from ``data``.
 
@@ -175,6 +177,11 @@ def recalibrate_batch_stats(
       momentum: ``None`` for the exact average, or ``m`` in ``[0, 1)`` (see above).
       batch_size: examples per batch when ``data`` is an array (default: the whole array in
         one batch); ignored for a source.
+      mesh: a device mesh (:func:`train.distributed.make_mesh`): every batch whose size
+        divides by its device count is split over its ``'data'`` axis (the statistics are
+        those of the whole batch all the same; other batches run replicated). In a multi-host
+        run ``data`` yields this process's rows (e.g. its :class:`train.data.Pipeline` shard)
+        and every batch is the global batch of all processes.
 
     Returns:
       A new model (``nnx.clone`` of ``model``) with the re-estimated statistics.
@@ -218,9 +225,12 @@ def recalibrate_batch_stats(
     estimate: dict[tuple[str, str], np.ndarray] = {}
     count = 0
     for inputs in batches:
-        measured, rng_state = batch_statistics(
-            blank, rng_state, others, jnp.asarray(inputs)
-        )
+        inputs = np.asarray(inputs)
+        if mesh is not None and (
+            jax.process_count() > 1 or len(inputs) % mesh.devices.size == 0
+        ):
+            (inputs,) = distributed.shard_batch(mesh, inputs)
+        measured, rng_state = batch_statistics(blank, rng_state, others, jnp.asarray(inputs))
         flat = {
             "/".join(str(p) for p in path): np.asarray(value, np.float64)
             for path, value in nnx.to_flat_state(nnx.as_pure(measured))

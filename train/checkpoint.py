@@ -18,8 +18,13 @@ from train.config import TrainConfig
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
 
-#: Config fields that may differ between a run and its resumption (they change no number).
-RESUMABLE_CHANGES = frozenset({"progress", "checkpoint_every", "max_to_keep", "data_dir"})
+#: Config fields that may differ between a run and its resumption: bookkeeping, and the
+#: device set-up (a run written on N devices resumes on M; data-parallel runs differ only in
+#: the order of floating-point additions, see :mod:`train.distributed`).
+RESUMABLE_CHANGES = frozenset({
+    "progress", "checkpoint_every", "max_to_keep", "data_dir", "num_devices", "fsdp",
+    "multi_host", "coordinator_address", "num_processes", "process_id",
+})
 
 
 def make_run_dir(root: str | pathlib.Path, prefix: str = "run") -> pathlib.Path:

@@ -110,10 +110,10 @@ class TrainConfig:
         :func:`train.project_conv_operator_norm`).
       project_rounds: projection rounds per projecting update (``'power'``: Krylov products).
       decomposition: ``None`` (plain convs) or the SVD-training form of Yang et al. (2020) that
-        :func:`train.loop.build_model` gives every layer: ``'channel'`` (a ``k x k`` conv with
-        ``r`` outputs then a 1x1 conv) or ``'spatial'`` (a ``k x 1`` then a ``1 x k`` conv),
-        full rank, the paper's random initialisation (Kaiming-normal U and V, ``s ~ N(0, 1)``);
-        see :func:`train.layers.svd.decompose`.
+        :func:`train.models.registry.build_model` gives every layer: ``'channel'`` (a
+        ``k x k`` conv with ``r`` outputs then a 1x1 conv) or ``'spatial'`` (a ``k x 1``
+        then a ``1 x k`` conv), full rank, the paper's random initialisation (Kaiming-normal
+        U and V, ``s ~ N(0, 1)``); see :func:`train.layers.svd.decompose`.
       decompose_dense: also decompose the dense (classifier) layers when ``decomposition`` is set.
       orth_weight: λ_o of the orthogonality term ``λ_o · train.regularizers.orthogonality_loss``
         on the U and V factors of the SVD layers (1 on CIFAR in Yang et al. 2020); ``0`` adds
@@ -132,6 +132,18 @@ class TrainConfig:
       checkpoint_every: orbax checkpoint every this many steps (``0``: only at the end).
       max_to_keep: checkpoints kept.
       progress: show a tqdm progress bar.
+      num_devices: devices of the data-parallel mesh (:mod:`train.distributed`): ``0`` (all
+        devices JAX sees; every device of every process in a multi-host run) or the first
+        ``num_devices`` local devices; ``batch_size`` and ``eval_batch_size`` are global and
+        must divide by it.
+      fsdp: shard the params and optimiser state over the devices (FSDP-style) instead of
+        replicating them.
+      multi_host: start JAX's multi-process runtime (``jax.distributed.initialize``) with the
+        cluster auto-detected (Slurm, Open MPI, Kubernetes, Cloud TPU).
+      coordinator_address: ``'host:port'`` of process 0 for ``jax.distributed.initialize``
+        (``None``: auto-detected when ``multi_host``).
+      num_processes: the number of processes (``None``: auto-detected).
+      process_id: this process's index (``None``: auto-detected).
     """
 
     dataset: str = "digits"
@@ -175,6 +187,12 @@ class TrainConfig:
     checkpoint_every: int = 0
     max_to_keep: int = 2
     progress: bool = True
+    num_devices: int = 0
+    fsdp: bool = False
+    multi_host: bool = False
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.model_kwargs, Mapping):
@@ -184,7 +202,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive int")
-        for name in ("image_pad", "warmup_steps", "sigma_every", "eval_every", "checkpoint_every"):
+        for name in ("image_pad", "warmup_steps", "sigma_every", "eval_every", "checkpoint_every",
+                     "num_devices"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name}={value!r} must be a non-negative int")

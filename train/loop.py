@@ -16,7 +16,12 @@ A run folder is never overwritten: :func:`train_and_evaluate` raises when it exi
 Randomness: the model's RNG streams (e.g. dropout) live in the state and are checkpointed; the
 data order and augmentation of :class:`train.data.Pipeline` are functions of
 ``(seed, epoch, batch)``, so the saved position restores them and a resumed run continues
-bit-identically. Single process (evaluation sums are not reduced across hosts).
+bit-identically.
+
+Devices: the loop is data-parallel over the mesh of :mod:`train.distributed` (every device by
+default, ``config.num_devices`` to choose; several hosts with ``jax.distributed``): the global
+batch is split over the devices, the state replicated (or FSDP-sharded), the run folder's
+``mesh.json`` records the mesh, and process 0 alone writes ``config.json`` and the metrics.
 
 Example::
 
@@ -44,6 +49,7 @@ from flax import nnx
 from train import batches
 from train import builders
 from train import checkpoint
+from train import distributed
 from train import metrics
 from train.batches import count_batches
 from train.batches import unpack_batch
@@ -51,7 +57,6 @@ from train.config import TrainConfig
 from train.conv_norms import conv_layers
 from train.lapack_workaround import avoid_cpu_lapack_deadlock
 from train.models.registry import build_model
-from train.steps import SVD_SUM_KEYS
 from train.steps import Steps
 from train.steps import TrainState
 from train.steps import evaluate
@@ -80,10 +85,13 @@ def _check_run_dir(
 
 
 def _data_and_model(config: TrainConfig, model, train_data, test_data):
-    """The run's data sources and model (built from ``config`` where not given)."""
+    """The run's data sources (this process's shard) and model (built from ``config`` where
+    not given)."""
     num_classes = None
     if train_data is None or test_data is None:
-        built_train, built_test, info = builders.build_data(config)
+        built_train, built_test, info = builders.build_data(
+            config, process_index=jax.process_index(), process_count=jax.process_count()
+        )
         train_data = built_train if train_data is None else train_data
         test_data = built_test if test_data is None else test_data
         num_classes = info.num_classes
@@ -108,57 +116,6 @@ def _progress_bar(config: TrainConfig, initial: int, total: int):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, leave=False)
-
-
-class _Rows:
-    """Metric rows waiting for the next host synchronisation (``step -> {column: value}``;
-    values may be device arrays, read by :meth:`flush`)."""
-
-    def __init__(self, writer: metrics.MetricsWriter, steps_per_epoch: int, sigma_cols):
-        self.writer, self.steps_per_epoch, self.sigma_cols = writer, steps_per_epoch, sigma_cols
-        self.pending: dict[int, dict[str, Any]] = {}
-
-    def at(self, step: int) -> dict[str, Any]:
-        return self.pending.setdefault(step, {"step": step, "epoch": step / self.steps_per_epoch})
-
-    def flush(self) -> None:
-        for s in sorted(self.pending):
-            values = jax.device_get(self.pending[s])
-            sigmas = values.pop("_sigmas", None)
-            row = {k: (v if k == "step" else float(v)) for k, v in values.items()}
-            if sigmas is not None:
-                row.update(zip(self.sigma_cols, (float(v) for v in sigmas)))
-            self.writer.write(row)
-        self.pending.clear()
-
-
-def _columns(config: TrainConfig, layers) -> tuple[list[str], list[str], list[str]]:
-    sigma_cols = [f"sigma/{name}" for name, _ in layers]
-    svd_cols = list(SVD_SUM_KEYS) if svd_terms_on(config) else []
-    columns = ["step", "epoch", "lr", "loss", "penalty", *svd_cols, "accuracy", "step_time_s",
-               "test_loss", "test_accuracy", *sigma_cols]
-    return columns, svd_cols, sigma_cols
-
-
-def _log_sums(state: TrainState, row: dict[str, Any], lr, step_time: float, svd_cols) -> float:
-    """Adds the means of ``state.sums`` to ``row``; returns the mean training loss."""
-    sums = jax.device_get(state.sums)  # The loop's host synchronisation.
-    count = max(float(sums["count"]), 1.0)
-    num = max(float(sums["steps"]), 1.0)
-    loss = float(sums["loss"]) / count
-    row.update(
-        lr=lr,
-        loss=loss,
-        penalty=float(sums["penalty"]) / num,
-        accuracy=float(sums["correct"]) / count,
-        step_time_s=step_time,
-        **{k: float(sums[k]) / num for k in svd_cols},
-    )
-    return loss
-
-
-def _sigma_dict(layers, sigmas) -> dict[str, float]:
-    return {name: float(v) for (name, _), v in zip(layers, jax.device_get(sigmas))}
 
 
 def train_and_evaluate(
@@ -195,7 +152,8 @@ def train_and_evaluate(
       ``test_count`` (``None`` when stopped early by ``until_step``), ``train_loss`` (mean over
       the last log interval), ``sigma_max`` ``{layer name: σ_max}`` (exact, see
       :func:`train.conv_norms.layer_spectral_norms`), ``history`` (the rows of
-      ``metrics.csv``), ``compile_s`` (time of the first step of this call, compile included),
+      ``metrics.csv``; ``None`` on processes other than 0), ``compile_s`` (time of the first
+      step of this call, compile included),
       ``step_time_s`` (median per-step time of the log intervals), ``model`` (the trained
       model, its state updated in place, in training mode) and ``specs`` (its
       :func:`train.find_convs_nnx` specs).
@@ -206,7 +164,13 @@ def train_and_evaluate(
       ValueError: naming ``config`` fields that differ from the resumed run's.
     """
     run_dir = pathlib.Path(run_dir)
+    distributed.initialize(config)
     _check_run_dir(run_dir, config, resume, until_step)
+    distributed.barrier("train_and_evaluate: run folder checked")  # Before any process writes.
+    mesh = distributed.make_mesh(config.num_devices)
+    distributed.check_batch_sizes(
+        mesh, batch_size=config.batch_size, eval_batch_size=config.eval_batch_size
+    )
     stop = config.num_steps if until_step is None else until_step
     model, train_data, test_data, example = _data_and_model(config, model, train_data, test_data)
     steps_per_epoch = count_batches(train_data)
@@ -214,9 +178,12 @@ def train_and_evaluate(
     model.train()
     specs, graphdef_train, graphdef_eval, params, rest = split_model(model, example)
     layers = conv_layers(specs)
-    steps = make_steps(graphdef_train, graphdef_eval, specs, config)
-    state = init_train_state(config, specs, params, rest)
+    steps = make_steps(graphdef_train, graphdef_eval, specs, config, mesh)
+    state = distributed.place_state(
+        init_train_state(config, specs, params, rest), mesh, config.fsdp
+    )
 
+    main = distributed.is_main_process()
     run_dir.mkdir(parents=True, exist_ok=True)
     manager = checkpoint.checkpoint_manager(run_dir, config)
     resume_step = None
@@ -227,22 +194,27 @@ def train_and_evaluate(
             )
         state, meta = checkpoint.restore_checkpoint(manager, state)
         resume_step = int(meta["step"])
-    else:
+    elif main:
         (run_dir / checkpoint.CONFIG_FILE).write_text(config.to_json())
+    if main:
+        distributed.record_mesh(run_dir, mesh, config.fsdp, int(state.step))
 
-    columns, svd_cols, sigma_cols = _columns(config, layers)
-    writer = metrics.MetricsWriter(run_dir / metrics.METRICS_FILE, columns, resume_step)
-    rows = _Rows(writer, steps_per_epoch, sigma_cols)
-    progress = _progress_bar(config, int(state.step), stop)
+    columns, svd_cols, sigma_cols = metrics.columns(svd_terms_on(config), layers)
+    writer = None
+    if main:
+        writer = metrics.MetricsWriter(run_dir / metrics.METRICS_FILE, columns, resume_step)
+    rows = metrics.PendingRows(writer, steps_per_epoch, sigma_cols)
+    progress = _progress_bar(config, int(state.step), stop) if main else None
     try:
         state, out = _train(
             config, steps, state, train_data, test_data, stop, rows, progress, manager,
-            layers, svd_cols,
+            layers, svd_cols, mesh,
         )
         manager.wait_until_finished()
     finally:
         manager.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
         if progress is not None:
             progress.close()
 
@@ -257,7 +229,7 @@ def train_and_evaluate(
         "test_count": None if test is None else test["count"],
         "train_loss": out["train_loss"],
         "sigma_max": out["sigma_max"],
-        "history": metrics.read_history(run_dir),
+        "history": metrics.read_history(run_dir) if main else None,
         "compile_s": out["compile_s"],
         "step_time_s": out["step_time_s"],
         "model": model,
@@ -267,11 +239,11 @@ def train_and_evaluate(
 
 def _train(
     config: TrainConfig, steps: Steps, state: TrainState, train_data, test_data, stop: int,
-    rows: _Rows, progress, manager, layers, svd_cols,
+    rows: metrics.PendingRows, progress, manager, layers, svd_cols, mesh,
 ) -> tuple[TrainState, dict[str, Any]]:
     """The step loop of :func:`train_and_evaluate` from ``state.step`` to ``stop``."""
     steps_per_epoch = count_batches(train_data)
-    hyper = step_hyperparameters(config)
+    hyper = distributed.place_state(step_hyperparameters(config), mesh)
     step = int(state.step)
     epoch, batch_index = divmod(step, steps_per_epoch)
     iterator = iter(train_data.batches(epoch, start_batch=batch_index))
@@ -285,6 +257,9 @@ def _train(
             iterator = iter(train_data.batches(epoch))
             batch = next(iterator)
         image, label, mask = unpack_batch(batch)
+        image, label, mask = distributed.shard_batch(
+            mesh, np.asarray(image, np.float32), label, np.asarray(mask, np.float32)
+        )
         state, lr = steps.train_step(state, image, label, mask, hyper)
         step += 1
         steps_since += 1
@@ -302,15 +277,15 @@ def _train(
             if steps_since:
                 interval_times.append(step_time)
             t_last, steps_since = now, 0
-            last_train_loss = _log_sums(state, rows.at(step), lr, step_time, svd_cols)
-            state = state._replace(sums=zero_sums(config))
+            last_train_loss = metrics.log_sums(state.sums, rows.at(step), lr, step_time, svd_cols)
+            state = state._replace(sums=distributed.place_state(zero_sums(config), mesh))
             if progress is not None:
                 progress.set_postfix(loss=f"{last_train_loss:.4f}", refresh=False)
         if (config.eval_every and step % config.eval_every == 0) or step == config.num_steps:
-            test = evaluate(steps, state.params, state.rest, test_data)
+            test = evaluate(steps, state.params, state.rest, test_data, mesh)
             rows.at(step).update(test_loss=test["loss"], test_accuracy=test["accuracy"])
         if step == config.num_steps:
-            final_sigmas = _sigma_dict(layers, steps.sigmas(state.params))
+            final_sigmas = metrics.sigma_dict(layers, steps.sigmas(state.params))
             rows.at(step).update({f"sigma/{name}": v for name, v in final_sigmas.items()})
         if step % config.log_every == 0 or step == stop:
             rows.flush()
@@ -320,9 +295,9 @@ def _train(
     rows.flush()
     checkpoint.save_checkpoint(manager, state, _meta(step, steps_per_epoch, config))
     if not final_sigmas:
-        final_sigmas = _sigma_dict(layers, steps.sigmas(state.params))
+        final_sigmas = metrics.sigma_dict(layers, steps.sigmas(state.params))
     if step == config.num_steps and test is None:
-        test = evaluate(steps, state.params, state.rest, test_data)
+        test = evaluate(steps, state.params, state.rest, test_data, mesh)
     return state, {
         "step": step,
         "test": test,
@@ -339,6 +314,7 @@ def restore_model(
     *,
     model: nnx.Module | None = None,
     example_input: Any = None,
+    mesh_devices: int | None = None,
 ) -> tuple[nnx.Module, TrainConfig, dict[str, Any]]:
     """The trained model of a run folder (latest checkpoint, or ``step``), in eval mode.
 
@@ -350,6 +326,8 @@ def restore_model(
         (:func:`train.models.registry.build_model`) when ``None``.
       example_input: one input batch ``(1, H, W, C)``; zeros of the run's dataset shape when
         ``None``.
+      mesh_devices: the devices to restore onto (:func:`train.distributed.make_mesh`; default
+        the config's ``num_devices``); any device count reads any checkpoint.
 
     Returns:
       ``(model, config, meta)`` with ``meta`` the checkpoint's ``{step, epoch, batch, seed}``.
@@ -368,7 +346,10 @@ def restore_model(
         )
     model.train()
     specs, _, _, params, rest = split_model(model, example_input)
-    template = init_train_state(config, specs, params, rest)
+    mesh = distributed.make_mesh(config.num_devices if mesh_devices is None else mesh_devices)
+    template = distributed.place_state(
+        init_train_state(config, specs, params, rest), mesh, config.fsdp
+    )
     manager = checkpoint.checkpoint_manager(run_dir, config)
     try:
         if manager.latest_step() is None:
@@ -390,7 +371,8 @@ def evaluate_model(
 
     The same jitted evaluation as the end of :func:`train_and_evaluate` (BatchNorm running
     averages, every masked-in example counted once), for a model that was not trained by the
-    loop (e.g. a pruned one).
+    loop (e.g. a pruned one). Data-parallel over the mesh of ``config.num_devices``
+    (``test_data`` batches must divide by its device count).
 
     Args:
       model: the model (left in training mode afterwards, as the loop leaves it).
@@ -403,8 +385,10 @@ def evaluate_model(
     """
     example = batches.example_input(test_data) if example_input is None else example_input
     specs, graphdef_train, graphdef_eval, params, rest = split_model(model, example)
-    steps = make_steps(graphdef_train, graphdef_eval, specs, config)
-    return evaluate(steps, params, rest, test_data)
+    mesh = distributed.make_mesh(config.num_devices)
+    steps = make_steps(graphdef_train, graphdef_eval, specs, config, mesh)
+    params, rest = distributed.place_state((params, rest), mesh, config.fsdp)
+    return evaluate(steps, params, rest, test_data, mesh)
 
 
 def save_model(
@@ -430,9 +414,13 @@ def save_model(
     if run_dir.exists() and any(run_dir.iterdir()):
         raise FileExistsError(f"run_dir={str(run_dir)!r} exists and is not empty")
     specs, _, _, params, rest = split_model(model, example_input)
-    state = init_train_state(config, specs, params, rest, step)
+    mesh = distributed.make_mesh(config.num_devices)
+    state = distributed.place_state(
+        init_train_state(config, specs, params, rest, step), mesh, config.fsdp
+    )
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / checkpoint.CONFIG_FILE).write_text(config.to_json())
+    if distributed.is_main_process():
+        (run_dir / checkpoint.CONFIG_FILE).write_text(config.to_json())
     manager = checkpoint.checkpoint_manager(run_dir, config)
     try:
         checkpoint.save_checkpoint(

@@ -32,11 +32,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from spectra import ConvSpec
 from train import discovery
+from train import distributed
 from train.batches import unpack_batch
 from train.config import TrainConfig
 from train.conv_norms import layer_spectral_norms
@@ -53,7 +55,8 @@ TRACED_FIELDS = ("lr", "penalty_weight", "project_max_norm", "orth_weight", "spa
 UNUSED_FIELDS = (
     "dataset", "data_dir", "augment", "image_pad", "batch_size", "eval_batch_size", "model",
     "model_kwargs", "width", "padding", "shortcut", "decompose_dense", "seed", "log_every",
-    "sigma_every", "eval_every", "checkpoint_every", "max_to_keep", "progress",
+    "sigma_every", "eval_every", "checkpoint_every", "max_to_keep", "progress", "num_devices",
+    "fsdp", "multi_host", "coordinator_address", "num_processes", "process_id",
 )
 #: The metric sums of every step, and those of the SVD-training terms.
 SUM_KEYS = ("loss", "penalty", "correct", "count", "steps")
@@ -171,7 +174,11 @@ def _is_spec_or_none(x) -> bool:
 
 
 def make_steps(
-    graphdef_train: nnx.GraphDef, graphdef_eval: nnx.GraphDef, specs: Any, config: TrainConfig
+    graphdef_train: nnx.GraphDef,
+    graphdef_eval: nnx.GraphDef,
+    specs: Any,
+    config: TrainConfig,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Steps:
     """The jitted train / eval / σ_max functions for a model split by :func:`split_model`.
 
@@ -186,13 +193,22 @@ def make_steps(
     correct / count of a batch in evaluation mode. ``sigmas(params)`` is
     :func:`train.conv_norms.layer_spectral_norms` with ``config.sigma_method``.
 
-    Cached (LRU, 16 entries) on ``(graphdefs, specs, step_program(config))``: runs that differ
-    only in the seed, the data, λ, c, λ_o, λ_s or the peak learning rate share one
-    compilation. The functions see only :func:`step_program` ``(config)``.
+    With a ``mesh`` (:mod:`train.distributed`) the functions take global arrays (batches split
+    over ``'data'``) and their output state and sums keep the sharding of
+    :func:`train.distributed.state_sharding` (replicated, or ``config.fsdp``); XLA inserts the
+    cross-device reductions (mean gradient, BatchNorm statistics and metric sums over the
+    global batch).
+
+    Cached (LRU, 16 entries) on ``(graphdefs, specs, step_program(config), mesh,
+    config.fsdp)``: runs that differ only in the seed, the data, λ, c, λ_o, λ_s or the peak
+    learning rate share one compilation. The functions see only :func:`step_program`
+    ``(config)``.
     """
     spec_leaves, spec_def = jax.tree.flatten(nnx.as_pure(specs), is_leaf=_is_spec_or_none)
+    fsdp = bool(config.fsdp) if mesh is not None else False
     return _build_steps(
-        graphdef_train, graphdef_eval, spec_def, tuple(spec_leaves), step_program(config)
+        graphdef_train, graphdef_eval, spec_def, tuple(spec_leaves), step_program(config), mesh,
+        fsdp,
     )
 
 
@@ -203,8 +219,14 @@ def _cross_entropy_sums(logits, labels, mask):
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
-def _build_steps(graphdef_train, graphdef_eval, spec_def, spec_leaves, program) -> Steps:
+def _build_steps(
+    graphdef_train, graphdef_eval, spec_def, spec_leaves, program, mesh, fsdp
+) -> Steps:
     specs = jax.tree.unflatten(spec_def, spec_leaves)
+
+    def constrain(tree):
+        return tree if mesh is None else distributed.constrain_state(tree, mesh, fsdp)
+
     tx = make_optimizer(program, specs)
     use_penalty = program.penalty_weight > 0
     use_svd_terms = svd_terms_on(program)
@@ -250,7 +272,8 @@ def _build_steps(graphdef_train, graphdef_eval, spec_def, spec_leaves, program) 
         for name, value in terms.items():
             sums[name] = sums[name] + jnp.asarray(value, jnp.float32)
         new = TrainState(params, rest, opt_state, state.step + 1, sums)
-        return new, current_learning_rate(program, state.opt_state, state.step)
+        lr = current_learning_rate(program, state.opt_state, state.step)
+        return constrain(new), constrain(lr)
 
     @jax.jit
     def eval_step(params, rest, image, label, mask, sums):
@@ -259,11 +282,11 @@ def _build_steps(graphdef_train, graphdef_eval, spec_def, spec_leaves, program) 
         loss_sum, correct, count = _cross_entropy_sums(
             logits, label, jnp.asarray(mask, jnp.float32)
         )
-        return {
+        return constrain({
             "loss": sums["loss"] + loss_sum,
             "correct": sums["correct"] + correct,
             "count": sums["count"] + count,
-        }
+        })
 
     @jax.jit
     def sigmas(params):
@@ -272,11 +295,15 @@ def _build_steps(graphdef_train, graphdef_eval, spec_def, spec_leaves, program) 
     return Steps(train_step, eval_step, sigmas)
 
 
-def evaluate(steps: Steps, params: Any, rest: Any, source: Any) -> dict[str, float]:
+def evaluate(
+    steps: Steps, params: Any, rest: Any, source: Any, mesh: jax.sharding.Mesh | None = None
+) -> dict[str, float]:
     """Mean loss, accuracy and error over one pass of ``source`` (mask-weighted; one sync).
 
     Every example with mask 1 counts exactly once, so the final partial batch (padded by the
-    pipeline and masked) is included.
+    pipeline and masked) is included. With a ``mesh`` (that of ``steps``), every batch is
+    split over its ``'data'`` axis (:func:`train.distributed.shard_batch`: in a multi-host run
+    ``source`` yields this process's rows) and the sums are global.
 
     Returns:
       ``{'loss', 'accuracy', 'error', 'count'}``.
@@ -285,8 +312,14 @@ def evaluate(steps: Steps, params: Any, rest: Any, source: Any) -> dict[str, flo
       ValueError: when ``source`` yields no example.
     """
     sums = {k: jnp.zeros([], jnp.float32) for k in ("loss", "correct", "count")}
+    if mesh is not None:
+        sums = distributed.place_state(sums, mesh)
     for batch in source.batches(0):
         image, label, mask = unpack_batch(batch)
+        if mesh is not None:
+            image, label, mask = distributed.shard_batch(
+                mesh, np.asarray(image, np.float32), label, np.asarray(mask, np.float32)
+            )
         sums = steps.eval_step(params, rest, image, label, mask, sums)
     sums = jax.device_get(sums)
     count = float(sums["count"])

@@ -72,6 +72,7 @@ from flax import nnx
 
 from train import builders
 from train import checkpoint
+from train import distributed
 from train import loop
 from train.batches import example_input
 from train.config import TrainConfig
@@ -441,7 +442,8 @@ def run_svd_pipeline(
             test = pruned_test
             if recalibrate:
                 compact = batchnorm.recalibrate_batch_stats(
-                    compact, train_data, recalibration_batches
+                    compact, train_data, recalibration_batches,
+                    mesh=distributed.make_mesh(config.num_devices),
                 )
                 test = loop.evaluate_model(compact, configs["stage4"], test_data, example)
             loop.save_model(dir3, compact, configs["stage4"], example)
