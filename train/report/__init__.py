@@ -12,6 +12,7 @@ from train.report._api import network_report_nnx
 from train.report._empirical import jacobian_lower_bound
 from train.report._layers import ConvLayer
 from train.report._layers import analyse_convs
+from train.report._layers import analyse_dense
 from train.report._layers import reshaped_sigma_max
 from train.report._lipschitz import HARD_SWISH_LIPSCHITZ
 from train.report._lipschitz import SILU_LIPSCHITZ
@@ -31,6 +32,7 @@ __all__ = [
     "LayerReport",
     "NetworkReport",
     "analyse_convs",
+    "analyse_dense",
     "jacobian_lower_bound",
     "max_pool_lipschitz",
     "max_window_count",
