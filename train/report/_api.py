@@ -161,8 +161,8 @@ def network_report(
     network = {
         "lipschitz_upper": upper,
         "lipschitz_upper_note": note if upper is None else (
-            f"certified ({note} of the layers' certified upper bounds and exact activation, "
-            "pooling and normalisation constants)"),
+            f"certified ({note} of the layers' exact norms (fft, dense) or certified upper "
+            "bounds (lanczos layers) and exact activation, pooling and normalisation constants)"),
         "lipschitz_upper_uncertified": uncertified,
         "lipschitz_upper_uncertified_note": (
             "estimate: the same composition with each layer's sigma_max" +
@@ -186,11 +186,12 @@ def network_report(
 
 def _compose(closed, leaves, leaf_specs, x_shape, by_leaf, certified: bool):
     def norm(leaf, scale):
+        # Certified: the exact value for exact methods (FFT, dense SVD), else the best bound.
         r = by_leaf[leaf]
+        exact = r.sigma_max_method in _layers.EXACT_METHODS
         if scale is None:
-            return r.upper_bound if certified else r.sigma_max
-        value = r.bn_folded_upper_bound if certified else r.bn_folded_sigma_max
-        return value
+            return r.sigma_max if exact or not certified else r.upper_bound
+        return r.bn_folded_sigma_max if exact or not certified else r.bn_folded_upper_bound
 
     return Composer(leaf_specs, norm).run(closed, leaves, x_shape)
 

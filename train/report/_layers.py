@@ -32,6 +32,8 @@ import spectra
 from spectra import ConvSpec
 from train.report._types import LayerReport
 
+#: Methods whose σ_max is exact (to rounding): used as certified values in the composition.
+EXACT_METHODS = ("fft", "dense")
 #: Zero-padded layers whose input and output dims are both at most this are done densely.
 DEFAULT_MAX_DENSE_DIM = 512
 #: Most complex entries a per-frequency computation (circulant embedding, spectral density)
