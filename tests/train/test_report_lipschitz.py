@@ -143,6 +143,28 @@ class NetworkBoundTest(absltest.TestCase):
         self.assertAlmostEqual(r.network["lipschitz_lower"] / exact, 1.0, delta=1e-6)
 
 
+    def test_circular_conv_with_batch_norm_is_exact(self):
+        # The wrap-around pad is folded into the conv (its exact circular norm), and the BN
+        # scale into the kernel: the bound is the exact norm of the whole (affine) map.
+        conv = nnx.Conv(2, 3, (3, 3), padding="CIRCULAR", use_bias=False,
+                        param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+        bn = nnx.BatchNorm(3, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+        model = nnx.Sequential(conv, bn)
+        _randomise_batch_norms(model)
+        model.eval()
+        r = report.network_report_nnx(model, jnp.zeros((1, 6, 8, 2)), num_points=2,
+                                      power_iterations=300)
+        (layer,) = r.layers
+        self.assertEqual(layer.sigma_max_method, "fft")
+        self.assertAlmostEqual(r.network["lipschitz_upper"] / layer.bn_folded_sigma_max, 1.0,
+                               delta=1e-9)
+        self.assertLess(layer.bn_folded_sigma_max,
+                        layer.sigma_max * float(jnp.max(jnp.abs(bn.scale[...]))
+                                                / jnp.sqrt(jnp.min(bn.var[...]) + bn.epsilon)))
+        self.assertAlmostEqual(r.network["lipschitz_lower"] / layer.bn_folded_sigma_max, 1.0,
+                               delta=1e-6)
+
+
 class ConstantsTest(absltest.TestCase):
     def test_max_pool_constant_by_brute_force(self):
         for (h, w), (kh, kw), (sh, sw), pads in [
