@@ -13,10 +13,20 @@ from train import report
 # A subset of the shared grid: k 1/2/3/5, c_in != c_out, strides, dilation, groups, depthwise,
 # every padding mode (CIRCULAR with and without strides dividing the input), non-square inputs.
 _NAMES = {
-    "k1_SAME", "k2_nonsquare_in_FULL", "k3x2_explicit", "k5_VALID", "stride2_SAME",
-    "stride2_CIRCULAR", "stride2x1_explicit", "dilation2_CIRCULAR", "dilation2_SAME",
-    "dilation2x1_stride2_VALID", "groups2_SAME", "depthwise_CIRCULAR",
-    "depthwise_mult2_stride2_SAME", "groups2_dilation2_stride2_explicit",
+    "k1_SAME",
+    "k2_nonsquare_in_FULL",
+    "k3x2_explicit",
+    "k5_VALID",
+    "stride2_SAME",
+    "stride2_CIRCULAR",
+    "stride2x1_explicit",
+    "dilation2_CIRCULAR",
+    "dilation2_SAME",
+    "dilation2x1_stride2_VALID",
+    "groups2_SAME",
+    "depthwise_CIRCULAR",
+    "depthwise_mult2_stride2_SAME",
+    "groups2_dilation2_stride2_explicit",
 }
 CASES = [c for c in layer_cases() if c[0] in _NAMES]
 # A circular layer whose stride does not divide the input (no exact FFT: Lanczos).
@@ -46,22 +56,31 @@ class LayerReportTest(parameterized.TestCase):
         self.assertGreaterEqual(r.upper_bound, exact[0] * (1 - 1e-10))
         self.assertIn(r.upper_bound_name, spectra.UPPER_BOUNDS)
         self.assertAlmostEqual(r.frobenius / np.sqrt(np.sum(exact**2)), 1.0, delta=1e-10)
-        self.assertAlmostEqual(r.stable_rank, np.sum(exact**2) / exact[0] ** 2,
-                               delta=1e-7 * r.stable_rank)
+        self.assertAlmostEqual(
+            r.stable_rank, np.sum(exact**2) / exact[0] ** 2, delta=1e-7 * r.stable_rank
+        )
         flat = np.asarray(layer.kernel).reshape(-1, layer.kernel.shape[-1])
-        self.assertAlmostEqual(r.reshaped_sigma_max, np.linalg.svd(flat, compute_uv=False)[0],
-                               delta=1e-10)
+        self.assertAlmostEqual(
+            r.reshaped_sigma_max, np.linalg.svd(flat, compute_uv=False)[0], delta=1e-10
+        )
         folded = exact_singular_values(layer.kernel * layer.bn_scale, layer.spec)[0]
         self.assertAlmostEqual(r.bn_folded_sigma_max / folded, 1.0, delta=1e-8)
         self.assertGreaterEqual(r.bn_folded_upper_bound, folded * (1 - 1e-10))
-        self.assertEqual((r.input_shape, r.strides, r.padding, r.groups),
-                         (layer.spec.input_shape, layer.spec.strides, layer.spec.padding,
-                          layer.spec.feature_group_count))
+        self.assertEqual(
+            (r.input_shape, r.strides, r.padding, r.groups),
+            (
+                layer.spec.input_shape,
+                layer.spec.strides,
+                layer.spec.padding,
+                layer.spec.feature_group_count,
+            ),
+        )
         if r.sigma_min_method is not None:  # exact methods: sigma_min and the whole spectrum.
             self.assertIn(r.sigma_min_method, ("fft", "dense"))
             self.assertAlmostEqual(r.sigma_min, exact[-1], delta=1e-9 * exact[0])
-            np.testing.assert_allclose(r.spectrum, exact[r.spectrum_ranks - 1],
-                                       atol=1e-9 * exact[0])
+            np.testing.assert_allclose(
+                r.spectrum, exact[r.spectrum_ranks - 1], atol=1e-9 * exact[0]
+            )
             self.assertEqual(r.num_singular_values, exact.size)
 
     @parameterized.named_parameters(*[(c[0], i) for i, c in enumerate(CASES)])
@@ -72,8 +91,7 @@ class LayerReportTest(parameterized.TestCase):
             self._check(layer, r, exact)
         expected = "fft" if _fft(layer.spec) else "lanczos"
         self.assertEqual(self.lanczos[index].sigma_max_method, expected)
-        self.assertEqual(self.dense[index].sigma_max_method,
-                         "fft" if _fft(layer.spec) else "dense")
+        self.assertEqual(self.dense[index].sigma_max_method, "fft" if _fft(layer.spec) else "dense")
         if expected == "lanczos":
             self.assertLessEqual(self.lanczos[index].sigma_max_residual, 1e-4)
             self.assertEqual(self.lanczos[index].spectrum_method, "spectral_density")

@@ -53,8 +53,7 @@ class UserNet(nnx.Module):
         y = jnp.concatenate([y, jnp.tanh(z)], axis=-1)
         y = nnx.max_pool(y, (3, 3), (1, 1), "SAME")  # overlapping windows: constant 3
         y = jax.nn.sigmoid(self.down(y))
-        y = jax.image.resize(y, (y.shape[0], 2 * y.shape[1], 2 * y.shape[2], y.shape[3]),
-                             "nearest")
+        y = jax.image.resize(y, (y.shape[0], 2 * y.shape[1], 2 * y.shape[2], y.shape[3]), "nearest")
         y = nnx.avg_pool(y, (2, 2), (2, 2))
         return self.head(jnp.clip(y, -1.0, 1.0).mean(axis=(1, 2)))
 
@@ -85,9 +84,15 @@ class NetworkBoundTest(absltest.TestCase):
 
     def test_resnet_eval_mode(self):
         for shortcut in ("A", "B"):
-            model = ResNet(8, 3, width=2, shortcut=shortcut, stage_strides=(1, 2, 1),
-                           param_dtype=jnp.float64,
-                           rngs=nnx.Rngs(0))
+            model = ResNet(
+                8,
+                3,
+                width=2,
+                shortcut=shortcut,
+                stage_strides=(1, 2, 1),
+                param_dtype=jnp.float64,
+                rngs=nnx.Rngs(0),
+            )
             _randomise_batch_norms(model)
             r, _ = self._check(model, (8, 8, 3))
             self.assertEqual(r.network["num_conv_layers"], 7 + 2 * (shortcut == "B"))
@@ -102,13 +107,15 @@ class NetworkBoundTest(absltest.TestCase):
         _randomise_batch_norms(model, seed=1)
         r, ratios = self._check(model, (8, 8, 2))
         names = [layer.name for layer in r.layers]
-        self.assertEqual(names, ["stem.kernel", "dw.kernel", "dil.kernel", "down.kernel",
-                                 "head.kernel"])
+        self.assertEqual(
+            names, ["stem.kernel", "dw.kernel", "dil.kernel", "down.kernel", "head.kernel"]
+        )
         self.assertEqual(r.layers[0].sigma_max_method, "fft")
 
     def test_training_mode_batch_norm_is_not_certified(self):
-        model = ResNet(8, 3, width=2, stage_strides=(1, 2, 1), param_dtype=jnp.float64,
-                       rngs=nnx.Rngs(0))
+        model = ResNet(
+            8, 3, width=2, stage_strides=(1, 2, 1), param_dtype=jnp.float64, rngs=nnx.Rngs(0)
+        )
         model.train()
         r = report.network_report_nnx(model, jnp.zeros((2, 8, 8, 3)), num_points=1)
         self.assertIsNone(r.network["lipschitz_upper"])
@@ -131,10 +138,13 @@ class NetworkBoundTest(absltest.TestCase):
             return jax.lax.conv_general_dilated(y, p["b"], (2, 2), "VALID", dimension_numbers=dn)
 
         rng = np.random.default_rng(0)
-        p = {"a": jnp.asarray(rng.normal(size=(3, 3, 2, 3))),
-             "b": jnp.asarray(rng.normal(size=(2, 2, 3, 2)))}
-        r = report.network_report(apply, p, jnp.zeros((1, 6, 6, 2)), num_points=2,
-                                  power_iterations=200)
+        p = {
+            "a": jnp.asarray(rng.normal(size=(3, 3, 2, 3))),
+            "b": jnp.asarray(rng.normal(size=(2, 2, 3, 2))),
+        }
+        r = report.network_report(
+            apply, p, jnp.zeros((1, 6, 6, 2)), num_points=2, power_iterations=200
+        )
         product = r.layers[0].sigma_max * r.layers[1].sigma_max
         self.assertAlmostEqual(r.network["lipschitz_upper"] / product, 1.0, delta=1e-9)
         self.assertLessEqual(r.network["lipschitz_lower"], product * (1 + 1e-9))
@@ -142,27 +152,38 @@ class NetworkBoundTest(absltest.TestCase):
         exact = np.linalg.svd(np.asarray(full).reshape(full.shape[0], -1), compute_uv=False)[0]
         self.assertAlmostEqual(r.network["lipschitz_lower"] / exact, 1.0, delta=1e-6)
 
-
     def test_circular_conv_with_batch_norm_is_exact(self):
         # The wrap-around pad is folded into the conv (its exact circular norm), and the BN
         # scale into the kernel: the bound is the exact norm of the whole (affine) map.
-        conv = nnx.Conv(2, 3, (3, 3), padding="CIRCULAR", use_bias=False,
-                        param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+        conv = nnx.Conv(
+            2,
+            3,
+            (3, 3),
+            padding="CIRCULAR",
+            use_bias=False,
+            param_dtype=jnp.float64,
+            rngs=nnx.Rngs(0),
+        )
         bn = nnx.BatchNorm(3, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
         model = nnx.Sequential(conv, bn)
         _randomise_batch_norms(model)
         model.eval()
-        r = report.network_report_nnx(model, jnp.zeros((1, 6, 8, 2)), num_points=2,
-                                      power_iterations=300)
+        r = report.network_report_nnx(
+            model, jnp.zeros((1, 6, 8, 2)), num_points=2, power_iterations=300
+        )
         (layer,) = r.layers
         self.assertEqual(layer.sigma_max_method, "fft")
-        self.assertAlmostEqual(r.network["lipschitz_upper"] / layer.bn_folded_sigma_max, 1.0,
-                               delta=1e-9)
-        self.assertLess(layer.bn_folded_sigma_max,
-                        layer.sigma_max * float(jnp.max(jnp.abs(bn.scale[...]))
-                                                / jnp.sqrt(jnp.min(bn.var[...]) + bn.epsilon)))
-        self.assertAlmostEqual(r.network["lipschitz_lower"] / layer.bn_folded_sigma_max, 1.0,
-                               delta=1e-6)
+        self.assertAlmostEqual(
+            r.network["lipschitz_upper"] / layer.bn_folded_sigma_max, 1.0, delta=1e-9
+        )
+        self.assertLess(
+            layer.bn_folded_sigma_max,
+            layer.sigma_max
+            * float(jnp.max(jnp.abs(bn.scale[...])) / jnp.sqrt(jnp.min(bn.var[...]) + bn.epsilon)),
+        )
+        self.assertAlmostEqual(
+            r.network["lipschitz_lower"] / layer.bn_folded_sigma_max, 1.0, delta=1e-6
+        )
 
 
 class ConstantsTest(absltest.TestCase):
@@ -178,16 +199,24 @@ class ConstantsTest(absltest.TestCase):
                     for a, b in itertools.product(range(kh), range(kw)):
                         if 0 <= i + a < h and 0 <= j + b < w:
                             counts[i + a, j + b] += 1
-            m = report.max_window_count((1, h, w, 1), (1, kh, kw, 1), (1, sh, sw, 1),
-                                        ((0, 0), *pads, (0, 0)))
+            m = report.max_window_count(
+                (1, h, w, 1), (1, kh, kw, 1), (1, sh, sw, 1), ((0, 0), *pads, (0, 0))
+            )
             self.assertEqual(m, counts.max())
 
             def pool(x, kh=kh, kw=kw, sh=sh, sw=sw, pads=pads):
-                return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, kh, kw, 1),
-                                             (1, sh, sw, 1), ((0, 0), *pads, (0, 0)))
+                return jax.lax.reduce_window(
+                    x,
+                    -jnp.inf,
+                    jax.lax.max,
+                    (1, kh, kw, 1),
+                    (1, sh, sw, 1),
+                    ((0, 0), *pads, (0, 0)),
+                )
 
-            r = report.network_report(lambda p, x: pool(x), {}, jnp.zeros((1, h, w, 1)),
-                                      num_points=1)
+            r = report.network_report(
+                lambda p, x: pool(x), {}, jnp.zeros((1, h, w, 1)), num_points=1
+            )
             self.assertAlmostEqual(r.network["lipschitz_upper"], math.sqrt(counts.max()))
             # Attained: from a constant input, raise the most covered pixel.
             i, j = np.unravel_index(np.argmax(counts), counts.shape)

@@ -17,8 +17,9 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
     except ValueError as e:
-        raise ValueError(f"--input-shape={text!r} must be comma-separated ints, e.g. "
-                         "1,3,224,224") from e
+        raise ValueError(
+            f"--input-shape={text!r} must be comma-separated ints, e.g. 1,3,224,224"
+        ) from e
     if not shape or any(v < 1 for v in shape):
         raise ValueError(f"--input-shape={text!r} must be positive ints, e.g. 1,3,224,224")
     return shape
@@ -33,7 +34,8 @@ def report_onnx(path, input_shape=None, **kwargs):
     except ImportError as e:
         raise ImportError(
             "--onnx needs train.models.from_onnx (ONNX import), which this installation does not "
-            f"have: {e}") from e
+            f"have: {e}"
+        ) from e
     from train.report._api import network_report
 
     model = from_onnx(str(path), input_shape=input_shape)
@@ -61,14 +63,19 @@ def report_run(run_dir, **kwargs):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="convspectra-report",
-        description="Exact per-layer operator norms and a Lipschitz bracket of a network.")
+        description="Exact per-layer operator norms and a Lipschitz bracket of a network.",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--onnx", type=pathlib.Path, help="an ONNX model file")
     source.add_argument("--run", type=pathlib.Path, help="a run folder of train_and_evaluate")
     parser.add_argument("--input-shape", help="input shape for --onnx, e.g. 1,3,224,224")
     parser.add_argument("--out", type=pathlib.Path, required=True, help="output folder")
-    parser.add_argument("--num-points", type=int, default=8,
-                        help="random points for the Jacobian lower bound (default 8)")
+    parser.add_argument(
+        "--num-points",
+        type=int,
+        default=8,
+        help="random points for the Jacobian lower bound (default 8)",
+    )
     parser.add_argument("--no-plots", action="store_true", help="skip the plots")
     args = parser.parse_args(argv)
 
@@ -87,8 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         title = f"Spectral report: {args.run}"
     paths = write_report(report, args.out, title=title, plots=not args.no_plots)
     net = report.network
-    print(f"lipschitz upper {net['lipschitz_upper']} ({net['lipschitz_upper_note']}); "
-          f"lower {net['lipschitz_lower']:.4g}")
+    print(
+        f"lipschitz upper {net['lipschitz_upper']} ({net['lipschitz_upper_note']}); "
+        f"lower {net['lipschitz_lower']:.4g}"
+    )
     for kind, path in paths.items():
         print(f"wrote {kind}: {path}")
     return 0

@@ -119,19 +119,23 @@ def network_report(
     composer = Composer(leaf_specs, lambda leaf, scale: 1.0 if scale is None else None)
     composer.run(closed, leaves, x1.shape)
     order = list(composer.conv_uses) + [
-        i for i, s in enumerate(leaf_specs) if s is not None and i not in composer.conv_uses]
+        i for i, s in enumerate(leaf_specs) if s is not None and i not in composer.conv_uses
+    ]
     conv_layers = [
         _layers.ConvLayer(
-            names[i], leaves[i], leaf_specs[i],
-            composer.conv_uses[i].scale if i in composer.conv_uses else None)
+            names[i],
+            leaves[i],
+            leaf_specs[i],
+            composer.conv_uses[i].scale if i in composer.conv_uses else None,
+        )
         for i in order
     ]
     timings["compose_pass1"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     reports = _layers.analyse_convs(
-        conv_layers, max_dense_dim=max_dense_dim, compute_spectra=compute_spectra,
-        progress=progress)
+        conv_layers, max_dense_dim=max_dense_dim, compute_spectra=compute_spectra, progress=progress
+    )
     timings["layers"] = time.perf_counter() - t0
     by_leaf = dict(zip(order, reports))
 
@@ -153,33 +157,43 @@ def network_report(
         return fn([jnp.asarray(v) for v in leaves], x)
 
     lower, per_point = _empirical.jacobian_lower_bound(
-        single, points, num_iterations=power_iterations, seed=seed)
+        single, points, num_iterations=power_iterations, seed=seed
+    )
     timings["lower_bound"] = time.perf_counter() - t0
     timings["total"] = sum(timings.values())
 
     all_certified = all(r.sigma_max_certified for r in reports)
     network = {
         "lipschitz_upper": upper,
-        "lipschitz_upper_note": note if upper is None else (
+        "lipschitz_upper_note": note
+        if upper is None
+        else (
             f"certified ({note} of the layers' exact norms (fft, dense) or certified upper "
-            "bounds (lanczos layers) and exact activation, pooling and normalisation constants)"),
+            "bounds (lanczos layers) and exact activation, pooling and normalisation constants)"
+        ),
         "lipschitz_upper_uncertified": uncertified,
         "lipschitz_upper_uncertified_note": (
-            "estimate: the same composition with each layer's sigma_max" +
-            (" (all layers certified: this is also a certified bound)" if all_certified
-             else " (Lanczos values not certified by a bound within tolerance)")),
+            "estimate: the same composition with each layer's sigma_max"
+            + (
+                " (all layers certified: this is also a certified bound)"
+                if all_certified
+                else " (Lanczos values not certified by a bound within tolerance)"
+            )
+        ),
         "lipschitz_lower": lower,
         "lipschitz_lower_method": (
             f"jacobian_power_iteration: max over {len(points)} "
             f"{'data' if data is not None else 'standard normal'} points of ||J(x) v||, "
-            f"{power_iterations} power iterations (a lower bound)"),
+            f"{power_iterations} power iterations (a lower bound)"
+        ),
         "lipschitz_lower_per_point": per_point,
         "lipschitz_gap": (upper / lower) if (upper is not None and lower > 0) else None,
         "num_conv_layers": len(reports),
         "num_dense_layers": len(layers) - len(reports),
         "max_layer_sigma_max": max((r.sigma_max for r in layers), default=None),
         "product_of_layer_upper_bounds": float(np.prod([r.upper_bound for r in layers]))
-        if layers else None,
+        if layers
+        else None,
     }
     return NetworkReport(layers, network, timings)
 
@@ -200,8 +214,9 @@ def _points(data, x1, num_points: int, seed: int) -> np.ndarray:
     if data is not None:
         data = np.asarray(data)
         if data.shape[1:] != x1.shape[1:]:
-            raise ValueError(f"data must have shape (N, {', '.join(map(str, x1.shape[1:]))}); "
-                             f"got {data.shape}")
+            raise ValueError(
+                f"data must have shape (N, {', '.join(map(str, x1.shape[1:]))}); got {data.shape}"
+            )
         return data[:num_points, None].astype(x1.dtype)
     rng = np.random.default_rng(seed)
     return rng.standard_normal((num_points, *x1.shape)).astype(x1.dtype)

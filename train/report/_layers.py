@@ -81,7 +81,9 @@ def _frequency_entries(spec: ConvSpec, kshape: Sequence[int]) -> int:
     return n1 * (n2 // 2 + 1) * kshape[2] * kshape[3] * math.prod(emb.strides)
 
 
-def plan(spec: ConvSpec, kshape: Sequence[int], max_dense_dim: int) -> tuple[str, tuple, str | None]:
+def plan(
+    spec: ConvSpec, kshape: Sequence[int], max_dense_dim: int
+) -> tuple[str, tuple, str | None]:
     """``(sigma_method, bound_names, spectrum_method)`` for a layer (static choices)."""
     if fft_applies(spec):
         return "fft", (), "fft"
@@ -124,8 +126,9 @@ def _analyse_group(kernels, folded, spec, sigma_method, bound_names, spectrum_me
     k = _after(previous, kernels)
     out["frobenius_sq"] = jax.vmap(lambda k: spectra.frobenius_norm_squared(k, spec))(k)
     if spectrum_method is not None:
-        out["spectrum"] = jax.vmap(
-            lambda k: spectra.singular_values(k, spec, spectrum_method))(_after(out["frobenius_sq"], k))
+        out["spectrum"] = jax.vmap(lambda k: spectra.singular_values(k, spec, spectrum_method))(
+            _after(out["frobenius_sq"], k)
+        )
     return out
 
 
@@ -172,8 +175,12 @@ def analyse_convs(
     """
     groups: dict[tuple, list[int]] = {}
     for i, layer in enumerate(layers):
-        key = (tuple(layer.kernel.shape), np.dtype(layer.kernel.dtype), layer.spec,
-               layer.bn_scale is not None)
+        key = (
+            tuple(layer.kernel.shape),
+            np.dtype(layer.kernel.dtype),
+            layer.spec,
+            layer.bn_scale is not None,
+        )
         groups.setdefault(key, []).append(i)
     results: list[LayerReport | None] = [None] * len(layers)
     bar = None
@@ -193,20 +200,31 @@ def analyse_convs(
                 dtype,
             )
         out = jax.device_get(
-            _analyse_group(kernels, folded, spec, sigma_method, bound_names, spectrum_method,
-                           rtol))
+            _analyse_group(kernels, folded, spec, sigma_method, bound_names, spectrum_method, rtol)
+        )
         stack = kernels if folded is None else jnp.concatenate([kernels, folded])
         if sigma_method == "lanczos":
-            estimates = [spectra.lanczos_spectral_norm(
-                k, spec, num_steps=min(LANCZOS_STEPS, spec.in_dim(kshape)), rtol=rtol)
-                for k in stack]
+            estimates = [
+                spectra.lanczos_spectral_norm(
+                    k, spec, num_steps=min(LANCZOS_STEPS, spec.in_dim(kshape)), rtol=rtol
+                )
+                for k in stack
+            ]
             out["sigma"] = np.array([float(e.value) for e in estimates])
             out["residual"] = np.array([float(e.residual) for e in estimates])
         n = len(members)
         for j, i in enumerate(members):
             results[i] = _layer_report(
-                layers[i], spec, sigma_method, bound_names, spectrum_method, out, j,
-                (n + j) if has_bn else None, bracket_rtol)
+                layers[i],
+                spec,
+                sigma_method,
+                bound_names,
+                spectrum_method,
+                out,
+                j,
+                (n + j) if has_bn else None,
+                bracket_rtol,
+            )
         if bar is not None:
             bar.update(n)
     if bar is not None:
@@ -222,8 +240,9 @@ def _best_bound(sigma: float, bounds: np.ndarray, names: tuple, sigma_method: st
     return float(bounds[best]), names[best]
 
 
-def _layer_report(layer, spec, sigma_method, bound_names, spectrum_method, out, j, jf,
-                  bracket_rtol) -> LayerReport:
+def _layer_report(
+    layer, spec, sigma_method, bound_names, spectrum_method, out, j, jf, bracket_rtol
+) -> LayerReport:
     kshape = tuple(layer.kernel.shape)
     sigma = float(out["sigma"][j])
     residual = float(out["residual"][j]) if sigma_method == "lanczos" else None
@@ -279,11 +298,27 @@ def analyse_dense(name: str, weight: np.ndarray) -> LayerReport:
     frob = float(np.sqrt(np.sum(sv**2)))
     spectrum, ranks = _subsample(sv)
     return LayerReport(
-        name=name, op="dense", kernel_shape=tuple(w.shape), input_shape=None, strides=None,
-        padding=None, dilation=None, groups=None, sigma_max=sigma, sigma_max_method="dense",
-        sigma_max_residual=None, sigma_max_certified=True, upper_bound=sigma,
-        upper_bound_name="dense", reshaped_sigma_max=sigma, frobenius=frob,
-        stable_rank=frob**2 / sigma**2 if sigma > 0 else 0.0, sigma_min=float(sv[-1]),
-        sigma_min_method="dense", spectrum_method="dense", num_singular_values=int(sv.size),
-        spectrum=spectrum, spectrum_ranks=ranks,
+        name=name,
+        op="dense",
+        kernel_shape=tuple(w.shape),
+        input_shape=None,
+        strides=None,
+        padding=None,
+        dilation=None,
+        groups=None,
+        sigma_max=sigma,
+        sigma_max_method="dense",
+        sigma_max_residual=None,
+        sigma_max_certified=True,
+        upper_bound=sigma,
+        upper_bound_name="dense",
+        reshaped_sigma_max=sigma,
+        frobenius=frob,
+        stable_rank=frob**2 / sigma**2 if sigma > 0 else 0.0,
+        sigma_min=float(sv[-1]),
+        sigma_min_method="dense",
+        spectrum_method="dense",
+        num_singular_values=int(sv.size),
+        spectrum=spectrum,
+        spectrum_ranks=ranks,
     )

@@ -50,14 +50,40 @@ _HARD_SIGMOID_CHAINS = (
     (("add", 3.0), ("max", 0.0), ("min", 6.0), ("div", 6.0)),
     (("add", 3.0), ("max", 0.0), ("min", 6.0), ("mul", 1.0 / 6.0)),
 )
-_STRUCTURAL = frozenset({
-    "reshape", "squeeze", "expand_dims", "transpose", "copy", "copy_p", "rev",
-    "reduce_precision", "slice", "pad", "concatenate", "convert_element_type",
-})
-_UNIT = frozenset({
-    "reshape", "squeeze", "expand_dims", "transpose", "copy", "copy_p", "rev",
-    "reduce_precision", "slice", "dynamic_slice", "pad", "real", "reduce_max", "reduce_min",
-})
+_STRUCTURAL = frozenset(
+    {
+        "reshape",
+        "squeeze",
+        "expand_dims",
+        "transpose",
+        "copy",
+        "copy_p",
+        "rev",
+        "reduce_precision",
+        "slice",
+        "pad",
+        "concatenate",
+        "convert_element_type",
+    }
+)
+_UNIT = frozenset(
+    {
+        "reshape",
+        "squeeze",
+        "expand_dims",
+        "transpose",
+        "copy",
+        "copy_p",
+        "rev",
+        "reduce_precision",
+        "slice",
+        "dynamic_slice",
+        "pad",
+        "real",
+        "reduce_max",
+        "reduce_min",
+    }
+)
 _COMPARISONS = frozenset({"ge", "gt", "le", "lt"})
 _CALLS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 #: Dense layers whose operator is densified to compute an on-the-fly conv norm.
@@ -145,12 +171,15 @@ class Composer:
                 return None, d.note or "not certifiable"
         if len(deps) == 1:
             return deps[0].L, "composition"
-        return math.sqrt(sum(d.L**2 for d in deps)), "composition (outputs stacked: root-sum-of-squares)"
+        return math.sqrt(
+            sum(d.L**2 for d in deps)
+        ), "composition (outputs stacked: root-sum-of-squares)"
 
     # ------------------------------------------------------------------------------ walking
     def walk(self, jaxpr, consts, invals, origins, where) -> list:
-        env: dict = dict(zip(jaxpr.constvars, [np.asarray(c) if not isinstance(c, Dep) else c
-                                               for c in consts]))
+        env: dict = dict(
+            zip(jaxpr.constvars, [np.asarray(c) if not isinstance(c, Dep) else c for c in consts])
+        )
         env.update(zip(jaxpr.invars, invals))
 
         def read(v):
@@ -163,21 +192,33 @@ class Composer:
             at = f"eqn {index} (`{name}`) in {where}"
             if not any(isinstance(v, Dep) for v in vals):
                 outs = _evaluate(eqn, vals)
-                if name in ("convert_element_type", "copy", "copy_p", "reshape", "transpose",
-                            "reduce_precision") and _is_var(eqn.invars[0]) \
-                        and eqn.invars[0] in origins:
+                if (
+                    name
+                    in (
+                        "convert_element_type",
+                        "copy",
+                        "copy_p",
+                        "reshape",
+                        "transpose",
+                        "reduce_precision",
+                    )
+                    and _is_var(eqn.invars[0])
+                    and eqn.invars[0] in origins
+                ):
                     origins[eqn.outvars[0]] = origins[eqn.invars[0]]
             else:
                 sub = _sub_jaxpr(eqn)
                 if sub is not None:
                     inner, inner_consts = sub
                     inner_origins = {
-                        iv: origins[ov] for iv, ov in zip(inner.invars, eqn.invars)
+                        iv: origins[ov]
+                        for iv, ov in zip(inner.invars, eqn.invars)
                         if _is_var(ov) and ov in origins
                     }
                     label = eqn.params.get("name", name)
-                    outs = self.walk(inner, inner_consts, vals, inner_origins,
-                                     f"{name}[{label}] at {at}")
+                    outs = self.walk(
+                        inner, inner_consts, vals, inner_origins, f"{name}[{label}] at {at}"
+                    )
                 else:
                     self._origins_hint = origins
                     outs = self.rule(eqn, vals, origins, at)
@@ -221,8 +262,10 @@ class Composer:
         if name in _COMPARISONS:
             return self._compare(eqn, vals, shape, at)
         if not jnp.issubdtype(out_dtype, jnp.floating):
-            return [_blocked(o.aval.shape, f"`{name}` gives a non-float, input-dependent value "
-                                           f"at {at}") for o in outvars]
+            return [
+                _blocked(o.aval.shape, f"`{name}` gives a non-float, input-dependent value at {at}")
+                for o in outvars
+            ]
         handler = getattr(self, f"_rule_{name}", None)
         if handler is not None:
             result = handler(eqn, vals, shape, at)
@@ -235,8 +278,10 @@ class Composer:
             result = [self.out(v.shape, self.lip(v)) if isinstance(v, Dep) else v for v in vals]
             return result
         else:
-            result = _blocked(shape, f"`{name}` of an input-dependent value is not supported "
-                                     f"(not certifiable) at {at}")
+            result = _blocked(
+                shape,
+                f"`{name}` of an input-dependent value is not supported (not certifiable) at {at}",
+            )
         if name in _STRUCTURAL and isinstance(result, Dep):
             self.struct_parents[id(result)] = [v for v in vals if isinstance(v, Dep)]
         return result
@@ -329,8 +374,12 @@ class Composer:
                 fold = (leaf, l_in, scale * per_channel, axis)
         if fold is None:
             self.materialise(d)
-        return Dep(shape, d.L * _max_abs(c), chain=self._extend(d, ("mul", s)) if s is not None
-                   else None, fold=fold)
+        return Dep(
+            shape,
+            d.L * _max_abs(c),
+            chain=self._extend(d, ("mul", s)) if s is not None else None,
+            fold=fold,
+        )
 
     def _rule_div(self, eqn, vals, shape, at):
         a, b = vals
@@ -350,8 +399,12 @@ class Composer:
                 fold = (leaf, l_in, scale / per_channel, axis)
         if fold is None:
             self.materialise(a)
-        return Dep(shape, a.L / float(np.min(np.abs(c))),
-                   chain=self._extend(a, ("div", s)) if s is not None else None, fold=fold)
+        return Dep(
+            shape,
+            a.L / float(np.min(np.abs(c))),
+            chain=self._extend(a, ("div", s)) if s is not None else None,
+            fold=fold,
+        )
 
     def _product(self, a: Dep, b: Dep, shape, at):
         for x, g in ((a, b), (b, a)):
@@ -366,14 +419,19 @@ class Composer:
                 return self.out(shape, SILU_LIPSCHITZ * lx)
             if ops_g in _HARD_SIGMOID_CHAINS:
                 return self.out(shape, HARD_SWISH_LIPSCHITZ * lx)
-        return _blocked(shape, f"mul of two input-dependent values at {at} (e.g. "
-                               "squeeze-excitation gating or attention): not certifiable")
+        return _blocked(
+            shape,
+            f"mul of two input-dependent values at {at} (e.g. "
+            "squeeze-excitation gating or attention): not certifiable",
+        )
 
     def _minmax(self, eqn, vals, shape, at):
         a, b = vals
         if isinstance(a, Dep) and isinstance(b, Dep):
-            return self.out(shape, math.sqrt(self._broadcast_lip(a, shape) ** 2
-                                             + self._broadcast_lip(b, shape) ** 2))
+            return self.out(
+                shape,
+                math.sqrt(self._broadcast_lip(a, shape) ** 2 + self._broadcast_lip(b, shape) ** 2),
+            )
         d, c = (a, b) if isinstance(a, Dep) else (b, a)
         if d.shape != shape:
             return self.out(shape, self._broadcast_lip(d, shape))
@@ -396,8 +454,9 @@ class Composer:
         if any(c.L is None for c in dep_cases):
             return _blocked(shape, next(c.note for c in dep_cases if c.L is None))
         if not isinstance(pred, Dep):
-            return self.out(shape, math.sqrt(sum(self._broadcast_lip(c, shape) ** 2
-                                                 for c in dep_cases)))
+            return self.out(
+                shape, math.sqrt(sum(self._broadcast_lip(c, shape) ** 2 for c in dep_cases))
+            )
         # Piecewise linear through 0 (leaky ReLU): select(x cmp 0, a x, b x) is continuous and
         # has slopes a, b, so its constant is max(|a|, |b|) L_x.
         if pred.cmp is not None and len(dep_cases) == len(cases):
@@ -417,8 +476,11 @@ class Composer:
                 lx = self.lip(base)
                 if lx is not None:
                     return self.out(shape, max(slopes) * lx)
-        return _blocked(shape, f"select with an input-dependent predicate at {at} (not "
-                               "recognised as a continuous piecewise-linear activation)")
+        return _blocked(
+            shape,
+            f"select with an input-dependent predicate at {at} (not "
+            "recognised as a continuous piecewise-linear activation)",
+        )
 
     def _rule_reduce_sum(self, eqn, vals, shape, at):
         d = vals[0]
@@ -428,8 +490,14 @@ class Composer:
     def _rule_reduce_window_max(self, eqn, vals, shape, at):
         d = vals[0]
         p = eqn.params
-        lip = _windows.max_pool_lipschitz(d.shape, p["window_dimensions"], p["window_strides"],
-                                          p["padding"], p["window_dilation"], p["base_dilation"])
+        lip = _windows.max_pool_lipschitz(
+            d.shape,
+            p["window_dimensions"],
+            p["window_strides"],
+            p["padding"],
+            p["window_dilation"],
+            p["base_dilation"],
+        )
         return self.out(shape, self.lip(d) * lip)
 
     _rule_reduce_window_min = _rule_reduce_window_max
@@ -455,8 +523,11 @@ class Composer:
     def _rule_dot_general(self, eqn, vals, shape, at):
         a, b = vals
         if isinstance(a, Dep) and isinstance(b, Dep):
-            return _blocked(shape, f"dot_general of two input-dependent values at {at} (e.g. "
-                                   "attention): not certifiable")
+            return _blocked(
+                shape,
+                f"dot_general of two input-dependent values at {at} (e.g. "
+                "attention): not certifiable",
+            )
         dep_first = isinstance(a, Dep)
         d, w = (a, b) if dep_first else (b, a)
         (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
@@ -468,8 +539,9 @@ class Composer:
         mat = mat.reshape(nb, math.prod(w.shape[i] for i in w_contract), -1)
         key = ("dot", id(eqn))
         if key not in self._cache:
-            self._cache[key] = float(np.max(np.linalg.svd(mat, compute_uv=False)[..., 0])) \
-                if mat.size else 0.0
+            self._cache[key] = (
+                float(np.max(np.linalg.svd(mat, compute_uv=False)[..., 0])) if mat.size else 0.0
+            )
         leaf = _origin(eqn.invars[1 if dep_first else 0], self._origins_hint)
         if leaf is not None and w.ndim == 2 and not w_batch:
             self.dense_uses[leaf] = mat[0]
@@ -494,8 +566,11 @@ class Composer:
             self.conv_uses.setdefault(leaf, ConvUse(leaf))
             raw = self.leaf_norm(leaf, None)
             c_out = shape[eqn.params["dimension_numbers"].out_spec[1]]
-            return Dep(shape, l_in * raw, fold=(
-                leaf, l_in, np.ones(c_out), eqn.params["dimension_numbers"].out_spec[1]))
+            return Dep(
+                shape,
+                l_in * raw,
+                fold=(leaf, l_in, np.ones(c_out), eqn.params["dimension_numbers"].out_spec[1]),
+            )
         return self.out(shape, self.lip(lhs) * self._conv_eqn_norm(eqn, lhs.shape, rhs))
 
     def _wrap_source(self, lhs: Dep, eqn, spec: ConvSpec) -> Dep | None:
@@ -604,9 +679,12 @@ def conv_eqn_bound(params: dict, lhs_shape, kernel: np.ndarray) -> float:
     lhs_spec, rhs_spec = dn.lhs_spec, dn.rhs_spec
     groups = int(params["feature_group_count"])
     schur = _conv_schur(kernel.transpose(list(rhs_spec[2:]) + [rhs_spec[1], rhs_spec[0]]), groups)
-    if len(lhs_spec) != 4 or any(d != 1 for d in params["lhs_dilation"]) or \
-            params.get("batch_group_count", 1) != 1 or \
-            any(p < 0 for pair in params["padding"] for p in pair):
+    if (
+        len(lhs_spec) != 4
+        or any(d != 1 for d in params["lhs_dilation"])
+        or params.get("batch_group_count", 1) != 1
+        or any(p < 0 for pair in params["padding"] for p in pair)
+    ):
         return schur
     hwio = kernel.transpose(rhs_spec[2], rhs_spec[3], rhs_spec[1], rhs_spec[0])
     spec = ConvSpec(
@@ -619,8 +697,9 @@ def conv_eqn_bound(params: dict, lhs_shape, kernel: np.ndarray) -> float:
     hwio = jnp.asarray(hwio, jnp.float32 if hwio.dtype != np.float64 else jnp.float64)
     if max(spec.in_dim(hwio.shape), spec.out_dim(hwio.shape)) <= _MAX_DENSE_DIM:
         return float(spectra.spectral_norm(hwio, spec, "dense"))
-    values = [schur] + [float(spectra.UPPER_BOUNDS[n](hwio, spec))
-                        for n in ("symbol_sup", "tap_sum")]
+    values = [schur] + [
+        float(spectra.UPPER_BOUNDS[n](hwio, spec)) for n in ("symbol_sup", "tap_sum")
+    ]
     return min(values)
 
 
@@ -639,21 +718,33 @@ def window_sum_bound(params: dict, shape) -> float:
     """Norm of a ``reduce_window_sum``: exact (the single-channel window operator, dense SVD)
     when at most two axes are windowed and it is small, else the Schur bound."""
     win, strides, pads = params["window_dimensions"], params["window_strides"], params["padding"]
-    count = _windows.max_window_count(shape, win, strides, pads, params["window_dilation"],
-                                      params["base_dilation"])
+    count = _windows.max_window_count(
+        shape, win, strides, pads, params["window_dilation"], params["base_dilation"]
+    )
     schur = _windows.sum_pool_schur_bound(win, count)
-    axes = [i for i, (k, s, p) in enumerate(zip(win, strides, pads))
-            if k != 1 or s != 1 or tuple(p) != (0, 0)]
-    if len(axes) > 2 or any(d != 1 for d in params["window_dilation"]) or \
-            any(d != 1 for d in params["base_dilation"]) or \
-            any(v < 0 for p in pads for v in p):
+    axes = [
+        i
+        for i, (k, s, p) in enumerate(zip(win, strides, pads))
+        if k != 1 or s != 1 or tuple(p) != (0, 0)
+    ]
+    if (
+        len(axes) > 2
+        or any(d != 1 for d in params["window_dilation"])
+        or any(d != 1 for d in params["base_dilation"])
+        or any(v < 0 for p in pads for v in p)
+    ):
         return schur
     axes = (axes + [a for a in range(len(shape)) if a not in axes])[:2]
     size = tuple(int(shape[a]) for a in axes)
     if size[0] * size[1] > _MAX_DENSE_DIM:
         return schur
-    spec = ConvSpec(input_shape=size, strides=tuple(int(strides[a]) for a in axes),
-                    padding=tuple(tuple(int(v) for v in pads[a]) for a in axes))
-    kernel = jnp.ones((int(win[axes[0]]), int(win[axes[1]]), 1, 1), jnp.float64
-                      if jax.config.jax_enable_x64 else jnp.float32)
+    spec = ConvSpec(
+        input_shape=size,
+        strides=tuple(int(strides[a]) for a in axes),
+        padding=tuple(tuple(int(v) for v in pads[a]) for a in axes),
+    )
+    kernel = jnp.ones(
+        (int(win[axes[0]]), int(win[axes[1]]), 1, 1),
+        jnp.float64 if jax.config.jax_enable_x64 else jnp.float32,
+    )
     return min(schur, float(spectra.spectral_norm(kernel, spec, "dense")) * (1 + 1e-6))

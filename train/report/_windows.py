@@ -9,7 +9,11 @@ import numpy as np
 
 
 def axis_window_counts(
-    size: int, window: int, stride: int, pads: tuple[int, int], window_dilation: int = 1,
+    size: int,
+    window: int,
+    stride: int,
+    pads: tuple[int, int],
+    window_dilation: int = 1,
     base_dilation: int = 1,
 ) -> np.ndarray:
     """For one axis: how many windows of a ``reduce_window`` contain each input index.
@@ -31,8 +35,11 @@ def axis_window_counts(
 
 
 def max_window_count(
-    shape: Sequence[int], window_dimensions: Sequence[int], window_strides: Sequence[int],
-    padding: Sequence[tuple[int, int]], window_dilation: Sequence[int] | None = None,
+    shape: Sequence[int],
+    window_dimensions: Sequence[int],
+    window_strides: Sequence[int],
+    padding: Sequence[tuple[int, int]],
+    window_dilation: Sequence[int] | None = None,
     base_dilation: Sequence[int] | None = None,
 ) -> int:
     """The largest number of windows of a ``reduce_window`` that contain one input element.
@@ -43,8 +50,9 @@ def max_window_count(
     window_dilation = window_dilation or (1,) * ndim
     base_dilation = base_dilation or (1,) * ndim
     total = 1
-    for n, k, s, p, wd, bd in zip(shape, window_dimensions, window_strides, padding,
-                                   window_dilation, base_dilation):
+    for n, k, s, p, wd, bd in zip(
+        shape, window_dimensions, window_strides, padding, window_dilation, base_dilation
+    ):
         counts = axis_window_counts(int(n), int(k), int(s), tuple(p), int(wd), int(bd))
         total *= int(counts.max()) if counts.size else 0
     return total

@@ -41,19 +41,54 @@ def report_markdown(report: NetworkReport, title: str = "Spectral report") -> st
         "## Layers",
         "",
     ]
-    headers = ["#", "layer", "op", "kernel (HWIO)", "input", "stride", "padding", "σ_max",
-               "method", "residual", "upper bound", "bound", "reshaped σ_max", "‖A‖_F",
-               "stable rank", "σ_min", "BN-folded σ_max"]
+    headers = [
+        "#",
+        "layer",
+        "op",
+        "kernel (HWIO)",
+        "input",
+        "stride",
+        "padding",
+        "σ_max",
+        "method",
+        "residual",
+        "upper bound",
+        "bound",
+        "reshaped σ_max",
+        "‖A‖_F",
+        "stable rank",
+        "σ_min",
+        "BN-folded σ_max",
+    ]
     lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for i, r in enumerate(report.layers):
-        cells = [i, f"`{r.name}`", r.op, "×".join(map(str, r.kernel_shape)),
-                 "×".join(map(str, r.input_shape)) if r.input_shape else None,
-                 r.strides, r.padding, r.sigma_max, r.sigma_max_method, r.sigma_max_residual,
-                 r.upper_bound, r.upper_bound_name, r.reshaped_sigma_max, r.frobenius,
-                 r.stable_rank, r.sigma_min, r.bn_folded_sigma_max]
+        cells = [
+            i,
+            f"`{r.name}`",
+            r.op,
+            "×".join(map(str, r.kernel_shape)),
+            "×".join(map(str, r.input_shape)) if r.input_shape else None,
+            r.strides,
+            r.padding,
+            r.sigma_max,
+            r.sigma_max_method,
+            r.sigma_max_residual,
+            r.upper_bound,
+            r.upper_bound_name,
+            r.reshaped_sigma_max,
+            r.frobenius,
+            r.stable_rank,
+            r.sigma_min,
+            r.bn_folded_sigma_max,
+        ]
         lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
-    lines += ["", "Methods: " + "; ".join(f"`{k}`: {v}" for k, v in METHOD_KINDS.items()), "",
-              "Timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in report.timings.items()), ""]
+    lines += [
+        "",
+        "Methods: " + "; ".join(f"`{k}`: {v}" for k, v in METHOD_KINDS.items()),
+        "",
+        "Timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in report.timings.items()),
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -106,8 +141,9 @@ def plot_norms(report: NetworkReport, path: pathlib.Path) -> pathlib.Path:
     return path
 
 
-def write_report(report: NetworkReport, out_dir, *, title: str = "Spectral report",
-                 plots: bool = True) -> dict[str, pathlib.Path]:
+def write_report(
+    report: NetworkReport, out_dir, *, title: str = "Spectral report", plots: bool = True
+) -> dict[str, pathlib.Path]:
     """Writes ``report.json``, ``report.md`` and (``plots``) ``spectra.png``, ``norms.png``.
 
     Returns:
