@@ -16,6 +16,8 @@ from train.report._layers import analyse_dense
 from train.report._layers import reshaped_sigma_max
 from train.report._lipschitz import HARD_SWISH_LIPSCHITZ
 from train.report._lipschitz import SILU_LIPSCHITZ
+from train.report._sources import report_onnx
+from train.report._sources import report_run
 from train.report._types import METHOD_KINDS
 from train.report._types import LayerReport
 from train.report._types import NetworkReport
@@ -39,6 +41,8 @@ __all__ = [
     "network_report",
     "network_report_nnx",
     "report_markdown",
+    "report_onnx",
+    "report_run",
     "reshaped_sigma_max",
     "write_report",
 ]

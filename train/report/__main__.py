@@ -25,41 +25,6 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def report_onnx(path, input_shape=None, **kwargs):
-    """The report of an ONNX model (``train.models.from_onnx``; NCHW input)."""
-    import jax.numpy as jnp
-
-    try:
-        from train.models import from_onnx
-    except ImportError as e:
-        raise ImportError(
-            "--onnx needs train.models.from_onnx (ONNX import), which this installation does not "
-            f"have: {e}"
-        ) from e
-    from train.report._api import network_report
-
-    model = from_onnx(str(path), input_shape=input_shape)
-    shape = tuple(input_shape) if input_shape is not None else tuple(model.input_shape)
-    x = jnp.zeros(shape, jnp.float32)
-    return network_report(model.apply_fn, model.params, x, **kwargs)
-
-
-def report_run(run_dir, **kwargs):
-    """The report of the latest checkpoint of a training run (:func:`train.restore_model`)."""
-    from train import restore_model
-    from train.report._api import network_report_nnx
-
-    model, config, _ = restore_model(run_dir)
-    from train import data as train_data
-
-    h, w, c = train_data.dataset_info(config.dataset).image_shape
-    pad = getattr(config, "image_pad", 0)
-    import numpy as np
-
-    x = np.zeros((1, h + 2 * pad, w + 2 * pad, c), np.float32)
-    return network_report_nnx(model, x, **kwargs)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="convspectra-report",
@@ -82,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     from train.loop import avoid_cpu_lapack_deadlock
 
     avoid_cpu_lapack_deadlock()
+    from train.report._sources import report_onnx
+    from train.report._sources import report_run
     from train.report._write import write_report
 
     kwargs = dict(num_points=args.num_points, progress=True)
