@@ -84,7 +84,7 @@ def report_once(config, root: pathlib.Path, prefix: str, num_points: int) -> dic
         "note": net["lipschitz_upper_note"],
         "lower": net["lipschitz_lower"],
         "gap": net["lipschitz_gap"],
-        "max_sigma": net["max_layer_sigma_max"],
+        "max_sigma": max(layer.sigma_max for layer in r.layers if layer.op == "conv"),
         "max_folded": max(folded) if folded else None,
         "product": net["product_of_layer_upper_bounds"],
         "report": r,
