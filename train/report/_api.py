@@ -116,7 +116,8 @@ def network_report(
 
     # Pass 1: which convs are followed by per-channel scalings (BatchNorm), in network order.
     t0 = time.perf_counter()
-    composer = Composer(leaf_specs, lambda leaf, scale: 1.0 if scale is None else None)
+    const_cache: dict = {}
+    composer = Composer(leaf_specs, lambda leaf, scale: 1.0 if scale is None else None, const_cache)
     composer.run(closed, leaves, x1.shape)
     order = list(composer.conv_uses) + [
         i for i, s in enumerate(leaf_specs) if s is not None and i not in composer.conv_uses
@@ -141,8 +142,10 @@ def network_report(
 
     # Pass 2: the certified bound (layers' upper bounds); pass 3: the same with σ_max values.
     t0 = time.perf_counter()
-    upper, note = _compose(closed, leaves, leaf_specs, x1.shape, by_leaf, certified=True)
-    uncertified, _ = _compose(closed, leaves, leaf_specs, x1.shape, by_leaf, certified=False)
+    scales = {i: layer.bn_scale for i, layer in zip(order, conv_layers)}
+    args = (closed, leaves, leaf_specs, x1.shape, by_leaf, scales, const_cache)
+    upper, note = _compose(*args, certified=True)
+    uncertified, _ = _compose(*args, certified=False)
     timings["compose"] = time.perf_counter() - t0
 
     layers: list[LayerReport] = [by_leaf[i] for i in order]
@@ -198,8 +201,12 @@ def network_report(
     return NetworkReport(layers, network, timings)
 
 
-def _compose(closed, leaves, leaf_specs, x_shape, by_leaf, certified: bool):
+def _compose(closed, leaves, leaf_specs, x_shape, by_leaf, scales, const_cache, *, certified):
     def norm(leaf, scale):
+        if scale is not None and (
+            scales.get(leaf) is None or not np.array_equal(scale, scales[leaf])
+        ):
+            return None  # Not the scaling analysed: the unfolded bound is used.
         # Certified: the exact value for exact methods (FFT, dense SVD), else the best bound.
         r = by_leaf[leaf]
         exact = r.sigma_max_method in _layers.EXACT_METHODS
@@ -207,7 +214,7 @@ def _compose(closed, leaves, leaf_specs, x_shape, by_leaf, certified: bool):
             return r.sigma_max if exact or not certified else r.upper_bound
         return r.bn_folded_sigma_max if exact or not certified else r.bn_folded_upper_bound
 
-    return Composer(leaf_specs, norm).run(closed, leaves, x_shape)
+    return Composer(leaf_specs, norm, const_cache).run(closed, leaves, x_shape)
 
 
 def _points(data, x1, num_points: int, seed: int) -> np.ndarray:

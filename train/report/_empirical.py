@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -11,18 +12,19 @@ import numpy as np
 
 
 def flat_outputs(fn: Callable) -> Callable:
-    """``x -> concatenation of every float output of fn(x), flattened``."""
+    """``(params, x) -> concatenation of every float output of fn(params, x), flattened``."""
 
-    def flat(x):
-        leaves = [o for o in jax.tree.leaves(fn(x)) if jnp.issubdtype(o.dtype, jnp.floating)]
+    def flat(params, x):
+        outs = jax.tree.leaves(fn(params, x))
+        leaves = [o for o in outs if jnp.issubdtype(o.dtype, jnp.floating)]
         return jnp.concatenate([jnp.ravel(o) for o in leaves])
 
     return flat
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _power_iteration(flat, x, v0, num_iterations):
-    _, jvp = jax.linearize(flat, x)
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _power_iteration(flat, params, x, v0, num_iterations):
+    _, jvp = jax.linearize(lambda x: flat(params, x), x)
     vjp = jax.linear_transpose(jvp, x)
     tiny = jnp.finfo(x.dtype).tiny
 
@@ -35,7 +37,12 @@ def _power_iteration(flat, x, v0, num_iterations):
 
 
 def jacobian_lower_bound(
-    fn: Callable, points: np.ndarray, *, num_iterations: int = 30, seed: int = 0
+    fn: Callable,
+    points: np.ndarray,
+    params: Any = (),
+    *,
+    num_iterations: int = 30,
+    seed: int = 0,
 ) -> tuple[float, np.ndarray]:
     """``max_x ||J(x) v_x||`` over ``points``, ``v_x`` a unit vector from power iteration.
 
@@ -44,8 +51,10 @@ def jacobian_lower_bound(
     constant from below), not an approximation of it.
 
     Args:
-      fn: maps one input ``points[i]`` (with its batch axis of 1) to the network's outputs.
+      fn: ``fn(params, x)`` maps one input ``points[i]`` (with its batch axis of 1) to the
+        network's outputs.
       points: ``(num_points, 1, ...)`` inputs.
+      params: passed to ``fn`` (an argument of the compiled program, not a constant in it).
       num_iterations: power iterations on ``JᵀJ`` per point (``jax.jvp`` / transpose).
       seed: for the random start vectors.
 
@@ -58,6 +67,6 @@ def jacobian_lower_bound(
     for i, x in enumerate(points):
         x = jnp.asarray(x)
         v0 = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
-        values.append(float(_power_iteration(flat, x, v0, int(num_iterations))))
+        values.append(float(_power_iteration(flat, params, x, v0, int(num_iterations))))
     values = np.asarray(values)
     return (float(values.max()) if values.size else 0.0), values

@@ -143,8 +143,16 @@ class Composer:
         ``None`` when not known yet (then the unfolded bound times ``max |scale|`` is used).
     """
 
-    def __init__(self, leaf_specs: list, leaf_norm: Callable[[int, Any], float | None]):
+    def __init__(
+        self,
+        leaf_specs: list,
+        leaf_norm: Callable[[int, Any], float | None],
+        const_cache: dict | None = None,
+    ):
         self.leaf_specs = leaf_specs
+        # (eqn, input objects) -> (inputs, outputs): input-independent values are evaluated once
+        # for all passes over the same jaxpr (the inputs are kept alive so their ids stay valid).
+        self.const_cache = {} if const_cache is None else const_cache
         self.leaf_norm = leaf_norm
         self.conv_uses: dict[int, ConvUse] = {}
         self.dense_uses: dict[int, np.ndarray] = {}
@@ -177,9 +185,10 @@ class Composer:
 
     # ------------------------------------------------------------------------------ walking
     def walk(self, jaxpr, consts, invals, origins, where) -> list:
-        env: dict = dict(
-            zip(jaxpr.constvars, [np.asarray(c) if not isinstance(c, Dep) else c for c in consts])
-        )
+        key = ("consts", id(jaxpr))
+        if key not in self.const_cache:
+            self.const_cache[key] = (jaxpr, consts, [np.asarray(c) for c in consts])
+        env: dict = dict(zip(jaxpr.constvars, self.const_cache[key][2]))
         env.update(zip(jaxpr.invars, invals))
 
         def read(v):
@@ -191,7 +200,10 @@ class Composer:
             name = eqn.primitive.name
             at = f"eqn {index} (`{name}`) in {where}"
             if not any(isinstance(v, Dep) for v in vals):
-                outs = _evaluate(eqn, vals)
+                key = (id(eqn), tuple(id(v) for v in vals))
+                if key not in self.const_cache:
+                    self.const_cache[key] = (vals, _evaluate(eqn, vals))
+                outs = self.const_cache[key][1]
                 if (
                     name
                     in (
