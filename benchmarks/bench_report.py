@@ -6,7 +6,7 @@ init, BatchNorm in eval mode):
 * ``resnet20@32``: ``train.models.resnet20`` (19 convs + classifier) at 32x32, SAME padding
   (every conv: exact σ_max by Lanczos + certified bounds, spectra by the Yi approximation);
 * ``resnet20-circ@32``: the same with CIRCULAR padding (every conv: exact FFT spectrum);
-* ``detector@320``: a synthetic 60-conv detection-like backbone + neck at 320x320 (stride-2
+* ``detector@320``: a synthetic 43-conv detection-like backbone + neck at 320x320 (stride-2
   stages 320 -> 10, 3x3 and 1x1 convs, SiLU, residuals, nearest upsampling): built here as an
   NNX model since no ONNX detector is available offline (``--quick``: at 160x160).
 
@@ -52,7 +52,7 @@ def _detector(size: int):
             return x + self.b(self.a(x))
 
     class Detector(nnx.Module):
-        """Stem, 5 stride-2 stages of residual blocks, a top-down neck and heads: 60 convs."""
+        """Stem, 5 stride-2 stages of residual blocks, a top-down neck and heads: 43 convs."""
 
         def __init__(self, rngs):
             widths = (16, 32, 64, 128, 128)
@@ -125,7 +125,7 @@ def main() -> None:
         ("resnet20@32 CIRCULAR", lambda: _resnet("CIRCULAR"), 3.0),
     ]
     if not args.skip_detector:
-        models.append((f"detector@{size} (60 convs)", lambda: _detector(size), 30.0))
+        models.append((f"detector@{size}", lambda: _detector(size), 30.0))
     rows = []
     for name, build, target in models:
         model, x = build()
