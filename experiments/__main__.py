@@ -40,6 +40,7 @@ EXPERIMENTS = [
     "layer_spectra",
     "svd_training",
     "tt_compression",
+    "network_report",
 ]
 
 REPORT_NAME = "REPORT.md"

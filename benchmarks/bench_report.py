@@ -1,0 +1,181 @@
+"""Speed of ``train.report.network_report``: whole reports, cold (first call, compiling) and warm.
+
+Run ``python benchmarks/bench_report.py [--quick] [--threads N]``. Models (float32, random
+init, BatchNorm in eval mode):
+
+* ``resnet20@32``: ``train.models.resnet20`` (19 convs + classifier) at 32x32, SAME padding
+  (every conv: exact σ_max by Lanczos + certified bounds, spectra by the Yi approximation);
+* ``resnet20-circ@32``: the same with CIRCULAR padding (every conv: exact FFT spectrum);
+* ``detector@320``: a synthetic 43-conv detection-like backbone + neck at 320x320 (stride-2
+  stages 320 -> 10, 3x3 and 1x1 convs, SiLU, residuals, nearest upsampling): built here as an
+  NNX model since no ONNX detector is available offline (``--quick``: at 160x160).
+
+Per model it prints the cold time (first call in the process: tracing + compilation + run),
+the warm time (second call), the per-stage split of the cold call (``report.timings``), and the
+targets of issue 13 (ResNet-20 @32² ≤ 3 s cold, detector @320² ≤ 30 s cold). The numbers are
+one run on whatever machine runs it: on a shared machine they move with the load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import time
+
+# benchmarks/_timing.py: the script's folder is on sys.path.
+from _timing import fmt_time
+from _timing import limit_threads
+from _timing import markdown
+
+
+def _detector(size: int):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    class ConvBN(nnx.Module):
+        def __init__(self, cin, cout, k, stride, rngs):
+            self.conv = nnx.Conv(cin, cout, (k, k), strides=stride, use_bias=False, rngs=rngs)
+            self.bn = nnx.BatchNorm(cout, rngs=rngs)
+
+        def __call__(self, x):
+            return jax.nn.silu(self.bn(self.conv(x)))
+
+    class Block(nnx.Module):
+        def __init__(self, c, rngs):
+            self.a = ConvBN(c, c, 1, 1, rngs)
+            self.b = ConvBN(c, c, 3, 1, rngs)
+
+        def __call__(self, x):
+            return x + self.b(self.a(x))
+
+    class Detector(nnx.Module):
+        """Stem, 5 stride-2 stages of residual blocks, a top-down neck and heads: 43 convs."""
+
+        def __init__(self, rngs):
+            widths = (16, 32, 64, 128, 128)
+            blocks = (1, 2, 4, 4, 3)
+            self.stem = ConvBN(3, 16, 3, 2, rngs)
+            self.downs, self.stages = nnx.List(), nnx.List()
+            cin = 16
+            for w, n in zip(widths, blocks):
+                self.downs.append(ConvBN(cin, w, 3, 2 if w != 16 else 1, rngs))
+                self.stages.append(nnx.List([Block(w, rngs) for _ in range(n)]))
+                cin = w
+            self.laterals = nnx.List([ConvBN(w, 64, 1, 1, rngs) for w in widths[2:]])
+            self.smooth = nnx.List([ConvBN(64, 64, 3, 1, rngs) for _ in widths[2:]])
+            self.heads = nnx.List([nnx.Conv(64, 16, (1, 1), rngs=rngs) for _ in widths[2:]])
+
+        def __call__(self, x):
+            x = self.stem(x)
+            feats = []
+            for down, stage in zip(self.downs, self.stages):
+                x = down(x)
+                for block in stage:
+                    x = block(x)
+                feats.append(x)
+            outs, top = [], None
+            for i in reversed(range(3)):
+                y = self.laterals[i](feats[i + 2])
+                if top is not None:
+                    n, h, w, c = top.shape
+                    y = y + jax.image.resize(top, (n, 2 * h, 2 * w, c), "nearest")
+                top = self.smooth[i](y)
+                outs.append(self.heads[i](top))
+            return tuple(outs)
+
+    model = Detector(nnx.Rngs(0))
+    model.eval()
+    return model, jnp.zeros((1, size, size, 3), jnp.float32)
+
+
+def _resnet(padding: str):
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from train.models import resnet20
+
+    model = resnet20(10, padding=padding, rngs=nnx.Rngs(0))
+    model.eval()
+    return model, jnp.zeros((1, 32, 32, 3), jnp.float32)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="detector at 160x160")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="BLAS/XLA threads (0: leave the environment alone)"
+    )
+    parser.add_argument("--skip-detector", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        limit_threads(args.threads)
+    from train.loop import avoid_cpu_lapack_deadlock
+
+    avoid_cpu_lapack_deadlock()
+    import jax
+
+    from train.report import network_report_nnx
+
+    size = 160 if args.quick else 320
+    models = [
+        ("resnet20@32 SAME", lambda: _resnet("SAME"), 3.0),
+        ("resnet20@32 CIRCULAR", lambda: _resnet("CIRCULAR"), 3.0),
+    ]
+    if not args.skip_detector:
+        models.append((f"detector@{size}", lambda: _detector(size), 30.0))
+    rows = []
+    for name, build, target in models:
+        model, x = build()
+        times, reports = [], []
+        for _ in range(2):
+            start = time.perf_counter()
+            reports.append(network_report_nnx(model, x, num_points=4))
+            times.append(time.perf_counter() - start)
+        r = reports[0]
+        split = ", ".join(f"{k} {v:.1f}" for k, v in r.timings.items() if k != "total")
+        methods = sorted({layer.sigma_max_method for layer in r.layers})
+        upper = r.network["lipschitz_upper"]
+        rows.append(
+            [
+                name,
+                str(len(r.layers)),
+                "/".join(methods),
+                fmt_time(times[0]),
+                fmt_time(times[1]),
+                f"≤ {target:g} s",
+                split,
+                "null" if upper is None else f"{upper:.3g}",
+                f"{r.network['lipschitz_lower']:.3g}",
+            ]
+        )
+        print(f"[bench_report] {name}: cold {times[0]:.1f} s, warm {times[1]:.1f} s", flush=True)
+        jax.clear_caches()
+    print()
+    print(
+        f"bench_report, {datetime.datetime.now().isoformat(timespec='seconds')}, "
+        f"{platform.platform()}, {os.cpu_count()} CPUs, JAX {jax.__version__}, "
+        f"threads {args.threads or 'default'}, load average {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        markdown(
+            [
+                "model",
+                "layers",
+                "σ_max methods",
+                "cold",
+                "warm",
+                "target (cold)",
+                "cold split (s)",
+                "Lipschitz upper",
+                "lower",
+            ],
+            rows,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

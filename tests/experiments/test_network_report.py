@@ -1,0 +1,29 @@
+"""experiments/network_report.py on its tiny preset."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+from absl.testing import absltest  # noqa: E402
+
+from experiments import network_report  # noqa: E402
+from tests.experiments import tables  # noqa: E402
+
+
+class NetworkReportExperimentTest(absltest.TestCase):
+    def test_tiny_preset(self):
+        out = tables.tmpdir(self)
+        text = network_report.run("test", out)
+        self.assertEqual((out / "network_report.md").read_text(), text)
+        self.assertGreater((out / "network_report.png").stat().st_size, 0)
+        rows = {r[0]: r for r in tables.table_rows(text) if r[0] != "model"}
+        self.assertEqual(set(rows), {"baseline", "projected c=1, every 10"})
+        for row in rows.values():
+            upper, lower, gap = float(row[3]), float(row[4]), float(row[5])
+            self.assertGreaterEqual(upper, lower)
+            self.assertAlmostEqual(gap, upper / lower, delta=1e-3 * gap)
+        self.assertFalse(any(out.glob("runs")))
+
+
+if __name__ == "__main__":
+    absltest.main()

@@ -1,0 +1,125 @@
+"""`train.report` per layer: every number against the dense operator (float64) on a grid."""
+
+import numpy as np
+from absl.testing import absltest
+from absl.testing import parameterized
+
+import spectra
+from tests.spectra.layers import exact_singular_values
+from tests.spectra.layers import layer_cases
+from tests.spectra.layers import random_kernel
+from train import report
+
+# A subset of the shared grid: k 1/2/3/5, c_in != c_out, strides, dilation, groups, depthwise,
+# every padding mode (CIRCULAR with and without strides dividing the input), non-square inputs.
+_NAMES = {
+    "k1_SAME",
+    "k2_nonsquare_in_FULL",
+    "k3x2_explicit",
+    "k5_VALID",
+    "stride2_SAME",
+    "stride2_CIRCULAR",
+    "stride2x1_explicit",
+    "dilation2_CIRCULAR",
+    "dilation2_SAME",
+    "dilation2x1_stride2_VALID",
+    "groups2_SAME",
+    "depthwise_CIRCULAR",
+    "depthwise_mult2_stride2_SAME",
+    "groups2_dilation2_stride2_explicit",
+}
+CASES = [c for c in layer_cases() if c[0] in _NAMES]
+# A circular layer whose stride does not divide the input (no exact FFT: Lanczos).
+CASES.append(("stride2_CIRCULAR_odd", (3, 3, 2, 3), spectra.ConvSpec((7, 6), 2, "CIRCULAR")))
+
+
+def _layers():
+    layers = []
+    for i, (name, kshape, spec) in enumerate(CASES):
+        scale = np.random.default_rng(100 + i).uniform(0.2, 3.0, size=kshape[3])
+        layers.append(report.ConvLayer(name, random_kernel(kshape, seed=i), spec, scale))
+    return layers
+
+
+class LayerReportTest(parameterized.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        layers = _layers()
+        cls.layers = layers
+        # max_dense_dim=0: every zero-padded layer goes through Lanczos; 10**6: dense SVD.
+        cls.lanczos = report.analyse_convs(layers, max_dense_dim=0)
+        cls.dense = report.analyse_convs(layers, max_dense_dim=10**6)
+
+    def _check(self, layer, r, exact):
+        self.assertAlmostEqual(r.sigma_max / exact[0], 1.0, delta=1e-8)
+        self.assertGreaterEqual(r.upper_bound, exact[0] * (1 - 1e-10))
+        self.assertIn(r.upper_bound_name, spectra.UPPER_BOUNDS)
+        self.assertAlmostEqual(r.frobenius / np.sqrt(np.sum(exact**2)), 1.0, delta=1e-10)
+        self.assertAlmostEqual(
+            r.stable_rank, np.sum(exact**2) / exact[0] ** 2, delta=1e-7 * r.stable_rank
+        )
+        flat = np.asarray(layer.kernel).reshape(-1, layer.kernel.shape[-1])
+        self.assertAlmostEqual(
+            r.reshaped_sigma_max, np.linalg.svd(flat, compute_uv=False)[0], delta=1e-10
+        )
+        folded = exact_singular_values(layer.kernel * layer.bn_scale, layer.spec)[0]
+        self.assertAlmostEqual(r.bn_folded_sigma_max / folded, 1.0, delta=1e-8)
+        self.assertGreaterEqual(r.bn_folded_upper_bound, folded * (1 - 1e-10))
+        self.assertEqual(
+            (r.input_shape, r.strides, r.padding, r.groups),
+            (
+                layer.spec.input_shape,
+                layer.spec.strides,
+                layer.spec.padding,
+                layer.spec.feature_group_count,
+            ),
+        )
+        if r.sigma_min_method is not None:  # exact methods: sigma_min and the whole spectrum.
+            self.assertIn(r.sigma_min_method, ("fft", "dense"))
+            self.assertAlmostEqual(r.sigma_min, exact[-1], delta=1e-9 * exact[0])
+            np.testing.assert_allclose(
+                r.spectrum, exact[r.spectrum_ranks - 1], atol=1e-9 * exact[0]
+            )
+            self.assertEqual(r.num_singular_values, exact.size)
+
+    @parameterized.named_parameters(*[(c[0], i) for i, c in enumerate(CASES)])
+    def test_against_dense_operator(self, index):
+        layer = self.layers[index]
+        exact = exact_singular_values(layer.kernel, layer.spec)
+        for r in (self.lanczos[index], self.dense[index]):
+            self._check(layer, r, exact)
+        expected = "fft" if _fft(layer.spec) else "lanczos"
+        self.assertEqual(self.lanczos[index].sigma_max_method, expected)
+        self.assertEqual(self.dense[index].sigma_max_method, "fft" if _fft(layer.spec) else "dense")
+        if expected == "lanczos":
+            self.assertLessEqual(self.lanczos[index].sigma_max_residual, 1e-4)
+            self.assertEqual(self.lanczos[index].spectrum_method, "spectral_density")
+            self.assertIsNone(self.lanczos[index].sigma_min)
+        else:  # Circular, strides dividing the input: the bound is the exact value.
+            self.assertAlmostEqual(self.lanczos[index].upper_bound, exact[0], delta=1e-9)
+
+    def test_dense_layer(self):
+        w = random_kernel((5, 3), seed=3)
+        r = report.analyse_dense("head", w)
+        sv = np.linalg.svd(w, compute_uv=False)
+        self.assertAlmostEqual(r.sigma_max, sv[0], delta=1e-12)
+        self.assertAlmostEqual(r.sigma_min, sv[-1], delta=1e-12)
+        self.assertAlmostEqual(r.frobenius, np.linalg.norm(w), delta=1e-12)
+
+    def test_float32_lanczos_residual_within_1e4(self):
+        name, kshape, spec = next(c for c in CASES if c[0] == "stride2_SAME")
+        layer = report.ConvLayer(name, random_kernel(kshape, dtype=np.float32), spec)
+        (r,) = report.analyse_convs([layer], max_dense_dim=0)
+        exact = exact_singular_values(layer.kernel, spec)[0]
+        self.assertLessEqual(r.sigma_max_residual, 1e-4)
+        self.assertAlmostEqual(r.sigma_max / exact, 1.0, delta=1e-4)
+        self.assertGreaterEqual(r.upper_bound, exact * (1 - 1e-5))
+
+
+def _fft(spec):
+    return spec.is_circular and all(n % s == 0 for n, s in zip(spec.input_shape, spec.strides))
+
+
+if __name__ == "__main__":
+    absltest.main()

@@ -1,0 +1,239 @@
+"""`train.report`: the certified network bound against the network itself (float64)."""
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest
+from flax import nnx
+
+from train import report
+from train.models import ResNet
+
+
+def _ratios(f, shape, num=150, seed=0):
+    """``||f(x) - f(y)|| / ||x - y||`` for random pairs, far and near."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(num, *shape))
+    scales = np.where(np.arange(num) % 2, 1e-3, 1.0)[:, None]
+    y = x + (scales * rng.normal(size=(num, math.prod(shape)))).reshape(x.shape)
+    fb = jax.jit(jax.vmap(lambda a: jnp.concatenate([o.ravel() for o in jax.tree.leaves(f(a))])))
+    dx = np.linalg.norm((x - y).reshape(num, -1), axis=1)
+    return np.linalg.norm(np.asarray(fb(jnp.asarray(x)) - fb(jnp.asarray(y))), axis=1) / dx
+
+
+def _randomise_batch_norms(model, seed=0):
+    rng = np.random.default_rng(seed)
+    for _, m in nnx.iter_graph(model):
+        if isinstance(m, nnx.BatchNorm):
+            c = m.mean.shape
+            m.mean[...] = jnp.asarray(rng.normal(size=c))
+            m.var[...] = jnp.asarray(rng.uniform(0.5, 2.0, size=c))
+            m.scale[...] = jnp.asarray(rng.uniform(0.3, 1.5, size=c))
+
+
+class UserNet(nnx.Module):
+    """Depthwise, dilated and strided convs, residuals, concat, pools, resize, activations."""
+
+    def __init__(self, rngs):
+        f64 = dict(param_dtype=jnp.float64, rngs=rngs)
+        self.stem = nnx.Conv(2, 4, (3, 3), padding="CIRCULAR", **f64)
+        self.bn = nnx.BatchNorm(4, **f64)
+        self.dw = nnx.Conv(4, 4, (3, 3), feature_group_count=4, padding="SAME", **f64)
+        self.dil = nnx.Conv(4, 4, (3, 3), kernel_dilation=2, padding="SAME", **f64)
+        self.down = nnx.Conv(8, 6, (3, 3), strides=2, padding=((1, 0), (0, 1)), **f64)
+        self.head = nnx.Linear(6, 3, **f64)
+
+    def __call__(self, x):
+        y = jax.nn.leaky_relu(self.bn(self.stem(x)), 0.1)
+        y = y + jax.nn.silu(self.dw(y))  # residual
+        z = jax.nn.hard_swish(self.dil(y))
+        y = jnp.concatenate([y, jnp.tanh(z)], axis=-1)
+        y = nnx.max_pool(y, (3, 3), (1, 1), "SAME")  # overlapping windows: constant 3
+        y = jax.nn.sigmoid(self.down(y))
+        y = jax.image.resize(y, (y.shape[0], 2 * y.shape[1], 2 * y.shape[2], y.shape[3]), "nearest")
+        y = nnx.avg_pool(y, (2, 2), (2, 2))
+        return self.head(jnp.clip(y, -1.0, 1.0).mean(axis=(1, 2)))
+
+
+class SENet(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(2, 4, (3, 3), param_dtype=jnp.float64, rngs=rngs)
+        self.fc = nnx.Linear(4, 4, param_dtype=jnp.float64, rngs=rngs)
+
+    def __call__(self, x):
+        y = jax.nn.relu(self.conv(x))
+        gate = jax.nn.sigmoid(self.fc(y.mean(axis=(1, 2))))
+        return y * gate[:, None, None, :]  # squeeze-excitation gating
+
+
+class NetworkBoundTest(absltest.TestCase):
+    def _check(self, model, shape, **kwargs):
+        model.eval()
+        r = report.network_report_nnx(model, jnp.zeros((1, *shape)), num_points=3, **kwargs)
+        upper, lower = r.network["lipschitz_upper"], r.network["lipschitz_lower"]
+        self.assertIsNotNone(upper, r.network["lipschitz_upper_note"])
+        ratios = _ratios(lambda a: model(a[None]), shape)
+        self.assertGreaterEqual(upper, ratios.max())
+        self.assertGreaterEqual(upper, lower)
+        self.assertGreater(lower, 0.0)
+        self.assertAlmostEqual(r.network["lipschitz_gap"], upper / lower)
+        return r, ratios
+
+    def test_resnet_eval_mode(self):
+        for shortcut in ("A", "B"):
+            model = ResNet(
+                8,
+                3,
+                width=2,
+                shortcut=shortcut,
+                stage_strides=(1, 2, 1),
+                param_dtype=jnp.float64,
+                rngs=nnx.Rngs(0),
+            )
+            _randomise_batch_norms(model)
+            r, _ = self._check(model, (8, 8, 3))
+            self.assertEqual(r.network["num_conv_layers"], 7 + 2 * (shortcut == "B"))
+            self.assertEqual(r.network["num_dense_layers"], 1)
+            # BatchNorm folded into every conv: the certified bound uses the folded norms.
+            for layer in r.layers:
+                if layer.op == "conv":
+                    self.assertIsNotNone(layer.bn_folded_sigma_max, layer.name)
+
+    def test_user_model(self):
+        model = UserNet(nnx.Rngs(1))
+        _randomise_batch_norms(model, seed=1)
+        r, ratios = self._check(model, (8, 8, 2))
+        names = [layer.name for layer in r.layers]
+        self.assertEqual(
+            names, ["stem.kernel", "dw.kernel", "dil.kernel", "down.kernel", "head.kernel"]
+        )
+        self.assertEqual(r.layers[0].sigma_max_method, "fft")
+
+    def test_training_mode_batch_norm_is_not_certified(self):
+        model = ResNet(
+            8, 3, width=2, stage_strides=(1, 2, 1), param_dtype=jnp.float64, rngs=nnx.Rngs(0)
+        )
+        model.train()
+        r = report.network_report_nnx(model, jnp.zeros((2, 8, 8, 3)), num_points=1)
+        self.assertIsNone(r.network["lipschitz_upper"])
+        self.assertIsNone(r.network["lipschitz_gap"])
+
+    def test_squeeze_excitation_is_null_with_note(self):
+        model = SENet(nnx.Rngs(0))
+        r = report.network_report_nnx(model, jnp.zeros((1, 6, 6, 2)), num_points=2)
+        self.assertIsNone(r.network["lipschitz_upper"])
+        self.assertIn("mul of two input-dependent values", r.network["lipschitz_upper_note"])
+        self.assertIn("squeeze-excitation", r.network["lipschitz_upper_note"])
+        self.assertGreater(r.network["lipschitz_lower"], 0.0)
+
+    def test_linear_conv_network_is_exact(self):
+        # conv -> conv (no activation): the bound is the product of exact norms, and a linear
+        # map's Jacobian power iteration finds its exact norm, which the product bounds.
+        def apply(p, x):
+            dn = ("NHWC", "HWIO", "NHWC")
+            y = jax.lax.conv_general_dilated(x, p["a"], (1, 1), "SAME", dimension_numbers=dn)
+            return jax.lax.conv_general_dilated(y, p["b"], (2, 2), "VALID", dimension_numbers=dn)
+
+        rng = np.random.default_rng(0)
+        p = {
+            "a": jnp.asarray(rng.normal(size=(3, 3, 2, 3))),
+            "b": jnp.asarray(rng.normal(size=(2, 2, 3, 2))),
+        }
+        r = report.network_report(
+            apply, p, jnp.zeros((1, 6, 6, 2)), num_points=2, power_iterations=200
+        )
+        product = r.layers[0].sigma_max * r.layers[1].sigma_max
+        self.assertAlmostEqual(r.network["lipschitz_upper"] / product, 1.0, delta=1e-9)
+        self.assertLessEqual(r.network["lipschitz_lower"], product * (1 + 1e-9))
+        full = jax.jacobian(lambda x: apply(p, x).ravel())(jnp.zeros((1, 6, 6, 2)))
+        exact = np.linalg.svd(np.asarray(full).reshape(full.shape[0], -1), compute_uv=False)[0]
+        self.assertAlmostEqual(r.network["lipschitz_lower"] / exact, 1.0, delta=1e-6)
+
+    def test_circular_conv_with_batch_norm_is_exact(self):
+        # The wrap-around pad is folded into the conv (its exact circular norm), and the BN
+        # scale into the kernel: the bound is the exact norm of the whole (affine) map.
+        conv = nnx.Conv(
+            2,
+            3,
+            (3, 3),
+            padding="CIRCULAR",
+            use_bias=False,
+            param_dtype=jnp.float64,
+            rngs=nnx.Rngs(0),
+        )
+        bn = nnx.BatchNorm(3, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+        model = nnx.Sequential(conv, bn)
+        _randomise_batch_norms(model)
+        model.eval()
+        r = report.network_report_nnx(
+            model, jnp.zeros((1, 6, 8, 2)), num_points=2, power_iterations=300
+        )
+        (layer,) = r.layers
+        self.assertEqual(layer.sigma_max_method, "fft")
+        self.assertAlmostEqual(
+            r.network["lipschitz_upper"] / layer.bn_folded_sigma_max, 1.0, delta=1e-9
+        )
+        self.assertLess(
+            layer.bn_folded_sigma_max,
+            layer.sigma_max
+            * float(jnp.max(jnp.abs(bn.scale[...])) / jnp.sqrt(jnp.min(bn.var[...]) + bn.epsilon)),
+        )
+        self.assertAlmostEqual(
+            r.network["lipschitz_lower"] / layer.bn_folded_sigma_max, 1.0, delta=1e-6
+        )
+
+
+class ConstantsTest(absltest.TestCase):
+    def test_max_pool_constant_by_brute_force(self):
+        for (h, w), (kh, kw), (sh, sw), pads in [
+            ((5, 6), (3, 3), (1, 1), ((1, 1), (1, 1))),
+            ((7, 5), (3, 2), (2, 1), ((0, 1), (1, 0))),
+            ((6, 6), (2, 2), (2, 2), ((0, 0), (0, 0))),
+        ]:
+            counts = np.zeros((h, w), int)
+            for i in range(-pads[0][0], h + pads[0][1] - kh + 1, sh):
+                for j in range(-pads[1][0], w + pads[1][1] - kw + 1, sw):
+                    for a, b in itertools.product(range(kh), range(kw)):
+                        if 0 <= i + a < h and 0 <= j + b < w:
+                            counts[i + a, j + b] += 1
+            m = report.max_window_count(
+                (1, h, w, 1), (1, kh, kw, 1), (1, sh, sw, 1), ((0, 0), *pads, (0, 0))
+            )
+            self.assertEqual(m, counts.max())
+
+            def pool(x, kh=kh, kw=kw, sh=sh, sw=sw, pads=pads):
+                return jax.lax.reduce_window(
+                    x,
+                    -jnp.inf,
+                    jax.lax.max,
+                    (1, kh, kw, 1),
+                    (1, sh, sw, 1),
+                    ((0, 0), *pads, (0, 0)),
+                )
+
+            r = report.network_report(
+                lambda p, x: pool(x), {}, jnp.zeros((1, h, w, 1)), num_points=1
+            )
+            self.assertAlmostEqual(r.network["lipschitz_upper"], math.sqrt(counts.max()))
+            # Attained: from a constant input, raise the most covered pixel.
+            i, j = np.unravel_index(np.argmax(counts), counts.shape)
+            bump = np.zeros((1, h, w, 1))
+            bump[0, i, j, 0] = 1.0
+            diff = pool(jnp.asarray(bump)) - pool(jnp.zeros((1, h, w, 1)))
+            self.assertAlmostEqual(float(jnp.linalg.norm(diff)), math.sqrt(counts.max()))
+
+    def test_silu_and_hard_swish_constants(self):
+        t = jnp.linspace(-20.0, 20.0, 400001)
+        silu = np.abs(np.asarray(jax.vmap(jax.grad(jax.nn.silu))(t))).max()
+        self.assertLessEqual(silu, report.SILU_LIPSCHITZ)
+        self.assertGreater(silu, report.SILU_LIPSCHITZ - 1e-4)
+        hs = np.abs(np.asarray(jax.vmap(jax.grad(jax.nn.hard_swish))(t))).max()
+        self.assertLessEqual(hs, report.HARD_SWISH_LIPSCHITZ)
+        self.assertGreater(hs, report.HARD_SWISH_LIPSCHITZ - 1e-3)
+
+
+if __name__ == "__main__":
+    absltest.main()

@@ -1,0 +1,74 @@
+"""``python -m train.report`` / ``convspectra-report``: the spectral report of a network.
+
+* ``--onnx FILE --input-shape 1,3,H,W``: a model imported with ``train.models.from_onnx``.
+* ``--run RUN_DIR``: the latest checkpoint of a run of :func:`train.train_and_evaluate`.
+
+Writes ``OUT/report.json``, ``OUT/report.md``, ``OUT/spectra.png`` and ``OUT/norms.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError as e:
+        raise ValueError(
+            f"--input-shape={text!r} must be comma-separated ints, e.g. 1,3,224,224"
+        ) from e
+    if not shape or any(v < 1 for v in shape):
+        raise ValueError(f"--input-shape={text!r} must be positive ints, e.g. 1,3,224,224")
+    return shape
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="convspectra-report",
+        description="Exact per-layer operator norms and a Lipschitz bracket of a network.",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--onnx", type=pathlib.Path, help="an ONNX model file")
+    source.add_argument("--run", type=pathlib.Path, help="a run folder of train_and_evaluate")
+    parser.add_argument("--input-shape", help="input shape for --onnx, e.g. 1,3,224,224")
+    parser.add_argument("--out", type=pathlib.Path, required=True, help="output folder")
+    parser.add_argument(
+        "--num-points",
+        type=int,
+        default=8,
+        help="random points for the Jacobian lower bound (default 8)",
+    )
+    parser.add_argument("--no-plots", action="store_true", help="skip the plots")
+    args = parser.parse_args(argv)
+
+    from train.loop import avoid_cpu_lapack_deadlock
+
+    avoid_cpu_lapack_deadlock()
+    from train.report._sources import report_onnx
+    from train.report._sources import report_run
+    from train.report._write import write_report
+
+    kwargs = dict(num_points=args.num_points, progress=True)
+    if args.onnx is not None:
+        shape = _parse_shape(args.input_shape) if args.input_shape else None
+        report = report_onnx(args.onnx, shape, **kwargs)
+        title = f"Spectral report: {args.onnx.name}"
+    else:
+        report = report_run(args.run, **kwargs)
+        title = f"Spectral report: {args.run}"
+    paths = write_report(report, args.out, title=title, plots=not args.no_plots)
+    net = report.network
+    print(
+        f"lipschitz upper {net['lipschitz_upper']} ({net['lipschitz_upper_note']}); "
+        f"lower {net['lipschitz_lower']:.4g}"
+    )
+    for kind, path in paths.items():
+        print(f"wrote {kind}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""The records of a network report: one :class:`LayerReport` per layer, a :class:`NetworkReport`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+#: Every method name a report may carry, with what the number is.
+METHOD_KINDS = {
+    "fft": "exact",
+    "dense": "exact",
+    "lanczos": "exact to the reported residual (a Ritz value: a lower estimate)",
+    "symbol_grid": "bound",
+    "symbol_sup": "bound",
+    "matricisation": "bound",
+    "tap_sum": "bound",
+    "l1_schur": "bound",
+    "spectral_density": "approximation",
+    "jacobian_power_iteration": "estimate (lower bound)",
+    "composition": "bound",
+}
+
+
+@dataclasses.dataclass
+class LayerReport:
+    """What the report says about one linear layer (conv kernels HWIO; dense ``(in, out)``).
+
+    Every ``*_method`` names how its number was obtained; :data:`METHOD_KINDS` says whether that
+    is exact, a certified bound, an estimate or an approximation. ``None`` where a number does
+    not apply. ``spectrum`` (not written to ``report.json``) is the sorted singular values used
+    for the plot, ``spectrum_method`` says whether they are exact or approximate.
+    """
+
+    name: str
+    op: str
+    kernel_shape: tuple[int, ...]
+    input_shape: tuple[int, int] | None
+    strides: tuple[int, int] | None
+    padding: Any
+    dilation: tuple[int, int] | None
+    groups: int | None
+    sigma_max: float
+    sigma_max_method: str
+    sigma_max_residual: float | None
+    sigma_max_certified: bool
+    upper_bound: float
+    upper_bound_name: str
+    reshaped_sigma_max: float
+    frobenius: float
+    stable_rank: float
+    sigma_min: float | None
+    sigma_min_method: str | None
+    bn_folded_sigma_max: float | None = None
+    bn_folded_upper_bound: float | None = None
+    spectrum_method: str | None = None
+    num_singular_values: int | None = None
+    spectrum: np.ndarray | None = dataclasses.field(default=None, repr=False)
+    spectrum_ranks: np.ndarray | None = dataclasses.field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (without the spectrum)."""
+        out = {}
+        for field in dataclasses.fields(self):
+            if field.name in ("spectrum", "spectrum_ranks"):
+                continue
+            out[field.name] = _jsonable(getattr(self, field.name))
+        return out
+
+
+@dataclasses.dataclass
+class NetworkReport:
+    """The report of a whole network.
+
+    Attributes:
+      layers: one :class:`LayerReport` per conv (and dense) layer, in the order the network
+        applies them.
+      network: ``lipschitz_upper`` (certified ℓ2 bound by composition, or ``None``),
+        ``lipschitz_upper_note`` (how, or the first operation that blocks certification),
+        ``lipschitz_lower`` (largest ``||J(x) v||`` found by power iteration: a lower bound on the
+        Lipschitz constant), ``lipschitz_lower_method``, ``lipschitz_gap`` (upper / lower),
+        ``lipschitz_upper_uncertified`` (the same composition with the layers' ``sigma_max``
+        instead of their certified bounds: an estimate), ``num_points``.
+      timings: seconds per stage.
+    """
+
+    layers: list[LayerReport]
+    network: dict[str, Any]
+    timings: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layers": [layer.to_dict() for layer in self.layers],
+            "network": {k: _jsonable(v) for k, v in self.network.items()},
+            "timings": {k: float(v) for k, v in self.timings.items()},
+        }
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if np.isfinite(value) else None
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return [_jsonable(v) for v in value.tolist()]
+    return str(value)
