@@ -19,13 +19,15 @@
   layers), :mod:`train.data` (digits / tfds loading and a seeded, resumable pipeline), and the
   parts of the loop: :mod:`train.config`, :mod:`train.optim`, :mod:`train.steps`,
   :mod:`train.checkpoint`, :mod:`train.metrics`, :mod:`train.builders`,
-  :mod:`train.conv_norms`, :mod:`train.batches`, :mod:`train.cli`.
+  :mod:`train.conv_norms`, :mod:`train.batches`, :mod:`train.cli`; :mod:`train.report` (the
+  spectral report of a whole network with its Lipschitz bracket, ``python -m train.report``).
 """
 
 from train import certify
 from train import data
 from train import layers
 from train import models
+from train import report
 from train.batchnorm import recalibrate_batch_stats
 from train.builders import build_data
 from train.certify import CertificationReport
@@ -86,6 +88,7 @@ __all__ = [
     "project_conv_operator_norm",
     "prune_by_energy",
     "recalibrate_batch_stats",
+    "report",
     "restore_model",
     "run_svd_pipeline",
     "save_model",
