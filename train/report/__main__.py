@@ -58,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     from train.report._write import write_report
 
     kwargs = dict(
-        num_points=args.num_points, power_iterations=args.power_iterations, progress=True
+        num_points=args.num_points,
+        power_iterations=args.power_iterations,
+        compute_spectra=not args.no_plots,  # the spectra are only plotted
+        progress=True,
     )
     if args.onnx is not None:
         shape = _parse_shape(args.input_shape) if args.input_shape else None
