@@ -6,9 +6,12 @@ init, BatchNorm in eval mode):
 * ``resnet20@32``: ``train.models.resnet20`` (19 convs + classifier) at 32x32, SAME padding
   (every conv: exact σ_max by Lanczos + certified bounds, spectra by the Yi approximation);
 * ``resnet20-circ@32``: the same with CIRCULAR padding (every conv: exact FFT spectrum);
-* ``detector@320``: a synthetic 43-conv detection-like backbone + neck at 320x320 (stride-2
-  stages 320 -> 10, 3x3 and 1x1 convs, SiLU, residuals, nearest upsampling): built here as an
-  NNX model since no ONNX detector is available offline (``--quick``: at 160x160).
+* ``yolov8n@320``: the YOLOv8n detector (64 convs) shipped in the ``nudenet==3.4.2`` wheel,
+  imported with ``train.models.from_onnx`` (``--onnx PATH`` to its ``320n.onnx``; fetched with
+  ``pip download`` when not given);
+* ``detector@320``: when the wheel cannot be fetched, a synthetic 43-conv detection-like
+  backbone + neck at 320x320 (stride-2 stages 320 -> 10, 3x3 and 1x1 convs, SiLU, residuals,
+  nearest upsampling) built here as an NNX model (``--quick``: at 160x160).
 
 Per model it prints the cold time (first call in the process: tracing + compilation + run),
 the warm time (second call), the per-stage split of the cold call (``report.timings``), and the
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import pathlib
 import platform
 import time
 
@@ -88,7 +92,48 @@ def _detector(size: int):
 
     model = Detector(nnx.Rngs(0))
     model.eval()
-    return model, jnp.zeros((1, size, size, 3), jnp.float32)
+    return _nnx_report(model, jnp.zeros((1, size, size, 3), jnp.float32))
+
+
+def _nnx_report(model, x):
+    from train.report import network_report_nnx
+
+    return lambda: network_report_nnx(model, x)
+
+
+def _yolo(path: str, size: int):
+    import jax.numpy as jnp
+
+    from train.models import from_onnx
+    from train.report import network_report
+
+    model = from_onnx(path, input_shape=(1, 3, size, size))
+    x = jnp.zeros((1, 3, size, size), jnp.float32)
+    return lambda: network_report(model.apply_fn, model.params, x)
+
+
+def _fetch_yolo() -> str | None:
+    """``320n.onnx`` from the ``nudenet==3.4.2`` wheel (``pip download``), or ``None``."""
+    import subprocess
+    import sys
+    import tempfile
+    import zipfile
+
+    directory = tempfile.mkdtemp(prefix="bench_report_")
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "nudenet==3.4.2"]
+            + ["-d", directory],
+            capture_output=True,
+            timeout=300,
+            check=True,
+        )
+        wheel = next(pathlib.Path(directory).glob("nudenet-*.whl"))
+        with zipfile.ZipFile(wheel) as z:
+            return z.extract("nudenet/320n.onnx", directory)
+    except (OSError, subprocess.SubprocessError, StopIteration, KeyError) as e:
+        print(f"[bench_report] nudenet wheel not available ({e}): synthetic detector instead")
+        return None
 
 
 def _resnet(padding: str):
@@ -99,7 +144,7 @@ def _resnet(padding: str):
 
     model = resnet20(10, padding=padding, rngs=nnx.Rngs(0))
     model.eval()
-    return model, jnp.zeros((1, 32, 32, 3), jnp.float32)
+    return _nnx_report(model, jnp.zeros((1, 32, 32, 3), jnp.float32))
 
 
 def main() -> None:
@@ -109,6 +154,7 @@ def main() -> None:
         "--threads", type=int, default=0, help="BLAS/XLA threads (0: leave the environment alone)"
     )
     parser.add_argument("--skip-detector", action="store_true")
+    parser.add_argument("--onnx", help="path to nudenet's 320n.onnx (else pip download)")
     args = parser.parse_args()
     if args.threads:
         limit_threads(args.threads)
@@ -117,22 +163,24 @@ def main() -> None:
     avoid_cpu_lapack_deadlock()
     import jax
 
-    from train.report import network_report_nnx
-
     size = 160 if args.quick else 320
     models = [
         ("resnet20@32 SAME", lambda: _resnet("SAME"), 3.0),
         ("resnet20@32 CIRCULAR", lambda: _resnet("CIRCULAR"), 3.0),
     ]
     if not args.skip_detector:
-        models.append((f"detector@{size}", lambda: _detector(size), 30.0))
+        onnx_path = args.onnx or _fetch_yolo()
+        if onnx_path is not None:
+            models.append((f"yolov8n@{size} (ONNX)", lambda: _yolo(onnx_path, size), 30.0))
+        else:
+            models.append((f"detector@{size}", lambda: _detector(size), 30.0))
     rows = []
     for name, build, target in models:
-        model, x = build()
+        report_fn = build()
         times, reports = [], []
         for _ in range(2):
             start = time.perf_counter()
-            reports.append(network_report_nnx(model, x, num_points=4))
+            reports.append(report_fn())
             times.append(time.perf_counter() - start)
         r = reports[0]
         split = ", ".join(f"{k} {v:.1f}" for k, v in r.timings.items() if k != "total")

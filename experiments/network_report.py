@@ -26,6 +26,7 @@ import numpy as np
 from experiments import _report
 from experiments import sedghi_training as common  # Sets the CPU deadlock workaround.
 from train import loop
+from train.checkpoint import make_run_dir
 
 NAME = "network_report"
 
@@ -71,7 +72,7 @@ def report_once(config, root: pathlib.Path, prefix: str, num_points: int) -> dic
     """Trains ``config`` in a fresh run folder, restores it and reports it."""
     from train import report
 
-    run_dir = loop.make_run_dir(root, prefix)
+    run_dir = make_run_dir(root, prefix)
     result = loop.train_and_evaluate(config, run_dir)
     r = report.report_run(
         run_dir, data=test_points(config, num_points), num_points=num_points, compute_spectra=False
@@ -100,7 +101,7 @@ def run(preset: str, out_dir: pathlib.Path) -> str:
     setting = _report.preset_config(PRESETS, preset)
     out_dir = pathlib.Path(out_dir)
     base, seeds = setting["base"], setting["seeds"]
-    root, temporary = common.runs_root(preset, out_dir)
+    root, temporary = _report.runs_root(preset, out_dir)
     results = []
     try:
         for label, changes in setting["variants"]:

@@ -152,6 +152,79 @@ class CliTest(absltest.TestCase):
             delta=1e-4 * data["layers"][0]["sigma_max"],
         )
 
+    def test_onnx_batch_norm_split_max_pool(self):
+        """A YOLO-like ONNX graph: Conv + BatchNormalization + SiLU, Split, MaxPool, Concat.
+
+        ``bn_folded_sigma_max`` equals σ_max of the kernel folded by
+        :func:`train.models.fold_batch_norm` (dense operator, float64 SVD); the certified bound
+        holds on random pairs (difference quotients) and is >= the Jacobian lower bound.
+        """
+        import onnx
+        from onnx import helper
+        from onnx import numpy_helper
+
+        import spectra
+        from train.models import fold_batch_norm
+        from train.models import from_onnx
+
+        rng = np.random.default_rng(1)
+        arrays = {
+            "w": rng.normal(size=(4, 2, 3, 3)),
+            "g": rng.uniform(0.5, 2.0, 4),
+            "b": rng.normal(size=4),
+            "m": rng.normal(size=4),
+            "v": rng.uniform(0.5, 2.0, 4),
+            "w2": rng.normal(size=(3, 6, 1, 1)),
+            "sp": np.array([2, 2]),
+        }
+        inits = [
+            numpy_helper.from_array(a.astype(np.int64 if k == "sp" else np.float32), k)
+            for k, a in arrays.items()
+        ]
+        nodes = [
+            helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+            helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["n"], name="bn"),
+            helper.make_node("Sigmoid", ["n"], ["s"]),
+            helper.make_node("Mul", ["n", "s"], ["a"]),
+            helper.make_node("Split", ["a", "sp"], ["a1", "a2"], axis=1),
+            helper.make_node(
+                "MaxPool", ["a2"], ["p"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[1, 1]
+            ),
+            helper.make_node("Concat", ["a1", "a2", "p"], ["cat"], axis=1),
+            helper.make_node("Conv", ["cat", "w2"], ["y"], name="head"),
+        ]
+        graph = helper.make_graph(
+            nodes,
+            "g",
+            [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2, 8, 8])],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+            inits,
+        )
+        root = pathlib.Path(tempfile.mkdtemp())
+        path = root / "m.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+        r = report.report_onnx(path, (1, 2, 8, 8), num_points=2)
+        conv = next(layer for layer in r.layers if layer.name.startswith("conv"))
+        model = from_onnx(str(path), input_shape=(1, 2, 8, 8))
+        folded, folds = fold_batch_norm(model)
+        self.assertLen(folds, 1)
+        kernel = np.asarray(folded.params["conv"]["W"], np.float64)
+        self.assertEqual(kernel.shape, tuple(conv.kernel_shape))
+        spec = spectra.ConvSpec((8, 8), padding=((1, 1), (1, 1)))
+        op = np.asarray(spectra.dense_operator(kernel, spec))
+        expected = np.linalg.svd(op, compute_uv=False)[0]
+        self.assertAlmostEqual(conv.bn_folded_sigma_max, expected, delta=1e-4 * expected)
+        self.assertLess(conv.bn_folded_sigma_max, conv.sigma_max * 10)
+        upper = r.network["lipschitz_upper"]
+        self.assertIsNotNone(upper, r.network["lipschitz_upper_note"])
+        self.assertGreaterEqual(upper, r.network["lipschitz_lower"])
+        x = rng.normal(size=(64, 1, 2, 8, 8)).astype(np.float32)
+        dx = 1e-2 * rng.normal(size=x.shape).astype(np.float32)
+        for a, d in zip(x, dx):
+            fa = np.asarray(model.apply_fn(model.params, jnp.asarray(a))[0])
+            fb = np.asarray(model.apply_fn(model.params, jnp.asarray(a + d))[0])
+            self.assertLessEqual(np.linalg.norm(fa - fb) / np.linalg.norm(d), upper * 1.001)
+
     def test_bad_input_shape(self):
         with self.assertRaisesRegex(ValueError, "input-shape"):
             cli._parse_shape("1,a,3")

@@ -38,8 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--num-points",
         type=int,
-        default=8,
-        help="random points for the Jacobian lower bound (default 8)",
+        default=4,
+        help="random points for the Jacobian lower bound (default 4)",
+    )
+    parser.add_argument(
+        "--power-iterations",
+        type=int,
+        default=20,
+        help="power iterations per point for the Jacobian lower bound (default 20)",
     )
     parser.add_argument("--no-plots", action="store_true", help="skip the plots")
     args = parser.parse_args(argv)
@@ -51,7 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     from train.report._sources import report_run
     from train.report._write import write_report
 
-    kwargs = dict(num_points=args.num_points, progress=True)
+    kwargs = dict(
+        num_points=args.num_points,
+        power_iterations=args.power_iterations,
+        compute_spectra=not args.no_plots,  # the spectra are only plotted
+        progress=True,
+    )
     if args.onnx is not None:
         shape = _parse_shape(args.input_shape) if args.input_shape else None
         report = report_onnx(args.onnx, shape, **kwargs)

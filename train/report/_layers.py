@@ -202,11 +202,17 @@ def analyse_convs(
         out = jax.device_get(
             _analyse_group(kernels, folded, spec, sigma_method, bound_names, spectrum_method, rtol)
         )
-        stack = kernels if folded is None else jnp.concatenate([kernels, folded])
         if sigma_method == "lanczos":
+            stack = np.asarray(kernels if folded is None else np.concatenate([kernels, folded]))
+            # NumPy start vector: jax.random would compile a program per input size.
+            v0 = np.random.default_rng(0).standard_normal(spec.in_dim(kshape)).astype(dtype)
             estimates = [
                 spectra.lanczos_spectral_norm(
-                    k, spec, num_steps=min(LANCZOS_STEPS, spec.in_dim(kshape)), rtol=rtol
+                    k,
+                    spec,
+                    num_steps=min(LANCZOS_STEPS, spec.in_dim(kshape)),
+                    rtol=rtol,
+                    initial_vector=v0,
                 )
                 for k in stack
             ]

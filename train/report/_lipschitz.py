@@ -330,6 +330,12 @@ class Composer:
     def _rule_concatenate(self, eqn, vals, shape, at):
         return self.out(shape, math.sqrt(sum(self.lip(d) ** 2 for d in vals if isinstance(d, Dep))))
 
+    def _rule_split(self, eqn, vals, shape, at):
+        # Each output is a slice of the input along one axis: constant 1 each.
+        d = vals[0]
+        lip = self.lip(d)
+        return [self.out(o.aval.shape, lip) for o in eqn.outvars]
+
     def _binary_linear(self, eqn, vals, shape, at, sign):
         a, b = vals
         if isinstance(a, Dep) and isinstance(b, Dep):

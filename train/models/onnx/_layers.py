@@ -158,10 +158,12 @@ def _max_pool(node, xp, x):
     if node.num_outputs > 1:
         raise node.error("the Indices output is not supported")
     ksize, strides, dilations, geometry = _pool_geometry(node, x)
+    # NumPy scalars: a jnp init value is staged under jax.linearize, where reduce_window then
+    # loses its max monoid and cannot be differentiated.
     if jnp.issubdtype(x.dtype, jnp.floating):
-        init = jnp.array(-jnp.inf, x.dtype)
+        init = np.array(-np.inf, x.dtype)
     else:
-        init = jnp.array(jnp.iinfo(x.dtype).min, x.dtype)
+        init = np.array(jnp.iinfo(x.dtype).min, x.dtype)
     padding = [(lo, hi + extra) for lo, hi, extra in geometry]
     return (_reduce_window(x, init, lax.max, ksize, strides, dilations, padding),)
 
