@@ -88,8 +88,10 @@ class FourDevicesTest(absltest.TestCase):
         one, four = self.report["proj_losses_1"], self.report["proj_losses_4"]
         self.assertLen(one, 6)
         np.testing.assert_allclose(four, one, rtol=RTOL)
+        # Per-leaf sums of |params|: small leaves (BN biases, sums ~0.04) differ by ~3e-6
+        # absolute (measured), float32 reduction-order noise carried through 6 steps.
         np.testing.assert_allclose(
-            self.report["proj_params_4"], self.report["proj_params_1"], rtol=RTOL
+            self.report["proj_params_4"], self.report["proj_params_1"], rtol=RTOL, atol=1e-5
         )
         for n in (1, 4):
             self.assertTrue(self.report[f"proj_certified_{n}"])
