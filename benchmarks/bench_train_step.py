@@ -9,7 +9,11 @@ kernels, SGD with momentum 0.9 at lr 0.1, as ``train``'s default optimiser) of R
 * every step with one method (``--methods``: ``certified``, ``sedghi``, ``dykstra``,
   ``rescale``, ``power``; ``--rounds`` rounds / power iterations);
 * the **hybrid** (``--certify-every``): ``method='power'`` every step plus a certified rescale
-  (``--certify-method``) after every k-th update, one row per ``k``.
+  (``--certify-method``) after every k-th update, one row per ``k``;
+* the same hybrid through the training loop's optimiser (``--loop-certify-every k``, default
+  10; ``0``: no such row): ``train.make_optimizer(TrainConfig(schedule='constant', ...,
+  project_method='power', project_certify_every=k))``, i.e. the same chain wrapped in
+  ``optax.inject_hyperparams`` (traced learning rate and radius), as ``python -m train`` runs it.
 
 All variants run in one process, interleaved (one step of each per round, timed with
 ``benchmarks/_timing.time_all``, so that load drifts hit all alike), ``--steps`` measured steps
@@ -51,7 +55,9 @@ from benchmarks._timing import time_all  # noqa: E402
 from train import discovery  # noqa: E402
 from train.certify import certified_upper_bound  # noqa: E402
 from train.certify import certify_conv_operator_norm  # noqa: E402
+from train.config import TrainConfig  # noqa: E402
 from train.models.resnet import ResNet  # noqa: E402
+from train.optim import make_optimizer  # noqa: E402
 from train.transforms import CERTIFIED_METHODS  # noqa: E402
 from train.transforms import PROJECT_METHODS  # noqa: E402
 from train.transforms import project_conv_operator_norm  # noqa: E402
@@ -60,7 +66,9 @@ from train.transforms import project_conv_operator_norm  # noqa: E402
 class Variant:
     """One variant's jitted train step and its state (compiled by the first step)."""
 
-    def __init__(self, projection, batch: tuple, certify_every: int | None = None):
+    def __init__(
+        self, projection, batch: tuple, certify_every: int | None = None, make_tx=None
+    ):
         model = ResNet(20, 10, in_channels=3, padding="SAME", rngs=nnx.Rngs(0))
         self.specs = discovery.find_convs_nnx(model, batch[0][:1])
         model.train()
@@ -72,7 +80,7 @@ class Variant:
         ]
         if projection is not None:
             parts.append(projection(self.specs))
-        tx = optax.chain(*parts)
+        tx = optax.chain(*parts) if make_tx is None else make_tx(self.specs)
         self.certify_every = certify_every
         self.state = (params, rest, tx.init(params))
         self.batch = batch
@@ -133,6 +141,9 @@ def main() -> None:
     parser.add_argument("--certify-every", type=int, nargs="*", default=[10, 50],
                         help="hybrid rows: power every step, certified every k-th update")
     parser.add_argument("--certify-method", default="rescale", choices=CERTIFIED_METHODS)
+    parser.add_argument("--loop-certify-every", type=int, default=10,
+                        help="the hybrid through train.make_optimizer, certified every k-th "
+                        "update (0: no such row)")
     args = parser.parse_args()
     c = args.max_norm
 
@@ -145,24 +156,33 @@ def main() -> None:
     def projection(**kwargs):
         return lambda specs: project_conv_operator_norm(c, specs, **kwargs)
 
-    configs = [("plain SGD", None, None)]
+    configs = [("plain SGD", None, None, None)]
     for m in args.methods:
         for r in args.rounds:
             label = f"{m}, {r} round{'s' * (r > 1)}, every step"
-            configs.append((label, projection(method=m, num_rounds=r), None))
+            configs.append((label, projection(method=m, num_rounds=r), None, None))
     for k in args.certify_every:
         label = f"power every step + {args.certify_method} every {k}"
         kw = dict(method="power", certify_every=k, certify_method=args.certify_method)
-        configs.append((label, projection(**kw), k))
+        configs.append((label, projection(**kw), k, None))
+    if args.loop_certify_every:
+        k = args.loop_certify_every
+        config = TrainConfig(
+            lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="constant", project_max_norm=c,
+            project_method="power", project_certify_every=k,
+            project_certify_method=args.certify_method,
+        )
+        label = f"train.make_optimizer: power + {args.certify_method} every {k}"
+        configs.append((label, None, k, lambda specs: make_optimizer(config, specs)))
 
     print(f"# ResNet-20, 32x32x3, batch {args.batch}, float32, device "
           f"{jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs "
           f"visible, 1 BLAS thread (threadpoolctl); {args.steps} interleaved steps per variant "
           f"after {args.warmup} warm-up steps; c = {c}")
     runs = {}
-    for label, proj, k in configs:
+    for label, proj, k, make_tx in configs:
         t0 = time.perf_counter()
-        runs[label] = Variant(proj, batch, k)
+        runs[label] = Variant(proj, batch, k, make_tx)
         for _ in range(args.warmup):
             runs[label].step()
         print(f"  compiled {label} ({time.perf_counter() - t0:.0f} s)", flush=True)

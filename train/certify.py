@@ -13,12 +13,14 @@ the layer's operator as a submatrix), never an estimate.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 import spectra
 from train import discovery
@@ -118,6 +120,31 @@ def certified_upper_bound(kernel: Any, spec: spectra.ConvSpec) -> float:
         return float(spectra.spectral_norm(jnp.asarray(kernel, jnp.float64), cspec, "fft"))
 
 
+def _is_spec_or_none(x) -> bool:
+    return x is None or isinstance(x, spectra.ConvSpec)
+
+
+def _project(params: Any, tx: optax.GradientTransformation) -> Any:
+    """``params`` after one update of ``tx`` (a projection) with zero updates."""
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    return optax.apply_updates(params, updates)
+
+
+@functools.lru_cache(maxsize=8)
+def _scalar_projection(spec_def, spec_leaves: tuple, method: str):
+    """The jitted certified projection ``(params, max_norm) -> params`` of these specs."""
+    specs = jax.tree.unflatten(spec_def, spec_leaves)
+
+    @jax.jit
+    def project(params, max_norm):
+        return _project(
+            params, project_conv_operator_norm(max_norm, specs, method=method, num_rounds=0)
+        )
+
+    return project
+
+
 def certify_conv_operator_norm(
     params: Any,
     specs: Any,
@@ -166,17 +193,17 @@ def certify_conv_operator_norm(
         raise ValueError(f"method={method!r} is unknown; expected one of {CERTIFIED_METHODS}")
     if not np.ndim(tolerance) == 0 or not float(tolerance) >= 0:
         raise ValueError(f"tolerance={tolerance!r} must be a non-negative scalar")
-    tx = project_conv_operator_norm(max_norm, specs, method=method, num_rounds=0)
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
-    new_params = optax.apply_updates(params, updates)
+    tx = project_conv_operator_norm(max_norm, specs, method=method, num_rounds=0)  # Checks.
+    if np.ndim(max_norm) == 0 and not isinstance(max_norm, (dict, list, tuple)):
+        # A scalar radius: one compiled projection per (specs, method), reused across calls.
+        spec_leaves, spec_def = jax.tree.flatten(nnx.as_pure(specs), is_leaf=_is_spec_or_none)
+        project = _scalar_projection(spec_def, tuple(spec_leaves), method)
+        new_params = project(params, jnp.asarray(max_norm, jnp.float32))
+    else:
+        new_params = _project(params, tx)
 
-    old_leaves = jax.tree.leaves(
-        discovery.strip_variables(params), is_leaf=discovery.is_leaf_or_hole
-    )
-    new_leaves = jax.tree.leaves(
-        discovery.strip_variables(new_params), is_leaf=discovery.is_leaf_or_hole
-    )
+    old_leaves = jax.tree.leaves(nnx.as_pure(params), is_leaf=discovery.is_leaf_or_hole)
+    new_leaves = jax.tree.leaves(nnx.as_pure(new_params), is_leaf=discovery.is_leaf_or_hole)
     aligned = discovery.align_with_params(params, specs, "specs")
     if np.ndim(max_norm) == 0 and not isinstance(max_norm, (dict, list, tuple)):
         norms = [max_norm] * len(aligned)

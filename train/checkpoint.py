@@ -3,7 +3,9 @@
 A run folder holds ``config.json`` (:data:`CONFIG_FILE`), ``metrics.csv`` and ``tensorboard/``
 (:mod:`train.metrics`) and ``checkpoints/`` (:data:`CHECKPOINT_DIR`: an orbax
 ``CheckpointManager`` whose every step holds the train state and a JSON ``meta`` with the step
-and the data position ``(epoch, batch)``). Typed PRNG keys are stored as their ``uint32`` data
+and the data position ``(epoch, batch)``, and optionally the item :data:`CERTIFIED_ITEM`: the
+certified parameters of the model when they differ from the state's training parameters, see
+:func:`train.loop.train_and_evaluate`). Typed PRNG keys are stored as their ``uint32`` data
 and re-wrapped on restore (:func:`to_storable`, :func:`from_storable`).
 """
 
@@ -17,6 +19,8 @@ from train.config import TrainConfig
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
+#: The checkpoint item holding certified parameters saved beside the train state.
+CERTIFIED_ITEM = "certified_params"
 
 #: Config fields that may differ between a run and its resumption: bookkeeping, and the
 #: device set-up (a run written on N devices resumes on M; data-parallel runs differ only in
@@ -102,25 +106,32 @@ def checkpoint_manager(run_dir: str | pathlib.Path, config: TrainConfig):
     import orbax.checkpoint as ocp
 
     options = ocp.CheckpointManagerOptions(max_to_keep=config.max_to_keep, create=True)
+    handlers = {
+        "state": ocp.StandardCheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler(),
+        CERTIFIED_ITEM: ocp.StandardCheckpointHandler(),
+    }
     return ocp.CheckpointManager(
-        (pathlib.Path(run_dir) / CHECKPOINT_DIR).absolute(), options=options
+        (pathlib.Path(run_dir) / CHECKPOINT_DIR).absolute(), options=options,
+        item_handlers=handlers,
     )
 
 
-def save_checkpoint(manager, state: Any, meta: dict[str, Any]) -> None:
+def save_checkpoint(
+    manager, state: Any, meta: dict[str, Any], certified_params: Any = None
+) -> None:
     """Saves ``state`` and the JSON ``meta`` at step ``meta['step']`` (asynchronously; nothing
-    when that step is already saved)."""
+    when that step is already saved), and ``certified_params`` (a params pytree) as the item
+    :data:`CERTIFIED_ITEM` when given."""
     import orbax.checkpoint as ocp
 
     step = int(meta["step"])
     if step in manager.all_steps():
         return
-    manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(to_storable(state)), meta=ocp.args.JsonSave(meta)
-        ),
-    )
+    items = {"state": ocp.args.StandardSave(to_storable(state)), "meta": ocp.args.JsonSave(meta)}
+    if certified_params is not None:
+        items[CERTIFIED_ITEM] = ocp.args.StandardSave(certified_params)
+    manager.save(step, args=ocp.args.Composite(**items))
 
 
 def restore_checkpoint(manager, template: Any, step: int | None = None) -> tuple[Any, dict]:
@@ -137,3 +148,21 @@ def restore_checkpoint(manager, template: Any, step: int | None = None) -> tuple
         ),
     )
     return from_storable(out["state"], template), out["meta"]
+
+
+def restore_certified_params(manager, template: Any, step: int) -> Any:
+    """The item :data:`CERTIFIED_ITEM` of checkpoint ``step`` (a params pytree with the
+    structure, dtypes and shardings of ``template``).
+
+    Raises:
+      ValueError: when that checkpoint has no such item.
+    """
+    import orbax.checkpoint as ocp
+
+    if manager.item_metadata(step).get(CERTIFIED_ITEM) is None:
+        raise ValueError(f"checkpoint step={step} holds no {CERTIFIED_ITEM!r} item")
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    out = manager.restore(
+        step, args=ocp.args.Composite(**{CERTIFIED_ITEM: ocp.args.StandardRestore(abstract)})
+    )
+    return out[CERTIFIED_ITEM]

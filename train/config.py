@@ -109,6 +109,14 @@ class TrainConfig:
         approximate: a warm-started Krylov estimate of σ_max, see
         :func:`train.project_conv_operator_norm`).
       project_rounds: projection rounds per projecting update (``'power'``: Krylov products).
+      project_certify_every: ``None``, or ``k``: a certified rescale (``project_certify_method``)
+        after every ``k``-th update, on top of ``project_method`` (e.g. ``'power'`` every step,
+        certified every ``k``; ``certify_every`` of :func:`train.project_conv_operator_norm`).
+      project_certify_method: the certified method (one of
+        ``train.transforms.CERTIFIED_METHODS``: ``'rescale'``, ``'certified'``) of
+        ``project_certify_every`` and of the certification of every checkpoint and of the final
+        parameters by the loop (:func:`train.certify.certify_conv_operator_norm`, whenever
+        ``project_max_norm`` is set).
       decomposition: ``None`` (plain convs) or the SVD-training form of Yang et al. (2020) that
         :func:`train.models.registry.build_model` gives every layer: ``'channel'`` (a
         ``k x k`` conv with ``r`` outputs then a 1x1 conv) or ``'spatial'`` (a ``k x 1``
@@ -174,6 +182,8 @@ class TrainConfig:
     project_every: int = 1
     project_method: str = "certified"
     project_rounds: int = 1
+    project_certify_every: int | None = None
+    project_certify_method: str = "rescale"
     decomposition: str | None = None
     decompose_dense: bool = True
     orth_weight: float = 0.0
@@ -217,11 +227,21 @@ class TrainConfig:
             raise ValueError(f"penalty_weight={self.penalty_weight!r} must be >= 0")
         if self.project_max_norm is not None and not self.project_max_norm > 0:
             raise ValueError(f"project_max_norm={self.project_max_norm!r} must be > 0 or None")
+        from train.transforms import CERTIFIED_METHODS
         from train.transforms import PROJECT_METHODS
 
         if self.project_method not in PROJECT_METHODS:
             raise ValueError(
                 f"project_method={self.project_method!r} must be one of {PROJECT_METHODS}"
+            )
+        every = self.project_certify_every
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int)
+                                  or every < 1):
+            raise ValueError(f"project_certify_every={every!r} must be None or a positive int")
+        if self.project_certify_method not in CERTIFIED_METHODS:
+            raise ValueError(
+                f"project_certify_method={self.project_certify_method!r} must be one of "
+                f"{CERTIFIED_METHODS}"
             )
         if not isinstance(self.project_every, int) or self.project_every < 1:
             raise ValueError(f"project_every={self.project_every!r} must be a positive int")

@@ -194,6 +194,16 @@ def constrain_state(tree: Any, mesh: Mesh, fsdp: bool = False) -> Any:
     )
 
 
+def host_values(tree: Any) -> Any:
+    """``tree``'s global values as numpy arrays on every process (replicated or sharded arrays,
+    e.g. FSDP params; a collective gather when several processes hold parts of them)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def shard_batch(mesh: Mesh, *arrays: Any) -> tuple[jax.Array, ...]:
     """Global arrays split over ``'data'`` from this process's rows of a batch.
 

@@ -18,6 +18,26 @@ data order and augmentation of :class:`train.data.Pipeline` are functions of
 ``(seed, epoch, batch)``, so the saved position restores them and a resumed run continues
 bit-identically.
 
+Certified checkpoints and final model (when ``config.project_max_norm`` is set): every
+checkpoint, and the final parameters, are certified by
+:func:`train.certify.certify_conv_operator_norm` (``config.project_certify_method``): every
+conv layer's exact σ_max is ``<= project_max_norm`` up to its relative tolerance (``1e-4``),
+whatever ``project_method`` (e.g. the approximate ``'power'``). The checkpoint's ``meta``
+holds the report (:meth:`train.certify.CertificationReport.as_metadata`: ``"certified": true``,
+``"certified_max_upper_bound"``, ``"certify_method"``, ``"certify_tolerance"``, per-layer
+bounds) and ``"certified_params_separate"``; runs without the projection write
+``"certified": false``. **The certification does not change the training trajectory**: the
+train state (what a resumed run continues from) keeps the training parameters, and when the
+certification changed them (``report.any_changed``) the certified parameters are saved beside it
+as the item :data:`train.checkpoint.CERTIFIED_ITEM` (``"certified_params_separate": true``). So
+a run resumed from any checkpoint (a ``checkpoint_every`` one or an ``until_step`` stop)
+continues bit-identically to the uninterrupted run, and ``checkpoint_every`` and ``until_step``
+stay bookkeeping (continuing from certified parameters would make the trajectory depend on
+where checkpoints were written). The model that :func:`train_and_evaluate` returns, evaluates
+at the end and reports σ_max of, and that :func:`restore_model` restores, is the certified one.
+With ``project_certify_every=k`` and checkpoints at multiples of ``k`` the training parameters
+are already certified (``"certified_params_separate": false`` when nothing had to change).
+
 Devices: the loop is data-parallel over the mesh of :mod:`train.distributed` (every device by
 default, ``config.num_devices`` to choose; several hosts with ``jax.distributed``): the global
 batch is split over the devices, the state replicated (or FSDP-sharded), the run folder's
@@ -53,6 +73,7 @@ from train import distributed
 from train import metrics
 from train.batches import count_batches
 from train.batches import unpack_batch
+from train.certify import certify_conv_operator_norm
 from train.config import TrainConfig
 from train.conv_norms import conv_layers
 from train.lapack_workaround import avoid_cpu_lapack_deadlock
@@ -110,6 +131,25 @@ def _meta(step: int, steps_per_epoch: int, config: TrainConfig) -> dict[str, Any
     return {"step": step, "epoch": epoch, "batch": batch, "seed": config.seed}
 
 
+def _certified(
+    config: TrainConfig, specs: Any, state: TrainState, mesh
+) -> tuple[Any, Any, dict[str, Any]]:
+    """``(params, separate, meta)``: the parameters to save as the model, evaluate and return
+    (certified when ``config.project_max_norm`` is set), those to save beside the state
+    (``None`` when they are the state's own) and the certification's checkpoint metadata."""
+    if config.project_max_norm is None:
+        return state.params, None, {"certified": False}
+    params, report = certify_conv_operator_norm(
+        distributed.host_values(state.params), specs, config.project_max_norm,
+        method=config.project_certify_method,
+    )
+    meta = {**report.as_metadata(), "certified_params_separate": report.any_changed}
+    if not report.any_changed:
+        return state.params, None, meta
+    params = distributed.place_state(params, mesh, config.fsdp)
+    return params, params, meta
+
+
 def _progress_bar(config: TrainConfig, initial: int, total: int):
     if not config.progress:
         return None
@@ -151,12 +191,14 @@ def train_and_evaluate(
       A dict: ``run_dir``, ``step``, ``test_accuracy``, ``test_error``, ``test_loss``,
       ``test_count`` (``None`` when stopped early by ``until_step``), ``train_loss`` (mean over
       the last log interval), ``sigma_max`` ``{layer name: σ_max}`` (exact, see
-      :func:`train.conv_norms.layer_spectral_norms`), ``history`` (the rows of
-      ``metrics.csv``; ``None`` on processes other than 0), ``compile_s`` (time of the first
-      step of this call, compile included),
+      :func:`train.conv_norms.layer_spectral_norms`, of the returned model), ``history`` (the
+      rows of ``metrics.csv``; ``None`` on processes other than 0), ``compile_s`` (time of the
+      first step of this call, compile included),
       ``step_time_s`` (median per-step time of the log intervals), ``model`` (the trained
-      model, its state updated in place, in training mode) and ``specs`` (its
-      :func:`train.find_convs_nnx` specs).
+      model, its state updated in place, in training mode: with ``project_max_norm``, its
+      certified parameters, as saved in the last checkpoint), ``specs`` (its
+      :func:`train.find_convs_nnx` specs) and ``certification`` (the last checkpoint's
+      certification metadata, see the module docstring).
 
     Raises:
       FileExistsError: when ``run_dir`` is not empty and ``resume`` is false.
@@ -208,7 +250,7 @@ def train_and_evaluate(
     try:
         state, out = _train(
             config, steps, state, train_data, test_data, stop, rows, progress, manager,
-            layers, svd_cols, mesh,
+            layers, svd_cols, mesh, specs,
         )
         manager.wait_until_finished()
     finally:
@@ -219,7 +261,7 @@ def train_and_evaluate(
             progress.close()
 
     test = out["test"] if out["step"] == config.num_steps else None
-    nnx.update(model, state.params, state.rest)
+    nnx.update(model, out["params"], state.rest)
     return {
         "run_dir": str(run_dir),
         "step": out["step"],
@@ -234,14 +276,28 @@ def train_and_evaluate(
         "step_time_s": out["step_time_s"],
         "model": model,
         "specs": specs,
+        "certification": out["certification"],
     }
 
 
 def _train(
     config: TrainConfig, steps: Steps, state: TrainState, train_data, test_data, stop: int,
-    rows: metrics.PendingRows, progress, manager, layers, svd_cols, mesh,
+    rows: metrics.PendingRows, progress, manager, layers, svd_cols, mesh, specs,
 ) -> tuple[TrainState, dict[str, Any]]:
     """The step loop of :func:`train_and_evaluate` from ``state.step`` to ``stop``."""
+    certified_at: dict[int, tuple[Any, Any, dict[str, Any]]] = {}
+
+    def certified(step: int) -> tuple[Any, Any, dict[str, Any]]:  # Once per step.
+        if step not in certified_at:
+            certified_at.clear()
+            certified_at[step] = _certified(config, specs, state, mesh)
+        return certified_at[step]
+
+    def save(step: int) -> None:
+        _, separate, certification = certified(step)
+        meta = {**_meta(step, steps_per_epoch, config), **certification}
+        checkpoint.save_checkpoint(manager, state, meta, separate)
+
     steps_per_epoch = count_batches(train_data)
     hyper = distributed.place_state(step_hyperparameters(config), mesh)
     step = int(state.step)
@@ -281,24 +337,30 @@ def _train(
             state = state._replace(sums=distributed.place_state(zero_sums(config), mesh))
             if progress is not None:
                 progress.set_postfix(loss=f"{last_train_loss:.4f}", refresh=False)
-        if (config.eval_every and step % config.eval_every == 0) or step == config.num_steps:
-            test = evaluate(steps, state.params, state.rest, test_data, mesh)
+        final = step == config.num_steps
+        # The final evaluation and σ_max are those of the final (certified) parameters.
+        params = certified(step)[0] if final else state.params
+        if (config.eval_every and step % config.eval_every == 0) or final:
+            test = evaluate(steps, params, state.rest, test_data, mesh)
             rows.at(step).update(test_loss=test["loss"], test_accuracy=test["accuracy"])
-        if step == config.num_steps:
-            final_sigmas = metrics.sigma_dict(layers, steps.sigmas(state.params))
+        if final:
+            final_sigmas = metrics.sigma_dict(layers, steps.sigmas(params))
             rows.at(step).update({f"sigma/{name}": v for name, v in final_sigmas.items()})
         if step % config.log_every == 0 or step == stop:
             rows.flush()
         if config.checkpoint_every and step % config.checkpoint_every == 0:
             rows.flush()
-            checkpoint.save_checkpoint(manager, state, _meta(step, steps_per_epoch, config))
+            save(step)
     rows.flush()
-    checkpoint.save_checkpoint(manager, state, _meta(step, steps_per_epoch, config))
+    save(step)
+    params, _, certification = certified(step)
     if not final_sigmas:
-        final_sigmas = metrics.sigma_dict(layers, steps.sigmas(state.params))
+        final_sigmas = metrics.sigma_dict(layers, steps.sigmas(params))
     if step == config.num_steps and test is None:
-        test = evaluate(steps, state.params, state.rest, test_data, mesh)
+        test = evaluate(steps, params, state.rest, test_data, mesh)
     return state, {
+        "params": params,
+        "certification": certification,
         "step": step,
         "test": test,
         "train_loss": last_train_loss,
@@ -330,7 +392,11 @@ def restore_model(
         the config's ``num_devices``); any device count reads any checkpoint.
 
     Returns:
-      ``(model, config, meta)`` with ``meta`` the checkpoint's ``{step, epoch, batch, seed}``.
+      ``(model, config, meta)`` with ``meta`` the checkpoint's ``{step, epoch, batch, seed}``
+      and its certification (see :func:`train_and_evaluate`: ``"certified"``, and for runs
+      with the projection ``"certified_max_upper_bound"``, ``"certify_method"``,
+      ``"certify_tolerance"``, ...; absent in checkpoints of older versions). The model holds
+      the checkpoint's certified parameters when it has them.
 
     Raises:
       FileNotFoundError: when ``run_dir`` holds no checkpoint.
@@ -357,9 +423,12 @@ def restore_model(
                 f"{run_dir / checkpoint.CHECKPOINT_DIR} holds no checkpoint"
             )
         state, meta = checkpoint.restore_checkpoint(manager, template, step)
+        params = state.params
+        if meta.get("certified_params_separate"):
+            params = checkpoint.restore_certified_params(manager, params, int(meta["step"]))
     finally:
         manager.close()
-    nnx.update(model, state.params, state.rest)
+    nnx.update(model, params, state.rest)
     model.eval()
     return model, config, meta
 
@@ -404,8 +473,9 @@ def save_model(
 
     The folder gets ``config.json`` (``config``) and one orbax checkpoint at ``step`` holding
     the model's params and other state (BatchNorm statistics, RNG streams) and a fresh
-    optimiser state of :func:`train.optim.make_optimizer` (``config``). For models made
-    outside the loop, e.g. a pruned SVD model (:mod:`train.svd_pipeline`).
+    optimiser state of :func:`train.optim.make_optimizer` (``config``); its ``meta`` says
+    ``"certified": false`` (the parameters are saved as they are). For models made outside
+    the loop, e.g. a pruned SVD model (:mod:`train.svd_pipeline`).
 
     Raises:
       FileExistsError: when ``run_dir`` exists and is not empty.
@@ -424,7 +494,8 @@ def save_model(
     manager = checkpoint.checkpoint_manager(run_dir, config)
     try:
         checkpoint.save_checkpoint(
-            manager, state, {"step": int(step), "epoch": 0, "batch": 0, "seed": config.seed}
+            manager, state,
+            {"step": int(step), "epoch": 0, "batch": 0, "seed": config.seed, "certified": False},
         )
         manager.wait_until_finished()
     finally:

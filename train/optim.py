@@ -4,7 +4,9 @@
 learning rate (``config.lr``) and, when the projection is on, its radius
 (``config.project_max_norm``) live in the optimiser state (``opt_state.hyperparams``) as
 float32 arrays instead of being constants of the compiled step, so runs that differ only in them
-share one compilation (and a restored state carries them).
+share one compilation (and a restored state carries them). The projection's other options
+(method, rounds, ``project_certify_every`` / ``project_certify_method``, the device mesh) are
+static: they come from the (static) ``config`` and ``mesh`` arguments of the chain.
 """
 
 from typing import Any
@@ -14,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from train.config import TrainConfig
+from train.distributed import DATA_AXIS
 from train.transforms import project_conv_operator_norm
 
 #: Names of the traced hyperparameters in ``opt_state.hyperparams``.
@@ -55,7 +58,12 @@ def learning_rate_schedule(config: TrainConfig, peak: Any = None) -> optax.Sched
 
 
 def _chain(
-    learning_rate: Any, max_norm: Any, *, config: TrainConfig, specs: Any
+    learning_rate: Any,
+    max_norm: Any,
+    *,
+    config: TrainConfig,
+    specs: Any,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> optax.GradientTransformation:
     """The inner transformation of :func:`make_optimizer` for given (traced) hyperparameters."""
     schedule = learning_rate_schedule(config, learning_rate)
@@ -80,38 +88,71 @@ def _chain(
                 every_k_steps=config.project_every,
                 method=config.project_method,
                 num_rounds=config.project_rounds,
+                certify_every=config.project_certify_every,
+                certify_method=config.project_certify_method,
+                mesh=mesh,
+                mesh_axis=DATA_AXIS,
             )
         )
     return optax.chain(*parts)
 
 
-def make_optimizer(config: TrainConfig, specs: Any = None) -> optax.GradientTransformation:
+def make_optimizer(
+    config: TrainConfig, specs: Any = None, mesh: jax.sharding.Mesh | None = None
+) -> optax.GradientTransformation:
     """``optax.chain(weight decay, SGD-momentum | Adam with the schedule[, projection])``.
 
     The chain is built by ``optax.inject_hyperparams`` with the hyperparameters
     :data:`LEARNING_RATE` (the peak of :func:`learning_rate_schedule`) and, when
     ``config.project_max_norm`` is set, :data:`MAX_NORM` (the radius of
     :func:`train.project_conv_operator_norm`, last in the chain): both are float32 arrays of
-    ``opt_state.hyperparams``, set by ``init`` from ``config``.
+    ``opt_state.hyperparams``, set by ``init`` from ``config``. The projection uses
+    ``config.project_method``, ``project_every``, ``project_rounds`` and, when
+    ``config.project_certify_every`` is set, a certified rescale
+    (``config.project_certify_method``) after every ``project_certify_every``-th update.
 
     Args:
       config: the run's configuration.
       specs: conv specs with the structure of the params (from :func:`train.find_convs_nnx`);
         needed when ``config.project_max_norm`` is set.
+      mesh: a device mesh with the axis :data:`train.distributed.DATA_AXIS` to spread the
+        projection's groups of kernels over (``mesh`` of
+        :func:`train.project_conv_operator_norm`; same values, less work per device); ``None``:
+        no sharding constraint. Only ``update`` uses it: the state of ``init`` does not depend
+        on it.
 
     Returns:
       The transformation; its ``update`` needs ``params`` when the projection is on.
 
     Raises:
       ValueError: when ``config.project_max_norm`` is set and ``specs`` is ``None``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import spectra
+      >>> config = TrainConfig(weight_decay=0.0, momentum=0.0, project_max_norm=1.0,
+      ...                      project_method='power', project_certify_every=2)
+      >>> params = {'w': jnp.ones((3, 3, 1, 1))}
+      >>> specs = {'w': spectra.ConvSpec((8, 8), padding='CIRCULAR')}
+      >>> tx = make_optimizer(config, specs)
+      >>> state = tx.init(params)
+      >>> for _ in range(2):  # The 2nd update is certified.
+      ...     updates, state = tx.update({'w': jnp.zeros((3, 3, 1, 1))}, state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> bool(spectra.spectral_norm(params['w'], specs['w'], 'fft') <= 1.0 + 1e-5)
+      True
     """
     if config.project_max_norm is not None and specs is None:
         raise ValueError("specs are needed when config.project_max_norm is set")
     factory = optax.inject_hyperparams(
-        _chain, static_args=("config", "specs"), hyperparam_dtype=jnp.float32
+        _chain, static_args=("config", "specs", "mesh"), hyperparam_dtype=jnp.float32
     )
     return factory(
-        learning_rate=config.lr, max_norm=config.project_max_norm, config=config, specs=specs
+        learning_rate=config.lr,
+        max_norm=config.project_max_norm,
+        config=config,
+        specs=specs,
+        mesh=mesh,
     )
 
 

@@ -197,7 +197,9 @@ def make_steps(
     over ``'data'``) and their output state and sums keep the sharding of
     :func:`train.distributed.state_sharding` (replicated, or ``config.fsdp``); XLA inserts the
     cross-device reductions (mean gradient, BatchNorm statistics and metric sums over the
-    global batch).
+    global batch); with more than one device, the projection (``config.project_max_norm``)
+    spreads its groups of kernels over the mesh (``mesh`` of
+    :func:`train.optim.make_optimizer`; the same values as on one device).
 
     Cached (LRU, 16 entries) on ``(graphdefs, specs, step_program(config), mesh,
     config.fsdp)``: runs that differ only in the seed, the data, λ, c, λ_o, λ_s or the peak
@@ -227,7 +229,8 @@ def _build_steps(
     def constrain(tree):
         return tree if mesh is None else distributed.constrain_state(tree, mesh, fsdp)
 
-    tx = make_optimizer(program, specs)
+    # The projection's groups of kernels are spread over the devices of a mesh of several.
+    tx = make_optimizer(program, specs, mesh if mesh is not None and mesh.size > 1 else None)
     use_penalty = program.penalty_weight > 0
     use_svd_terms = svd_terms_on(program)
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
@@ -64,7 +65,7 @@ def _is_spec_or_none(x) -> bool:
 
 def _check_specs(specs: Any) -> None:
     with_path, _ = jax.tree_util.tree_flatten_with_path(
-        discovery.strip_variables(specs), is_leaf=_is_spec_or_none
+        nnx.as_pure(specs), is_leaf=_is_spec_or_none
     )
     for path, spec in with_path:
         if not _is_spec_or_none(spec):
@@ -92,10 +93,10 @@ def _max_norm_per_spec(max_norm: Any, specs: Any) -> tuple[Any, list[Any] | None
     if isinstance(max_norm, (int, float, np.number, np.ndarray, jax.Array)):
         check(max_norm, "")
         return max_norm, None
-    stripped_specs = discovery.strip_variables(specs)
+    stripped_specs = nnx.as_pure(specs)
     treedef = jax.tree.structure(stripped_specs, is_leaf=_is_spec_or_none)
     try:
-        norms = treedef.flatten_up_to(discovery.strip_variables(max_norm))
+        norms = treedef.flatten_up_to(nnx.as_pure(max_norm))
     except (ValueError, TypeError) as e:
         raise ValueError(
             f"max_norm must be a scalar or a pytree with the structure of specs ({treedef}); "
@@ -314,13 +315,11 @@ def _projection(
 
     def conv_leaves(params) -> list[tuple[int, ConvSpec, Any]]:
         """``(leaf index, spec, max_norm)`` for the conv leaves of ``params``; checks shapes."""
-        leaves = jax.tree.leaves(
-            discovery.strip_variables(params), is_leaf=discovery.is_leaf_or_hole
-        )
+        leaves = jax.tree.leaves(nnx.as_pure(params), is_leaf=discovery.is_leaf_or_hole)
         aligned = discovery.align_with_params(params, specs, "specs")
         if spec_norms is not None:
             # Number the specs' leaves, then flatten the numbers like the params.
-            treedef = jax.tree.structure(discovery.strip_variables(specs), is_leaf=_is_spec_or_none)
+            treedef = jax.tree.structure(nnx.as_pure(specs), is_leaf=_is_spec_or_none)
             numbers = jax.tree.unflatten(treedef, list(range(treedef.num_leaves)))
             aligned_numbers = discovery.align_with_params(params, numbers, "specs")
         paths = discovery.leaf_paths(params)

@@ -71,6 +71,7 @@ class LoopTest(absltest.TestCase):
         self.assertEqual([bool(r["loss"]) for r in rows], [True, False, True, True])
         self.assertNotEqual(rows[-1]["test_accuracy"], "")
         self.assertTrue((self.root / "run" / checkpoint.CONFIG_FILE).exists())
+        self.assertEqual(result["certification"], {"certified": False})  # No projection.
         # TensorBoard: the same scalars, read back from the event file.
         from tensorboard.backend.event_processing import event_accumulator
 
@@ -169,6 +170,19 @@ class LoopTest(absltest.TestCase):
         self.assertEqual(
             apply_overrides(TrainConfig(), ["project_method=power"]).project_method, "power"
         )
+        hybrid = apply_overrides(
+            TrainConfig(), ["project_certify_every=100", "project_certify_method=certified"]
+        )
+        self.assertEqual(
+            (hybrid.project_certify_every, hybrid.project_certify_method), (100, "certified")
+        )
+        self.assertIsNone(
+            apply_overrides(hybrid, ["project_certify_every=none"]).project_certify_every
+        )
+        for bad in (dict(project_certify_every=0), dict(project_certify_every=True),
+                    dict(project_certify_method="power")):
+            with self.assertRaisesRegex(ValueError, next(iter(bad))):
+                TrainConfig(**bad)
         self.assertEqual(TrainConfig.from_json(config.to_json()), config)
 
     def test_step_cache_key_is_derived_from_the_config(self):
@@ -188,6 +202,11 @@ class LoopTest(absltest.TestCase):
         # Their on/off pattern and every other field change the program.
         self.assertIsNot(steps(), steps(penalty_weight=1e-3))
         self.assertIsNot(steps(), steps(project_max_norm=1.0))
+        # The certified rescale every k updates (and its method) is part of the program.
+        hybrid = dict(project_max_norm=1.0, project_method="power", project_certify_every=5)
+        self.assertIsNot(steps(**hybrid), steps(**{**hybrid, "project_certify_every": None}))
+        self.assertIsNot(steps(**hybrid), steps(**hybrid, project_certify_method="certified"))
+        self.assertIs(steps(**hybrid), steps(**{**hybrid, "project_max_norm": 3.0}))
         for change in (dict(momentum=0.5), dict(num_steps=13), dict(weight_decay=0.0),
                        dict(sigma_method="dense"), dict(penalty_reduce="max")):
             self.assertIsNot(steps(), steps(**change), change)
@@ -213,6 +232,90 @@ class LoopTest(absltest.TestCase):
         self.assertEqual([r["step"] for r in metrics.read_history(run)], [4, 6, 8, 12])
         with self.assertRaisesRegex(ValueError, "not a TrainConfig field"):
             cli.main(["--run-dir", str(self.root / "bad"), "learning_rate=1"])
+
+
+def _exact_sigmas(model, specs) -> list[float]:
+    """The exact σ_max of every conv of ``model``: float64 SVD of its dense operator."""
+    params = nnx.as_pure(nnx.state(model, nnx.Param))
+    aligned = discovery.align_with_params(params, specs, "specs")
+    out = []
+    with jax.enable_x64(True):
+        for kernel, spec in zip(jax.tree.leaves(params), aligned, strict=True):
+            if spec is not None:
+                dense = spectra.dense_operator(np.asarray(kernel, np.float64), spec)
+                out.append(float(np.linalg.svd(np.asarray(dense), compute_uv=False)[0]))
+    return out
+
+
+class CertifiedLoopTest(absltest.TestCase):
+    """'power' every step, a certified rescale every 5th update, certified checkpoints."""
+
+    def setUp(self):
+        super().setUp()
+        self.root = pathlib.Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, self.root, ignore_errors=True)
+
+    def test_checkpoints_and_final_model_are_certified_and_resume_is_bit_identical(self):
+        c = 0.5  # Small enough that 'power' alone ends above c (the training params below).
+        config = dataclasses.replace(
+            CONFIG, project_max_norm=c, project_method="power", project_certify_every=5,
+            checkpoint_every=5, max_to_keep=3,
+        )
+        straight = loop.train_and_evaluate(config, self.root / "straight")
+        model, specs = straight["model"], straight["specs"]
+        # The returned (certified) model: every conv's exact σ_max <= c (1 + 1e-4), and so is
+        # the σ_max the loop logged at the end.
+        exact = _exact_sigmas(model, specs)
+        self.assertLen(exact, 7)
+        self.assertLessEqual(max(exact), c * (1 + 1e-4))
+        self.assertLessEqual(max(straight["sigma_max"].values()), c * (1 + 1e-4))
+        np.testing.assert_allclose(sorted(straight["sigma_max"].values()), sorted(exact),
+                                   rtol=1e-5)
+        # The final checkpoint says so, with per-layer bounds >= the exact σ_max (the
+        # intermediate ones are checked by the resumed run below).
+        restored, _, meta = loop.restore_model(self.root / "straight")
+        self.assertEqual(meta["step"], 12)
+        self.assertTrue(meta["certified"])
+        self.assertEqual(meta["certify_method"], "rescale")
+        self.assertEqual(meta["certify_tolerance"], 1e-4)
+        self.assertLessEqual(meta["certified_max_upper_bound"], c * (1 + 1e-4))
+        bounds = [layer["upper_bound"] for layer in meta["certified_layers"]]
+        for sigma, bound in zip(exact, bounds, strict=True):
+            self.assertLessEqual(sigma, bound * (1 + 1e-6))
+        # The final checkpoint restores exactly the returned model, and its report.
+        for a, b in zip(_params(model), _params(restored), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        self.assertEqual(
+            {k: v for k, v in meta.items() if k.startswith("certif")}, straight["certification"]
+        )
+        # The train state kept the training params (2 'power' updates after the certified
+        # update 10): above c (measured 1.016 c), the certified params are saved beside them.
+        self.assertTrue(meta["certified_params_separate"])
+        _, _, _, params, rest = steps_lib.split_model(restored, np.zeros((1, 12, 12, 1)))
+        manager = checkpoint.checkpoint_manager(self.root / "straight", config)
+        self.addCleanup(manager.close)
+        state, _ = checkpoint.restore_checkpoint(
+            manager, steps_lib.init_train_state(config, specs, params, rest), 12
+        )
+        nnx.update(restored, state.params, state.rest)
+        self.assertGreater(max(_exact_sigmas(restored, specs)), c * (1 + 1e-3))
+
+        # Stopped at step 7 (checkpoints 5 and 7, certified), resumed: the uninterrupted run.
+        first = loop.train_and_evaluate(config, self.root / "resumed", until_step=7)
+        self.assertTrue(first["certification"]["certified"])
+        self.assertLessEqual(max(_exact_sigmas(first["model"], specs)), c * (1 + 1e-4))
+        _, _, meta = loop.restore_model(self.root / "resumed")
+        self.assertEqual((meta["step"], meta["certified"]), (7, True))
+        resumed = loop.train_and_evaluate(config, self.root / "resumed", resume=True)
+        for a, b in zip(_params(model), _params(resumed["model"]), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+        def strip(history):
+            return [{k: v for k, v in r.items() if k != "step_time_s"} for r in history]
+
+        self.assertEqual(strip(straight["history"]), strip(resumed["history"]))
+        self.assertEqual(straight["sigma_max"], resumed["sigma_max"])
+        self.assertEqual(straight["certification"], resumed["certification"])
 
 
 # SVD training (Yang et al. 2020): a channel-decomposed ResNet-8 of width 4, logged every step.
