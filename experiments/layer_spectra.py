@@ -96,7 +96,7 @@ def layer_spectra(model, example_input, max_dense_dim: int = 4096) -> list[dict[
     from flax import nnx
 
     specs = discovery.find_convs_nnx(model, example_input)
-    params = discovery.strip_variables(nnx.state(model, nnx.Param))
+    params = nnx.as_pure(nnx.state(model, nnx.Param))
     named = conv_layers(specs)
     leaves = jax.tree.leaves(params, is_leaf=discovery.is_leaf_or_hole)
     aligned = discovery.align_with_params(params, specs, "specs")

@@ -450,10 +450,6 @@ feature_group_count=1, in_features=2)
 
 
 # ------------------------------------------------------------------ aligning specs with params
-#: Kept for callers of the former helper: every ``nnx.Variable`` replaced by its value.
-#: Identical to ``nnx.as_pure`` (which also reads array refs); new code calls ``nnx.as_pure``.
-strip_variables = nnx.as_pure
-
 
 def is_leaf_or_hole(x) -> bool:
     """Leaves of a params tree for alignment: ``None`` and ``optax.MaskedNode`` count as leaves."""
