@@ -66,24 +66,15 @@ _STRUCTURAL = frozenset(
         "convert_element_type",
     }
 )
-_UNIT = frozenset(
-    {
-        "reshape",
-        "squeeze",
-        "expand_dims",
-        "transpose",
-        "copy",
-        "copy_p",
-        "rev",
-        "reduce_precision",
-        "slice",
-        "dynamic_slice",
-        "pad",
-        "real",
-        "reduce_max",
-        "reduce_min",
-    }
-)
+#: Ops with Lipschitz constant 1 on their input-dependent operand: the structural ones except
+#: concatenation and dtype casts, which have rules of their own (``_rule_concatenate``,
+#: ``_rule_convert_element_type``).
+_UNIT = (_STRUCTURAL - {"concatenate", "convert_element_type"}) | {
+    "dynamic_slice",
+    "real",
+    "reduce_max",
+    "reduce_min",
+}
 _COMPARISONS = frozenset({"ge", "gt", "le", "lt"})
 _CALLS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 #: Dense layers whose operator is densified to compute an on-the-fly conv norm.
