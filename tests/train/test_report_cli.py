@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import shutil
 import tempfile
 
 import jax.numpy as jnp
@@ -43,6 +44,13 @@ _NETWORK_FIELDS = {
 }
 
 
+
+def _tmpdir(test: absltest.TestCase) -> pathlib.Path:
+    """A fresh folder removed when ``test`` ends."""
+    path = pathlib.Path(tempfile.mkdtemp())
+    test.addCleanup(shutil.rmtree, path, ignore_errors=True)
+    return path
+
 def _check_files(test, out: pathlib.Path, num_layers: int | None = None):
     data = json.loads((out / "report.json").read_text())
     test.assertEqual(set(data), {"layers", "network", "timings"})
@@ -67,7 +75,7 @@ class WriteTest(absltest.TestCase):
             nnx.Conv(3, 2, (3, 3), strides=2, param_dtype=jnp.float64, rngs=nnx.Rngs(1)),
         )
         r = report.network_report_nnx(model, jnp.zeros((1, 8, 8, 1)), num_points=2)
-        out = pathlib.Path(tempfile.mkdtemp()) / "out"
+        out = _tmpdir(self) / "out"
         report.write_report(r, out)
         data = _check_files(self, out, 2)
         self.assertEqual(data["layers"][0]["padding"], "CIRCULAR")
@@ -82,7 +90,7 @@ class CliTest(absltest.TestCase):
     def test_run_dir(self):
         from train import train_and_evaluate
 
-        root = pathlib.Path(tempfile.mkdtemp())
+        root = _tmpdir(self)
         config = TrainConfig(
             dataset="digits",
             model="resnet8",
@@ -128,7 +136,7 @@ class CliTest(absltest.TestCase):
             [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 8, 8])],
             [w],
         )
-        root = pathlib.Path(tempfile.mkdtemp())
+        root = _tmpdir(self)
         onnx.save(helper.make_model(graph), root / "m.onnx")
         self.assertEqual(
             cli.main(
@@ -200,7 +208,7 @@ class CliTest(absltest.TestCase):
             [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
             inits,
         )
-        root = pathlib.Path(tempfile.mkdtemp())
+        root = _tmpdir(self)
         path = root / "m.onnx"
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
         r = report.report_onnx(path, (1, 2, 8, 8), num_points=2)
