@@ -4,7 +4,8 @@ A run folder holds ``config.json`` (:data:`CONFIG_FILE`), ``metrics.csv`` and ``
 (:mod:`train.metrics`) and ``checkpoints/`` (:data:`CHECKPOINT_DIR`: an orbax
 ``CheckpointManager`` whose every step holds the train state and a JSON ``meta`` with the step
 and the data position ``(epoch, batch)``, and optionally the item :data:`CERTIFIED_ITEM`: the
-certified parameters of the model when they differ from the state's training parameters, see
+certified model (parameters and BatchNorm statistics) when its parameters differ from the
+state's training parameters, see
 :func:`train.loop.train_and_evaluate`). Typed PRNG keys are stored as their ``uint32`` data
 and re-wrapped on restore (:func:`to_storable`, :func:`from_storable`).
 """
@@ -19,7 +20,8 @@ from train.config import TrainConfig
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
-#: The checkpoint item holding certified parameters saved beside the train state.
+#: The checkpoint item holding the certified model ``{'params', 'rest'}`` saved beside the
+#: train state.
 CERTIFIED_ITEM = "certified_params"
 
 #: Config fields that may differ between a run and its resumption: bookkeeping, and the
@@ -118,19 +120,19 @@ def checkpoint_manager(run_dir: str | pathlib.Path, config: TrainConfig):
 
 
 def save_checkpoint(
-    manager, state: Any, meta: dict[str, Any], certified_params: Any = None
+    manager, state: Any, meta: dict[str, Any], certified: Any = None
 ) -> None:
     """Saves ``state`` and the JSON ``meta`` at step ``meta['step']`` (asynchronously; nothing
-    when that step is already saved), and ``certified_params`` (a params pytree) as the item
-    :data:`CERTIFIED_ITEM` when given."""
+    when that step is already saved), and ``certified`` (the certified model's
+    ``{'params', 'rest'}``) as the item :data:`CERTIFIED_ITEM` when given."""
     import orbax.checkpoint as ocp
 
     step = int(meta["step"])
     if step in manager.all_steps():
         return
     items = {"state": ocp.args.StandardSave(to_storable(state)), "meta": ocp.args.JsonSave(meta)}
-    if certified_params is not None:
-        items[CERTIFIED_ITEM] = ocp.args.StandardSave(certified_params)
+    if certified is not None:
+        items[CERTIFIED_ITEM] = ocp.args.StandardSave(to_storable(certified))
     manager.save(step, args=ocp.args.Composite(**items))
 
 
@@ -150,9 +152,14 @@ def restore_checkpoint(manager, template: Any, step: int | None = None) -> tuple
     return from_storable(out["state"], template), out["meta"]
 
 
-def restore_certified_params(manager, template: Any, step: int) -> Any:
-    """The item :data:`CERTIFIED_ITEM` of checkpoint ``step`` (a params pytree with the
-    structure, dtypes and shardings of ``template``).
+def restore_certified(
+    manager, params: Any, rest: Any, step: int, meta: dict[str, Any]
+) -> tuple[Any, Any]:
+    """``(params, rest)`` of the certified model saved as the item :data:`CERTIFIED_ITEM` of
+    checkpoint ``step`` (whose JSON ``meta`` is given), with the structure, dtypes and
+    shardings of ``params`` and ``rest``. Checkpoints of versions that saved only the certified
+    parameters (no ``"certified_batch_stats_recalibrated"`` in ``meta``) give ``rest`` back as
+    it is (the training statistics).
 
     Raises:
       ValueError: when that checkpoint has no such item.
@@ -161,8 +168,11 @@ def restore_certified_params(manager, template: Any, step: int) -> Any:
 
     if manager.item_metadata(step).get(CERTIFIED_ITEM) is None:
         raise ValueError(f"checkpoint step={step} holds no {CERTIFIED_ITEM!r} item")
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    both = "certified_batch_stats_recalibrated" in meta
+    template = {"params": params, "rest": rest} if both else params
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, to_storable(template))
     out = manager.restore(
         step, args=ocp.args.Composite(**{CERTIFIED_ITEM: ocp.args.StandardRestore(abstract)})
     )
-    return out[CERTIFIED_ITEM]
+    restored = from_storable(out[CERTIFIED_ITEM], template)
+    return (restored["params"], restored["rest"]) if both else (restored, rest)

@@ -184,6 +184,7 @@ class TrainConfig:
     project_rounds: int = 1
     project_certify_every: int | None = None
     project_certify_method: str = "rescale"
+    project_certify_recalibration_batches: int = 20
     decomposition: str | None = None
     decompose_dense: bool = True
     orth_weight: float = 0.0
@@ -242,6 +243,11 @@ class TrainConfig:
             raise ValueError(
                 f"project_certify_method={self.project_certify_method!r} must be one of "
                 f"{CERTIFIED_METHODS}"
+            )
+        batches = self.project_certify_recalibration_batches
+        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 0:
+            raise ValueError(
+                f"project_certify_recalibration_batches={batches!r} must be an int >= 0"
             )
         if not isinstance(self.project_every, int) or self.project_every < 1:
             raise ValueError(f"project_every={self.project_every!r} must be a positive int")

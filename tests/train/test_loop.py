@@ -12,12 +12,14 @@ from absl.testing import absltest
 from flax import nnx
 
 import spectra
+from train import builders
 from train import checkpoint
 from train import discovery
 from train import loop
 from train import metrics
 from train import optim
 from train import steps as steps_lib
+from train.batchnorm import recalibrate_batch_stats
 from train.config import TrainConfig
 from train.config import apply_overrides
 from train.lapack_workaround import avoid_cpu_lapack_deadlock
@@ -180,7 +182,9 @@ class LoopTest(absltest.TestCase):
             apply_overrides(hybrid, ["project_certify_every=none"]).project_certify_every
         )
         for bad in (dict(project_certify_every=0), dict(project_certify_every=True),
-                    dict(project_certify_method="power")):
+                    dict(project_certify_method="power"),
+                    dict(project_certify_recalibration_batches=-1),
+                    dict(project_certify_recalibration_batches=2.0)):
             with self.assertRaisesRegex(ValueError, next(iter(bad))):
                 TrainConfig(**bad)
         self.assertEqual(TrainConfig.from_json(config.to_json()), config)
@@ -297,8 +301,27 @@ class CertifiedLoopTest(absltest.TestCase):
         state, _ = checkpoint.restore_checkpoint(
             manager, steps_lib.init_train_state(config, specs, params, rest), 12
         )
+        # The certified model's BatchNorm statistics were re-estimated for its (rescaled)
+        # kernels on 20 training batches: exactly what recalibrate_batch_stats measures for
+        # the certified params, not the training statistics of the state.
+        self.assertTrue(meta["certified_batch_stats_recalibrated"])
+        certified_stats = jax.tree.leaves(nnx.state(restored, nnx.BatchStat))
+        for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.BatchStat)), certified_stats,
+                        strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         nnx.update(restored, state.params, state.rest)
         self.assertGreater(max(_exact_sigmas(restored, specs)), c * (1 + 1e-3))
+        training_stats = jax.tree.leaves(nnx.state(restored, nnx.BatchStat))
+        nnx.update(restored, params)  # Certified params, training statistics.
+        train_data = builders.build_data(config)[0]
+        expected = recalibrate_batch_stats(restored, train_data, 20)
+        for a, b in zip(jax.tree.leaves(nnx.state(expected, nnx.BatchStat)), certified_stats,
+                        strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+        self.assertFalse(all(
+            np.allclose(np.asarray(a), np.asarray(b))
+            for a, b in zip(training_stats, certified_stats, strict=True)
+        ))
 
         # Stopped at step 7 (checkpoints 5 and 7, certified), resumed: the uninterrupted run.
         first = loop.train_and_evaluate(config, self.root / "resumed", until_step=7)
