@@ -38,7 +38,7 @@ from experiments import sedghi_training as common  # The ResNet runs shared with
 from spectra import ConvSpec
 from spectra import singular_values
 from train import discovery
-from train import loop
+from train import model_io
 from train.builders import example_input
 from train.conv_norms import conv_layers
 from train.lapack_workaround import avoid_cpu_lapack_deadlock
@@ -138,7 +138,7 @@ def run(preset: str, out_dir: pathlib.Path, run_dir: str | pathlib.Path | None =
     max_dense_dim = _report.preset_config(PRESETS, preset)["max_dense_dim"]
     out_dir = pathlib.Path(out_dir)
     if run_dir is not None:
-        model, config, meta = loop.restore_model(run_dir)
+        model, config, meta = model_io.restore_model(run_dir)
         models = [(f"{pathlib.Path(run_dir).name} (step {meta['step']})", model,
                    example_input(config))]
         source = f"the checkpoint of `{run_dir}` (step {meta['step']}, {config.model})"

@@ -49,6 +49,7 @@ from experiments import _report
 from spectra import spectral_norm
 from train import batchnorm
 from train import loop
+from train import model_io
 from train.builders import build_data
 from train.checkpoint import make_run_dir
 from train.config import TrainConfig
@@ -307,8 +308,8 @@ def choose_scale(setting: Setting, row: Row, baseline_params: int) -> float:
 # --------------------------------------------------------------------------------- measuring
 def _evaluate(model: nnx.Module, config: TrainConfig, test_data: Any) -> float:
     """Test accuracy of ``model`` in eval mode (every masked example counted once; the loop's
-    data-parallel evaluation, :func:`train.loop.evaluate_model`)."""
-    return loop.evaluate_model(model, config, test_data)["accuracy"]
+    data-parallel evaluation, :func:`train.model_io.evaluate_model`)."""
+    return model_io.evaluate_model(model, config, test_data)["accuracy"]
 
 
 def tt_sigmas(model: garipov.GaripovNet) -> dict[str, float]:
@@ -358,7 +359,7 @@ def run(preset: str, out_dir: pathlib.Path) -> str:
                 scale = choose_scale(setting, row, baseline_params)
             tt = {} if row.family == "baseline" else tt_kwargs(setting, row, scale)
             # The architecture goes into the config (config.json), so that
-            # train.loop.restore_model rebuilds the run's model from the registry.
+            # train.model_io.restore_model rebuilds the run's model from the registry.
             config = dataclasses.replace(base, model_kwargs={**net_kwargs, **tt})
             if row.family == "tt_conv_tt_fc" and setting.tt_fc_lr is not None:
                 config = dataclasses.replace(config, lr=setting.tt_fc_lr)

@@ -40,10 +40,10 @@ from train.data import Pipeline
 from train.discovery import find_convs
 from train.discovery import find_convs_nnx
 from train.flops import count_flops
-from train.loop import evaluate_model
-from train.loop import restore_model
-from train.loop import save_model
 from train.loop import train_and_evaluate
+from train.model_io import evaluate_model
+from train.model_io import restore_model
+from train.model_io import save_model
 from train.models.onnx import FoldedBatchNorm
 from train.models.onnx import OnnxModel
 from train.models.onnx import fold_batch_norm

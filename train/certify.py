@@ -8,12 +8,16 @@ circular operator ``C`` the projection works on (exact per-frequency SVD,
 ``spectra.spectral_norm(kernel, spectra.circulant_embedding(spec, kernel.shape), 'fft')``):
 equal to the exact σ_max for a circular layer, ``>=`` it for a zero-padded one (``C`` contains
 the layer's operator as a submatrix), never an estimate.
+
+For the training loop: :func:`certify_train_state` (the certified model of a checkpoint and its
+metadata) and :func:`batch_stats_recalibrator` (BatchNorm statistics re-estimated for it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -24,6 +28,10 @@ from flax import nnx
 
 import spectra
 from train import discovery
+from train import distributed
+from train.batchnorm import batch_norm_layers
+from train.batchnorm import recalibrate_batch_stats
+from train.config import TrainConfig
 from train.transforms import CERTIFIED_METHODS
 from train.transforms import project_conv_operator_norm
 
@@ -227,3 +235,87 @@ def certify_conv_operator_norm(
         tolerance=float(tolerance),
     )
     return new_params, report
+
+
+def certify_train_state(
+    config: TrainConfig,
+    specs: Any,
+    state: Any,
+    mesh: Any,
+    recalibrate: Callable[[Any, Any], Any],
+) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """The model a checkpoint of the loop saves, evaluates and returns, and its certification.
+
+    With ``config.project_max_norm`` set, :func:`certify_conv_operator_norm` (method
+    ``config.project_certify_method``) runs on the host values of ``state.params``; when it
+    changed a kernel, the certified params are placed on ``mesh`` and the rest of the model
+    (BatchNorm statistics) is re-estimated for them by ``recalibrate(params, state.rest)``
+    (see :func:`batch_stats_recalibrator`). ``state`` itself is never changed (the training
+    trajectory does not depend on where checkpoints are certified).
+
+    Args:
+      config: the run's configuration (``project_max_norm``, ``project_certify_method``,
+        ``fsdp``).
+      specs: a :class:`spectra.ConvSpec` per conv leaf of ``state.params``, ``None`` elsewhere.
+      state: a :class:`train.steps.TrainState` (``params`` and ``rest`` are read).
+      mesh: the run's mesh (:func:`train.distributed.make_mesh`).
+      recalibrate: ``(params, rest) -> rest``.
+
+    Returns:
+      ``(params, rest, separate, meta)``: the model (certified when ``config.project_max_norm``
+      is set; else ``state``'s own), what to save beside the state (``{'params', 'rest'}``;
+      ``None`` when it is the state's own model) and the certification's checkpoint metadata
+      (:meth:`CertificationReport.as_metadata` plus ``"certified_params_separate"`` and, when
+      separate, ``"certified_batch_stats_recalibrated"``; ``{"certified": False}`` without the
+      projection).
+    """
+    if config.project_max_norm is None:
+        return state.params, state.rest, None, {"certified": False}
+    params, report = certify_conv_operator_norm(
+        distributed.host_values(state.params), specs, config.project_max_norm,
+        method=config.project_certify_method,
+    )
+    meta = {**report.as_metadata(), "certified_params_separate": report.any_changed}
+    if not report.any_changed:
+        return state.params, state.rest, None, meta
+    params = distributed.place_state(params, mesh, config.fsdp)
+    rest = recalibrate(params, state.rest)
+    meta["certified_batch_stats_recalibrated"] = rest is not state.rest
+    return params, rest, {"params": params, "rest": rest}, meta
+
+
+def batch_stats_recalibrator(
+    config: TrainConfig, graphdef_train: Any, train_data: Any, mesh: Any
+) -> Callable[[Any, Any], Any]:
+    """``(params, rest) -> rest``: BatchNorm statistics re-estimated for certified params.
+
+    The returned function merges ``(params, rest)`` into the training-mode model
+    ``graphdef_train`` and re-estimates its BatchNorm running statistics on
+    ``config.project_certify_recalibration_batches`` batches of ``train_data``
+    (:func:`train.recalibrate_batch_stats`: forward passes, no parameter change); it returns
+    ``rest`` itself (the same object) when that count is 0 or the model has no BatchNorm.
+
+    Args:
+      config: the run's configuration (``project_certify_recalibration_batches``, ``fsdp``).
+      graphdef_train: the model's graph definition in training mode
+        (:func:`train.steps.split_model`).
+      train_data: a :class:`train.batches.BatchSource` of training batches.
+      mesh: the run's mesh (:func:`train.distributed.make_mesh`).
+
+    Returns:
+      The function, for :func:`certify_train_state`.
+    """
+
+    def recalibrate(params: Any, rest: Any) -> Any:
+        if config.project_certify_recalibration_batches == 0:
+            return rest
+        model = nnx.merge(graphdef_train, params, rest)
+        if not batch_norm_layers(model):
+            return rest
+        model = recalibrate_batch_stats(
+            model, train_data, config.project_certify_recalibration_batches, mesh=mesh
+        )
+        _, _, new_rest = nnx.split(model, nnx.Param, ...)
+        return distributed.place_state(nnx.as_pure(new_rest), mesh, config.fsdp)
+
+    return recalibrate

@@ -19,30 +19,30 @@ data order and augmentation of :class:`train.data.Pipeline` are functions of
 bit-identically.
 
 Certified checkpoints and final model (when ``config.project_max_norm`` is set): every
-checkpoint, and the final parameters, are certified by
-:func:`train.certify.certify_conv_operator_norm` (``config.project_certify_method``): every
+checkpoint, and the final parameters, are certified by :func:`train.certify.certify_train_state`
+(:func:`train.certify.certify_conv_operator_norm`, ``config.project_certify_method``): every
 conv layer's exact σ_max is ``<= project_max_norm`` up to its relative tolerance (``1e-4``),
-whatever ``project_method`` (e.g. the approximate ``'power'``). The checkpoint's ``meta``
-holds the report (:meth:`train.certify.CertificationReport.as_metadata`: ``"certified": true``,
+whatever ``project_method`` (e.g. the approximate ``'power'``). The checkpoint's ``meta`` holds
+the report (:meth:`train.certify.CertificationReport.as_metadata`: ``"certified": true``,
 ``"certified_max_upper_bound"``, ``"certify_method"``, ``"certify_tolerance"``, per-layer
-bounds) and ``"certified_params_separate"``; runs without the projection write
-``"certified": false``. **The certification does not change the training trajectory**: the
-train state (what a resumed run continues from) keeps the training parameters, and when the
-certification changed them (``report.any_changed``) the certified model is saved beside it as
-the item :data:`train.checkpoint.CERTIFIED_ITEM` (``"certified_params_separate": true``): the
-certified parameters and, for a model with BatchNorm, running statistics re-estimated for them
-on ``config.project_certify_recalibration_batches`` training batches (forward passes, no
-parameter change; ``"certified_batch_stats_recalibrated": true``). A rescaled kernel scales the
-input of the BatchNorm after it, so the training statistics no longer match it: evaluated with
-them, the certified ResNet-8 of ``experiments/sedghi_training.py`` had 12.8% test error instead
-of 2.4% (seed 1, ``'power'`` every step). So
-a run resumed from any checkpoint (a ``checkpoint_every`` one or an ``until_step`` stop)
-continues bit-identically to the uninterrupted run, and ``checkpoint_every`` and ``until_step``
-stay bookkeeping (continuing from certified parameters would make the trajectory depend on
-where checkpoints were written). The model that :func:`train_and_evaluate` returns, evaluates
-at the end and reports σ_max of, and that :func:`restore_model` restores, is the certified one.
-With ``project_certify_every=k`` and checkpoints at multiples of ``k`` the training parameters
-are already certified (``"certified_params_separate": false`` when nothing had to change).
+bounds) and ``"certified_params_separate"``; runs without the projection write ``"certified":
+false``. **The certification does not change the training trajectory**: the train state (what a
+resumed run continues from) keeps the training parameters, and when the certification changed
+them (``report.any_changed``) the certified model is saved beside it as the item
+:data:`train.checkpoint.CERTIFIED_ITEM` (``"certified_params_separate": true``): the certified
+parameters and, for a model with BatchNorm, running statistics re-estimated for them on
+``config.project_certify_recalibration_batches`` training batches (forward passes, no parameter
+change; ``"certified_batch_stats_recalibrated": true``). A rescaled kernel scales the input of
+the BatchNorm after it, so the training statistics no longer match it: evaluated with them, the
+certified ResNet-8 of ``experiments/sedghi_training.py`` had 12.8% test error instead of 2.4%
+(seed 1, ``'power'`` every step). So a run resumed from any checkpoint (a ``checkpoint_every``
+one or an ``until_step`` stop) continues bit-identically to the uninterrupted run, and
+``checkpoint_every`` and ``until_step`` stay bookkeeping (continuing from certified parameters
+would make the trajectory depend on where checkpoints were written). The model that
+:func:`train_and_evaluate` returns, evaluates at the end and reports σ_max of, and that
+:func:`train.model_io.restore_model` restores, is the certified one. With
+``project_certify_every=k`` and checkpoints at multiples of ``k`` the training parameters are
+already certified (``"certified_params_separate": false`` when nothing had to change).
 
 Devices: the loop is data-parallel over the mesh of :mod:`train.distributed` (every device by
 default, ``config.num_devices`` to choose; several hosts with ``jax.distributed``): the global
@@ -59,6 +59,9 @@ Example::
                          num_steps=300, project_max_norm=1.0, project_every=10)
     result = loop.train_and_evaluate(config, make_run_dir("runs"))
     result["test_error"], result["sigma_max"]
+
+Run folders outside the loop (:func:`restore_model`, :func:`save_model`,
+:func:`evaluate_model`, re-exported here) live in :mod:`train.model_io`.
 
 Command line: :mod:`train.cli` (``python -m train --out runs model=resnet8 ...``).
 """
@@ -79,12 +82,14 @@ from train import distributed
 from train import metrics
 from train.batches import count_batches
 from train.batches import unpack_batch
-from train.batchnorm import batch_norm_layers
-from train.batchnorm import recalibrate_batch_stats
-from train.certify import certify_conv_operator_norm
+from train.certify import batch_stats_recalibrator
+from train.certify import certify_train_state
 from train.config import TrainConfig
 from train.conv_norms import conv_layers
 from train.lapack_workaround import avoid_cpu_lapack_deadlock
+from train.model_io import evaluate_model
+from train.model_io import restore_model
+from train.model_io import save_model
 from train.models.registry import build_model
 from train.steps import Steps
 from train.steps import TrainState
@@ -137,50 +142,6 @@ def _data_and_model(config: TrainConfig, model, train_data, test_data):
 def _meta(step: int, steps_per_epoch: int, config: TrainConfig) -> dict[str, Any]:
     epoch, batch = divmod(step, steps_per_epoch)
     return {"step": step, "epoch": epoch, "batch": batch, "seed": config.seed}
-
-
-def _certified(
-    config: TrainConfig, specs: Any, state: TrainState, mesh, recalibrate
-) -> tuple[Any, Any, Any, dict[str, Any]]:
-    """``(params, rest, separate, meta)``: the model to save, evaluate and return (certified
-    when ``config.project_max_norm`` is set; ``rest`` re-estimated by ``recalibrate(params,
-    state.rest)`` when the certification changed a kernel), what to save beside the state
-    (``{'params', 'rest'}``; ``None`` when it is the state's own model) and the
-    certification's checkpoint metadata."""
-    if config.project_max_norm is None:
-        return state.params, state.rest, None, {"certified": False}
-    params, report = certify_conv_operator_norm(
-        distributed.host_values(state.params), specs, config.project_max_norm,
-        method=config.project_certify_method,
-    )
-    meta = {**report.as_metadata(), "certified_params_separate": report.any_changed}
-    if not report.any_changed:
-        return state.params, state.rest, None, meta
-    params = distributed.place_state(params, mesh, config.fsdp)
-    rest = recalibrate(params, state.rest)
-    meta["certified_batch_stats_recalibrated"] = rest is not state.rest
-    return params, rest, {"params": params, "rest": rest}, meta
-
-
-def _recalibrator(config: TrainConfig, graphdef_train: Any, train_data: Any, mesh) -> Any:
-    """``(params, rest) -> rest``: the BatchNorm statistics of the model ``(params, rest)``
-    re-estimated on ``config.project_certify_recalibration_batches`` training batches
-    (:func:`train.recalibrate_batch_stats`; ``rest`` itself when that is 0 or the model has no
-    BatchNorm)."""
-
-    def recalibrate(params: Any, rest: Any) -> Any:
-        if config.project_certify_recalibration_batches == 0:
-            return rest
-        model = nnx.merge(graphdef_train, params, rest)
-        if not batch_norm_layers(model):
-            return rest
-        model = recalibrate_batch_stats(
-            model, train_data, config.project_certify_recalibration_batches, mesh=mesh
-        )
-        _, _, new_rest = nnx.split(model, nnx.Param, ...)
-        return distributed.place_state(nnx.as_pure(new_rest), mesh, config.fsdp)
-
-    return recalibrate
 
 
 def _progress_bar(config: TrainConfig, initial: int, total: int):
@@ -285,7 +246,7 @@ def train_and_evaluate(
         state, out = _train(
             config, steps, state, train_data, test_data, stop, rows, progress, manager,
             layers, svd_cols, mesh, specs,
-            _recalibrator(config, graphdef_train, train_data, mesh),
+            batch_stats_recalibrator(config, graphdef_train, train_data, mesh),
         )
         manager.wait_until_finished()
     finally:
@@ -325,7 +286,7 @@ def _train(
     def certified(step: int) -> tuple[Any, Any, Any, dict[str, Any]]:  # Once per step.
         if step not in certified_at:
             certified_at.clear()
-            certified_at[step] = _certified(config, specs, state, mesh, recalibrate)
+            certified_at[step] = certify_train_state(config, specs, state, mesh, recalibrate)
         return certified_at[step]
 
     def save(step: int) -> None:
@@ -406,143 +367,10 @@ def _train(
     }
 
 
-def restore_model(
-    run_dir: str | pathlib.Path,
-    step: int | None = None,
-    *,
-    model: nnx.Module | None = None,
-    example_input: Any = None,
-    mesh_devices: int | None = None,
-) -> tuple[nnx.Module, TrainConfig, dict[str, Any]]:
-    """The trained model of a run folder (latest checkpoint, or ``step``), in eval mode.
-
-    Args:
-      run_dir: a folder written by :func:`train_and_evaluate` or :func:`save_model`.
-      step: the checkpoint step (``None``: the latest).
-      model: a fresh model of the run's architecture (as passed to
-        :func:`train_and_evaluate`); built from ``config.json`` by the model registry
-        (:func:`train.models.registry.build_model`) when ``None``.
-      example_input: one input batch ``(1, H, W, C)``; zeros of the run's dataset shape when
-        ``None``.
-      mesh_devices: the devices to restore onto (:func:`train.distributed.make_mesh`; default
-        the config's ``num_devices``); any device count reads any checkpoint.
-
-    Returns:
-      ``(model, config, meta)`` with ``meta`` the checkpoint's ``{step, epoch, batch, seed}``
-      and its certification (see :func:`train_and_evaluate`: ``"certified"``, and for runs
-      with the projection ``"certified_max_upper_bound"``, ``"certify_method"``,
-      ``"certify_tolerance"``, ...; absent in checkpoints of older versions). The model holds
-      the checkpoint's certified parameters (and their BatchNorm statistics) when it has them.
-
-    Raises:
-      FileNotFoundError: when ``run_dir`` holds no checkpoint.
-    """
-    run_dir = pathlib.Path(run_dir)
-    config = TrainConfig.load(run_dir / checkpoint.CONFIG_FILE)
-    if example_input is None:
-        example_input = builders.example_input(config)
-    if model is None:
-        model = build_model(
-            config, builders.num_classes(config), example_input.shape[-1],
-            example_input.shape[1:3],
-        )
-    model.train()
-    specs, _, _, params, rest = split_model(model, example_input)
-    mesh = distributed.make_mesh(config.num_devices if mesh_devices is None else mesh_devices)
-    template = distributed.place_state(
-        init_train_state(config, specs, params, rest), mesh, config.fsdp
-    )
-    manager = checkpoint.checkpoint_manager(run_dir, config)
-    try:
-        if manager.latest_step() is None:
-            raise FileNotFoundError(
-                f"{run_dir / checkpoint.CHECKPOINT_DIR} holds no checkpoint"
-            )
-        state, meta = checkpoint.restore_checkpoint(manager, template, step)
-        params, rest = state.params, state.rest
-        if meta.get("certified_params_separate"):
-            params, rest = checkpoint.restore_certified(
-                manager, params, rest, int(meta["step"]), meta
-            )
-    finally:
-        manager.close()
-    nnx.update(model, params, rest)
-    model.eval()
-    return model, config, meta
-
-
-def evaluate_model(
-    model: nnx.Module, config: TrainConfig, test_data: Any, example_input: Any = None
-) -> dict[str, float]:
-    """Test loss / accuracy / error of ``model`` on one pass of ``test_data`` (eval mode).
-
-    The same jitted evaluation as the end of :func:`train_and_evaluate` (BatchNorm running
-    averages, every masked-in example counted once), for a model that was not trained by the
-    loop (e.g. a pruned one). Data-parallel over the mesh of ``config.num_devices``
-    (``test_data`` batches must divide by its device count).
-
-    Args:
-      model: the model (left in training mode afterwards, as the loop leaves it).
-      config: a configuration (only :func:`train.steps.step_program` of it matters).
-      test_data: a :class:`train.batches.BatchSource` (one pass, masked).
-      example_input: one input batch ``(1, H, W, C)`` (default: ``test_data``'s first example).
-
-    Returns:
-      ``{'loss', 'accuracy', 'error', 'count'}`` (see :func:`train.steps.evaluate`).
-    """
-    example = batches.example_input(test_data) if example_input is None else example_input
-    specs, graphdef_train, graphdef_eval, params, rest = split_model(model, example)
-    mesh = distributed.make_mesh(config.num_devices)
-    steps = make_steps(graphdef_train, graphdef_eval, specs, config, mesh)
-    params, rest = distributed.place_state((params, rest), mesh, config.fsdp)
-    return evaluate(steps, params, rest, test_data, mesh)
-
-
-def save_model(
-    run_dir: str | pathlib.Path,
-    model: nnx.Module,
-    config: TrainConfig,
-    example_input: Any,
-    step: int = 0,
-) -> None:
-    """Writes ``model`` to a new run folder in the loop's format, readable by
-    :func:`restore_model` (and resumable by ``train_and_evaluate(config, run_dir,
-    resume=True, model=...)`` with ``config.num_steps > step``).
-
-    The folder gets ``config.json`` (``config``) and one orbax checkpoint at ``step`` holding
-    the model's params and other state (BatchNorm statistics, RNG streams) and a fresh
-    optimiser state of :func:`train.optim.make_optimizer` (``config``); its ``meta`` says
-    ``"certified": false`` (the parameters are saved as they are). For models made outside
-    the loop, e.g. a pruned SVD model (:mod:`train.svd_pipeline`).
-
-    Raises:
-      FileExistsError: when ``run_dir`` exists and is not empty.
-    """
-    run_dir = pathlib.Path(run_dir)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise FileExistsError(f"run_dir={str(run_dir)!r} exists and is not empty")
-    specs, _, _, params, rest = split_model(model, example_input)
-    mesh = distributed.make_mesh(config.num_devices)
-    state = distributed.place_state(
-        init_train_state(config, specs, params, rest, step), mesh, config.fsdp
-    )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if distributed.is_main_process():
-        (run_dir / checkpoint.CONFIG_FILE).write_text(config.to_json())
-    manager = checkpoint.checkpoint_manager(run_dir, config)
-    try:
-        checkpoint.save_checkpoint(
-            manager, state,
-            {"step": int(step), "epoch": 0, "batch": 0, "seed": config.seed, "certified": False},
-        )
-        manager.wait_until_finished()
-    finally:
-        manager.close()
-
-
 __all__ = [
-    # Re-exported for callers that import it from here (tests/conftest.py,
-    # experiments/__main__.py); its home is train.lapack_workaround.
+    # Re-exported for callers that import them from here: avoid_cpu_lapack_deadlock
+    # (tests/conftest.py, experiments/__main__.py; its home is train.lapack_workaround) and the
+    # run-folder functions (their home is train.model_io).
     "avoid_cpu_lapack_deadlock",
     "evaluate_model",
     "restore_model",

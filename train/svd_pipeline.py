@@ -15,7 +15,7 @@ The stages of the paper's protocol (reference notes §3), each a run folder unde
    factors truncated to the kept rank), evaluate it, re-estimate its BatchNorm running
    statistics on training batches (:func:`train.batchnorm.recalibrate_batch_stats`, see
    below), evaluate it again and save the recalibrated model (a checkpoint readable by
-   :func:`train.loop.restore_model`, and ``ranks.json`` to rebuild its architecture);
+   :func:`train.model_io.restore_model`, and ``ranks.json`` to rebuild its architecture);
 4. ``stage4_finetune_e<e>/``: fine-tune every pruned (and recalibrated) network with
    ``λ_s = 0`` (``λ_o`` kept).
 
@@ -74,6 +74,7 @@ from train import builders
 from train import checkpoint
 from train import distributed
 from train import loop
+from train import model_io
 from train.batches import example_input
 from train.config import TrainConfig
 from train.models.registry import build_model
@@ -269,7 +270,7 @@ def _train_stage(
 
 def _restore(run_dir: pathlib.Path, model: nnx.Module, example: np.ndarray) -> nnx.Module:
     """``model`` with the values of ``run_dir``'s latest checkpoint (training mode)."""
-    restored, _, _ = loop.restore_model(run_dir, model=model, example_input=example)
+    restored, _, _ = model_io.restore_model(run_dir, model=model, example_input=example)
     restored.train()
     return restored
 
@@ -435,7 +436,7 @@ def run_svd_pipeline(
                 model2 = _restore(dirs["stage2"], fresh(), example)
             _clear_unstarted(dir3, configs["stage4"])
             compact, ranks = pruning.prune_by_energy(model2, e)
-            pruned_test = loop.evaluate_model(compact, configs["stage4"], test_data, example)
+            pruned_test = model_io.evaluate_model(compact, configs["stage4"], test_data, example)
             recalibrate = recalibration_batches != 0 and bool(
                 batchnorm.batch_norm_layers(compact)
             )
@@ -445,8 +446,8 @@ def run_svd_pipeline(
                     compact, train_data, recalibration_batches,
                     mesh=distributed.make_mesh(config.num_devices),
                 )
-                test = loop.evaluate_model(compact, configs["stage4"], test_data, example)
-            loop.save_model(dir3, compact, configs["stage4"], example)
+                test = model_io.evaluate_model(compact, configs["stage4"], test_data, example)
+            model_io.save_model(dir3, compact, configs["stage4"], example)
             _write_json(dir3 / RANKS_FILE, {str(k): int(v) for k, v in ranks.items()})
             summary3 = {
                 "run_dir": str(dir3),
@@ -485,7 +486,7 @@ def rebuild_pruned(model: nnx.Module, ranks: dict[str, int]) -> nnx.Module:
     ``train.models.registry.build_model(config, ...)``) with the factors of every SVD layer
     at ``path`` cut to their first ``ranks[path]`` columns (``svd_u[:, :r]``, ``svd_s[:r]``,
     ``svd_v[:, :r]``); layers not in ``ranks`` are kept. Only the shapes matter: the values are
-    those of ``model``, to be replaced by :func:`train.loop.restore_model`.
+    those of ``model``, to be replaced by :func:`train.model_io.restore_model`.
 
     Raises:
       ValueError: naming ``ranks`` when a path is not an SVD layer of ``model`` or a rank is

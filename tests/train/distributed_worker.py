@@ -31,6 +31,7 @@ def single(out: str) -> None:
 
     from train import distributed
     from train import loop
+    from train import model_io
     from train.config import TrainConfig
 
     report = {"device_count": jax.device_count()}
@@ -96,7 +97,7 @@ def single(out: str) -> None:
             dataclasses.replace(config, num_devices=a), run, until_step=3
         )
         written = [np.asarray(v) for v in jax.tree.leaves(nnx.state(first["model"]))]
-        restored, _, meta = loop.restore_model(run, mesh_devices=b)
+        restored, _, meta = model_io.restore_model(run, mesh_devices=b)
         read = [np.asarray(v) for v in jax.tree.leaves(nnx.state(restored))]
         report[f"restore_exact_{a}to{b}"] = meta["step"] == 3 and all(
             np.array_equal(u, v) for u, v in zip(written, read, strict=True)

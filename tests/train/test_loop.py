@@ -17,6 +17,7 @@ from train import checkpoint
 from train import discovery
 from train import loop
 from train import metrics
+from train import model_io
 from train import optim
 from train import steps as steps_lib
 from train.batchnorm import recalibrate_batch_stats
@@ -112,7 +113,7 @@ class LoopTest(absltest.TestCase):
         self.assertEqual(straight["sigma_max"], resumed["sigma_max"])
         # The projection ran at step 11: the exact σ_max moved little in the one step after.
         self.assertLessEqual(max(straight["sigma_max"].values()), 2.0 * 1.1)
-        restored, saved_config, meta = loop.restore_model(
+        restored, saved_config, meta = model_io.restore_model(
             self.root / "resumed", model=build_model(config, 10, 1),
             example_input=np.zeros((1, 12, 12, 1), np.float32),
         )
@@ -277,7 +278,7 @@ class CertifiedLoopTest(absltest.TestCase):
                                    rtol=1e-5)
         # The final checkpoint says so, with per-layer bounds >= the exact σ_max (the
         # intermediate ones are checked by the resumed run below).
-        restored, _, meta = loop.restore_model(self.root / "straight")
+        restored, _, meta = model_io.restore_model(self.root / "straight")
         self.assertEqual(meta["step"], 12)
         self.assertTrue(meta["certified"])
         self.assertEqual(meta["certify_method"], "rescale")
@@ -327,7 +328,7 @@ class CertifiedLoopTest(absltest.TestCase):
         first = loop.train_and_evaluate(config, self.root / "resumed", until_step=7)
         self.assertTrue(first["certification"]["certified"])
         self.assertLessEqual(max(_exact_sigmas(first["model"], specs)), c * (1 + 1e-4))
-        _, _, meta = loop.restore_model(self.root / "resumed")
+        _, _, meta = model_io.restore_model(self.root / "resumed")
         self.assertEqual((meta["step"], meta["certified"]), (7, True))
         resumed = loop.train_and_evaluate(config, self.root / "resumed", resume=True)
         for a, b in zip(_params(model), _params(resumed["model"]), strict=True):

@@ -11,6 +11,7 @@ from absl.testing import absltest
 from flax import nnx
 
 from train import loop
+from train import model_io
 from train.config import TrainConfig
 from train.lapack_workaround import avoid_cpu_lapack_deadlock
 from train.models import garipov
@@ -67,7 +68,7 @@ class RegistryTest(absltest.TestCase):
         dense = registry.build_model(dataclasses.replace(CONFIG, model_kwargs=NET), 10, 1)
         model = garipov.decompose_tt(dense, **TT)
         result = loop.train_and_evaluate(CONFIG, self.root / "run", model=model)
-        restored, config, meta = loop.restore_model(self.root / "run")
+        restored, config, meta = model_io.restore_model(self.root / "run")
         self.assertEqual(config, CONFIG)
         self.assertEqual(meta["step"], 2)
         self.assertIsInstance(restored, garipov.GaripovNet)

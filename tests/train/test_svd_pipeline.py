@@ -18,6 +18,7 @@ from train import checkpoint
 from train import flops
 from train import loop
 from train import metrics
+from train import model_io
 from train import pruning
 from train import svd_pipeline
 from train.config import TrainConfig
@@ -152,14 +153,14 @@ class SVDPipelineTest(absltest.TestCase):
         self.assertEqual(self.result["stage4"][0.3]["step"], STAGE_STEPS[2])
 
     def test_pruned_error_equals_masked_error(self):
-        stage2, _, _ = loop.restore_model(
+        stage2, _, _ = model_io.restore_model(
             self.root / "stage2_sparse", model=build_model(CONFIG, 10, 1),
             example_input=EXAMPLE,
         )
         test = builders.build_data(CONFIG)[1]
         for e in ENERGIES:
             masked = pruning.mask_by_energy(stage2, e)
-            error = loop.evaluate_model(masked, CONFIG, test, EXAMPLE)["error"]
+            error = model_io.evaluate_model(masked, CONFIG, test, EXAMPLE)["error"]
             summary = self.result["stage3"][e]
             self.assertAlmostEqual(error, summary["pruned_test_error"], places=12)
             # No BatchNorm in the SimpleCNN: nothing to recalibrate, the saved model is the
@@ -169,7 +170,7 @@ class SVDPipelineTest(absltest.TestCase):
             # The saved compact model is rebuilt from ranks.json and restored.
             ranks = json.loads((self.root / f"stage3_prune_e{e:g}" / "ranks.json").read_text())
             self.assertEqual(ranks, self.result["stage3"][e]["ranks"])
-            compact, _, meta = loop.restore_model(
+            compact, _, meta = model_io.restore_model(
                 self.root / f"stage3_prune_e{e:g}",
                 model=svd_pipeline.rebuild_pruned(build_model(CONFIG, 10, 1), ranks),
                 example_input=EXAMPLE,
@@ -177,7 +178,7 @@ class SVDPipelineTest(absltest.TestCase):
             self.assertEqual(meta["step"], 0)
             self.assertEqual(svd_pipeline.svd_ranks(compact), ranks)
             self.assertEqual(
-                loop.evaluate_model(compact, CONFIG, test, EXAMPLE)["error"],
+                model_io.evaluate_model(compact, CONFIG, test, EXAMPLE)["error"],
                 self.result["stage3"][e]["test_error"],
             )
 
@@ -220,7 +221,7 @@ class SVDPipelineTest(absltest.TestCase):
         shutil.copy(self.root / "pipeline.json", root / "pipeline.json")
         shutil.copytree(self.root / "stage1_decomposed", root / "stage1_decomposed")
         configs = svd_pipeline.stage_configs(CONFIG, SPARSITY_WEIGHT, STAGE_STEPS)
-        start, _, _ = loop.restore_model(
+        start, _, _ = model_io.restore_model(
             root / "stage1_decomposed", model=build_model(CONFIG, 10, 1),
             example_input=EXAMPLE,
         )
@@ -286,7 +287,9 @@ class BatchNormRecalibrationTest(absltest.TestCase):
         template = _tiny_bn_model()
         if ranks is not None:
             template = svd_pipeline.rebuild_pruned(template, ranks)
-        model, _, _ = loop.restore_model(self.root / name, model=template, example_input=EXAMPLE)
+        model, _, _ = model_io.restore_model(
+            self.root / name, model=template, example_input=EXAMPLE
+        )
         return model
 
     def test_pruned_and_recalibrated_errors_compare_like_with_like(self):
@@ -295,11 +298,11 @@ class BatchNormRecalibrationTest(absltest.TestCase):
         stage2 = self._restore("stage2_sparse")
         masked = pruning.mask_by_energy(stage2, 0.3)
         # Pruned, stage 2's statistics: the masked model with stage 2's statistics.
-        error = loop.evaluate_model(masked, CONFIG, self.test, EXAMPLE)["error"]
+        error = model_io.evaluate_model(masked, CONFIG, self.test, EXAMPLE)["error"]
         self.assertAlmostEqual(error, summary["pruned_test_error"], places=12)
         # Pruned + recalibrated: the masked model recalibrated on the same training batches.
         masked_recal = batchnorm.recalibrate_batch_stats(masked, self.train)
-        error = loop.evaluate_model(masked_recal, CONFIG, self.test, EXAMPLE)["error"]
+        error = model_io.evaluate_model(masked_recal, CONFIG, self.test, EXAMPLE)["error"]
         self.assertAlmostEqual(error, summary["test_error"], places=12)
         # The saved compact model holds the recalibrated statistics (one epoch of batches).
         compact = self._restore("stage3_prune_e0.3", summary["ranks"])
@@ -307,7 +310,7 @@ class BatchNormRecalibrationTest(absltest.TestCase):
             np.testing.assert_allclose(saved, expected, rtol=1e-5, atol=1e-6)
         for saved, old in zip(_bn_stats(compact), _bn_stats(stage2)):
             self.assertFalse(np.allclose(saved, old))
-        self.assertEqual(loop.evaluate_model(compact, CONFIG, self.test, EXAMPLE)["error"],
+        self.assertEqual(model_io.evaluate_model(compact, CONFIG, self.test, EXAMPLE)["error"],
                          summary["test_error"])
         self.assertEqual(self.result["stage4"][0.3]["step"], STAGE_STEPS[2])
 
@@ -328,7 +331,7 @@ class BatchNormRecalibrationTest(absltest.TestCase):
         self.assertEqual(summary["test_error"], summary["pruned_test_error"])
         self.assertEqual(summary["pruned_test_error"], recal["pruned_test_error"])
         compact = svd_pipeline.rebuild_pruned(_tiny_bn_model(), summary["ranks"])
-        compact, _, _ = loop.restore_model(root / "stage3_prune_e0.3", model=compact,
+        compact, _, _ = model_io.restore_model(root / "stage3_prune_e0.3", model=compact,
                                            example_input=EXAMPLE)
         for saved, old in zip(_bn_stats(compact), _bn_stats(self._restore("stage2_sparse"))):
             np.testing.assert_array_equal(saved, old)

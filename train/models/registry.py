@@ -6,7 +6,7 @@ number of classes, the input channels and the input size ``(H, W)`` (or ``None``
 dataset's) and returns a freshly initialised NNX
 model seeded by ``config.seed``; ``config.model_kwargs`` holds further constructor arguments.
 :func:`build_model` then applies ``config.decomposition`` (SVD training). Register a new model
-with :func:`register_model`; :func:`train.loop.restore_model` rebuilds any registered model from
+with :func:`register_model`; :func:`train.model_io.restore_model` rebuilds any registered model from
 a run's ``config.json``.
 """
 
