@@ -57,14 +57,14 @@ HEADERS = (
 
 def test_points(config, num: int) -> np.ndarray:
     """The first ``num`` test images, zero padded and normalised with the train statistics."""
-    from train import data
+    from train import datasets
 
-    x_train, _ = data.load_split(config.dataset, "train", data_dir=config.data_dir)
-    x_test, _ = data.load_split(config.dataset, "test", data_dir=config.data_dir)
+    x_train, _ = datasets.load_split(config.dataset, "train", data_dir=config.data_dir)
+    x_test, _ = datasets.load_split(config.dataset, "test", data_dir=config.data_dir)
     if config.image_pad:
         pad = ((0, 0), (config.image_pad,) * 2, (config.image_pad,) * 2, (0, 0))
         x_train, x_test = np.pad(x_train, pad), np.pad(x_test, pad)
-    mean, std = data.channel_stats(x_train)
+    mean, std = datasets.channel_stats(x_train)
     return ((x_test[:num] - mean) / std).astype(np.float32)
 
 

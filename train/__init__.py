@@ -16,8 +16,10 @@
 * Submodules: :mod:`train.models` (CIFAR ResNets, a small CNN, Garipov et al.'s conv / conv-fc
   nets and their TT versions; :mod:`train.models.registry`; ONNX import:
   :func:`from_onnx`, :func:`fold_batch_norm`), :mod:`train.layers` (SVD and TT
-  layers), :mod:`train.data` (digits / tfds loading and a seeded, resumable pipeline), and the
+  layers), :mod:`train.datasets` (digits / tfds loading), :mod:`train.data` (a seeded,
+  resumable pipeline), and the
   parts of the loop: :mod:`train.config`, :mod:`train.optim`, :mod:`train.steps`,
+  :mod:`train.certify`, :mod:`train.model_io`,
   :mod:`train.checkpoint`, :mod:`train.metrics`, :mod:`train.builders`,
   :mod:`train.conv_norms`, :mod:`train.batches`, :mod:`train.cli`; :mod:`train.report` (the
   spectral report of a whole network with its Lipschitz bracket, ``python -m train.report``).
@@ -25,6 +27,7 @@
 
 from train import certify
 from train import data
+from train import datasets
 from train import layers
 from train import models
 from train import report
@@ -73,6 +76,7 @@ __all__ = [
     "certify_conv_operator_norm",
     "count_flops",
     "data",
+    "datasets",
     "evaluate_model",
     "find_convs",
     "find_convs_nnx",

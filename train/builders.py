@@ -4,19 +4,20 @@ an example input (the model itself: :func:`train.models.registry.build_model`)."
 import numpy as np
 
 from train import data
+from train import datasets
 from train.config import TrainConfig
 
 
 def build_data(
     config: TrainConfig, *, process_index: int = 0, process_count: int = 1
-) -> tuple[data.Pipeline, data.Pipeline, data.DatasetInfo]:
+) -> tuple[data.Pipeline, data.Pipeline, datasets.DatasetInfo]:
     """``(train pipeline, test pipeline, info)`` for ``config.dataset`` (:mod:`train.data`).
 
     Training: shuffled per epoch with ``config.seed``, normalised with the dataset's train
     statistics, full batches only; with ``config.augment``, random crops with 1 pixel of zero
     padding for inputs of at most 16 px (digits) and 4 otherwise (CIFAR), and horizontal flips
     except for digits. Test: the same normalisation, no augmentation, the last batch padded and
-    masked (every example counts once). ``info`` is ``train.data.dataset_info(config.dataset)``.
+    masked (every example counts once). ``info`` is ``train.datasets.dataset_info(config.dataset)``.
 
     Args:
       config: the run's configuration.
@@ -25,9 +26,9 @@ def build_data(
       process_count: the number of processes; ``config.batch_size`` and
         ``config.eval_batch_size`` are global (split over the processes).
     """
-    info = data.dataset_info(config.dataset)
-    x_train, y_train = data.load_split(config.dataset, "train", data_dir=config.data_dir)
-    x_test, y_test = data.load_split(config.dataset, "test", data_dir=config.data_dir)
+    info = datasets.dataset_info(config.dataset)
+    x_train, y_train = datasets.load_split(config.dataset, "train", data_dir=config.data_dir)
+    x_test, y_test = datasets.load_split(config.dataset, "test", data_dir=config.data_dir)
     if config.image_pad:
         pad = ((0, 0), (config.image_pad,) * 2, (config.image_pad,) * 2, (0, 0))
         x_train, x_test = np.pad(x_train, pad), np.pad(x_test, pad)
@@ -63,7 +64,7 @@ def build_data(
 
 def input_shape(config: TrainConfig) -> tuple[int, int, int]:
     """``(H, W, C)`` of the model's input: the dataset's images with ``config.image_pad``."""
-    h, w, c = data.dataset_info(config.dataset).image_shape
+    h, w, c = datasets.dataset_info(config.dataset).image_shape
     return h + 2 * config.image_pad, w + 2 * config.image_pad, c
 
 
@@ -74,5 +75,5 @@ def example_input(config: TrainConfig) -> np.ndarray:
 
 def num_classes(config: TrainConfig) -> int:
     """The number of labels of ``config.dataset``."""
-    return data.dataset_info(config.dataset).num_classes
+    return datasets.dataset_info(config.dataset).num_classes
 

@@ -9,7 +9,9 @@ After SVD training with a sparsity term, each :class:`train.layers.svd.SVDConv` 
   (the arrays shrink, so do the FLOPs);
 * :func:`mask_by_energy`: a new model of the same size with the dropped ``s`` set to ``0`` (the
   same function as the compact model, up to rounding);
-* :func:`kept_energy`: the fraction of each layer's energy that a pruned model keeps.
+* :func:`kept_energy`: the fraction of each layer's energy that a pruned model keeps;
+* :func:`svd_ranks` and :func:`rebuild_pruned`: the ranks of a pruned model, and a model of
+  those ranks to restore its checkpoint into.
 
 The energy here is that of ``s``; it is the energy of the layer's matrix view
 (``||W||_F^2``) when ``U`` and ``V`` have orthonormal columns.
@@ -185,3 +187,36 @@ def kept_energy(model_before: nnx.Module, model_after: nnx.Module) -> dict[str, 
     return {
         path: (after[path] / total if total > 0 else 1.0) for path, total in before.items()
     }
+
+
+def svd_ranks(model: nnx.Module) -> dict[str, int]:
+    """``{layer path: rank}`` of every SVD layer of ``model`` (the length of its ``svd_s``)."""
+    return {path: layer.rank for path, layer in svd_layers(model)}
+
+
+def rebuild_pruned(model: nnx.Module, ranks: dict[str, int]) -> nnx.Module:
+    """A model with the architecture of a pruned model (e.g. a stage-3 model of
+    :func:`train.svd_pipeline.run_svd_pipeline`), for restoring its checkpoint.
+
+    A copy of ``model`` (a decomposed model of the pipeline's architecture, e.g. a fresh
+    ``train.models.registry.build_model(config, ...)``) with the factors of every SVD layer
+    at ``path`` cut to their first ``ranks[path]`` triplets (``keep_triplets(slice(r))``:
+    ``svd_u[:, :r]``, ``svd_s[:r]``, ``svd_v[:, :r]``); layers not in ``ranks`` are kept. Only
+    the shapes matter: the values are those of ``model``, to be replaced by
+    :func:`train.model_io.restore_model`.
+
+    Raises:
+      ValueError: naming ``ranks`` when a path is not an SVD layer of ``model`` or a rank is
+        not in ``[1, current rank]``.
+    """
+    new = nnx.clone(model)
+    layers = dict(svd_layers(new))
+    unknown = sorted(set(ranks) - set(layers))
+    if unknown:
+        raise ValueError(f"ranks has paths {unknown} that are not SVD layers of the model")
+    for path, rank in ranks.items():
+        layer = layers[path]
+        if not (isinstance(rank, int) and 1 <= rank <= layer.rank):
+            raise ValueError(f"ranks[{path!r}]={rank!r} must be an int in [1, {layer.rank}]")
+        layer.keep_triplets(slice(rank))
+    return new

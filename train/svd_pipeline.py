@@ -78,6 +78,8 @@ from train import model_io
 from train.batches import example_input
 from train.config import TrainConfig
 from train.models.registry import build_model
+from train.pruning import rebuild_pruned
+from train.pruning import svd_ranks
 
 STAGE1 = "stage1_decomposed"
 STAGE2 = "stage2_sparse"
@@ -120,13 +122,6 @@ def stage_configs(
 
 
 # ------------------------------------------------------------------------------ model summaries
-def svd_ranks(model: nnx.Module) -> dict[str, int]:
-    """``{layer path: rank}`` of every SVD layer of ``model`` (the length of its ``svd_s``)."""
-    from train.layers import svd
-
-    return {path: layer.rank for path, layer in svd.svd_layers(model)}
-
-
 def model_summary(model: nnx.Module, example_input: Any) -> dict[str, Any]:
     """``{'params', 'flops', 'ranks'}``: trainable scalars, MACs per example (exact, traced:
     :func:`train.flops.count_flops`) and :func:`svd_ranks`."""
@@ -479,42 +474,13 @@ def run_svd_pipeline(
     return out
 
 
-def rebuild_pruned(model: nnx.Module, ranks: dict[str, int]) -> nnx.Module:
-    """A model with the architecture of a stage-3 pruned model, for restoring its checkpoint.
-
-    A copy of ``model`` (a decomposed model of the pipeline's architecture, e.g. a fresh
-    ``train.models.registry.build_model(config, ...)``) with the factors of every SVD layer
-    at ``path`` cut to their first ``ranks[path]`` columns (``svd_u[:, :r]``, ``svd_s[:r]``,
-    ``svd_v[:, :r]``); layers not in ``ranks`` are kept. Only the shapes matter: the values are
-    those of ``model``, to be replaced by :func:`train.model_io.restore_model`.
-
-    Raises:
-      ValueError: naming ``ranks`` when a path is not an SVD layer of ``model`` or a rank is
-        not in ``[1, current rank]``.
-    """
-    from train.layers import svd
-
-    new = nnx.clone(model)
-    layers = dict(svd.svd_layers(new))
-    unknown = sorted(set(ranks) - set(layers))
-    if unknown:
-        raise ValueError(f"ranks has paths {unknown} that are not SVD layers of the model")
-    for path, rank in ranks.items():
-        layer = layers[path]
-        if not (isinstance(rank, int) and 1 <= rank <= layer.rank):
-            raise ValueError(f"ranks[{path!r}]={rank!r} must be an int in [1, {layer.rank}]")
-        layer.svd_u = nnx.Param(layer.svd_u[...][:, :rank])
-        layer.svd_s = nnx.Param(layer.svd_s[...][:rank])
-        layer.svd_v = nnx.Param(layer.svd_v[...][:, :rank])
-    return new
-
-
 __all__ = [
-    "run_svd_pipeline",
-    "rebuild_pruned",
+    "energy_tag",
     "model_summary",
-    "svd_ranks",
+    # Re-exported: their home is train.pruning.
+    "rebuild_pruned",
+    "run_svd_pipeline",
     "stage_configs",
     "stage_dirs",
-    "energy_tag",
+    "svd_ranks",
 ]

@@ -172,11 +172,11 @@ class SVDPipelineTest(absltest.TestCase):
             self.assertEqual(ranks, self.result["stage3"][e]["ranks"])
             compact, _, meta = model_io.restore_model(
                 self.root / f"stage3_prune_e{e:g}",
-                model=svd_pipeline.rebuild_pruned(build_model(CONFIG, 10, 1), ranks),
+                model=pruning.rebuild_pruned(build_model(CONFIG, 10, 1), ranks),
                 example_input=EXAMPLE,
             )
             self.assertEqual(meta["step"], 0)
-            self.assertEqual(svd_pipeline.svd_ranks(compact), ranks)
+            self.assertEqual(pruning.svd_ranks(compact), ranks)
             self.assertEqual(
                 model_io.evaluate_model(compact, CONFIG, test, EXAMPLE)["error"],
                 self.result["stage3"][e]["test_error"],
@@ -256,12 +256,12 @@ class SVDPipelineTest(absltest.TestCase):
     def test_rebuild_pruned_checks_ranks(self):
         model = build_model(CONFIG, 10, 1)
         with self.assertRaisesRegex(ValueError, "not SVD layers"):
-            svd_pipeline.rebuild_pruned(model, {"nope": 1})
+            pruning.rebuild_pruned(model, {"nope": 1})
         with self.assertRaisesRegex(ValueError, "ranks"):
-            svd_pipeline.rebuild_pruned(model, {"head": 99})
-        small = svd_pipeline.rebuild_pruned(model, {"head": 2})
-        self.assertEqual(svd_pipeline.svd_ranks(small)["head"], 2)
-        self.assertEqual(svd_pipeline.svd_ranks(model)["head"], 8)  # The input is unchanged.
+            pruning.rebuild_pruned(model, {"head": 99})
+        small = pruning.rebuild_pruned(model, {"head": 2})
+        self.assertEqual(pruning.svd_ranks(small)["head"], 2)
+        self.assertEqual(pruning.svd_ranks(model)["head"], 8)  # The input is unchanged.
         self.assertIsInstance(small.head, svd.SVDDense)
         self.assertEqual(nnx.state(small.head, nnx.Param)["svd_u"].shape, (8, 2))
 
@@ -286,7 +286,7 @@ class BatchNormRecalibrationTest(absltest.TestCase):
     def _restore(self, name, ranks=None):
         template = _tiny_bn_model()
         if ranks is not None:
-            template = svd_pipeline.rebuild_pruned(template, ranks)
+            template = pruning.rebuild_pruned(template, ranks)
         model, _, _ = model_io.restore_model(
             self.root / name, model=template, example_input=EXAMPLE
         )
@@ -330,7 +330,7 @@ class BatchNormRecalibrationTest(absltest.TestCase):
         self.assertFalse(summary["recalibrated"])
         self.assertEqual(summary["test_error"], summary["pruned_test_error"])
         self.assertEqual(summary["pruned_test_error"], recal["pruned_test_error"])
-        compact = svd_pipeline.rebuild_pruned(_tiny_bn_model(), summary["ranks"])
+        compact = pruning.rebuild_pruned(_tiny_bn_model(), summary["ranks"])
         compact, _, _ = model_io.restore_model(root / "stage3_prune_e0.3", model=compact,
                                            example_input=EXAMPLE)
         for saved, old in zip(_bn_stats(compact), _bn_stats(self._restore("stage2_sparse"))):
