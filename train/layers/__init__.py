@@ -1,6 +1,7 @@
 """Flax NNX layers in compressed forms: SVD-decomposed (Yang et al. 2020) and tensor-train
-(Novikov et al. 2015; Garipov et al. 2016)."""
+(Novikov et al. 2015; Garipov et al. 2016), and Garipov et al.'s naive TT conv."""
 
+from train.layers.naive_tt import NaiveTTConv
 from train.layers.svd import DECOMPOSITIONS
 from train.layers.svd import FACTOR_NAMES
 from train.layers.svd import SVD_CONV_PADDINGS
@@ -22,6 +23,7 @@ __all__ = [
     "AUTO_CORES_COST_FACTOR",
     "DECOMPOSITIONS",
     "FACTOR_NAMES",
+    "NaiveTTConv",
     "SVDConv",
     "SVDDense",
     "SVD_CONV_PADDINGS",

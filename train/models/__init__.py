@@ -2,10 +2,10 @@
 Garipov et al.'s (2016) CIFAR-10 conv / conv-fc networks with their TT versions, and any ONNX
 model imported as a pure JAX function (:func:`from_onnx`)."""
 
+from train.layers.naive_tt import NaiveTTConv
 from train.models.garipov import RELEASED_TT_CONV
 from train.models.garipov import RELEASED_TT_CONV_TT_FC
 from train.models.garipov import GaripovNet
-from train.models.garipov import NaiveTTConv
 from train.models.garipov import compression_ratio
 from train.models.garipov import decompose_tt
 from train.models.onnx import FoldedBatchNorm
