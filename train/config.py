@@ -121,7 +121,7 @@ class TrainConfig:
         :func:`train.models.registry.build_model` gives every layer: ``'channel'`` (a
         ``k x k`` conv with ``r`` outputs then a 1x1 conv) or ``'spatial'`` (a ``k x 1``
         then a ``1 x k`` conv), full rank, the paper's random initialisation (Kaiming-normal
-        U and V, ``s ~ N(0, 1)``); see :func:`train.layers.svd.decompose`.
+        U and V, ``s ~ N(0, 1)``); see :func:`train.layers.svd_decompose.decompose`.
       decompose_dense: also decompose the dense (classifier) layers when ``decomposition`` is set.
       orth_weight: λ_o of the orthogonality term ``λ_o · train.regularizers.orthogonality_loss``
         on the U and V factors of the SVD layers (1 on CIFAR in Yang et al. 2020); ``0`` adds

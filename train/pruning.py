@@ -28,7 +28,7 @@ from flax import nnx
 
 from train.layers.svd import SVDConv
 from train.layers.svd import SVDDense
-from train.layers.svd import svd_layers
+from train.layers.svd_decompose import svd_layers
 
 EnergyLike = float | Mapping[str, float]
 
@@ -124,7 +124,7 @@ def prune_by_energy(
     Args:
       model: an NNX model with SVD layers.
       energy: ``e`` in ``[0, 1)`` for every layer, or ``{path: e}`` with an entry for every
-        path of :func:`train.layers.svd.svd_layers`.
+        path of :func:`train.layers.svd_decompose.svd_layers`.
 
     Returns:
       ``(compact_model, {path: kept_rank})``.

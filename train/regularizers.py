@@ -132,7 +132,8 @@ def svd_factors(params: Any) -> list[tuple[str, jax.Array, jax.Array, jax.Array]
 
     Returns:
       ``[(path, u, s, v)]`` in tree order, ``path`` the keys joined with ``'/'``
-      (:func:`train.layers.svd.path_name`, the paths of :func:`train.layers.svd.svd_layers`),
+      (:func:`train.layers.svd.path_name`, the paths of
+      :func:`train.layers.svd_decompose.svd_layers`),
       ``u`` ``(a, r)``, ``s`` ``(r,)``, ``v`` ``(b, r)``.
     """
     found = []

@@ -3,7 +3,7 @@
 The stages of the paper's protocol (reference notes §3), each a run folder under one ``root``:
 
 1. ``stage1_decomposed/``: train the decomposed network (``config.decomposition``: every layer
-   in SVD form ``U diag(|s|) V^T``, :func:`train.layers.svd.decompose`) from its random
+   in SVD form ``U diag(|s|) V^T``, :func:`train.layers.svd_decompose.decompose`) from its random
    initialisation, with the orthogonality term ``λ_o`` (``config.orth_weight``) and **no**
    sparsity term (``λ_s = 0``);
 2. ``stage2_sparse/``: continue from stage 1's final parameters (and BatchNorm statistics) with

@@ -376,17 +376,17 @@ class SVDTrainingLoopTest(absltest.TestCase):
         self.assertIsNone(apply_overrides(config, ["decomposition=none"]).decomposition)
 
     def test_build_model_decomposes(self):
-        from train.layers import svd
+        from train.layers import svd_decompose
 
         model = build_model(SVD_CONFIG, 10, 1)
-        layers = svd.svd_layers(model)
+        layers = svd_decompose.svd_layers(model)
         self.assertLen(layers, 8)  # 7 convs + the classifier.
         self.assertTrue(all(layer.rank == layer.max_rank for _, layer in layers))
         self.assertEqual(layers[0][1].decomposition, "channel")
         no_dense = build_model(
             dataclasses.replace(SVD_CONFIG, decompose_dense=False, decomposition="spatial"), 10, 1
         )
-        self.assertLen(svd.svd_layers(no_dense), 7)
+        self.assertLen(svd_decompose.svd_layers(no_dense), 7)
         self.assertIsInstance(no_dense.head, nnx.Linear)
         # Seeded: the same config gives the same initial values.
         again = build_model(SVD_CONFIG, 10, 1)

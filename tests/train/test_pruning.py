@@ -9,6 +9,7 @@ from flax import nnx
 
 from train import pruning
 from train.layers import svd
+from train.layers import svd_decompose
 from train.models.resnet import ResNet
 from train.models.resnet import SimpleCNN
 
@@ -65,7 +66,7 @@ def decomposed_resnet(decomposition="channel"):
             module.mean = nnx.BatchStat(jnp.asarray(rng.normal(size=module.mean.shape)))
             module.var = nnx.BatchStat(jnp.asarray(rng.uniform(0.5, 2, size=module.var.shape)))
     model.eval()
-    return svd.decompose(model, decomposition), x
+    return svd_decompose.decompose(model, decomposition), x
 
 
 class PruneTest(parameterized.TestCase):
@@ -73,15 +74,15 @@ class PruneTest(parameterized.TestCase):
     @parameterized.parameters(*svd.DECOMPOSITIONS)
     def test_compact_equals_masked_and_keeps_energy(self, decomposition):
         model, x = decomposed_resnet(decomposition)
-        before = {path: layer.rank for path, layer in svd.svd_layers(model)}
+        before = {path: layer.rank for path, layer in svd_decompose.svd_layers(model)}
         energy = 0.2
         compact, ranks = pruning.prune_by_energy(model, energy)
         masked = pruning.mask_by_energy(model, energy)
         # The input model is untouched.
-        self.assertEqual({p: m.rank for p, m in svd.svd_layers(model)}, before)
+        self.assertEqual({p: m.rank for p, m in svd_decompose.svd_layers(model)}, before)
         self.assertEqual(set(ranks), set(before))
         shrunk = 0
-        for path, layer in svd.svd_layers(compact):
+        for path, layer in svd_decompose.svd_layers(compact):
             self.assertEqual(layer.rank, ranks[path])
             self.assertEqual(layer.svd_u.shape[1], ranks[path])
             self.assertEqual(layer.svd_v.shape[1], ranks[path])
@@ -91,7 +92,7 @@ class PruneTest(parameterized.TestCase):
         compact_params = sum(x.size for x in jax.tree.leaves(nnx.state(compact, nnx.Param)))
         model_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
         self.assertLess(compact_params, model_params)
-        for path, layer in svd.svd_layers(masked):
+        for path, layer in svd_decompose.svd_layers(masked):
             self.assertEqual(layer.rank, before[path])
             self.assertEqual(int(np.count_nonzero(layer.svd_s[...])), ranks[path])
         for kept in (pruning.kept_energy(model, compact), pruning.kept_energy(model, masked)):
@@ -105,14 +106,14 @@ class PruneTest(parameterized.TestCase):
     def test_energy_zero_keeps_function(self):
         model, x = decomposed_resnet("spatial")
         compact, ranks = pruning.prune_by_energy(model, 0.0)
-        for path, layer in svd.svd_layers(model):
+        for path, layer in svd_decompose.svd_layers(model):
             self.assertEqual(ranks[path], int(np.count_nonzero(layer.svd_s[...])))
         np.testing.assert_allclose(compact(x), model(x), atol=1e-10)
         np.testing.assert_allclose(pruning.mask_by_energy(model, 0.0)(x), model(x), atol=1e-12)
 
     def test_compact_jit_and_sorting(self):
         # Unsorted, signed s (as after training): the largest |s| are kept.
-        model = svd.decompose(
+        model = svd_decompose.decompose(
             SimpleCNN(10, in_channels=1, features=(3, 4), param_dtype=jnp.float64,
                       rngs=nnx.Rngs(0)),
             init="random", rngs=nnx.Rngs(1),
@@ -139,7 +140,7 @@ class PruneTest(parameterized.TestCase):
                 pruning.mask_by_energy(model, energy)
         with self.assertRaisesRegex(ValueError, "energy"):
             pruning.prune_by_energy(model, {"conv": 0.1})  # Missing paths.
-        paths = {path: 0.1 for path, _ in svd.svd_layers(model)}
+        paths = {path: 0.1 for path, _ in svd_decompose.svd_layers(model)}
         with self.assertRaisesRegex(ValueError, "energy"):
             pruning.prune_by_energy(model, {**paths, "nowhere": 0.1})
         with self.assertRaisesRegex(ValueError, r"energy\['head'\]"):

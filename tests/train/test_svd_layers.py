@@ -11,6 +11,7 @@ from flax import nnx
 
 import spectra
 from train.layers import svd
+from train.layers import svd_decompose
 from train.models.resnet import ResNet
 from train.models.resnet import SimpleCNN
 from train.models.resnet import count_params
@@ -305,17 +306,17 @@ class DecomposeTest(parameterized.TestCase):
             param_dtype=jnp.float64, rngs=nnx.Rngs(0),
         )
         model = random_batch_stats(model)
-        new = svd.decompose(model, decomposition)
+        new = svd_decompose.decompose(model, decomposition)
         np.testing.assert_allclose(new(x), model(x), atol=1e-10)
         self.assertIsInstance(model.conv, nnx.Conv)  # The input is untouched.
         self.assertIsInstance(model.head, nnx.Linear)
-        paths = [path for path, _ in svd.svd_layers(new)]
+        paths = [path for path, _ in svd_decompose.svd_layers(new)]
         expected = ["conv", "blocks/0/conv1", "blocks/0/conv2", "blocks/1/conv1",
                     "blocks/1/conv2", "blocks/2/conv1", "blocks/2/conv2", "head"]
         if shortcut == "B":
             expected += ["blocks/1/proj", "blocks/2/proj"]
         self.assertCountEqual(paths, expected)
-        self.assertEqual(svd.svd_layers(model), [])
+        self.assertEqual(svd_decompose.svd_layers(model), [])
         layer = new.blocks[1].conv1
         self.assertEqual(layer.strides, (2, 2))
         self.assertEqual(layer.decomposition, decomposition)
@@ -329,31 +330,31 @@ class DecomposeTest(parameterized.TestCase):
         x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 8, 8, 1)))
         model = SimpleCNN(10, in_channels=1, features=(4, 6), param_dtype=jnp.float64,
                           rngs=nnx.Rngs(0))
-        new = svd.decompose(model, "spatial", dense=False)
+        new = svd_decompose.decompose(model, "spatial", dense=False)
         np.testing.assert_allclose(new(x), model(x), atol=1e-10)
         self.assertIsInstance(new.convs[0], svd.SVDConv)
         self.assertIsNotNone(new.convs[0].bias)
         self.assertIsInstance(new.head, nnx.Linear)
-        self.assertEqual([p for p, _ in svd.svd_layers(new)], ["convs/0", "convs/1"])
-        low = svd.decompose(model, rank=2)
-        self.assertEqual([m.rank for _, m in svd.svd_layers(low)], [2, 2, 2])
-        per_layer = svd.decompose(model, rank={"convs/1": 3})
-        self.assertEqual([m.rank for _, m in svd.svd_layers(per_layer)], [4, 3, 6])
+        self.assertEqual([p for p, _ in svd_decompose.svd_layers(new)], ["convs/0", "convs/1"])
+        low = svd_decompose.decompose(model, rank=2)
+        self.assertEqual([m.rank for _, m in svd_decompose.svd_layers(low)], [2, 2, 2])
+        per_layer = svd_decompose.decompose(model, rank={"convs/1": 3})
+        self.assertEqual([m.rank for _, m in svd_decompose.svd_layers(per_layer)], [4, 3, 6])
         with self.assertRaisesRegex(ValueError, "rank"):
-            svd.decompose(model, rank={"head": 7})
+            svd_decompose.decompose(model, rank={"head": 7})
 
     def test_random_init_and_errors(self):
         model = SimpleCNN(10, in_channels=1, features=(4, 6), rngs=nnx.Rngs(0))
-        new = svd.decompose(model, "channel", init="random", rngs=nnx.Rngs(1))
+        new = svd_decompose.decompose(model, "channel", init="random", rngs=nnx.Rngs(1))
         self.assertEqual(new(jnp.ones((1, 8, 8, 1))).shape, (1, 10))
         self.assertFalse(np.allclose(new.convs[1].to_dense(), model.convs[1].kernel[...]))
         self.assertEqual(new.convs[1].svd_u.dtype, jnp.float32)
         with self.assertRaisesRegex(ValueError, "rngs"):
-            svd.decompose(model, init="random")
+            svd_decompose.decompose(model, init="random")
         with self.assertRaisesRegex(ValueError, "init"):
-            svd.decompose(model, init="zeros")
+            svd_decompose.decompose(model, init="zeros")
         with self.assertRaisesRegex(ValueError, "decomposition"):
-            svd.decompose(model, "tucker")
+            svd_decompose.decompose(model, "tucker")
 
     def test_grouped_conv_left_alone(self):
         class Net(nnx.Module):
@@ -365,7 +366,7 @@ class DecomposeTest(parameterized.TestCase):
                 return self.pointwise(self.depthwise(x))
 
         model = Net(nnx.Rngs(0))
-        new = svd.decompose(model)
+        new = svd_decompose.decompose(model)
         self.assertIsInstance(new.depthwise, nnx.Conv)
         self.assertIsInstance(new.pointwise, svd.SVDConv)
         x = jnp.ones((1, 5, 5, 4), jnp.float32)

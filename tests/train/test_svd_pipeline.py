@@ -24,6 +24,7 @@ from train import svd_pipeline
 from train.config import TrainConfig
 from train.lapack_workaround import avoid_cpu_lapack_deadlock
 from train.layers import svd
+from train.layers import svd_decompose
 from train.models.registry import build_model
 
 avoid_cpu_lapack_deadlock()  # Effective when this file runs first in its process.
@@ -88,7 +89,9 @@ class TinyBNNet(nnx.Module):
 
 
 def _tiny_bn_model():
-    return svd.decompose(TinyBNNet(nnx.Rngs(0)), "channel", init="random", rngs=nnx.Rngs(1))
+    return svd_decompose.decompose(
+        TinyBNNet(nnx.Rngs(0)), "channel", init="random", rngs=nnx.Rngs(1)
+    )
 
 
 def _bn_stats(model):
@@ -131,7 +134,7 @@ class SVDPipelineTest(absltest.TestCase):
         self.assertIn("sparsity", history2[0])
         # Full rank before pruning: every SVD layer of the decomposed SimpleCNN.
         model = build_model(CONFIG, 10, 1)
-        full = {path: layer.max_rank for path, layer in svd.svd_layers(model)}
+        full = {path: layer.max_rank for path, layer in svd_decompose.svd_layers(model)}
         self.assertEqual(result["stage1"]["ranks"], full)
         self.assertEqual(result["stage1"]["params"], flops.count_params(model))
         self.assertEqual(result["stage1"]["flops"], flops.count_flops(model, EXAMPLE))

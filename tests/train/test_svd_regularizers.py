@@ -12,6 +12,7 @@ from train import pruning
 from train import regularizers
 from train.data import load_digits_split
 from train.layers import svd
+from train.layers import svd_decompose
 from train.models.resnet import SimpleCNN
 
 
@@ -30,7 +31,7 @@ def factor_tree(s_values, seed=0):
 def small_model(seed=0):
     model = SimpleCNN(10, in_channels=1, features=(3, 4), param_dtype=jnp.float64,
                       rngs=nnx.Rngs(seed))
-    return svd.decompose(model, "channel", init="random", rngs=nnx.Rngs(seed + 1))
+    return svd_decompose.decompose(model, "channel", init="random", rngs=nnx.Rngs(seed + 1))
 
 
 class SVDFactorsTest(absltest.TestCase):
@@ -39,7 +40,7 @@ class SVDFactorsTest(absltest.TestCase):
         model = small_model()
         state = nnx.split(model, nnx.Param, ...)[1]
         found = regularizers.svd_factors(state)
-        self.assertEqual([p for p, *_ in found], [p for p, _ in svd.svd_layers(model)])
+        self.assertEqual([p for p, *_ in found], [p for p, _ in svd_decompose.svd_layers(model)])
         pure = regularizers.svd_factors(nnx.to_pure_dict(state))
         for (p1, *a1), (p2, *a2) in zip(found, pure):
             self.assertEqual(p1, p2)
@@ -156,7 +157,7 @@ def train_effective_rank(hoyer_weight, steps=100, seed=0):
     """Adam on digits (SimpleCNN in channel SVD form, from scratch): total energy rank."""
     images, labels = load_digits_split("train")
     model = SimpleCNN(10, in_channels=1, features=(8, 16), rngs=nnx.Rngs(seed))
-    model = svd.decompose(model, "channel", init="random", rngs=nnx.Rngs(seed + 1))
+    model = svd_decompose.decompose(model, "channel", init="random", rngs=nnx.Rngs(seed + 1))
     graph, params = nnx.split(model, nnx.Param)
     optimizer = optax.adam(1e-2)
     opt_state = optimizer.init(params)
@@ -179,7 +180,10 @@ def train_effective_rank(hoyer_weight, steps=100, seed=0):
         params, opt_state = step(params, opt_state, jnp.asarray(images[index]),
                                  jnp.asarray(labels[index]))
     trained = nnx.merge(graph, params)
-    return sum(pruning.energy_rank(layer.svd_s[...], 0.01) for _, layer in svd.svd_layers(trained))
+    return sum(
+        pruning.energy_rank(layer.svd_s[...], 0.01)
+        for _, layer in svd_decompose.svd_layers(trained)
+    )
 
 
 class HoyerTrainingTest(absltest.TestCase):

@@ -7,13 +7,13 @@ from train.layers.svd import FACTOR_NAMES
 from train.layers.svd import SVD_CONV_PADDINGS
 from train.layers.svd import SVDConv
 from train.layers.svd import SVDDense
-from train.layers.svd import decompose
 from train.layers.svd import factor_shape
 from train.layers.svd import kernel_to_matrix
 from train.layers.svd import matrix_to_kernel
 from train.layers.svd import path_name
 from train.layers.svd import select_triplets
-from train.layers.svd import svd_layers
+from train.layers.svd_decompose import decompose
+from train.layers.svd_decompose import svd_layers
 from train.layers.tt import AUTO_CORES_COST_FACTOR
 from train.layers.tt import TTConv
 from train.layers.tt import TTDense

@@ -34,6 +34,11 @@ References:
   A. Novikov, D. Podoprikhin, A. Osokin, D. Vetrov, "Tensorizing Neural Networks", NeurIPS 2015.
   T. Garipov, D. Podoprikhin, A. Novikov, D. Vetrov, "Ultimate tensorization: compressing
   convolutional and FC layers alike", arXiv:1611.03214, 2016.
+
+Length (~550 lines): one layer family. :class:`TTDense` and :class:`TTConv` share the mode and
+rank checks and the initialisation above, and :class:`TTConv`'s two forward implementations and
+the cost model that picks between them (:func:`tt_conv_flops`) are one concern; most of the
+length is their documentation.
 """
 
 from __future__ import annotations

@@ -65,8 +65,8 @@ def build_model(
 
     With ``config.decomposition`` set, every conv (and, with ``config.decompose_dense``, every
     dense layer) is replaced by its full-rank SVD form (Yang et al. 2020) with the paper's random
-    initialisation: ``train.layers.svd.decompose(model, config.decomposition, init='random',
-    dense=config.decompose_dense, rngs=nnx.Rngs(config.seed + 1))``.
+    initialisation: ``train.layers.svd_decompose.decompose(model, config.decomposition,
+    init='random', dense=config.decompose_dense, rngs=nnx.Rngs(config.seed + 1))``.
 
     Args:
       config: the configuration (``model``, ``model_kwargs``, ``width``, ``padding``, ...).
@@ -87,9 +87,9 @@ def build_model(
     model = _builder(config.model)(config, num_classes, in_channels, input_shape)
     if config.decomposition is None:
         return model
-    from train.layers import svd
+    from train.layers import svd_decompose
 
-    return svd.decompose(
+    return svd_decompose.decompose(
         model,
         config.decomposition,
         dense=config.decompose_dense,
