@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import pathlib
+import shutil
 import tempfile
 from collections.abc import Callable
+from collections.abc import Iterator
 from collections.abc import Sequence
 
 PRESETS = ("quick", "paper")
@@ -20,6 +23,19 @@ def runs_root(preset: str, out_dir: pathlib.Path) -> tuple[pathlib.Path, bool]:
         root.mkdir(parents=True, exist_ok=True)
         return root, False
     return pathlib.Path(tempfile.mkdtemp(prefix="convspectra_runs_")), True
+
+
+@contextlib.contextmanager
+def runs_folder(preset: str, out_dir: pathlib.Path) -> Iterator[pathlib.Path]:
+    """The root of an experiment's run folders (:func:`runs_root`) for a ``with`` block: a
+    temporary one (quick/test presets) is removed when the block exits, even on an error;
+    ``out_dir/runs`` (paper preset) is kept."""
+    root, temporary = runs_root(preset, out_dir)
+    try:
+        yield root
+    finally:
+        if temporary:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pathlib
-import shutil
 from typing import Any
 
 import jax
@@ -115,17 +114,13 @@ def layer_spectra(model, example_input, max_dense_dim: int = 4096) -> list[dict[
 def _train_models(preset: str, out_dir: pathlib.Path) -> list[tuple[str, Any, Any]]:
     """Trains (or reuses from :mod:`experiments.sedghi_training`'s memo) the preset's models."""
     setting = PRESETS[preset]
-    root, temporary = _report.runs_root(preset, out_dir)
     models = []
-    try:
+    with _report.runs_folder(preset, out_dir) as root:
         for label, changes in setting["variants"]:
             config = dataclasses.replace(setting["base"], seed=0, **changes)
             result = common.train_once(config, root, "spectra")
             models.append((f"{label} (test error {100 * result['test_error']:.2f}%)",
                            result["model"], example_input(config)))
-    finally:
-        if temporary:
-            shutil.rmtree(root, ignore_errors=True)
     return models
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-import shutil
 from typing import Any
 
 import numpy as np
@@ -101,9 +100,8 @@ def run(preset: str, out_dir: pathlib.Path) -> str:
     setting = _report.preset_config(PRESETS, preset)
     out_dir = pathlib.Path(out_dir)
     base, seeds = setting["base"], setting["seeds"]
-    root, temporary = _report.runs_root(preset, out_dir)
     results = []
-    try:
+    with _report.runs_folder(preset, out_dir) as root:
         for label, changes in setting["variants"]:
             for seed in seeds:
                 config = dataclasses.replace(base, seed=seed, **changes)
@@ -114,9 +112,6 @@ def run(preset: str, out_dir: pathlib.Path) -> str:
                         report_once(config, root, f"report_s{seed}", setting["num_points"]),
                     )
                 )
-    finally:
-        if temporary:
-            shutil.rmtree(root, ignore_errors=True)
     rows = [
         [
             label,

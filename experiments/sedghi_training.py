@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import re
-import shutil
 import statistics
 from typing import Any
 
@@ -222,18 +221,14 @@ def run(preset: str, out_dir: pathlib.Path) -> str:
     setting = _report.preset_config(PRESETS, preset)
     out_dir = pathlib.Path(out_dir)
     base, seeds = setting["base"], setting["seeds"]
-    root, temporary = _report.runs_root(preset, out_dir)
     results = []
-    try:
+    with _report.runs_folder(preset, out_dir) as root:
         for label, changes in setting["variants"]:
             per_seed = [
                 train_once(dataclasses.replace(base, seed=s, **changes), root, f"sedghi_s{s}")
                 for s in seeds
             ]
             results.append((label, changes, per_seed))
-    finally:
-        if temporary:
-            shutil.rmtree(root, ignore_errors=True)
 
     rows = []
     for label, changes, per_seed in results:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-import shutil
 import statistics
 import time
 from typing import Any
@@ -202,9 +201,8 @@ def run(preset: str, out_dir: pathlib.Path) -> str:
     out_dir = pathlib.Path(out_dir)
     started = time.perf_counter()
     base, energies, stage_steps = setting["base"], setting["energies"], setting["stage_steps"]
-    root, temporary = _report.runs_root(preset, out_dir)
     rows, series_by_model, baselines = [], {}, {}
-    try:
+    with _report.runs_folder(preset, out_dir) as root:
         train_data, test_data, _ = build_data(base)
         data = dict(train_data=train_data, test_data=test_data)
         for model_name, variants in setting["models"]:
@@ -259,9 +257,6 @@ def run(preset: str, out_dir: pathlib.Path) -> str:
                     ])
                 series.append((f"{decomposition}, {sparsity} (λ_s={weight:g})", points))
             series_by_model[model_name] = series
-    finally:
-        if temporary:
-            shutil.rmtree(root, ignore_errors=True)
 
     _plot(series_by_model, baselines, out_dir)
     elapsed = time.perf_counter() - started

@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
-import shutil
 import time
 from typing import Any
 
@@ -348,9 +347,8 @@ def run(preset: str, out_dir: pathlib.Path) -> str:
     train_data, test_data, _ = build_data(base)
     data = (train_data, test_data)
     example = jax.ShapeDtypeStruct((1, *setting.input_shape, setting.in_channels), jnp.float32)
-    root, temporary = _report.runs_root(preset, out_dir)
     results, trained_baselines = [], {}
-    try:
+    with _report.runs_folder(preset, out_dir) as root:
         for index, row in enumerate(setting.rows):
             net_kwargs = _net_kwargs(setting, row.variant)
             baseline_params = _abstract_params(net_kwargs)
@@ -398,9 +396,6 @@ def run(preset: str, out_dir: pathlib.Path) -> str:
                 ranks=_describe_ranks(tt),
                 steps=config.num_steps,
             ))
-    finally:
-        if temporary:
-            shutil.rmtree(root, ignore_errors=True)
     elapsed = time.perf_counter() - started
     return _write(preset, setting, results, elapsed, out_dir)
 

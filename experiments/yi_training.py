@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-import shutil
 import statistics
 from typing import Any
 
@@ -49,9 +48,8 @@ def run(preset: str, out_dir: pathlib.Path) -> str:
     out_dir = pathlib.Path(out_dir)
     base, seeds, bound = setting["base"], setting["seeds"], setting["bound"]
     weights = (0.0, *setting["weights"])
-    root, temporary = _report.runs_root(preset, out_dir)
     results = []
-    try:
+    with _report.runs_folder(preset, out_dir) as root:
         for weight in weights:
             changes = dict(penalty_weight=weight, penalty_bound=bound) if weight else {}
             per_seed = [
@@ -59,9 +57,6 @@ def run(preset: str, out_dir: pathlib.Path) -> str:
                 for s in seeds
             ]
             results.append((weight, per_seed))
-    finally:
-        if temporary:
-            shutil.rmtree(root, ignore_errors=True)
 
     layer_names = results[0][1][0]["layers"]  # Depth order.
     rows, layer_rows = [], []
