@@ -80,8 +80,9 @@ from flax import nnx
 
 from spectra import ConvSpec
 from train.layers.naive_tt import NaiveTTConv
-from train.models.resnet import conv_kernel_init
+from train.models.resnet import batch_norm
 from train.models.resnet import count_params
+from train.models.resnet import he_conv
 
 #: Network variants: conv layers + FC-10, or conv layers + FC-1536 + FC-512 + FC-10.
 VARIANTS = ("conv", "conv_fc")
@@ -93,9 +94,6 @@ CONV_CHANNELS = (64, 64, 128, 128, 128, 128)
 FC_FEATURES = (1536, 512)
 #: Conv layers (1-based) followed by a 3x3 / 2 max pool.
 POOL_AFTER = (2, 4)
-
-_BN_MOMENTUM = 0.9
-_BN_EPSILON = 1e-5
 
 #: The released TT-conv network (notes §4): layers 2-6 as TT-conv, ``{layer: (in_modes,
 #: out_modes, ranks)}`` with ranks ``(r_0, …, r_d)`` of :class:`train.layers.tt.TTConv`.
@@ -146,19 +144,6 @@ def _tt_layers():
     from train.layers import tt
 
     return tt
-
-
-def _conv(c_in: int, c_out: int, param_dtype, rngs) -> nnx.Conv:
-    return nnx.Conv(
-        c_in, c_out, (3, 3), padding="SAME", use_bias=False, kernel_init=conv_kernel_init,
-        param_dtype=param_dtype, rngs=rngs,
-    )
-
-
-def _batch_norm(features: int, param_dtype, rngs) -> nnx.BatchNorm:
-    return nnx.BatchNorm(
-        features, momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON, param_dtype=param_dtype, rngs=rngs
-    )
 
 
 def _check_tt_entry(name: str, value: Any, c_in: int, c_out: int) -> tuple:
@@ -298,9 +283,9 @@ class GaripovNet(nnx.Module):
                                          param_dtype=param_dtype, rngs=rngs))
                 kinds.append("naive_tt")
             else:
-                convs.append(_conv(c_in, c_out, param_dtype, rngs))
+                convs.append(he_conv(c_in, c_out, 3, 1, "SAME", param_dtype, rngs))
                 kinds.append("dense")
-            bns.append(_batch_norm(c_out, param_dtype, rngs))
+            bns.append(batch_norm(c_out, param_dtype, rngs))
             if layer in POOL_AFTER:
                 size = tuple(_pooled(s) for s in size)
             c_in = c_out
@@ -331,7 +316,7 @@ class GaripovNet(nnx.Module):
                 else:
                     fcs.append(nnx.Linear(features, out, use_bias=False,
                                           param_dtype=param_dtype, rngs=rngs))
-                fc_bns.append(_batch_norm(out, param_dtype, rngs))
+                fc_bns.append(batch_norm(out, param_dtype, rngs))
                 features = out
             self.fcs = nnx.List(fcs)
             self.fc_bns = nnx.List(fc_bns)

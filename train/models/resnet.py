@@ -72,9 +72,11 @@ def _check_padding(padding: str) -> str:
     return padding
 
 
-def _conv(
+def he_conv(
     c_in: int, c_out: int, kernel_size: int, strides: int, padding: str, param_dtype, rngs
 ) -> nnx.Conv:
+    """A square ``kernel_size`` ``nnx.Conv`` without bias, He-initialised
+    (:data:`conv_kernel_init`): the convs of the ResNets and of :mod:`train.models.garipov`."""
     return nnx.Conv(
         c_in,
         c_out,
@@ -88,7 +90,9 @@ def _conv(
     )
 
 
-def _batch_norm(features: int, param_dtype, rngs) -> nnx.BatchNorm:
+def batch_norm(features: int, param_dtype, rngs) -> nnx.BatchNorm:
+    """``nnx.BatchNorm`` with ``momentum=0.9``, ``epsilon=1e-5`` (scale 1, bias 0): the
+    BatchNorm of the ResNets and of :mod:`train.models.garipov`."""
     return nnx.BatchNorm(
         features,
         momentum=_BN_MOMENTUM,
@@ -150,17 +154,17 @@ class BasicBlock(nnx.Module):
         _check_padding(padding)
         if shortcut not in SHORTCUTS:
             raise ValueError(f"shortcut={shortcut!r}: expected one of {SHORTCUTS}")
-        self.conv1 = _conv(in_channels, out_channels, 3, stride, padding, param_dtype, rngs)
-        self.bn1 = _batch_norm(out_channels, param_dtype, rngs)
-        self.conv2 = _conv(out_channels, out_channels, 3, 1, padding, param_dtype, rngs)
-        self.bn2 = _batch_norm(out_channels, param_dtype, rngs)
+        self.conv1 = he_conv(in_channels, out_channels, 3, stride, padding, param_dtype, rngs)
+        self.bn1 = batch_norm(out_channels, param_dtype, rngs)
+        self.conv2 = he_conv(out_channels, out_channels, 3, 1, padding, param_dtype, rngs)
+        self.bn2 = batch_norm(out_channels, param_dtype, rngs)
         self.out_channels = out_channels
         self.stride = stride
         self.identity = stride == 1 and in_channels == out_channels
         self.shortcut = shortcut
         if not self.identity and shortcut == "B":
-            self.proj = _conv(in_channels, out_channels, 1, stride, padding, param_dtype, rngs)
-            self.proj_bn = _batch_norm(out_channels, param_dtype, rngs)
+            self.proj = he_conv(in_channels, out_channels, 1, stride, padding, param_dtype, rngs)
+            self.proj_bn = batch_norm(out_channels, param_dtype, rngs)
         else:
             self.proj = nnx.data(None)
             self.proj_bn = nnx.data(None)
@@ -245,8 +249,8 @@ class ResNet(nnx.Module):
         self.padding = padding
         self.shortcut = shortcut
         self.stage_strides = stage_strides
-        self.conv = _conv(in_channels, width, 3, 1, padding, param_dtype, rngs)
-        self.bn = _batch_norm(width, param_dtype, rngs)
+        self.conv = he_conv(in_channels, width, 3, 1, padding, param_dtype, rngs)
+        self.bn = batch_norm(width, param_dtype, rngs)
         blocks = []
         channels = width
         for stage, stage_width in enumerate((width, 2 * width, 4 * width)):
