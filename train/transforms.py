@@ -167,6 +167,15 @@ def project_conv_operator_norm(
     then updates ``k, 2k, ...``; parameters after other updates may leave the ball. The choice
     is made with :func:`jax.lax.cond` on the step counter (for ``every_k_steps > 1``): no host
     synchronisation, and the projection is not computed on skipped steps.
+    This cond is written here rather than by wrapping the transform in
+    ``optax.conditionally_transform`` (optax 0.2.8; used below for ``certify_every``), because
+    the wrapper would change the state: it nests it as ``ConditionallyTransformState(
+    inner_state, step)`` with a second step counter, and the inner ``count`` would then count
+    projecting updates only, while :class:`ProjectConvOperatorNormState` documents ``count`` as
+    every update seen and keeps one layout whatever ``every_k_steps`` (the optimiser state that
+    checkpoints save and resumed runs restore bit-identically). ``optax.MultiSteps``
+    (gradient accumulation) and ``optax.conditionally_mask`` (zero updates on skipped steps)
+    do something else.
 
     Guarantees, per projected kernel (``'certified'``, the default): the exact σ_max of the
     layer described by the spec (zero padded or circular) is ``<= max_norm`` up to rounding.
