@@ -69,6 +69,25 @@ class SENet(nnx.Module):
         return y * gate[:, None, None, :]  # squeeze-excitation gating
 
 
+class SoftmaxNet(nnx.Module):
+    """conv -> softmax over channels (as a detection head's distribution bins) -> conv."""
+
+    def __init__(self, rngs, denominator_offset=None):
+        f64 = dict(param_dtype=jnp.float64, rngs=rngs)
+        self.a = nnx.Conv(2, 5, (3, 3), padding="CIRCULAR", **f64)
+        self.b = nnx.Conv(5, 3, (1, 1), **f64)
+        self.offset = denominator_offset
+
+    def __call__(self, x):
+        y = self.a(x)
+        if self.offset is None:
+            y = jax.nn.softmax(y, axis=-1)
+        else:  # Not a softmax: exp(y) / (sum exp(y) + offset).
+            e = jnp.exp(y)
+            y = e / (e.sum(axis=-1, keepdims=True) + self.offset)
+        return self.b(y)
+
+
 class NetworkBoundTest(absltest.TestCase):
     def _check(self, model, shape, **kwargs):
         model.eval()
@@ -120,6 +139,27 @@ class NetworkBoundTest(absltest.TestCase):
         r = report.network_report_nnx(model, jnp.zeros((2, 8, 8, 3)), num_points=1)
         self.assertIsNone(r.network["lipschitz_upper"])
         self.assertIsNone(r.network["lipschitz_gap"])
+
+    def test_softmax_is_half_lipschitz(self):
+        model = SoftmaxNet(nnx.Rngs(3))
+        r, _ = self._check(model, (6, 6, 2))
+        # Exact conv norms (circular: FFT; 1x1: the matrix) times softmax's 1/2.
+        norms = [layer.sigma_max for layer in r.layers]
+        self.assertEqual([layer.sigma_max_method for layer in r.layers][0], "fft")
+        self.assertLessEqual(r.network["lipschitz_upper"], 0.5 * norms[0] * norms[1] * (1 + 1e-9))
+        # 1/2 is attained: softmax of two equal logits, perturbed along (1, -1).
+        f = jax.nn.softmax
+        x, d = jnp.zeros(2), 1e-6 * jnp.array([1.0, -1.0])
+        self.assertAlmostEqual(
+            float(jnp.linalg.norm(f(x + d) - f(x)) / jnp.linalg.norm(d)), 0.5, places=6
+        )
+
+    def test_exp_over_a_shifted_sum_is_not_a_softmax(self):
+        model = SoftmaxNet(nnx.Rngs(3), denominator_offset=1.0)
+        model.eval()
+        r = report.network_report_nnx(model, jnp.zeros((1, 6, 6, 2)), num_points=1)
+        self.assertIsNone(r.network["lipschitz_upper"])
+        self.assertIn("exp", r.network["lipschitz_upper_note"])
 
     def test_squeeze_excitation_is_null_with_note(self):
         model = SENet(nnx.Rngs(0))

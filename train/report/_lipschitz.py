@@ -18,7 +18,9 @@ operation, and a blocked value that reaches an output makes the network bound ``
   (``select_n(x >= 0, a x, x)``: ``max(1, |a|)``), ``logistic`` (1/4), ``tanh`` (1), SiLU
   ``x·σ(x)`` (:data:`SILU_LIPSCHITZ`), hard-swish ``x·relu6(x + 3)/6`` (3/2);
 * max pools (:func:`~train.report._windows.max_pool_lipschitz`: ``sqrt`` of the largest
-  number of windows that contain one pixel).
+  number of windows that contain one pixel);
+* softmax over axes ``A`` (:func:`softmax_patterns`: ``exp(a - c) / sum_A exp(a - c)`` with
+  ``c`` constant along ``A``, as ``jax.nn.softmax`` traces it): :data:`SOFTMAX_LIPSCHITZ`.
 
 Blocked: products of two input-dependent values (squeeze-excitation gating, attention),
 divisions by them, ``exp``/``log``/``sqrt``/``rsqrt`` of them (BatchNorm in training mode),
@@ -45,6 +47,10 @@ from train.report import _windows
 SILU_LIPSCHITZ = 1.0999
 #: ``sup_x |d/dx (x relu6(x + 3) / 6)|`` = 3/2 (at x -> 3).
 HARD_SWISH_LIPSCHITZ = 1.5
+#: ℓ2 Lipschitz constant of softmax (over any axes, batched): its Jacobian ``diag(p) - p pᵀ``
+#: is positive semi-definite with ``vᵀ J v = Var_p(v) <= (max v - min v)² / 4 <= 1/2`` for a
+#: unit ``v`` (Popoviciu's inequality), and block diagonal over the other axes.
+SOFTMAX_LIPSCHITZ = 0.5
 #: The chain of scalar ops of ``jax.nn.hard_sigmoid``: ``relu6(x + 3) / 6``.
 _HARD_SIGMOID_CHAINS = (
     (("add", 3.0), ("max", 0.0), ("min", 6.0), ("div", 6.0)),
@@ -185,12 +191,24 @@ class Composer:
         def read(v):
             return v.val if not _is_var(v) else env[v]
 
+        key = ("softmax", id(jaxpr))
+        if key not in self.const_cache:
+            self.const_cache[key] = (jaxpr, softmax_patterns(jaxpr))
+        softmaxes = self.const_cache[key][1]
         for index, eqn in enumerate(jaxpr.eqns):
             self.eqn_count += 1
             vals = [read(v) for v in eqn.invars]
             name = eqn.primitive.name
             at = f"eqn {index} (`{name}`) in {where}"
-            if not any(isinstance(v, Dep) for v in vals):
+            source = softmaxes.get(index)
+            if source is not None and isinstance(read(source), Dep):
+                # The whole softmax, from its input: the intermediate exp / sum values are
+                # blocked, and block the network only if something else uses them.
+                d = read(source)
+                L = self.lip(d)
+                outs = [self.out(eqn.outvars[0].aval.shape,
+                                 None if L is None else SOFTMAX_LIPSCHITZ * L, d.note)]
+            elif not any(isinstance(v, Dep) for v in vals):
                 key = (id(eqn), tuple(id(v) for v in vals))
                 if key not in self.const_cache:
                     self.const_cache[key] = (vals, _evaluate(eqn, vals))
@@ -631,6 +649,68 @@ def _channel_vector(c, ndim, axis, channels) -> np.ndarray | None:
     if any(n != 1 for i, n in enumerate(c.shape) if i != axis):
         return None
     return c.reshape(channels)
+
+
+def softmax_patterns(jaxpr) -> dict[int, Any]:
+    """``{eqn index: source var}``: the ``div`` equations of ``jaxpr`` that end a softmax.
+
+    A softmax over axes ``A`` of ``a`` is recognised as ``div(g, s)`` with ``g = exp(a)`` or
+    ``g = exp(sub(a, c))``, ``c`` constant along ``A`` (size 1 there, possibly after
+    ``broadcast_in_dim`` / ``stop_gradient``: how ``jax.nn.softmax`` subtracts the max) and
+    ``s`` the
+    ``reduce_sum`` over ``A`` of that same ``g`` (broadcast back). Then ``div(g, s) =
+    softmax_A(a)`` whatever ``c`` is, so its Lipschitz constant is
+    :data:`SOFTMAX_LIPSCHITZ` times that of ``a``.
+    """
+    producer = {}
+    for eqn in jaxpr.eqns:
+        for v in eqn.outvars:
+            producer[v] = eqn
+
+    def through(v, names):
+        """Follows ``v`` back through single-operand ops named in ``names``."""
+        while _is_var(v) and v in producer and producer[v].primitive.name in names:
+            v = producer[v].invars[0]
+        return v
+
+    def varies_along(v, axes, ndim) -> bool | None:
+        """Whether ``v`` (broadcast to rank ``ndim``) may vary along ``axes``."""
+        shape = tuple(getattr(getattr(v, "aval", None), "shape", np.shape(v)))
+        while _is_var(v) and v in producer:
+            eqn = producer[v]
+            if eqn.primitive.name == "broadcast_in_dim":
+                dims = eqn.params["broadcast_dimensions"]
+                operand = tuple(eqn.invars[0].aval.shape)
+                live = {d for d, n in zip(dims, operand) if n != 1}
+                return bool(live & set(axes))
+            if eqn.primitive.name not in ("stop_gradient", "convert_element_type"):
+                break
+            v = eqn.invars[0]
+        if len(shape) != ndim:
+            return None
+        return any(shape[a] != 1 for a in axes)
+
+    out = {}
+    for index, eqn in enumerate(jaxpr.eqns):
+        if eqn.primitive.name != "div" or not all(_is_var(v) for v in eqn.invars):
+            continue
+        g, s = eqn.invars
+        exp = producer.get(g)
+        if exp is None or exp.primitive.name != "exp" or not _is_var(exp.invars[0]):
+            continue
+        source, sub = exp.invars[0], producer.get(exp.invars[0])
+        total = producer.get(through(s, ("broadcast_in_dim", "reshape")))
+        if total is None or total.primitive.name != "reduce_sum" or total.invars[0] is not g:
+            continue
+        axes = tuple(total.params["axes"])
+        ndim = len(g.aval.shape)
+        if s.aval.shape != g.aval.shape and varies_along(s, axes, ndim) is not False:
+            continue
+        if sub is not None and sub.primitive.name == "sub" and _is_var(sub.invars[0]):
+            if varies_along(sub.invars[1], axes, ndim) is False:
+                source = sub.invars[0]  # exp(a - c) / sum exp(a - c) = softmax(a).
+        out[index] = source
+    return out
 
 
 def _evaluate(eqn, vals) -> list:
