@@ -1,0 +1,522 @@
+"""The conv operator and its exact spectral numbers on the host: NumPy / SciPy, float64, no XLA.
+
+A report analyses every layer of a network once, each at its own input size: with JAX every
+distinct layer shape costs a compiled program (seconds on CPU; measured, most of a whole report).
+The functions here compute the same numbers with NumPy (BLAS / LAPACK / pocketfft) and SciPy's
+ARPACK, with no compilation, in float64 whatever the kernel's dtype:
+
+* :func:`conv_numpy` / :func:`conv_transpose_numpy`: the layer's operator ``A`` and its adjoint
+  ``Aᵀ`` (stride, dilation, groups, any zero padding incl. asymmetric, circular), by im2col: one
+  strided slice of the padded input per tap, one matmul per group. Same convention as
+  :func:`spectra.conv` (``lax.conv_general_dilated``, HWIO kernels, HWC inputs).
+* :func:`dense_operator_numpy`: the matrix of ``A`` (``(out_dim, in_dim)``, rows and columns
+  flattened as :func:`spectra.dense_operator`).
+* :func:`lanczos_sigma_max_numpy`: σ_max of any layer by matrix-free implicitly restarted Lanczos
+  (``scipy.sparse.linalg.eigsh``) on the Gram matrix of the smaller side, with its residual.
+* :func:`circular_singular_values_numpy`: the exact spectrum of a circular layer (strides
+  dividing the input) from its per-frequency (polyphase) matrices (Sedghi et al. 2019).
+* :func:`circulant_sigma_max_numpy`: σ_max of the circulant embedding: an **upper bound** for a
+  zero-padded layer (``spectra.symbol_grid_bound``), exact for a circular one.
+* :func:`tap_sum_bound_numpy`: ``max_g Σ_pq ||K_g[p, q]||_2``: an **upper bound**, exact for 1x1
+  kernels.
+* :func:`disjoint_windows` / :func:`block_singular_values`: layers in which no input pixel is
+  read by two output pixels (1x1 kernels at any stride and zero padding, non-overlapping
+  "patchify" convs with stride >= the dilated kernel): after a permutation the operator is
+  block diagonal, one block per output pixel and group (the kernel reshaped to
+  ``(taps * c_in/g, c_out/g)``, restricted to the taps that read real input), so its singular
+  values are exactly those of the blocks (plus zeros).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from spectra import ConvSpec
+
+#: Most complex entries of per-frequency matrices held at once (they are computed in chunks of
+#: frequency rows): bounds the memory of the circulant computations (16 bytes each).
+FREQUENCY_CHUNK_ENTRIES = 4_000_000
+
+
+def _float64_kernel(kernel, spec: ConvSpec) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    kernel = np.asarray(kernel)
+    kshape = spec.validate(kernel)
+    return kernel.astype(np.float64), tuple(kshape)  # type: ignore[return-value]
+
+
+def _windows(spec: ConvSpec, kshape: Sequence[int]) -> list[tuple[slice, slice]]:
+    """Per tap ``(p, q)`` (row-major), the slices of the padded input it reads."""
+    (ho, wo), (s1, s2), (d1, d2) = spec.output_shape(kshape), spec.strides, spec.kernel_dilation
+    return [
+        (slice(d1 * p, d1 * p + s1 * (ho - 1) + 1, s1), slice(d2 * q, d2 * q + s2 * (wo - 1) + 1, s2))
+        for p in range(kshape[0])
+        for q in range(kshape[1])
+    ]
+
+
+def _grouped_kernel(kernel: np.ndarray, groups: int) -> np.ndarray:
+    """HWIO ``(kh, kw, cig, c_out)`` -> ``(g, kh kw cig, c_out / g)`` (rows: tap-major)."""
+    kh, kw, cig, cout = kernel.shape
+    taps = kh * kw
+    k = kernel.reshape(taps, cig, groups, cout // groups).transpose(2, 0, 1, 3)
+    return k.reshape(groups, taps * cig, cout // groups)
+
+
+def conv_numpy(kernel, x, spec: ConvSpec) -> np.ndarray:
+    """Applies the layer (no bias) to ``x`` on the host, in float64.
+
+    The same operator as :func:`spectra.conv` (cross-correlation, ``lax`` conventions).
+
+    Args:
+      kernel: HWIO kernel ``(kh, kw, c_in // groups, c_out)``.
+      x: ``(..., H, W, c_in)`` with ``(H, W) = spec.input_shape`` (any leading batch dims).
+      spec: the layer.
+
+    Returns:
+      ``(..., H_out, W_out, c_out)`` float64.
+
+    Example:
+      >>> import numpy as np
+      >>> from spectra import ConvSpec
+      >>> y = conv_numpy(np.ones((3, 3, 1, 1)), np.ones((4, 4, 1)), ConvSpec((4, 4)))
+      >>> y[..., 0]
+      array([[4., 6., 6., 4.],
+             [6., 9., 9., 6.],
+             [6., 9., 9., 6.],
+             [4., 6., 6., 4.]])
+    """
+    kernel, kshape = _float64_kernel(kernel, spec)
+    c_in, c_out = spec.channels(kshape)
+    x = np.asarray(x, np.float64)
+    if x.ndim < 3 or x.shape[-3:] != (*spec.input_shape, c_in):
+        raise ValueError(
+            f"x must have shape (..., {spec.input_shape[0]}, {spec.input_shape[1]}, {c_in}); "
+            f"got {x.shape}"
+        )
+    g = spec.feature_group_count
+    lead = x.shape[:-3]
+    ho, wo = spec.output_shape(kshape)
+    pads = spec.pads(kshape)
+    xp = np.pad(
+        x,
+        [(0, 0)] * len(lead) + [tuple(pads[0]), tuple(pads[1]), (0, 0)],
+        mode="wrap" if spec.is_circular else "constant",
+    )
+    windows = _windows(spec, kshape)
+    taps = len(windows)
+    cols = np.stack([xp[..., a, b, :] for a, b in windows], axis=-2)  # (..., ho, wo, T, c_in)
+    rows = math.prod(lead) * ho * wo
+    kg = _grouped_kernel(kernel, g)
+    if g == 1:
+        y = cols.reshape(rows, taps * c_in) @ kg[0]
+    else:
+        cols = cols.reshape(rows, taps, g, c_in // g).transpose(2, 0, 1, 3)
+        y = np.matmul(cols.reshape(g, rows, -1), kg).transpose(1, 0, 2)
+    return y.reshape(*lead, ho, wo, c_out)
+
+
+def conv_transpose_numpy(kernel, y, spec: ConvSpec) -> np.ndarray:
+    """Applies the adjoint ``Aᵀ`` of :func:`conv_numpy` to ``y`` ``(..., H_out, W_out, c_out)``.
+
+    Exact adjoint (``<A x, y> = <x, Aᵀ y>``): each tap's contribution is scattered back to the
+    input pixels it read; zero padding is cropped, circular padding folded back (wrap-around).
+
+    Returns:
+      ``(..., H, W, c_in)`` float64.
+    """
+    kernel, kshape = _float64_kernel(kernel, spec)
+    c_in, c_out = spec.channels(kshape)
+    ho, wo = spec.output_shape(kshape)
+    y = np.asarray(y, np.float64)
+    if y.ndim < 3 or y.shape[-3:] != (ho, wo, c_out):
+        raise ValueError(f"y must have shape (..., {ho}, {wo}, {c_out}); got {y.shape}")
+    g = spec.feature_group_count
+    lead = y.shape[:-3]
+    rows = math.prod(lead) * ho * wo
+    kg = _grouped_kernel(kernel, g)
+    windows = _windows(spec, kshape)
+    taps = len(windows)
+    if g == 1:
+        cols = y.reshape(rows, c_out) @ kg[0].T
+    else:
+        yg = y.reshape(rows, g, c_out // g).transpose(1, 0, 2)
+        cols = np.matmul(yg, kg.transpose(0, 2, 1))  # (g, rows, T cig)
+        cols = cols.reshape(g, rows, taps, c_in // g).transpose(1, 2, 0, 3)
+    cols = cols.reshape(*lead, ho, wo, taps, c_in)
+    (lo1, hi1), (lo2, hi2) = spec.pads(kshape)
+    n1, n2 = spec.input_shape
+    xp = np.zeros((*lead, n1 + lo1 + hi1, n2 + lo2 + hi2, c_in))
+    for t, (a, b) in enumerate(windows):
+        xp[..., a, b, :] += cols[..., t, :]
+    if spec.is_circular:
+        xp = _fold(xp, xp.ndim - 3, n1, lo1)
+        return _fold(xp, xp.ndim - 2, n2, lo2)
+    return xp[..., lo1 : lo1 + n1, lo2 : lo2 + n2, :]
+
+
+def _fold(xp: np.ndarray, axis: int, n: int, lo: int) -> np.ndarray:
+    """Adjoint of the wrap pad along ``axis``: padded index ``i`` holds input ``(i - lo) mod n``."""
+    size = xp.shape[axis]
+    blocks = -(-size // n)
+    widths = [(0, 0)] * xp.ndim
+    widths[axis] = (0, blocks * n - size)
+    xp = np.pad(xp, widths)
+    shape = xp.shape[:axis] + (blocks, n) + xp.shape[axis + 1 :]
+    folded = xp.reshape(shape).sum(axis=axis)
+    return np.roll(folded, -lo, axis=axis)
+
+
+def dense_operator_numpy(kernel, spec: ConvSpec) -> np.ndarray:
+    """The matrix of the layer ``(out_dim, in_dim)`` (float64), as :func:`spectra.dense_operator`.
+
+    Rows index the output flattened ``(H_out, W_out, c_out)``, columns the input ``(H, W, c_in)``.
+    Memory ``out_dim * in_dim``: for small layers.
+    """
+    kernel, kshape = _float64_kernel(kernel, spec)
+    c_in = spec.channels(kshape)[0]
+    in_dim = spec.in_dim(kshape)
+    eye = np.eye(in_dim).reshape(in_dim, *spec.input_shape, c_in)
+    return conv_numpy(kernel, eye, spec).reshape(in_dim, -1).T
+
+
+class HostLanczosResult(NamedTuple):
+    """Result of :func:`lanczos_sigma_max_numpy`.
+
+    Attributes:
+      value: σ_max estimate: the square root of a Ritz value of the Gram matrix (a lower
+        estimate of the exact σ_max, up to rounding).
+      residual: ``||G v − σ² v|| / σ²`` for the returned unit Ritz vector ``v`` of the Gram
+        matrix ``G`` (``AᵀA``, or ``AAᵀ`` when the output is the smaller side: their nonzero
+        eigenvalues are the same); some eigenvalue of ``G`` lies within ``residual * σ²`` of
+        ``σ²``.
+      num_matvecs: Gram products used (each one ``A`` and one ``Aᵀ``).
+    """
+
+    value: float
+    residual: float
+    num_matvecs: int
+
+
+def lanczos_sigma_max_numpy(
+    kernel,
+    spec: ConvSpec,
+    *,
+    rtol: float = 1e-5,
+    ncv: int | None = None,
+    max_tries: int = 4,
+    seed: int = 0,
+) -> HostLanczosResult:
+    """σ_max of any layer, matrix-free: ARPACK's implicitly restarted Lanczos in float64.
+
+    ``scipy.sparse.linalg.eigsh(which='LA', k=1)`` on the Gram matrix of the smaller side, its
+    products computed with :func:`conv_numpy` and :func:`conv_transpose_numpy`. The residual of
+    the returned Ritz pair is recomputed with one more product; when it is above ``rtol`` (ARPACK
+    measures its tolerance on its own estimate) the run is repeated from that vector with a
+    10x tighter tolerance, at most ``max_tries`` times.
+
+    Args:
+      kernel: HWIO kernel.
+      spec: the layer.
+      rtol: relative residual tolerance (see :class:`HostLanczosResult`).
+      ncv: Lanczos vectors kept between restarts (ARPACK's default ``20`` when ``None``).
+      max_tries: ARPACK runs at most.
+      seed: for the random start vector.
+
+    Returns:
+      :class:`HostLanczosResult`.
+
+    Example:
+      >>> import numpy as np
+      >>> from spectra import ConvSpec
+      >>> r = lanczos_sigma_max_numpy(np.ones((1, 1, 1, 1)) * 2.0, ConvSpec((8, 8)))
+      >>> round(r.value, 6), r.residual <= 1e-5
+      (2.0, True)
+    """
+    from scipy.sparse.linalg import ArpackNoConvergence
+    from scipy.sparse.linalg import LinearOperator
+    from scipy.sparse.linalg import eigsh
+
+    kernel, kshape = _float64_kernel(kernel, spec)
+    c_in, c_out = spec.channels(kshape)
+    x_shape = (*spec.input_shape, c_in)
+    y_shape = (*spec.output_shape(kshape), c_out)
+    in_dim, out_dim = spec.in_dim(kshape), spec.out_dim(kshape)
+    count = [0]
+    if in_dim <= out_dim:
+        dim = in_dim
+
+        def gram(v):
+            count[0] += 1
+            y = conv_numpy(kernel, v.reshape(x_shape), spec)
+            return conv_transpose_numpy(kernel, y, spec).reshape(-1)
+    else:
+        dim = out_dim
+
+        def gram(u):
+            count[0] += 1
+            x = conv_transpose_numpy(kernel, u.reshape(y_shape), spec)
+            return conv_numpy(kernel, x, spec).reshape(-1)
+
+    v = np.random.default_rng(seed).standard_normal(dim)
+    if dim <= 2:  # ARPACK needs k < dim - 1: the Gram matrix is tiny, do it densely.
+        g = np.stack([gram(e) for e in np.eye(dim)], axis=1)
+        theta = float(np.linalg.eigvalsh(g)[-1])
+        return HostLanczosResult(math.sqrt(max(theta, 0.0)), 0.0, count[0])
+    op = LinearOperator((dim, dim), matvec=gram, dtype=np.float64)
+    ncv = min(dim, ncv or 20)
+    tol = rtol
+    theta, residual = 0.0, math.inf
+    for _ in range(max(max_tries, 1)):
+        try:
+            w, vecs = eigsh(op, k=1, which="LA", v0=v, tol=tol, ncv=ncv, maxiter=100 * dim)
+        except ArpackNoConvergence as e:  # pragma: no cover - partial result, residual below
+            w, vecs = e.eigenvalues, e.eigenvectors
+            if len(w) == 0:
+                break
+        v = vecs[:, 0] / np.linalg.norm(vecs[:, 0])
+        gv = gram(v)
+        theta = float(v @ gv)  # Rayleigh quotient of the normalised vector.
+        residual = float(np.linalg.norm(gv - theta * v) / theta) if theta > 0 else 0.0
+        if residual <= rtol:
+            break
+        tol /= 10
+    return HostLanczosResult(math.sqrt(max(theta, 0.0)), residual, count[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Circulant (per-frequency) computations.
+
+
+def _circular_grid_spec(spec: ConvSpec, kshape: Sequence[int]) -> ConvSpec:
+    """A circular spec, strides dividing its input, whose exact σ_max bounds ``spec``'s.
+
+    As ``spectra.exact_circular_spec``: the circulant embedding for zero padding; for circular
+    padding the spec itself with the strides that do not divide the input replaced by 1 (the
+    layer is then a row subsample of that one).
+    """
+    import dataclasses
+
+    import spectra
+
+    if not spec.is_circular:
+        return spectra.circulant_embedding(spec, kshape)
+    strides = tuple(s if n % s == 0 else 1 for n, s in zip(spec.input_shape, spec.strides))
+    return dataclasses.replace(spec, strides=strides)
+
+
+def _half_multiplicity(n2: int) -> np.ndarray:
+    m = np.full(n2 // 2 + 1, 2, dtype=np.int64)
+    m[0] = 1
+    if n2 % 2 == 0:
+        m[-1] = 1
+    return m
+
+
+def _frequency_chunks(kernel: np.ndarray, spec: ConvSpec):
+    """Yields the per-frequency matrices of a circular spec (strides dividing) by row chunks.
+
+    Each item: complex ``(g, rows, N2 // 2 + 1, c_out / g, (c_in / g) s1 s2)``, the matrices of
+    ``spectra.frequency_matrices`` for a block of first-axis frequencies ``u`` (all of them, in
+    order, over the items). Computed from the kernel's few taps (polyphase; an rfft along the
+    second axis, a small DFT matrix along the first), never from the zero-embedded kernel.
+    """
+    kh, kw, cig, cout = kernel.shape
+    g = spec.feature_group_count
+    cog = cout // g
+    (s1, s2), (d1, d2) = spec.strides, spec.kernel_dilation
+    big1, big2 = (n // s for n, s in zip(spec.input_shape, spec.strides))
+    keff1, keff2 = spec.dilated_kernel_size(kernel.shape)
+    t1, t2 = -(-keff1 // s1), -(-keff2 // s2)
+    e = np.zeros((t1 * s1, t2 * s2, cig, cout))
+    e[:keff1:d1, :keff2:d2] = kernel
+    e = e.reshape(t1, s1, t2, s2, cig, g, cog)
+    e = np.fft.rfft(e, n=big2, axis=2)  # (t1, s1, N2h, s2, cig, g, cog)
+    n2h = big2 // 2 + 1
+    per_row = n2h * s1 * s2 * cig * cout
+    step = max(1, FREQUENCY_CHUNK_ENTRIES // max(per_row, 1))
+    for start in range(0, big1, step):
+        u = np.arange(start, min(start + step, big1))
+        dft = np.exp(-2j * np.pi * np.outer(u, np.arange(t1)) / big1)  # (rows, t1)
+        m = np.tensordot(dft, e, axes=(1, 0))  # (rows, s1, N2h, s2, cig, g, cog)
+        yield m.transpose(5, 0, 2, 6, 4, 1, 3).reshape(g, len(u), n2h, cog, cig * s1 * s2)
+
+
+def _top_singular_values(m: np.ndarray) -> np.ndarray:
+    """σ_max of each matrix of a stack ``(..., r, c)``: λ_max of the smaller Gram (eigvalsh)."""
+    r, c = m.shape[-2:]
+    if min(r, c) == 1:
+        return np.sqrt(np.sum(np.abs(m) ** 2, axis=(-2, -1)))
+    mh = np.conj(np.swapaxes(m, -1, -2))
+    gram = m @ mh if r <= c else mh @ m
+    return np.sqrt(np.maximum(np.linalg.eigvalsh(gram)[..., -1], 0.0))
+
+
+def circulant_sigma_max_numpy(kernel, spec: ConvSpec) -> float:
+    """σ_max of the circular layer containing ``spec``'s: ``spectra.symbol_grid_bound`` on the host.
+
+    The max over the frequency grid of the circulant embedding (zero padding; see
+    :func:`spectra.circulant_embedding`) of the per-frequency σ_max (λ_max of the Gram matrix of
+    the smaller side, LAPACK ``eigvalsh``, float64).
+
+    Returns:
+      An **upper bound** on the layer's σ_max; **exact** for circular specs whose strides divide
+      the input.
+    """
+    kernel, kshape = _float64_kernel(kernel, spec)
+    emb = _circular_grid_spec(spec, kshape)
+    return float(max(_top_singular_values(m).max() for m in _frequency_chunks(kernel, emb)))
+
+
+def circular_singular_values_numpy(kernel, spec: ConvSpec) -> np.ndarray:
+    """All singular values of a circular layer (strides dividing the input), sorted descending.
+
+    Exact (Sedghi et al. 2019, polyphase for strides): the union with multiplicity of the
+    per-frequency matrices' singular values (LAPACK SVD, float64), as
+    ``spectra.singular_values(kernel, spec, 'fft')``.
+
+    Returns:
+      ``(spec.num_singular_values(kernel.shape),)``.
+
+    Raises:
+      ValueError: naming ``spec`` when it is not circular or its strides do not divide its input.
+    """
+    kernel, kshape = _float64_kernel(kernel, spec)
+    if not spec.is_circular or any(n % s for n, s in zip(spec.input_shape, spec.strides)):
+        raise ValueError(
+            f"spec={spec} must be circular with strides dividing input_shape for the exact "
+            "per-frequency spectrum"
+        )
+    big2 = spec.input_shape[1] // spec.strides[1]
+    mult = _half_multiplicity(big2)
+    parts = []
+    for m in _frequency_chunks(kernel, spec):
+        sv = np.linalg.svd(m, compute_uv=False)  # (g, rows, N2h, r)
+        parts.append(np.repeat(sv, mult, axis=2).ravel())
+    values = -np.sort(-np.concatenate(parts))
+    return values[: spec.num_singular_values(kshape)]
+
+
+def tap_sum_bound_numpy(kernel, spec: ConvSpec) -> float:
+    """``max_g Σ_pq ||K_g[p, q]||_2``: **upper bound** at any padding, stride and dilation.
+
+    ``A = Σ_pq S_pq ⊗ K[p, q]`` with each ``S_pq`` a partial selection (each output pixel reads
+    at most one input pixel through a tap, each input pixel is read at most once): norm <= 1.
+    Groups make ``A`` block diagonal. Exact for 1x1 kernels (with one output reading real
+    input). ``spectra.tap_sum_bound`` also tries the polyphase kernel (sometimes tighter).
+    """
+    kernel, _ = _float64_kernel(kernel, spec)
+    kh, kw, cig, cout = kernel.shape
+    g = spec.feature_group_count
+    taps = kernel.reshape(kh * kw, cig, g, cout // g).transpose(2, 0, 1, 3)  # (g, T, cig, cog)
+    norms = np.linalg.norm(taps, ord=2, axis=(-2, -1))  # (g, T)
+    return float(norms.sum(axis=1).max())
+
+
+def frobenius_norm_numpy(kernel, spec: ConvSpec) -> float:
+    """``||A||_F`` exactly, from the kernel: each tap's ``||K[p, q]||_F^2`` times the number of
+    output pixels at which it reads a real input pixel (all of them for circular padding).
+    ``spectra.frobenius_norm_squared`` on the host."""
+    kernel, kshape = _float64_kernel(kernel, spec)
+    counts = []
+    for n, m, (lo, _), s, d, k in zip(
+        spec.input_shape,
+        spec.output_shape(kshape),
+        spec.pads(kshape),
+        spec.strides,
+        spec.kernel_dilation,
+        kshape[:2],
+    ):
+        if spec.is_circular:
+            counts.append(np.full(k, m, dtype=np.float64))
+            continue
+        pos = s * np.arange(m)[:, None] + d * np.arange(k)[None, :] - lo
+        counts.append(np.sum((pos >= 0) & (pos < n), axis=0).astype(np.float64))
+    return float(math.sqrt(np.sum(np.sum(kernel**2, axis=(2, 3)) * np.outer(*counts))))
+
+
+# --------------------------------------------------------------------------------------------
+# Layers with disjoint windows: block diagonal.
+
+
+def _axis_reads(n: int, m: int, lo: int, s: int, d: int, k: int) -> np.ndarray:
+    """``(m, k)`` input positions read along one axis of a zero-padded layer (``-1``: a pad)."""
+    pos = s * np.arange(m)[:, None] + d * np.arange(k)[None, :] - lo
+    return np.where((pos >= 0) & (pos < n), pos, -1)
+
+
+def disjoint_windows(spec: ConvSpec, kernel_shape: Sequence[int]) -> bool:
+    """True when no input pixel is read by two different (output pixel, tap) pairs.
+
+    Zero padding only (circular layers have their exact FFT method). Holds for 1x1 kernels at
+    any stride and padding, and for strides at least the dilated kernel size ("patchify"); then
+    :func:`block_singular_values` is exact. Decided by enumerating the reads along each axis (the
+    2-D reads are the products of the per-axis ones).
+    """
+    if spec.is_circular:
+        return False
+    kshape = tuple(kernel_shape)
+    for n, m, (lo, _), s, d, k in zip(
+        spec.input_shape,
+        spec.output_shape(kshape),
+        spec.pads(kshape),
+        spec.strides,
+        spec.kernel_dilation,
+        kshape[:2],
+    ):
+        reads = _axis_reads(n, m, lo, s, d, k)
+        reads = reads[reads >= 0]
+        if np.unique(reads).size != reads.size:
+            return False
+    return True
+
+
+def block_singular_values(kernel, spec: ConvSpec) -> np.ndarray:
+    """All singular values of a layer with :func:`disjoint_windows`, exactly, sorted descending.
+
+    Each output pixel and group reads its own input pixels: the operator is, after permuting
+    rows and columns, block diagonal with blocks ``K_g`` restricted to the taps that read real
+    input (rows ``(tap, c)``, columns the group's output channels), plus zero columns for input
+    pixels no output reads. So the singular values are those of the blocks, each block counted
+    once per output pixel with the same valid taps, padded with zeros (LAPACK SVD, float64).
+
+    Returns:
+      ``(spec.num_singular_values(kernel.shape),)``.
+
+    Raises:
+      ValueError: naming ``spec`` when its windows overlap.
+    """
+    kernel, kshape = _float64_kernel(kernel, spec)
+    if not disjoint_windows(spec, kshape):
+        raise ValueError(f"spec={spec} reads some input pixel twice: the layer is not block diagonal")
+    kh, kw, cig, cout = kshape
+    g = spec.feature_group_count
+    masks = []
+    for n, m, (lo, _), s, d, k in zip(
+        spec.input_shape,
+        spec.output_shape(kshape),
+        spec.pads(kshape),
+        spec.strides,
+        spec.kernel_dilation,
+        kshape[:2],
+    ):
+        patterns, counts = np.unique(_axis_reads(n, m, lo, s, d, k) >= 0, axis=0, return_counts=True)
+        masks.append((patterns, counts))
+    taps = kernel.reshape(kh, kw, cig, g, cout // g)
+    parts = []
+    for rows, c1 in zip(*masks[0]):
+        for cols, c2 in zip(*masks[1]):
+            block = taps[rows][:, cols]  # (t1, t2, cig, g, cog)
+            if block.size == 0:
+                continue
+            block = block.transpose(3, 0, 1, 2, 4).reshape(g, -1, cout // g)
+            sv = np.linalg.svd(block, compute_uv=False).ravel()
+            parts.append(np.repeat(sv, int(c1) * int(c2)))
+    total = spec.num_singular_values(kshape)
+    values = -np.sort(-np.concatenate(parts)) if parts else np.zeros(0)
+    if values.size < total:
+        values = np.concatenate([values, np.zeros(total - values.size)])
+    return values[:total]
