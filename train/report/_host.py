@@ -1,8 +1,8 @@
 """The conv operator and its exact spectral numbers on the host: NumPy / SciPy, float64, no XLA.
 
 A report analyses every layer of a network once, each at its own input size: with JAX every
-distinct layer shape costs a compiled program (seconds on CPU; measured, most of a whole report).
-The functions here compute the same numbers with NumPy (BLAS / LAPACK / pocketfft) and SciPy's
+distinct layer shape costs compiled programs (seconds each on CPU; measured: most of a whole
+report). The functions here compute the same numbers with NumPy (BLAS / LAPACK) and SciPy's
 ARPACK, with no compilation, in float64 whatever the kernel's dtype:
 
 * :func:`conv_numpy` / :func:`conv_transpose_numpy`: the layer's operator ``A`` and its adjoint
@@ -13,18 +13,10 @@ ARPACK, with no compilation, in float64 whatever the kernel's dtype:
   flattened as :func:`spectra.dense_operator`).
 * :func:`lanczos_sigma_max_numpy`: σ_max of any layer by matrix-free implicitly restarted Lanczos
   (``scipy.sparse.linalg.eigsh``) on the Gram matrix of the smaller side, with its residual.
-* :func:`circular_singular_values_numpy`: the exact spectrum of a circular layer (strides
-  dividing the input) from its per-frequency (polyphase) matrices (Sedghi et al. 2019).
-* :func:`circulant_sigma_max_numpy`: σ_max of the circulant embedding: an **upper bound** for a
-  zero-padded layer (``spectra.symbol_grid_bound``), exact for a circular one.
-* :func:`tap_sum_bound_numpy`: ``max_g Σ_pq ||K_g[p, q]||_2``: an **upper bound**, exact for 1x1
-  kernels.
-* :func:`disjoint_windows` / :func:`block_singular_values`: layers in which no input pixel is
-  read by two output pixels (1x1 kernels at any stride and zero padding, non-overlapping
-  "patchify" convs with stride >= the dilated kernel): after a permutation the operator is
-  block diagonal, one block per output pixel and group (the kernel reshaped to
-  ``(taps * c_in/g, c_out/g)``, restricted to the taps that read real input), so its singular
-  values are exactly those of the blocks (plus zeros).
+* :func:`tap_sum_bound_numpy` (an **upper bound**) and :func:`frobenius_norm_numpy` (exact).
+
+The per-frequency computations (circular spectra, the circulant-embedding bound, block-diagonal
+layers, the spectral-density approximation) are in ``train.report._host_spectra``.
 """
 
 from __future__ import annotations
@@ -37,12 +29,9 @@ import numpy as np
 
 from spectra import ConvSpec
 
-#: Most complex entries of per-frequency matrices held at once (they are computed in chunks of
-#: frequency rows): bounds the memory of the circulant computations (16 bytes each).
-FREQUENCY_CHUNK_ENTRIES = 4_000_000
 
-
-def _float64_kernel(kernel, spec: ConvSpec) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+def float64_kernel(kernel, spec: ConvSpec) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """``(kernel as float64 NumPy, its HWIO shape)`` after ``spec.validate(kernel)``."""
     kernel = np.asarray(kernel)
     kshape = spec.validate(kernel)
     return kernel.astype(np.float64), tuple(kshape)  # type: ignore[return-value]
@@ -52,7 +41,10 @@ def _windows(spec: ConvSpec, kshape: Sequence[int]) -> list[tuple[slice, slice]]
     """Per tap ``(p, q)`` (row-major), the slices of the padded input it reads."""
     (ho, wo), (s1, s2), (d1, d2) = spec.output_shape(kshape), spec.strides, spec.kernel_dilation
     return [
-        (slice(d1 * p, d1 * p + s1 * (ho - 1) + 1, s1), slice(d2 * q, d2 * q + s2 * (wo - 1) + 1, s2))
+        (
+            slice(d1 * p, d1 * p + s1 * (ho - 1) + 1, s1),
+            slice(d2 * q, d2 * q + s2 * (wo - 1) + 1, s2),
+        )
         for p in range(kshape[0])
         for q in range(kshape[1])
     ]
@@ -89,7 +81,7 @@ def conv_numpy(kernel, x, spec: ConvSpec) -> np.ndarray:
              [6., 9., 9., 6.],
              [4., 6., 6., 4.]])
     """
-    kernel, kshape = _float64_kernel(kernel, spec)
+    kernel, kshape = float64_kernel(kernel, spec)
     c_in, c_out = spec.channels(kshape)
     x = np.asarray(x, np.float64)
     if x.ndim < 3 or x.shape[-3:] != (*spec.input_shape, c_in):
@@ -128,7 +120,7 @@ def conv_transpose_numpy(kernel, y, spec: ConvSpec) -> np.ndarray:
     Returns:
       ``(..., H, W, c_in)`` float64.
     """
-    kernel, kshape = _float64_kernel(kernel, spec)
+    kernel, kshape = float64_kernel(kernel, spec)
     c_in, c_out = spec.channels(kshape)
     ho, wo = spec.output_shape(kshape)
     y = np.asarray(y, np.float64)
@@ -176,7 +168,7 @@ def dense_operator_numpy(kernel, spec: ConvSpec) -> np.ndarray:
     Rows index the output flattened ``(H_out, W_out, c_out)``, columns the input ``(H, W, c_in)``.
     Memory ``out_dim * in_dim``: for small layers.
     """
-    kernel, kshape = _float64_kernel(kernel, spec)
+    kernel, kshape = float64_kernel(kernel, spec)
     c_in = spec.channels(kshape)[0]
     in_dim = spec.in_dim(kshape)
     eye = np.eye(in_dim).reshape(in_dim, *spec.input_shape, c_in)
@@ -240,7 +232,7 @@ def lanczos_sigma_max_numpy(
     from scipy.sparse.linalg import LinearOperator
     from scipy.sparse.linalg import eigsh
 
-    kernel, kshape = _float64_kernel(kernel, spec)
+    kernel, kshape = float64_kernel(kernel, spec)
     c_in, c_out = spec.channels(kshape)
     x_shape = (*spec.input_shape, c_in)
     y_shape = (*spec.output_shape(kshape), c_out)
@@ -287,119 +279,6 @@ def lanczos_sigma_max_numpy(
     return HostLanczosResult(math.sqrt(max(theta, 0.0)), residual, count[0])
 
 
-# --------------------------------------------------------------------------------------------
-# Circulant (per-frequency) computations.
-
-
-def _circular_grid_spec(spec: ConvSpec, kshape: Sequence[int]) -> ConvSpec:
-    """A circular spec, strides dividing its input, whose exact σ_max bounds ``spec``'s.
-
-    As ``spectra.exact_circular_spec``: the circulant embedding for zero padding; for circular
-    padding the spec itself with the strides that do not divide the input replaced by 1 (the
-    layer is then a row subsample of that one).
-    """
-    import dataclasses
-
-    import spectra
-
-    if not spec.is_circular:
-        return spectra.circulant_embedding(spec, kshape)
-    strides = tuple(s if n % s == 0 else 1 for n, s in zip(spec.input_shape, spec.strides))
-    return dataclasses.replace(spec, strides=strides)
-
-
-def _half_multiplicity(n2: int) -> np.ndarray:
-    m = np.full(n2 // 2 + 1, 2, dtype=np.int64)
-    m[0] = 1
-    if n2 % 2 == 0:
-        m[-1] = 1
-    return m
-
-
-def _frequency_chunks(kernel: np.ndarray, spec: ConvSpec):
-    """Yields the per-frequency matrices of a circular spec (strides dividing) by row chunks.
-
-    Each item: complex ``(g, rows, N2 // 2 + 1, c_out / g, (c_in / g) s1 s2)``, the matrices of
-    ``spectra.frequency_matrices`` for a block of first-axis frequencies ``u`` (all of them, in
-    order, over the items). Computed from the kernel's few taps (polyphase; an rfft along the
-    second axis, a small DFT matrix along the first), never from the zero-embedded kernel.
-    """
-    kh, kw, cig, cout = kernel.shape
-    g = spec.feature_group_count
-    cog = cout // g
-    (s1, s2), (d1, d2) = spec.strides, spec.kernel_dilation
-    big1, big2 = (n // s for n, s in zip(spec.input_shape, spec.strides))
-    keff1, keff2 = spec.dilated_kernel_size(kernel.shape)
-    t1, t2 = -(-keff1 // s1), -(-keff2 // s2)
-    e = np.zeros((t1 * s1, t2 * s2, cig, cout))
-    e[:keff1:d1, :keff2:d2] = kernel
-    e = e.reshape(t1, s1, t2, s2, cig, g, cog)
-    e = np.fft.rfft(e, n=big2, axis=2)  # (t1, s1, N2h, s2, cig, g, cog)
-    n2h = big2 // 2 + 1
-    per_row = n2h * s1 * s2 * cig * cout
-    step = max(1, FREQUENCY_CHUNK_ENTRIES // max(per_row, 1))
-    for start in range(0, big1, step):
-        u = np.arange(start, min(start + step, big1))
-        dft = np.exp(-2j * np.pi * np.outer(u, np.arange(t1)) / big1)  # (rows, t1)
-        m = np.tensordot(dft, e, axes=(1, 0))  # (rows, s1, N2h, s2, cig, g, cog)
-        yield m.transpose(5, 0, 2, 6, 4, 1, 3).reshape(g, len(u), n2h, cog, cig * s1 * s2)
-
-
-def _top_singular_values(m: np.ndarray) -> np.ndarray:
-    """σ_max of each matrix of a stack ``(..., r, c)``: λ_max of the smaller Gram (eigvalsh)."""
-    r, c = m.shape[-2:]
-    if min(r, c) == 1:
-        return np.sqrt(np.sum(np.abs(m) ** 2, axis=(-2, -1)))
-    mh = np.conj(np.swapaxes(m, -1, -2))
-    gram = m @ mh if r <= c else mh @ m
-    return np.sqrt(np.maximum(np.linalg.eigvalsh(gram)[..., -1], 0.0))
-
-
-def circulant_sigma_max_numpy(kernel, spec: ConvSpec) -> float:
-    """σ_max of the circular layer containing ``spec``'s: ``spectra.symbol_grid_bound`` on the host.
-
-    The max over the frequency grid of the circulant embedding (zero padding; see
-    :func:`spectra.circulant_embedding`) of the per-frequency σ_max (λ_max of the Gram matrix of
-    the smaller side, LAPACK ``eigvalsh``, float64).
-
-    Returns:
-      An **upper bound** on the layer's σ_max; **exact** for circular specs whose strides divide
-      the input.
-    """
-    kernel, kshape = _float64_kernel(kernel, spec)
-    emb = _circular_grid_spec(spec, kshape)
-    return float(max(_top_singular_values(m).max() for m in _frequency_chunks(kernel, emb)))
-
-
-def circular_singular_values_numpy(kernel, spec: ConvSpec) -> np.ndarray:
-    """All singular values of a circular layer (strides dividing the input), sorted descending.
-
-    Exact (Sedghi et al. 2019, polyphase for strides): the union with multiplicity of the
-    per-frequency matrices' singular values (LAPACK SVD, float64), as
-    ``spectra.singular_values(kernel, spec, 'fft')``.
-
-    Returns:
-      ``(spec.num_singular_values(kernel.shape),)``.
-
-    Raises:
-      ValueError: naming ``spec`` when it is not circular or its strides do not divide its input.
-    """
-    kernel, kshape = _float64_kernel(kernel, spec)
-    if not spec.is_circular or any(n % s for n, s in zip(spec.input_shape, spec.strides)):
-        raise ValueError(
-            f"spec={spec} must be circular with strides dividing input_shape for the exact "
-            "per-frequency spectrum"
-        )
-    big2 = spec.input_shape[1] // spec.strides[1]
-    mult = _half_multiplicity(big2)
-    parts = []
-    for m in _frequency_chunks(kernel, spec):
-        sv = np.linalg.svd(m, compute_uv=False)  # (g, rows, N2h, r)
-        parts.append(np.repeat(sv, mult, axis=2).ravel())
-    values = -np.sort(-np.concatenate(parts))
-    return values[: spec.num_singular_values(kshape)]
-
-
 def tap_sum_bound_numpy(kernel, spec: ConvSpec) -> float:
     """``max_g Σ_pq ||K_g[p, q]||_2``: **upper bound** at any padding, stride and dilation.
 
@@ -408,7 +287,7 @@ def tap_sum_bound_numpy(kernel, spec: ConvSpec) -> float:
     Groups make ``A`` block diagonal. Exact for 1x1 kernels (with one output reading real
     input). ``spectra.tap_sum_bound`` also tries the polyphase kernel (sometimes tighter).
     """
-    kernel, _ = _float64_kernel(kernel, spec)
+    kernel, _ = float64_kernel(kernel, spec)
     kh, kw, cig, cout = kernel.shape
     g = spec.feature_group_count
     taps = kernel.reshape(kh * kw, cig, g, cout // g).transpose(2, 0, 1, 3)  # (g, T, cig, cog)
@@ -420,7 +299,7 @@ def frobenius_norm_numpy(kernel, spec: ConvSpec) -> float:
     """``||A||_F`` exactly, from the kernel: each tap's ``||K[p, q]||_F^2`` times the number of
     output pixels at which it reads a real input pixel (all of them for circular padding).
     ``spectra.frobenius_norm_squared`` on the host."""
-    kernel, kshape = _float64_kernel(kernel, spec)
+    kernel, kshape = float64_kernel(kernel, spec)
     counts = []
     for n, m, (lo, _), s, d, k in zip(
         spec.input_shape,
@@ -436,87 +315,3 @@ def frobenius_norm_numpy(kernel, spec: ConvSpec) -> float:
         pos = s * np.arange(m)[:, None] + d * np.arange(k)[None, :] - lo
         counts.append(np.sum((pos >= 0) & (pos < n), axis=0).astype(np.float64))
     return float(math.sqrt(np.sum(np.sum(kernel**2, axis=(2, 3)) * np.outer(*counts))))
-
-
-# --------------------------------------------------------------------------------------------
-# Layers with disjoint windows: block diagonal.
-
-
-def _axis_reads(n: int, m: int, lo: int, s: int, d: int, k: int) -> np.ndarray:
-    """``(m, k)`` input positions read along one axis of a zero-padded layer (``-1``: a pad)."""
-    pos = s * np.arange(m)[:, None] + d * np.arange(k)[None, :] - lo
-    return np.where((pos >= 0) & (pos < n), pos, -1)
-
-
-def disjoint_windows(spec: ConvSpec, kernel_shape: Sequence[int]) -> bool:
-    """True when no input pixel is read by two different (output pixel, tap) pairs.
-
-    Zero padding only (circular layers have their exact FFT method). Holds for 1x1 kernels at
-    any stride and padding, and for strides at least the dilated kernel size ("patchify"); then
-    :func:`block_singular_values` is exact. Decided by enumerating the reads along each axis (the
-    2-D reads are the products of the per-axis ones).
-    """
-    if spec.is_circular:
-        return False
-    kshape = tuple(kernel_shape)
-    for n, m, (lo, _), s, d, k in zip(
-        spec.input_shape,
-        spec.output_shape(kshape),
-        spec.pads(kshape),
-        spec.strides,
-        spec.kernel_dilation,
-        kshape[:2],
-    ):
-        reads = _axis_reads(n, m, lo, s, d, k)
-        reads = reads[reads >= 0]
-        if np.unique(reads).size != reads.size:
-            return False
-    return True
-
-
-def block_singular_values(kernel, spec: ConvSpec) -> np.ndarray:
-    """All singular values of a layer with :func:`disjoint_windows`, exactly, sorted descending.
-
-    Each output pixel and group reads its own input pixels: the operator is, after permuting
-    rows and columns, block diagonal with blocks ``K_g`` restricted to the taps that read real
-    input (rows ``(tap, c)``, columns the group's output channels), plus zero columns for input
-    pixels no output reads. So the singular values are those of the blocks, each block counted
-    once per output pixel with the same valid taps, padded with zeros (LAPACK SVD, float64).
-
-    Returns:
-      ``(spec.num_singular_values(kernel.shape),)``.
-
-    Raises:
-      ValueError: naming ``spec`` when its windows overlap.
-    """
-    kernel, kshape = _float64_kernel(kernel, spec)
-    if not disjoint_windows(spec, kshape):
-        raise ValueError(f"spec={spec} reads some input pixel twice: the layer is not block diagonal")
-    kh, kw, cig, cout = kshape
-    g = spec.feature_group_count
-    masks = []
-    for n, m, (lo, _), s, d, k in zip(
-        spec.input_shape,
-        spec.output_shape(kshape),
-        spec.pads(kshape),
-        spec.strides,
-        spec.kernel_dilation,
-        kshape[:2],
-    ):
-        patterns, counts = np.unique(_axis_reads(n, m, lo, s, d, k) >= 0, axis=0, return_counts=True)
-        masks.append((patterns, counts))
-    taps = kernel.reshape(kh, kw, cig, g, cout // g)
-    parts = []
-    for rows, c1 in zip(*masks[0]):
-        for cols, c2 in zip(*masks[1]):
-            block = taps[rows][:, cols]  # (t1, t2, cig, g, cog)
-            if block.size == 0:
-                continue
-            block = block.transpose(3, 0, 1, 2, 4).reshape(g, -1, cout // g)
-            sv = np.linalg.svd(block, compute_uv=False).ravel()
-            parts.append(np.repeat(sv, int(c1) * int(c2)))
-    total = spec.num_singular_values(kshape)
-    values = -np.sort(-np.concatenate(parts)) if parts else np.zeros(0)
-    if values.size < total:
-        values = np.concatenate([values, np.zeros(total - values.size)])
-    return values[:total]
