@@ -50,16 +50,109 @@ def _windows(spec: ConvSpec, kshape: Sequence[int]) -> list[tuple[slice, slice]]
     ]
 
 
-def _grouped_kernel(kernel: np.ndarray, groups: int) -> np.ndarray:
-    """HWIO ``(kh, kw, cig, c_out)`` -> ``(g, kh kw cig, c_out / g)`` (rows: tap-major)."""
-    kh, kw, cig, cout = kernel.shape
-    taps = kh * kw
-    k = kernel.reshape(taps, cig, groups, cout // groups).transpose(2, 0, 1, 3)
-    return k.reshape(groups, taps * cig, cout // groups)
+class ConvOperator:
+    """The operator ``A`` of one conv layer on the host (float64), set up once for many products.
+
+    The geometry (pads, the slices each tap reads, the grouped kernel) is computed and the kernel
+    validated at construction, so :meth:`apply` / :meth:`adjoint` do only the arithmetic: an
+    im2col (one strided slice of the padded input per tap) and one matmul per group; the adjoint
+    scatters each tap's share back, then crops zero padding or folds circular padding.
+
+    Args:
+      kernel: HWIO kernel ``(kh, kw, c_in // groups, c_out)``.
+      spec: the layer.
+    """
+
+    def __init__(self, kernel, spec: ConvSpec):
+        kernel, kshape = float64_kernel(kernel, spec)
+        self.spec = spec
+        self.kernel_shape = kshape
+        self.c_in, self.c_out = spec.channels(kshape)
+        self.groups = g = spec.feature_group_count
+        self.input_shape = (*spec.input_shape, self.c_in)
+        self.output_shape = (*spec.output_shape(kshape), self.c_out)
+        self.pads = tuple(tuple(p) for p in spec.pads(kshape))
+        self.windows = _windows(spec, kshape)
+        kh, kw, cig, cout = kshape
+        taps = kh * kw
+        k = kernel.reshape(taps, cig, g, cout // g).transpose(2, 0, 1, 3)
+        self._kg = np.ascontiguousarray(k.reshape(g, taps * cig, cout // g))
+        self._kgt = np.ascontiguousarray(self._kg.transpose(0, 2, 1))
+        (lo1, hi1), (lo2, hi2) = self.pads
+        n1, n2 = spec.input_shape
+        self._padded = (n1 + lo1 + hi1, n2 + lo2 + hi2)
+
+    @property
+    def in_dim(self) -> int:
+        return math.prod(self.input_shape)
+
+    @property
+    def out_dim(self) -> int:
+        return math.prod(self.output_shape)
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """``A x``: ``(..., H, W, c_in)`` -> ``(..., H_out, W_out, c_out)``."""
+        x = np.asarray(x, np.float64)
+        if x.ndim < 3 or x.shape[-3:] != self.input_shape:
+            raise ValueError(
+                f"x must have shape (..., {', '.join(map(str, self.input_shape))}); got {x.shape}"
+            )
+        lead = x.shape[:-3]
+        (lo1, hi1), (lo2, hi2) = self.pads
+        if self.spec.is_circular:
+            xp = np.pad(x, [(0, 0)] * len(lead) + [(lo1, hi1), (lo2, hi2), (0, 0)], mode="wrap")
+        else:
+            xp = np.zeros((*lead, *self._padded, self.c_in))
+            xp[..., lo1 : lo1 + x.shape[-3], lo2 : lo2 + x.shape[-2], :] = x
+        ho, wo, _ = self.output_shape
+        rows = math.prod(lead) * ho * wo
+        taps, g = len(self.windows), self.groups
+        cols = np.empty((*lead, ho, wo, taps, self.c_in))
+        for t, (a, b) in enumerate(self.windows):
+            cols[..., t, :] = xp[..., a, b, :]
+        if g == 1:
+            y = cols.reshape(rows, taps * self.c_in) @ self._kg[0]
+        else:
+            cols = cols.reshape(rows, taps, g, self.c_in // g).transpose(2, 0, 1, 3)
+            y = np.matmul(cols.reshape(g, rows, -1), self._kg).transpose(1, 0, 2)
+        return y.reshape(*lead, *self.output_shape)
+
+    def adjoint(self, y: np.ndarray) -> np.ndarray:
+        """``Aᵀ y``: ``(..., H_out, W_out, c_out)`` -> ``(..., H, W, c_in)``."""
+        y = np.asarray(y, np.float64)
+        if y.ndim < 3 or y.shape[-3:] != self.output_shape:
+            raise ValueError(
+                f"y must have shape (..., {', '.join(map(str, self.output_shape))}); got {y.shape}"
+            )
+        lead = y.shape[:-3]
+        ho, wo, _ = self.output_shape
+        rows = math.prod(lead) * ho * wo
+        taps, g, c_in = len(self.windows), self.groups, self.c_in
+        if g == 1:
+            cols = y.reshape(rows, self.c_out) @ self._kgt[0]
+        else:
+            yg = y.reshape(rows, g, self.c_out // g).transpose(1, 0, 2)
+            cols = np.matmul(yg, self._kgt)  # (g, rows, T cig)
+            cols = cols.reshape(g, rows, taps, c_in // g).transpose(1, 2, 0, 3)
+        cols = cols.reshape(*lead, ho, wo, taps, c_in)
+        (lo1, _), (lo2, _) = self.pads
+        n1, n2 = self.spec.input_shape
+        xp = np.zeros((*lead, *self._padded, c_in))
+        for t, (a, b) in enumerate(self.windows):
+            xp[..., a, b, :] += cols[..., t, :]
+        if self.spec.is_circular:
+            xp = _fold(xp, xp.ndim - 3, n1, lo1)
+            return _fold(xp, xp.ndim - 2, n2, lo2)
+        return xp[..., lo1 : lo1 + n1, lo2 : lo2 + n2, :]
+
+    def matrix(self) -> np.ndarray:
+        """The dense matrix ``(out_dim, in_dim)``, flattened as :func:`spectra.dense_operator`."""
+        eye = np.eye(self.in_dim).reshape(self.in_dim, *self.input_shape)
+        return self.apply(eye).reshape(self.in_dim, -1).T
 
 
 def conv_numpy(kernel, x, spec: ConvSpec) -> np.ndarray:
-    """Applies the layer (no bias) to ``x`` on the host, in float64.
+    """Applies the layer (no bias) to ``x`` on the host, in float64 (:class:`ConvOperator`).
 
     The same operator as :func:`spectra.conv` (cross-correlation, ``lax`` conventions).
 
@@ -81,34 +174,7 @@ def conv_numpy(kernel, x, spec: ConvSpec) -> np.ndarray:
              [6., 9., 9., 6.],
              [4., 6., 6., 4.]])
     """
-    kernel, kshape = float64_kernel(kernel, spec)
-    c_in, c_out = spec.channels(kshape)
-    x = np.asarray(x, np.float64)
-    if x.ndim < 3 or x.shape[-3:] != (*spec.input_shape, c_in):
-        raise ValueError(
-            f"x must have shape (..., {spec.input_shape[0]}, {spec.input_shape[1]}, {c_in}); "
-            f"got {x.shape}"
-        )
-    g = spec.feature_group_count
-    lead = x.shape[:-3]
-    ho, wo = spec.output_shape(kshape)
-    pads = spec.pads(kshape)
-    xp = np.pad(
-        x,
-        [(0, 0)] * len(lead) + [tuple(pads[0]), tuple(pads[1]), (0, 0)],
-        mode="wrap" if spec.is_circular else "constant",
-    )
-    windows = _windows(spec, kshape)
-    taps = len(windows)
-    cols = np.stack([xp[..., a, b, :] for a, b in windows], axis=-2)  # (..., ho, wo, T, c_in)
-    rows = math.prod(lead) * ho * wo
-    kg = _grouped_kernel(kernel, g)
-    if g == 1:
-        y = cols.reshape(rows, taps * c_in) @ kg[0]
-    else:
-        cols = cols.reshape(rows, taps, g, c_in // g).transpose(2, 0, 1, 3)
-        y = np.matmul(cols.reshape(g, rows, -1), kg).transpose(1, 0, 2)
-    return y.reshape(*lead, ho, wo, c_out)
+    return ConvOperator(kernel, spec).apply(x)
 
 
 def conv_transpose_numpy(kernel, y, spec: ConvSpec) -> np.ndarray:
@@ -120,34 +186,7 @@ def conv_transpose_numpy(kernel, y, spec: ConvSpec) -> np.ndarray:
     Returns:
       ``(..., H, W, c_in)`` float64.
     """
-    kernel, kshape = float64_kernel(kernel, spec)
-    c_in, c_out = spec.channels(kshape)
-    ho, wo = spec.output_shape(kshape)
-    y = np.asarray(y, np.float64)
-    if y.ndim < 3 or y.shape[-3:] != (ho, wo, c_out):
-        raise ValueError(f"y must have shape (..., {ho}, {wo}, {c_out}); got {y.shape}")
-    g = spec.feature_group_count
-    lead = y.shape[:-3]
-    rows = math.prod(lead) * ho * wo
-    kg = _grouped_kernel(kernel, g)
-    windows = _windows(spec, kshape)
-    taps = len(windows)
-    if g == 1:
-        cols = y.reshape(rows, c_out) @ kg[0].T
-    else:
-        yg = y.reshape(rows, g, c_out // g).transpose(1, 0, 2)
-        cols = np.matmul(yg, kg.transpose(0, 2, 1))  # (g, rows, T cig)
-        cols = cols.reshape(g, rows, taps, c_in // g).transpose(1, 2, 0, 3)
-    cols = cols.reshape(*lead, ho, wo, taps, c_in)
-    (lo1, hi1), (lo2, hi2) = spec.pads(kshape)
-    n1, n2 = spec.input_shape
-    xp = np.zeros((*lead, n1 + lo1 + hi1, n2 + lo2 + hi2, c_in))
-    for t, (a, b) in enumerate(windows):
-        xp[..., a, b, :] += cols[..., t, :]
-    if spec.is_circular:
-        xp = _fold(xp, xp.ndim - 3, n1, lo1)
-        return _fold(xp, xp.ndim - 2, n2, lo2)
-    return xp[..., lo1 : lo1 + n1, lo2 : lo2 + n2, :]
+    return ConvOperator(kernel, spec).adjoint(y)
 
 
 def _fold(xp: np.ndarray, axis: int, n: int, lo: int) -> np.ndarray:
@@ -168,11 +207,7 @@ def dense_operator_numpy(kernel, spec: ConvSpec) -> np.ndarray:
     Rows index the output flattened ``(H_out, W_out, c_out)``, columns the input ``(H, W, c_in)``.
     Memory ``out_dim * in_dim``: for small layers.
     """
-    kernel, kshape = float64_kernel(kernel, spec)
-    c_in = spec.channels(kshape)[0]
-    in_dim = spec.in_dim(kshape)
-    eye = np.eye(in_dim).reshape(in_dim, *spec.input_shape, c_in)
-    return conv_numpy(kernel, eye, spec).reshape(in_dim, -1).T
+    return ConvOperator(kernel, spec).matrix()
 
 
 class HostLanczosResult(NamedTuple):
@@ -201,6 +236,7 @@ def lanczos_sigma_max_numpy(
     ncv: int | None = None,
     max_tries: int = 4,
     seed: int = 0,
+    initial_vector: np.ndarray | None = None,
 ) -> HostLanczosResult:
     """σ_max of any layer, matrix-free: ARPACK's implicitly restarted Lanczos in float64.
 
@@ -216,7 +252,10 @@ def lanczos_sigma_max_numpy(
       rtol: relative residual tolerance (see :class:`HostLanczosResult`).
       ncv: Lanczos vectors kept between restarts (ARPACK's default ``20`` when ``None``).
       max_tries: ARPACK runs at most.
-      seed: for the random start vector.
+      seed: for the random start vector (when ``initial_vector`` is not given).
+      initial_vector: optional input-shaped ``(H, W, c_in)`` start (a warm start, e.g. the
+        circulant top of :func:`train.report.circulant_top_numpy`); mapped through ``A`` when
+        the iteration runs on ``AAᵀ``.
 
     Returns:
       :class:`HostLanczosResult`.
@@ -232,28 +271,30 @@ def lanczos_sigma_max_numpy(
     from scipy.sparse.linalg import LinearOperator
     from scipy.sparse.linalg import eigsh
 
-    kernel, kshape = float64_kernel(kernel, spec)
-    c_in, c_out = spec.channels(kshape)
-    x_shape = (*spec.input_shape, c_in)
-    y_shape = (*spec.output_shape(kshape), c_out)
-    in_dim, out_dim = spec.in_dim(kshape), spec.out_dim(kshape)
+    a = ConvOperator(kernel, spec)
     count = [0]
-    if in_dim <= out_dim:
-        dim = in_dim
+    if a.in_dim <= a.out_dim:
+        dim = a.in_dim
 
         def gram(v):
             count[0] += 1
-            y = conv_numpy(kernel, v.reshape(x_shape), spec)
-            return conv_transpose_numpy(kernel, y, spec).reshape(-1)
+            return a.adjoint(a.apply(v.reshape(a.input_shape))).reshape(-1)
     else:
-        dim = out_dim
+        dim = a.out_dim
 
         def gram(u):
             count[0] += 1
-            x = conv_transpose_numpy(kernel, u.reshape(y_shape), spec)
-            return conv_numpy(kernel, x, spec).reshape(-1)
+            return a.apply(a.adjoint(u.reshape(a.output_shape))).reshape(-1)
 
-    v = np.random.default_rng(seed).standard_normal(dim)
+    if initial_vector is not None:
+        v = np.asarray(initial_vector, np.float64)
+        if v.size != a.in_dim:
+            raise ValueError(f"initial_vector has {v.size} entries; expected in_dim={a.in_dim}")
+        if dim != a.in_dim:
+            v = a.apply(v.reshape(a.input_shape))
+        v = v.reshape(-1)
+    if initial_vector is None or not np.any(v):
+        v = np.random.default_rng(seed).standard_normal(dim)
     if dim <= 2:  # ARPACK needs k < dim - 1: the Gram matrix is tiny, do it densely.
         g = np.stack([gram(e) for e in np.eye(dim)], axis=1)
         theta = float(np.linalg.eigvalsh(g)[-1])

@@ -110,9 +110,55 @@ def circulant_sigma_max_numpy(kernel, spec: ConvSpec) -> float:
       An **upper bound** on the layer's σ_max; **exact** for circular specs whose strides divide
       the input.
     """
+    return circulant_top_numpy(kernel, spec, with_vector=False)[0]
+
+
+def circulant_top_numpy(
+    kernel, spec: ConvSpec, *, with_vector: bool = True
+) -> tuple[float, np.ndarray | None]:
+    """:func:`circulant_sigma_max_numpy` and the circulant's top right singular vector, restricted.
+
+    The top of the circular layer containing ``spec``'s is a plane wave ``Re(w̄ e^{2πi⟨k, τ⟩})``
+    over the polyphase components ``τ`` of its input grid, with ``w`` the top right singular
+    vector of the maximising frequency ``k``'s matrix. Restricted to the layer's own input pixels
+    (at offset ``lo`` of the grid) it is a good start vector for Lanczos on the zero-padded layer
+    (not a singular vector of it: a start only).
+
+    Returns:
+      ``(upper bound, input-shaped (H, W, c_in) float64 vector or None)``.
+    """
     kernel, kshape = float64_kernel(kernel, spec)
     emb = _circular_grid_spec(spec, kshape)
-    return float(max(_top_singular_values(m).max() for m in _frequency_chunks(kernel, emb)))
+    best, where = -1.0, None
+    start = 0
+    for m in _frequency_chunks(kernel, emb):
+        tops = _top_singular_values(m)  # (g, rows, N2h)
+        i = int(np.argmax(tops))
+        if tops.flat[i] > best:
+            gi, r, v = np.unravel_index(i, tops.shape)
+            best, where = float(tops.flat[i]), (gi, start + r, v, m[gi, r, v])
+        start += m.shape[1]
+    if not with_vector or where is None:
+        return best, None
+    gi, u, v, mat = where
+    w = np.linalg.svd(mat)[2][0].conj()  # Top right singular vector, (cig * s1 * s2,).
+    cig = kshape[2]
+    (s1, s2), (b1, b2) = emb.strides, (n // s for n, s in zip(emb.input_shape, emb.strides))
+    w = w.reshape(cig, s1, s2)
+    (lo1, _), (lo2, _) = spec.pads(kshape)
+    n1, n2 = spec.input_shape
+    p1, p2 = (np.arange(n1) + lo1) % emb.input_shape[0], (np.arange(n2) + lo2) % emb.input_shape[1]
+    phase = (
+        np.exp(2j * np.pi * (u * (p1 // s1) / b1))[:, None]
+        * np.exp(2j * np.pi * (v * (p2 // s2) / b2))[None, :]
+    )
+    wave = np.conj(w[:, p1 % s1][:, :, p2 % s2]).transpose(1, 2, 0) * phase[..., None]
+    if not spec.is_circular:  # The lowest mode of a zero-padded (Toeplitz-like) operator.
+        envelope = np.outer(*(np.sin(np.pi * (np.arange(n) + 1) / (n + 1)) for n in (n1, n2)))
+        wave = wave * envelope[..., None]
+    x = np.zeros((n1, n2, cig * spec.feature_group_count))
+    x[..., gi * cig : (gi + 1) * cig] = wave.real
+    return best, x
 
 
 def circular_singular_values_numpy(kernel, spec: ConvSpec) -> np.ndarray:
