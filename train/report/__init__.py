@@ -15,6 +15,7 @@
 from train.report._api import network_report
 from train.report._api import network_report_nnx
 from train.report._empirical import jacobian_lower_bound
+from train.report._host import ConvOperator
 from train.report._host import HostLanczosResult
 from train.report._host import conv_numpy
 from train.report._host import conv_transpose_numpy
@@ -24,6 +25,7 @@ from train.report._host import lanczos_sigma_max_numpy
 from train.report._host import tap_sum_bound_numpy
 from train.report._host_spectra import block_singular_values
 from train.report._host_spectra import circulant_sigma_max_numpy
+from train.report._host_spectra import circulant_top_numpy
 from train.report._host_spectra import circular_singular_values_numpy
 from train.report._host_spectra import disjoint_windows
 from train.report._host_spectra import spectral_density_values_numpy
@@ -50,6 +52,7 @@ __all__ = [
     "METHOD_KINDS",
     "SILU_LIPSCHITZ",
     "ConvLayer",
+    "ConvOperator",
     "HostLanczosResult",
     "LayerReport",
     "NetworkReport",
@@ -57,6 +60,7 @@ __all__ = [
     "analyse_dense",
     "block_singular_values",
     "circulant_sigma_max_numpy",
+    "circulant_top_numpy",
     "circular_singular_values_numpy",
     "conv_numpy",
     "conv_transpose_numpy",
