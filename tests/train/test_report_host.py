@@ -24,6 +24,22 @@ CASES = layer_cases() + [
     ("stride2_CIRCULAR_odd", (3, 3, 2, 3), spectra.ConvSpec((7, 6), 2, "CIRCULAR")),
 ]
 _PARAMS = [(c[0], i) for i, c in enumerate(CASES)]
+# The JAX reference of the approximation compiles per shape (~1 s each): a subset covering every
+# padding mode, stride, dilation, groups and the circular fallback.
+_DENSITY_NAMES = {
+    "k1_SAME",
+    "k2_nonsquare_in_FULL",
+    "k3x2_explicit",
+    "k5_VALID",
+    "stride2_SAME",
+    "dilation2x1_stride2_VALID",
+    "groups2_SAME",
+    "depthwise_mult2_stride2_SAME",
+    "groups2_dilation2_stride2_explicit",
+    "depthwise_CIRCULAR",
+    "stride2_CIRCULAR_odd",
+}
+_DENSITY_PARAMS = [p for p in _PARAMS if p[0] in _DENSITY_NAMES]
 
 
 def _case(index):
@@ -116,7 +132,7 @@ class HostSpectraTest(parameterized.TestCase):
             with self.assertRaisesRegex(ValueError, "spec="):
                 report.block_singular_values(kernel, spec)
 
-    @parameterized.named_parameters(*_PARAMS)
+    @parameterized.named_parameters(*_DENSITY_PARAMS)
     def test_spectral_density_matches_spectra(self, index):
         # An approximation has no ground truth but its definition: the host port must give the
         # values of spectra's (JAX) implementation, which is itself tested against its maths.
