@@ -18,8 +18,9 @@ init, BatchNorm in eval mode):
 Per model it prints the cold time (first call in the process: tracing + compilation + run),
 the warm time (second call), the per-stage split of the cold call (``report.timings``; the
 ``lower_bound`` stage runs in a worker thread during ``compose_pass1`` / ``layers`` /
-``compose``, so the stages add up to more than the wall time), and the targets of issue 13 (ResNet-20 @32² ≤ 3 s cold, detector @320² ≤ 30 s cold). The numbers are
-one run on whatever machine runs it: on a shared machine they move with the load.
+``compose``, so the stages add up to more than the wall time), and the targets of issue 13
+(ResNet-20 @32² ≤ 3 s cold, detector @320² ≤ 30 s cold). The numbers are one run on whatever
+machine runs it: on a shared machine they move with the load.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ import time
 from _timing import fmt_time
 from _timing import limit_threads
 from _timing import markdown
-
 
 BACKEND = "numpy"
 
