@@ -315,8 +315,20 @@ def _symbol_singular_values(kernel, spec: ConvSpec, w1: np.ndarray, w2: np.ndarr
     for start in range(0, len(w1), step):
         e1 = np.exp(-1j * np.outer(w1[start : start + step], np.arange(kh)))  # (rows, kh)
         blocks = np.tensordot(e1, half, axes=(1, 0))  # (rows, L2, g, cog, cig)
-        parts.append(np.linalg.svd(blocks, compute_uv=False).ravel())
+        parts.append(_singular_values_by_gram(blocks).ravel())
     return -np.sort(-np.concatenate(parts))
+
+
+def _singular_values_by_gram(m: np.ndarray) -> np.ndarray:
+    """All singular values of a stack ``(..., r, c)`` from the eigenvalues of the smaller Gram.
+
+    2-4x faster than an SVD at these sizes; absolute error ``~ sqrt(eps) σ_max`` on the smallest
+    values (float64: ~1e-8 σ_max), far below what an approximation for a plot needs.
+    """
+    r, c = m.shape[-2:]
+    mh = np.conj(np.swapaxes(m, -1, -2))
+    gram = m @ mh if r <= c else mh @ m
+    return np.sqrt(np.maximum(np.linalg.eigvalsh(gram)[..., ::-1], 0.0))
 
 
 def _fit_count(values: np.ndarray, total: int, keep_largest: bool) -> np.ndarray:
@@ -363,6 +375,21 @@ def _correct(values: np.ndarray, target: float, correction: str) -> np.ndarray:
 
     c = _bisect(excess, -float(np.sqrt(target)), float(np.max(values / weights)))
     return -np.sort(-np.maximum(values - c * weights, 0.0))
+
+
+def spectral_density_cost(spec: ConvSpec, kernel_shape: Sequence[int]) -> float:
+    """Rough flop count of :func:`spectral_density_values_numpy` (samples x Gram + eigvalsh)."""
+    kshape = tuple(kernel_shape)
+    if spec.is_circular:
+        samples = np.prod([-(-n // s) for n, s in zip(spec.input_shape, spec.strides)])
+    else:
+        w1, w2 = spectra.grid_points(spec, kshape, spectra.GRIDS[spectra.DEFAULT_GRID])
+        samples = w1.size * w2.size
+    g = spec.feature_group_count
+    rows = kshape[3] // g
+    cols = kshape[2] * spec.strides[0] * spec.strides[1]
+    small, large = sorted((rows, cols))
+    return float(samples * g * 8 * small * small * (large + small))
 
 
 def spectral_density_values_numpy(kernel, spec: ConvSpec) -> np.ndarray:

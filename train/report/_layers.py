@@ -61,6 +61,11 @@ DEFAULT_MAX_DENSE_DIM = 512
 #: Most complex entries a per-frequency computation (circulant embedding, spectral density)
 #: may hold; above it that bound / spectrum is skipped.
 MAX_FREQUENCY_ENTRIES = 16_000_000
+#: ``'numpy'`` backend: the Yi approximation of a Lanczos layer's spectrum (for the plot only) is
+#: skipped above this many flops (``spectral_density_cost``; ~0.5 s at the ~10 Gflop/s measured):
+#: its cost grows with c_out·c_in² per sample; measured 26 s (SVD) for YOLOv8n's 128 -> 256,
+#: stride-2 layer at 20x20, which is then drawn without a spectrum.
+MAX_SPECTRUM_FLOPS = 5e9
 #: Most points of a spectrum kept for the plot (evenly spaced in rank).
 MAX_SPECTRUM_POINTS = 1024
 #: Bounds tried on every non-FFT layer: ``tap_sum`` (exact for 1x1 kernels, cheap), then
@@ -134,10 +139,13 @@ def plan_numpy(
         return "dense", bounds, "dense"
     if _host_spectra.disjoint_windows(spec, kshape):
         return "matrix", bounds, "matrix"
-    return "lanczos", bounds, "spectral_density"
+    cheap = _host_spectra.spectral_density_cost(spec, kshape) <= MAX_SPECTRUM_FLOPS
+    return "lanczos", bounds, ("spectral_density" if cheap else None)
 
 
-def _analyse_group_numpy(kernels, folded, spec, sigma_method, bound_names, spectrum_method, rtol):
+def _analyse_group_numpy(
+    kernels, folded, spec, sigma_method, bound_names, spectrum_method, rtol, bracket_rtol
+):
     """:func:`_analyse_group` on the host (NumPy / SciPy, float64, one layer at a time).
 
     Lanczos starts from the top of the circulant embedding (computed for the ``symbol_grid``
@@ -171,7 +179,14 @@ def _analyse_group_numpy(kernels, folded, spec, sigma_method, bound_names, spect
             values = _host_spectra.block_singular_values(k, spec)
             sigma, spectrum = values[0], values
         else:
-            result = _host.lanczos_sigma_max_numpy(k, spec, rtol=rtol, initial_vector=start)
+            result = _host.lanczos_sigma_max_numpy(
+                k,
+                spec,
+                rtol=rtol,
+                initial_vector=start,
+                upper_bound=min(bounds.values()) if bounds else None,
+                bracket_rtol=min(bracket_rtol, rtol),
+            )
             sigma = result.value
             out["residual"].append(result.residual)
             if j < n and spectrum_method == "spectral_density":
@@ -257,7 +272,10 @@ def analyse_convs(
       rtol: Lanczos relative residual tolerance (default: ``'numpy'`` backend
         :data:`LANCZOS_RTOL` for float32 kernels, ``1e-10`` for float64 ones; ``'jax'``: that of
         :func:`spectra.lanczos_spectral_norm`, ``1e-5`` / ``1e-10``).
-      bracket_rtol: a Lanczos σ_max is marked ``sigma_max_certified`` when the best certified
+      bracket_rtol: (``'numpy'`` backend) Lanczos also stops, whatever its residual, once the
+        best certified bound is within ``min(bracket_rtol, rtol)`` of its Ritz value (the exact
+        σ_max is then known to that relative accuracy). A Lanczos σ_max is marked
+        ``sigma_max_certified`` when the best certified
         bound is within this relative distance.
       compute_spectra: compute the spectra for the plots.
       progress: show a tqdm bar over the layers.
@@ -302,6 +320,7 @@ def analyse_convs(
                 bound_names,
                 spectrum_method,
                 tol,
+                bracket_rtol,
             )
             _collect(
                 results,
