@@ -37,7 +37,8 @@ from _timing import fmt_time
 from _timing import limit_threads
 from _timing import markdown
 
-BACKEND = "numpy"
+#: network_report options set from the command line.
+OPTIONS = {"backend": "numpy", "power_rtol": 0.0}
 
 
 def _detector(size: int):
@@ -104,7 +105,7 @@ def _detector(size: int):
 def _nnx_report(model, x):
     from train.report import network_report_nnx
 
-    return lambda: network_report_nnx(model, x, backend=BACKEND)
+    return lambda: network_report_nnx(model, x, **OPTIONS)
 
 
 def _yolo(path: str, size: int):
@@ -115,7 +116,7 @@ def _yolo(path: str, size: int):
 
     model = from_onnx(path, input_shape=(1, 3, size, size))
     x = jnp.zeros((1, 3, size, size), jnp.float32)
-    return lambda: network_report(model.apply_fn, model.params, x, backend=BACKEND)
+    return lambda: network_report(model.apply_fn, model.params, x, **OPTIONS)
 
 
 def _fetch_yolo() -> str | None:
@@ -162,10 +163,12 @@ def main() -> None:
     parser.add_argument("--skip-detector", action="store_true")
     parser.add_argument("--skip-resnet", action="store_true")
     parser.add_argument("--backend", default="numpy", help="per-layer backend: numpy or jax")
+    parser.add_argument(
+        "--power-rtol", type=float, default=0.0, help="network_report(power_rtol=...)"
+    )
     parser.add_argument("--onnx", help="path to nudenet's 320n.onnx (else pip download)")
     args = parser.parse_args()
-    global BACKEND
-    BACKEND = args.backend
+    OPTIONS.update(backend=args.backend, power_rtol=args.power_rtol)
     if args.threads:
         limit_threads(args.threads)
     from train.loop import avoid_cpu_lapack_deadlock
@@ -218,6 +221,7 @@ def main() -> None:
         f"bench_report, {datetime.datetime.now().isoformat(timespec='seconds')}, "
         f"{platform.platform()}, {os.cpu_count()} CPUs, JAX {jax.__version__}, "
         f"threads {args.threads or 'default'}, backend {args.backend}, "
+        f"power_rtol {args.power_rtol:g}, "
         f"load average {os.getloadavg()[0]:.1f}"
     )
     print(
