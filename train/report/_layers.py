@@ -5,8 +5,8 @@ Two backends compute the same numbers (``analyse_convs(backend=...)``):
 * ``'numpy'`` (default): NumPy / SciPy on the host, float64, no compilation
   (``train.report._host``, ``train.report._host_spectra``): Lanczos is SciPy's ARPACK on the
   Gram matrix, matvecs by im2col matmuls; bounds and circular spectra per frequency with
-  LAPACK. Measured on a 2-core CPU: ResNet-20 @32² layers in ~1 s instead of ~25 s cold
-  (every distinct layer shape cost the JAX backend several compiled programs).
+  LAPACK. Measured on a shared 2-core CPU: ResNet-20 @32² (SAME) layers 3.1 s instead of 25.5 s
+  cold (every distinct layer shape cost the JAX backend several compiled programs).
 * ``'jax'``: layers with the same kernel shape and :class:`spectra.ConvSpec` are stacked and
   analysed by one compiled program (``jax.vmap`` over the stack): a ResNet with 19 convs
   compiles 6 programs; Lanczos layers by :func:`spectra.lanczos_spectral_norm`, one program per
