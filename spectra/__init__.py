@@ -35,9 +35,11 @@ from spectra._density import CORRECTIONS
 from spectra._density import DEFAULT_CORRECTION
 from spectra._density import DEFAULT_GRID
 from spectra._density import GRIDS
+from spectra._density import TAPER_FRACTION
 from spectra._density import FrequencyGrid
 from spectra._density import circulant_singular_values
 from spectra._density import frobenius_norm_squared
+from spectra._density import grid_points
 from spectra._density import spectral_density
 from spectra._density import spectral_density_singular_values
 from spectra._exact import APPROXIMATE_METHODS
@@ -93,6 +95,7 @@ __all__ = [
     "PowerClipResult",
     "SPEC_DEPENDENT_BOUNDS",
     "SpectralNormEstimate",
+    "TAPER_FRACTION",
     "UPPER_BOUNDS",
     "araujo_lipbound",
     "circulant_embedding",
@@ -108,6 +111,7 @@ __all__ = [
     "frobenius_bound",
     "frobenius_kernel_bound",
     "frobenius_norm_squared",
+    "grid_points",
     "gram_iteration_bound",
     "is_concrete",
     "kernel_from_frequency_matrices",

@@ -39,8 +39,9 @@ import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 
-import spectra
 from spectra import ConvSpec
+from train.report import _host
+from train.report import _host_spectra
 from train.report import _windows
 
 #: ``sup_x |d/dx (x σ(x))|`` = 1.09984 (at x ≈ 2.3994), rounded up.
@@ -783,11 +784,14 @@ def conv_eqn_bound(params: dict, lhs_shape, kernel: np.ndarray) -> float:
         kernel_dilation=tuple(params["rhs_dilation"]),
         feature_group_count=groups,
     )
-    hwio = jnp.asarray(hwio, jnp.float32 if hwio.dtype != np.float64 else jnp.float64)
+    # On the host in float64 (train.report._host): no program compiled per equation.
+    hwio = np.asarray(hwio, np.float64)
     if max(spec.in_dim(hwio.shape), spec.out_dim(hwio.shape)) <= _MAX_DENSE_DIM:
-        return float(spectra.spectral_norm(hwio, spec, "dense"))
-    values = [schur] + [
-        float(spectra.UPPER_BOUNDS[n](hwio, spec)) for n in ("symbol_sup", "tap_sum")
+        return float(np.linalg.norm(_host.dense_operator_numpy(hwio, spec), 2))
+    values = [
+        schur,
+        _host_spectra.circulant_sigma_max_numpy(hwio, spec),
+        _host.tap_sum_bound_numpy(hwio, spec),
     ]
     return min(values)
 
@@ -832,8 +836,6 @@ def window_sum_bound(params: dict, shape) -> float:
         strides=tuple(int(strides[a]) for a in axes),
         padding=tuple(tuple(int(v) for v in pads[a]) for a in axes),
     )
-    kernel = jnp.ones(
-        (int(win[axes[0]]), int(win[axes[1]]), 1, 1),
-        jnp.float64 if jax.config.jax_enable_x64 else jnp.float32,
-    )
-    return min(schur, float(spectra.spectral_norm(kernel, spec, "dense")) * (1 + 1e-6))
+    kernel = np.ones((int(win[axes[0]]), int(win[axes[1]]), 1, 1))
+    exact = float(np.linalg.norm(_host.dense_operator_numpy(kernel, spec), 2))
+    return min(schur, exact * (1 + 1e-6))

@@ -11,6 +11,7 @@ import numpy as np
 METHOD_KINDS = {
     "fft": "exact",
     "dense": "exact",
+    "matrix": "exact (block-diagonal layer: SVD of the kernel's per-pixel blocks)",
     "lanczos": "exact to the reported residual (a Ritz value: a lower estimate)",
     "symbol_grid": "bound",
     "symbol_sup": "bound",
