@@ -7,8 +7,10 @@ inputs.
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
+import spectra
 from spectra import ConvSpec
 
 _PADDINGS = ("CIRCULAR", "SAME", "VALID", "FULL", ((2, 0), (1, 1)))
@@ -54,9 +56,28 @@ def random_kernel(shape, seed=0, dtype=np.float64):
     return np.random.default_rng(seed).normal(size=shape).astype(dtype)
 
 
+# One jitted program per (kernel shape, dtype, spec): run eagerly, `dense_operator` dispatches
+# (and compiles) about ten separate small XLA programs per layer shape.
+_dense_operator_jit = jax.jit(spectra.dense_operator, static_argnums=1)
+
+# Ground truths already computed (NumPy arrays only, a few KB each): some tests check several
+# properties of one layer and kernel. Bounded: emptied when it reaches _SVD_CACHE_SIZE entries.
+_SVD_CACHE: dict = {}
+_SVD_CACHE_SIZE = 256
+
+
+def dense_operator(kernel, spec) -> np.ndarray:
+    """The dense matrix of the real conv (`spectra.dense_operator`), in float64, as NumPy."""
+    return np.asarray(_dense_operator_jit(np.asarray(kernel, np.float64), spec))
+
+
 def exact_singular_values(kernel, spec) -> np.ndarray:
     """Ground truth: NumPy SVD of the dense operator built from the real conv, in float64."""
-    from spectra import dense_operator
-
-    dense = np.asarray(dense_operator(np.asarray(kernel, np.float64), spec))
-    return np.linalg.svd(dense, compute_uv=False)
+    kernel = np.asarray(kernel, np.float64)
+    key = (kernel.shape, kernel.tobytes(), spec)
+    if key not in _SVD_CACHE:
+        if len(_SVD_CACHE) >= _SVD_CACHE_SIZE:
+            _SVD_CACHE.clear()
+        _SVD_CACHE[key] = np.linalg.svd(dense_operator(kernel, spec), compute_uv=False)
+        _SVD_CACHE[key].setflags(write=False)
+    return _SVD_CACHE[key]

@@ -242,7 +242,7 @@ class PowerTest(parameterized.TestCase):
             kernel, spec, 1e6, v, num_iterations=num_iterations).sigma)
         self.assertLessEqual(sigma, exact * (1 + 1e-12))
         # Plain power iteration with the same number of products, as a reference.
-        op = np.asarray(spectra.dense_operator(kernel, spec))
+        op = layers.dense_operator(kernel, spec)  # The jitted program of `_sigma_max` above.
         x = v.reshape(-1) / np.linalg.norm(v)
         for _ in range(num_iterations):
             x = op.T @ (op @ x)

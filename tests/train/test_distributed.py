@@ -17,6 +17,7 @@ import tempfile
 import numpy as np
 from absl.testing import absltest
 
+from tests import xla_flags
 from train import distributed
 
 WORKER = pathlib.Path(__file__).with_name("distributed_worker.py")
@@ -26,11 +27,8 @@ RTOL = 1e-5
 
 
 def _env(devices: int | None) -> dict[str, str]:
-    env = dict(os.environ)
-    flags = env.get("XLA_FLAGS", "")
-    if devices is not None:
-        flags = f"{flags} --xla_force_host_platform_device_count={devices}"
-    env["XLA_FLAGS"] = flags.strip()
+    flags = [] if devices is None else [f"--xla_force_host_platform_device_count={devices}"]
+    env = xla_flags.with_flags(os.environ, *flags)  # Also LLVM -O0: compilation is the cost.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.pop("JAX_COORDINATOR_ADDRESS", None)
     return env

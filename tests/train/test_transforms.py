@@ -20,6 +20,7 @@ from flax import nnx
 
 import spectra
 import train
+from tests import xla_flags
 from tests.spectra import layers
 from train.transforms import CERTIFIED_METHODS
 
@@ -342,10 +343,10 @@ class ShardedTest(absltest.TestCase):
     set before JAX starts)."""
 
     def test_sharded_equals_unsharded(self):
-        env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
-        env["XLA_FLAGS"] = (
-            env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-        ).strip()
+        env = xla_flags.with_flags(  # Also LLVM -O0: compilation is the cost.
+            dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu"),
+            "--xla_force_host_platform_device_count=4",
+        )
         proc = subprocess.run(
             [sys.executable, "-c", _SHARDED_SCRIPT], env=env, capture_output=True, text=True,
             timeout=600, cwd=ROOT,
