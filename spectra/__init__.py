@@ -19,6 +19,7 @@ Conventions
 from spectra._bounds import SPEC_DEPENDENT_BOUNDS
 from spectra._bounds import UPPER_BOUNDS
 from spectra._bounds import araujo_lipbound
+from spectra._bounds import exact_circular_spec
 from spectra._bounds import frobenius_bound
 from spectra._bounds import frobenius_kernel_bound
 from spectra._bounds import gram_iteration_bound
@@ -53,6 +54,7 @@ from spectra._exact import spectral_norm
 from spectra._fourier import FrequencyMatrices
 from spectra._fourier import circulant_embedding
 from spectra._fourier import frequency_matrices
+from spectra._fourier import half_plane_multiplicity
 from spectra._fourier import kernel_from_frequency_matrices
 from spectra._operator import conv
 from spectra._operator import conv_transpose
@@ -107,12 +109,14 @@ __all__ = [
     "conv",
     "conv_transpose",
     "dense_operator",
+    "exact_circular_spec",
     "frequency_matrices",
     "frobenius_bound",
     "frobenius_kernel_bound",
     "frobenius_norm_squared",
     "grid_points",
     "gram_iteration_bound",
+    "half_plane_multiplicity",
     "is_concrete",
     "kernel_from_frequency_matrices",
     "l1_matrix_bound",

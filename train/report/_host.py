@@ -30,6 +30,31 @@ import numpy as np
 from spectra import ConvSpec
 
 
+def axis_geometry(spec: ConvSpec, kshape) -> list[tuple[int, int, int, int, int, int]]:
+    """Per spatial axis ``(n, m, lo, s, d, k)``: input size, output size, leading pad, stride,
+    dilation and kernel size of the layer ``spec`` with HWIO kernel shape ``kshape``."""
+    return [
+        (n, m, lo, s, d, k)
+        for n, m, (lo, _), s, d, k in zip(
+            spec.input_shape,
+            spec.output_shape(kshape),
+            spec.pads(kshape),
+            spec.strides,
+            spec.kernel_dilation,
+            kshape[:2],
+        )
+    ]
+
+
+def _batched(x, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """``x`` as float64, checked to have shape ``(..., *shape)`` (ValueError naming ``name``)."""
+    x = np.asarray(x, np.float64)
+    if x.ndim < 3 or x.shape[-3:] != shape:
+        dims = ", ".join(map(str, shape))
+        raise ValueError(f"{name} must have shape (..., {dims}); got {x.shape}")
+    return x
+
+
 def float64_kernel(kernel, spec: ConvSpec) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """``(kernel as float64 NumPy, its HWIO shape)`` after ``spec.validate(kernel)``."""
     kernel = np.asarray(kernel)
@@ -92,11 +117,7 @@ class ConvOperator:
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         """``A x``: ``(..., H, W, c_in)`` -> ``(..., H_out, W_out, c_out)``."""
-        x = np.asarray(x, np.float64)
-        if x.ndim < 3 or x.shape[-3:] != self.input_shape:
-            raise ValueError(
-                f"x must have shape (..., {', '.join(map(str, self.input_shape))}); got {x.shape}"
-            )
+        x = _batched(x, "x", self.input_shape)
         lead = x.shape[:-3]
         (lo1, hi1), (lo2, hi2) = self.pads
         if self.spec.is_circular:
@@ -119,11 +140,7 @@ class ConvOperator:
 
     def adjoint(self, y: np.ndarray) -> np.ndarray:
         """``Aᵀ y``: ``(..., H_out, W_out, c_out)`` -> ``(..., H, W, c_in)``."""
-        y = np.asarray(y, np.float64)
-        if y.ndim < 3 or y.shape[-3:] != self.output_shape:
-            raise ValueError(
-                f"y must have shape (..., {', '.join(map(str, self.output_shape))}); got {y.shape}"
-            )
+        y = _batched(y, "y", self.output_shape)
         lead = y.shape[:-3]
         ho, wo, _ = self.output_shape
         rows = math.prod(lead) * ho * wo
@@ -360,14 +377,7 @@ def frobenius_norm_numpy(kernel, spec: ConvSpec) -> float:
     ``spectra.frobenius_norm_squared`` on the host."""
     kernel, kshape = float64_kernel(kernel, spec)
     counts = []
-    for n, m, (lo, _), s, d, k in zip(
-        spec.input_shape,
-        spec.output_shape(kshape),
-        spec.pads(kshape),
-        spec.strides,
-        spec.kernel_dilation,
-        kshape[:2],
-    ):
+    for n, m, lo, s, d, k in axis_geometry(spec, kshape):
         if spec.is_circular:
             counts.append(np.full(k, m, dtype=np.float64))
             continue

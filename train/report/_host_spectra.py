@@ -21,13 +21,13 @@ approximation for the plots.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
 
 import spectra
 from spectra import ConvSpec
+from train.report._host import axis_geometry
 from train.report._host import float64_kernel
 from train.report._host import frobenius_norm_numpy
 
@@ -37,27 +37,6 @@ FREQUENCY_CHUNK_ENTRIES = 4_000_000
 
 # --------------------------------------------------------------------------------------------
 # Circulant (per-frequency) computations.
-
-
-def _circular_grid_spec(spec: ConvSpec, kshape: Sequence[int]) -> ConvSpec:
-    """A circular spec, strides dividing its input, whose exact σ_max bounds ``spec``'s.
-
-    As ``spectra.exact_circular_spec``: the circulant embedding for zero padding; for circular
-    padding the spec itself with the strides that do not divide the input replaced by 1 (the
-    layer is then a row subsample of that one).
-    """
-    if not spec.is_circular:
-        return spectra.circulant_embedding(spec, kshape)
-    strides = tuple(s if n % s == 0 else 1 for n, s in zip(spec.input_shape, spec.strides))
-    return dataclasses.replace(spec, strides=strides)
-
-
-def _half_multiplicity(n2: int) -> np.ndarray:
-    m = np.full(n2 // 2 + 1, 2, dtype=np.int64)
-    m[0] = 1
-    if n2 % 2 == 0:
-        m[-1] = 1
-    return m
 
 
 def _frequency_chunks(kernel: np.ndarray, spec: ConvSpec):
@@ -128,7 +107,7 @@ def circulant_top_numpy(
       ``(upper bound, input-shaped (H, W, c_in) float64 vector or None)``.
     """
     kernel, kshape = float64_kernel(kernel, spec)
-    emb = _circular_grid_spec(spec, kshape)
+    emb = spectra.exact_circular_spec(spec, kshape)
     best, where = -1.0, None
     start = 0
     for m in _frequency_chunks(kernel, emb):
@@ -181,7 +160,7 @@ def circular_singular_values_numpy(kernel, spec: ConvSpec) -> np.ndarray:
             "per-frequency spectrum"
         )
     big2 = spec.input_shape[1] // spec.strides[1]
-    mult = _half_multiplicity(big2)
+    mult = spectra.half_plane_multiplicity(big2)
     parts = []
     for m in _frequency_chunks(kernel, spec):
         sv = np.linalg.svd(m, compute_uv=False)  # (g, rows, N2h, r)
@@ -211,14 +190,7 @@ def disjoint_windows(spec: ConvSpec, kernel_shape: Sequence[int]) -> bool:
     if spec.is_circular:
         return False
     kshape = tuple(kernel_shape)
-    for n, m, (lo, _), s, d, k in zip(
-        spec.input_shape,
-        spec.output_shape(kshape),
-        spec.pads(kshape),
-        spec.strides,
-        spec.kernel_dilation,
-        kshape[:2],
-    ):
+    for n, m, lo, s, d, k in axis_geometry(spec, kshape):
         reads = _axis_reads(n, m, lo, s, d, k)
         reads = reads[reads >= 0]
         if np.unique(reads).size != reads.size:
@@ -249,14 +221,7 @@ def block_singular_values(kernel, spec: ConvSpec) -> np.ndarray:
     kh, kw, cig, cout = kshape
     g = spec.feature_group_count
     masks = []
-    for n, m, (lo, _), s, d, k in zip(
-        spec.input_shape,
-        spec.output_shape(kshape),
-        spec.pads(kshape),
-        spec.strides,
-        spec.kernel_dilation,
-        kshape[:2],
-    ):
+    for n, m, lo, s, d, k in axis_geometry(spec, kshape):
         patterns, counts = np.unique(
             _axis_reads(n, m, lo, s, d, k) >= 0, axis=0, return_counts=True
         )

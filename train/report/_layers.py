@@ -253,6 +253,35 @@ def _subsample(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return values[idx], idx + 1
 
 
+def _analyse_group_jax(
+    raw, scaled, spec, kshape, dtype, sigma_method, bound_names, spectrum_method, rtol
+) -> dict:
+    """The ``'jax'`` backend's analysis of one group of same-shaped layers (``scaled``: the
+    BatchNorm-folded kernels or ``None``): one vmapped program, then Lanczos per kernel."""
+    kernels = jnp.asarray(np.stack(raw), dtype)
+    folded = None if scaled is None else jnp.asarray(np.stack(scaled), dtype)
+    out = jax.device_get(
+        _analyse_group(kernels, folded, spec, sigma_method, bound_names, spectrum_method, rtol)
+    )
+    if sigma_method == "lanczos":
+        stack = np.asarray(kernels if folded is None else np.concatenate([kernels, folded]))
+        # NumPy start vector: jax.random would compile a program per input size.
+        v0 = np.random.default_rng(0).standard_normal(spec.in_dim(kshape)).astype(dtype)
+        estimates = [
+            spectra.lanczos_spectral_norm(
+                k,
+                spec,
+                num_steps=min(LANCZOS_STEPS, spec.in_dim(kshape)),
+                rtol=rtol,
+                initial_vector=v0,
+            )
+            for k in stack
+        ]
+        out["sigma"] = np.array([float(e.value) for e in estimates])
+        out["residual"] = np.array([float(e.residual) for e in estimates])
+    return out
+
+
 def analyse_convs(
     layers: Sequence[ConvLayer],
     *,
@@ -308,67 +337,23 @@ def analyse_convs(
         sigma_method, bound_names, spectrum_method = planner(spec, kshape, max_dense_dim)
         if not compute_spectra and sigma_method != "fft":
             spectrum_method = None
+        raw = [layers[i].kernel for i in members]
+        scaled = None  # The BatchNorm-folded kernels.
+        if has_bn:
+            scaled = [layers[i].kernel * np.asarray(layers[i].bn_scale) for i in members]
         if backend == "numpy":
             tol = rtol if rtol is not None else (1e-10 if dtype == np.float64 else LANCZOS_RTOL)
             out = _analyse_group_numpy(
-                [layers[i].kernel for i in members],
-                [layers[i].kernel * np.asarray(layers[i].bn_scale) for i in members]
-                if has_bn
-                else None,
-                spec,
-                sigma_method,
-                bound_names,
-                spectrum_method,
-                tol,
-                bracket_rtol,
+                raw, scaled, spec, sigma_method, bound_names,
+                spectrum_method, tol, bracket_rtol,
             )
-            _collect(
-                results,
-                layers,
-                members,
-                spec,
-                has_bn,
-                bracket_rtol,
-                out,
-                (sigma_method, bound_names, spectrum_method),
+        else:
+            out = _analyse_group_jax(
+                raw, scaled, spec, kshape, dtype, sigma_method, bound_names,
+                spectrum_method, rtol,
             )
-            if bar is not None:
-                bar.update(len(members))
-            continue
-        kernels = jnp.asarray(np.stack([layers[i].kernel for i in members]), dtype)
-        folded = None
-        if has_bn:
-            folded = jnp.asarray(
-                np.stack([layers[i].kernel * np.asarray(layers[i].bn_scale) for i in members]),
-                dtype,
-            )
-        out = jax.device_get(
-            _analyse_group(kernels, folded, spec, sigma_method, bound_names, spectrum_method, rtol)
-        )
-        if sigma_method == "lanczos":
-            stack = np.asarray(kernels if folded is None else np.concatenate([kernels, folded]))
-            # NumPy start vector: jax.random would compile a program per input size.
-            v0 = np.random.default_rng(0).standard_normal(spec.in_dim(kshape)).astype(dtype)
-            estimates = [
-                spectra.lanczos_spectral_norm(
-                    k,
-                    spec,
-                    num_steps=min(LANCZOS_STEPS, spec.in_dim(kshape)),
-                    rtol=rtol,
-                    initial_vector=v0,
-                )
-                for k in stack
-            ]
-            out["sigma"] = np.array([float(e.value) for e in estimates])
-            out["residual"] = np.array([float(e.residual) for e in estimates])
         _collect(
-            results,
-            layers,
-            members,
-            spec,
-            has_bn,
-            bracket_rtol,
-            out,
+            results, layers, members, spec, has_bn, bracket_rtol, out,
             (sigma_method, bound_names, spectrum_method),
         )
         if bar is not None:
