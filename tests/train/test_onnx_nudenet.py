@@ -5,10 +5,14 @@ and ``320n.onnx`` (12 MB, 64 convs, opset 17, PyTorch 2.3 export with symbolic b
 width and shape subgraphs in the detection head) is extracted from it; the tests are skipped,
 with the reason, when the wheel cannot be fetched. The σ_max of every conv at its real input size
 is a heavy computation (the 320×320 stem alone takes minutes of Lanczos on 2 cores): it runs
-only with ``CONVSPECTRA_SLOW_TESTS=1``; the default run checks a representative subset.
+only with ``CONVSPECTRA_SLOW_TESTS=1``; the default run checks a representative subset. It runs
+in a subprocess compiled at XLA's default optimisation level (``tests.xla_flags.optimised``):
+the suite's level 0 made it 20x slower to run. ``python -m tests.train.test_onnx_nudenet FILE
+KEY...`` is that subprocess.
 """
 
 import functools
+import json
 import os
 import shutil
 import subprocess
@@ -23,6 +27,7 @@ import pytest
 
 import spectra
 import train
+from tests import xla_flags
 from tests.train.onnx_graphs import run_ort
 from train.models import fold_batch_norm
 from train.models import from_onnx
@@ -154,14 +159,41 @@ def _subset(specs, imported):
     return sorted(picked.values())
 
 
-def test_sigma_max_of_conv_layers_at_their_input_sizes(imported, specs):
+def test_sigma_max_of_conv_layers_at_their_input_sizes(onnx_path, imported, specs):
     keys = sorted(specs) if SLOW else _subset(specs, imported)
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.train.test_onnx_nudenet", onnx_path, *keys],
+        capture_output=True,
+        text=True,
+        env=xla_flags.optimised(os.environ),
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    sigmas = json.loads(result.stdout.strip().splitlines()[-1])
+    assert sorted(sigmas) == sorted(keys)
+    assert all(s > 0 for s in sigmas.values())
+
+
+def _check_layers(onnx_path: str, keys: list[str]) -> dict[str, float]:
+    """:func:`_check_sigma_max` on the convs ``keys`` of the imported model (float64 enabled)."""
+    jax.config.update("jax_enable_x64", True)
+    model = from_onnx(onnx_path, input_shape=INPUT_SHAPE)
+    found = train.find_convs(model.apply_fn, model.params, *model.example_inputs())
+    sigmas = {}
     for key in keys:
-        _check_sigma_max(imported.params[key]["W"], specs[key])
+        sigmas[key] = _check_sigma_max(model.params[key]["W"], found[key]["W"])
         jax.clear_caches()
+    return sigmas
 
 
 def test_fold_batch_norm_finds_nothing_to_fold_in_a_pytorch_export(imported):
     # torch.onnx.export folds BatchNormalization into the convs in eval mode already.
     folded, folds = fold_batch_norm(imported)
     assert folds == () and folded is imported
+
+
+if __name__ == "__main__":
+    from train.lapack_workaround import avoid_cpu_lapack_deadlock
+
+    avoid_cpu_lapack_deadlock()
+    print(json.dumps(_check_layers(sys.argv[1], sys.argv[2:])))
