@@ -275,5 +275,62 @@ class ConstantsTest(absltest.TestCase):
         self.assertGreater(hs, report.HARD_SWISH_LIPSCHITZ - 1e-3)
 
 
+class ConstantEvaluationTest(absltest.TestCase):
+    """Constants of the traced program (BatchNorm scales, shape arithmetic) evaluated with NumPy
+    give what JAX gives, in value, shape and dtype."""
+
+    def test_numpy_evaluation_matches_jax(self):
+        from train.report import _lipschitz
+
+        rng = np.random.default_rng(0)
+        var = rng.uniform(0.5, 2.0, (8,)).astype(np.float32)
+        gamma = rng.standard_normal((8,)).astype(np.float32)
+        w = rng.standard_normal((2, 3, 4)).astype(np.float32)
+        idx = np.arange(6, dtype=np.int32)
+
+        def constants(var, gamma, w, idx):
+            scale = gamma * jax.lax.rsqrt(var + 1e-5)
+            return (
+                scale,
+                (scale - 1.0) / 3.0,
+                jnp.maximum(scale, 0.0) * jnp.minimum(scale, 1.0),
+                -jnp.sqrt(var) + jnp.exp(gamma) + jnp.log(var) + jnp.abs(gamma),
+                jnp.reshape(scale, (1, 1, 1, 8)),
+                jnp.broadcast_to(scale[:, None], (8, 5)),
+                jnp.transpose(w, (2, 0, 1)),
+                jnp.concatenate([w, w], axis=1),
+                w.astype(jnp.float16),
+                jnp.squeeze(w[:1], 0),
+                w**3,
+                idx < 3,
+                idx // 2,  # Integer division: left to JAX (rounding differs from NumPy's).
+                (idx >= 2) & (idx != 4),
+            )
+
+        closed = jax.make_jaxpr(constants)(var, gamma, w, idx)
+        env = dict(zip(closed.jaxpr.invars, (var, gamma, w, idx)))
+        by_numpy = 0
+        for eqn in closed.jaxpr.eqns:
+            vals = [v.val if hasattr(v, "val") else env[v] for v in eqn.invars]
+            got = _lipschitz._evaluate(eqn, vals)
+            by_numpy += _lipschitz._evaluate_numpy(eqn, vals) is not None
+            with jax.ensure_compile_time_eval():
+                want = eqn.primitive.bind(*vals, **eqn.params)
+            want = want if eqn.primitive.multiple_results else [want]
+            for var_, g, e in zip(eqn.outvars, got, want):
+                e = np.asarray(e)
+                self.assertEqual(np.asarray(g).dtype, e.dtype, eqn.primitive.name)
+                self.assertEqual(np.shape(g), e.shape, eqn.primitive.name)
+                np.testing.assert_allclose(
+                    np.asarray(g, np.float64),
+                    e.astype(np.float64),
+                    rtol=1e-6,
+                    atol=0,
+                    err_msg=eqn.primitive.name,
+                )
+                env[var_] = g
+        self.assertGreaterEqual(by_numpy, 20)
+
+
 if __name__ == "__main__":
     absltest.main()

@@ -31,6 +31,7 @@ Per layer (``A`` the operator at the layer's real input size and padding):
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import math
@@ -143,10 +144,57 @@ def plan_numpy(
     return "lanczos", bounds, ("spectral_density" if cheap else None)
 
 
+#: Threads over the kernels of a group in the ``'numpy'`` backend. NumPy / LAPACK / FFT release
+#: the GIL, so on 2 cores two kernels progress at once (each with single-threaded BLAS, see
+#: ``network_report(blas_threads=...)``); measured below in ``benchmarks/bench_report.py``.
+HOST_THREADS = 2
+
+
+def _analyse_kernel_numpy(
+    k, with_spectrum, spec, sigma_method, bound_names, spectrum_method, rtol, bracket_rtol
+) -> tuple[float, float | None, object, list[float]]:
+    """``(sigma, residual or None, spectrum or None, bounds)`` of one kernel on the host."""
+    bounds, start = {}, None
+    for name in bound_names:
+        if name == "symbol_grid":
+            bounds[name], start = _host_spectra.circulant_top_numpy(
+                k, spec, with_vector=sigma_method == "lanczos"
+            )
+        else:
+            bounds[name] = HOST_BOUNDS[name](k, spec)
+    spectrum, residual = None, None
+    if sigma_method == "fft":
+        if with_spectrum:
+            spectrum = _host_spectra.circular_singular_values_numpy(k, spec)
+            sigma = spectrum[0]
+        else:  # Exact for these specs, and cheaper than the whole spectrum.
+            sigma = _host_spectra.circulant_sigma_max_numpy(k, spec)
+    elif sigma_method == "dense":
+        values = np.linalg.svd(_host.dense_operator_numpy(k, spec), compute_uv=False)
+        sigma, spectrum = values[0], values
+    elif sigma_method == "matrix":
+        values = _host_spectra.block_singular_values(k, spec)
+        sigma, spectrum = values[0], values
+    else:
+        result = _host.lanczos_sigma_max_numpy(
+            k,
+            spec,
+            rtol=rtol,
+            initial_vector=start,
+            upper_bound=min(bounds.values()) if bounds else None,
+            bracket_rtol=min(bracket_rtol, rtol),
+        )
+        sigma, residual = result.value, result.residual
+        if with_spectrum and spectrum_method == "spectral_density":
+            spectrum = _host_spectra.spectral_density_values_numpy(k, spec)
+    return float(sigma), residual, spectrum, [bounds[name] for name in bound_names]
+
+
 def _analyse_group_numpy(
     kernels, folded, spec, sigma_method, bound_names, spectrum_method, rtol, bracket_rtol
 ):
-    """:func:`_analyse_group` on the host (NumPy / SciPy, float64, one layer at a time).
+    """:func:`_analyse_group` on the host (NumPy / SciPy, float64), :data:`HOST_THREADS` kernels
+    at a time.
 
     Lanczos starts from the top of the circulant embedding (computed for the ``symbol_grid``
     bound anyway), windowed by the lowest sine mode: measured 3x fewer products than a random
@@ -154,47 +202,24 @@ def _analyse_group_numpy(
     """
     both = list(kernels) + (list(folded) if folded is not None else [])
     n = len(kernels)
-    out: dict = {"sigma": [], "residual": [], "spectrum": [], "bounds": []}
-    for j, k in enumerate(both):
-        bounds, start = {}, None
-        for name in bound_names:
-            if name == "symbol_grid":
-                bounds[name], start = _host_spectra.circulant_top_numpy(
-                    k, spec, with_vector=sigma_method == "lanczos"
-                )
-            else:
-                bounds[name] = HOST_BOUNDS[name](k, spec)
-        out["bounds"].append([bounds[name] for name in bound_names])
-        spectrum = None
-        if sigma_method == "fft":
-            if j < n:
-                spectrum = _host_spectra.circular_singular_values_numpy(k, spec)
-                sigma = spectrum[0]
-            else:  # Exact for these specs, and cheaper than the whole spectrum.
-                sigma = _host_spectra.circulant_sigma_max_numpy(k, spec)
-        elif sigma_method == "dense":
-            values = np.linalg.svd(_host.dense_operator_numpy(k, spec), compute_uv=False)
-            sigma, spectrum = values[0], values
-        elif sigma_method == "matrix":
-            values = _host_spectra.block_singular_values(k, spec)
-            sigma, spectrum = values[0], values
-        else:
-            result = _host.lanczos_sigma_max_numpy(
-                k,
-                spec,
-                rtol=rtol,
-                initial_vector=start,
-                upper_bound=min(bounds.values()) if bounds else None,
-                bracket_rtol=min(bracket_rtol, rtol),
-            )
-            sigma = result.value
-            out["residual"].append(result.residual)
-            if j < n and spectrum_method == "spectral_density":
-                spectrum = _host_spectra.spectral_density_values_numpy(k, spec)
-        out["sigma"].append(float(sigma))
-        if j < n and spectrum_method is not None:
-            out["spectrum"].append(spectrum)
-    out["bounds"] = np.array(out["bounds"], np.float64).reshape(len(both), len(bound_names))
+
+    def one(j):
+        args = (spec, sigma_method, bound_names, spectrum_method, rtol, bracket_rtol)
+        return _analyse_kernel_numpy(both[j], j < n, *args)
+
+    if HOST_THREADS > 1 and len(both) > 1:
+        with concurrent.futures.ThreadPoolExecutor(min(HOST_THREADS, len(both))) as pool:
+            results = list(pool.map(one, range(len(both))))
+    else:
+        results = [one(j) for j in range(len(both))]
+    out: dict = {
+        "sigma": [r[0] for r in results],
+        "residual": [r[1] for r in results if r[1] is not None],
+        "spectrum": [r[2] for r in results[:n]] if spectrum_method is not None else [],
+    }
+    out["bounds"] = np.array([r[3] for r in results], np.float64).reshape(
+        len(both), len(bound_names)
+    )
     out["frobenius_sq"] = np.array([_host.frobenius_norm_numpy(k, spec) ** 2 for k in kernels])
     return out
 
@@ -344,16 +369,35 @@ def analyse_convs(
         if backend == "numpy":
             tol = rtol if rtol is not None else (1e-10 if dtype == np.float64 else LANCZOS_RTOL)
             out = _analyse_group_numpy(
-                raw, scaled, spec, sigma_method, bound_names,
-                spectrum_method, tol, bracket_rtol,
+                raw,
+                scaled,
+                spec,
+                sigma_method,
+                bound_names,
+                spectrum_method,
+                tol,
+                bracket_rtol,
             )
         else:
             out = _analyse_group_jax(
-                raw, scaled, spec, kshape, dtype, sigma_method, bound_names,
-                spectrum_method, rtol,
+                raw,
+                scaled,
+                spec,
+                kshape,
+                dtype,
+                sigma_method,
+                bound_names,
+                spectrum_method,
+                rtol,
             )
         _collect(
-            results, layers, members, spec, has_bn, bracket_rtol, out,
+            results,
+            layers,
+            members,
+            spec,
+            has_bn,
+            bracket_rtol,
+            out,
             (sigma_method, bound_names, spectrum_method),
         )
         if bar is not None:
