@@ -86,25 +86,11 @@ def cli(run: Callable[[str, pathlib.Path], str], description: str) -> None:
 
 
 def single_threaded_blas():
-    """A context manager limiting BLAS/LAPACK (NumPy's and XLA CPU's SVD/eigh) to one thread.
+    """BLAS/LAPACK (NumPy's and XLA CPU's SVD/eigh) on one thread: see
+    :func:`train.lapack_workaround.limit_blas_threads`."""
+    from train.lapack_workaround import limit_blas_threads
 
-    On a shared 2-core machine, multi-threaded BLAS made some LAPACK calls 100-1000x slower
-    (spin-waiting threads), so timings depended on the order of the layers. Uses
-    ``threadpoolctl`` (installed with scikit-learn); a no-op without it.
-    """
-    import contextlib
-
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - optional dependency
-        return contextlib.nullcontext()
-    import jax
-    import numpy as np
-
-    # threadpoolctl only limits libraries already loaded: load NumPy's and JAX's LAPACK first.
-    np.linalg.svd(np.eye(2), compute_uv=False)
-    jax.block_until_ready(jax.numpy.linalg.svd(jax.numpy.eye(2), compute_uv=False))
-    return threadpool_limits(limits=1)
+    return limit_blas_threads(1)
 
 
 def preset_config(presets: dict, preset: str):

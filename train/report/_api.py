@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 
 from train import discovery
+from train.lapack_workaround import limit_blas_threads
 from train.report import _empirical
 from train.report import _layers
 from train.report._lipschitz import Composer
@@ -118,7 +119,7 @@ def network_report(
     """
     if not example_args:
         raise ValueError("example_args must hold at least the input x")
-    with _limit_blas_threads(blas_threads):
+    with limit_blas_threads(blas_threads):
         return _network_report(
             apply_fn,
             params,
@@ -136,21 +137,6 @@ def network_report(
             backend=backend,
             overlap_lower_bound=overlap_lower_bound,
         )
-
-
-def _limit_blas_threads(threads: int | None):
-    import contextlib
-
-    if threads is None:
-        return contextlib.nullcontext()
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - optional (installed with scikit-learn)
-        return contextlib.nullcontext()
-    # threadpoolctl only limits libraries already loaded: load NumPy's and JAX's LAPACK first.
-    np.linalg.svd(np.eye(2), compute_uv=False)
-    jax.block_until_ready(jnp.linalg.svd(jnp.eye(2), compute_uv=False))
-    return threadpool_limits(limits=threads)
 
 
 def _network_report(

@@ -26,6 +26,9 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
+from scipy.sparse.linalg import ArpackNoConvergence
+from scipy.sparse.linalg import LinearOperator
+from scipy.sparse.linalg import eigsh
 
 from spectra import ConvSpec
 
@@ -298,10 +301,6 @@ def lanczos_sigma_max_numpy(
       >>> round(r.value, 6), r.residual <= 1e-5
       (2.0, True)
     """
-    from scipy.sparse.linalg import ArpackNoConvergence
-    from scipy.sparse.linalg import LinearOperator
-    from scipy.sparse.linalg import eigsh
-
     a = ConvOperator(kernel, spec)
     count = [0]
     if a.in_dim <= a.out_dim:
