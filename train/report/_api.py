@@ -185,7 +185,7 @@ def _network_report(
             result = _empirical.jacobian_lower_bound(
                 fn,
                 points,
-                [jnp.asarray(v) for v in leaves],
+                leaves,
                 num_iterations=power_iterations,
                 seed=seed,
                 rtol=power_rtol,

@@ -123,6 +123,7 @@ def jacobian_lower_bound(
     num_points = points.shape[0]
     active = np.ones(num_points, bool)
     step = _compiled_step((flat, params, points, v0, active))
+    params = jax.device_put(params)  # Once: each step reuses the device copies.
     points = jax.device_put(points)
     v = jax.device_put(v0)
     counts = np.zeros(num_points, np.int32)
