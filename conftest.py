@@ -16,10 +16,9 @@ assertion unchanged). A level already given in ``XLA_FLAGS`` is kept (e.g.
 
 import os
 
-from tests.xla_flags import FAST_COMPILE
+from tests.xla_flags import with_flags
 
-if FAST_COMPILE.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+os.environ["XLA_FLAGS"] = with_flags(os.environ)["XLA_FLAGS"]
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -85,14 +85,6 @@ def cli(run: Callable[[str, pathlib.Path], str], description: str) -> None:
     print(run(args.preset, args.out))
 
 
-def single_threaded_blas():
-    """BLAS/LAPACK (NumPy's and XLA CPU's SVD/eigh) on one thread: see
-    :func:`train.lapack_workaround.limit_blas_threads`."""
-    from train.lapack_workaround import limit_blas_threads
-
-    return limit_blas_threads(1)
-
-
 def preset_config(presets: dict, preset: str):
     """``presets[preset]``, or a ``ValueError`` naming ``preset`` and the known names."""
     if preset not in presets:

@@ -25,6 +25,7 @@ from spectra import UPPER_BOUNDS
 from spectra import ConvSpec
 from spectra import lanczos_spectral_norm
 from spectra import spectral_norm
+from train.lapack_workaround import limit_blas_threads
 
 NAME = "bounds_tightness"
 
@@ -179,7 +180,7 @@ def run(preset: str, out_dir: pathlib.Path) -> str:
     config = _report.preset_config(PRESETS, preset)
     jax.config.update("jax_enable_x64", True)
     start = time.time()
-    with _report.single_threaded_blas():
+    with limit_blas_threads(1):
         results = measure(config)
     plot(results, out_dir)
     violations = [

@@ -31,6 +31,7 @@ from experiments import _report
 from spectra import ConvSpec
 from spectra import dense_operator
 from spectra import singular_values
+from train.lapack_workaround import limit_blas_threads
 
 NAME = "sedghi_timing"
 
@@ -179,7 +180,7 @@ def run(preset: str, out_dir: pathlib.Path) -> str:
     jax.config.update("jax_enable_x64", True)
     start = time.time()
     budget, repeats = config["dense_budget"], config["repeats"]
-    with _report.single_threaded_blas():
+    with limit_blas_threads(1):
         channel_rows = measure(
             "channels", [(3, config["n_fixed"], c) for c in config["channels"]], config)
         size_rows = measure("input size", [(3, n, config["c_fixed"]) for n in config["sizes"]],

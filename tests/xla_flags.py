@@ -18,9 +18,12 @@ FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
 def with_flags(env: dict[str, str], *flags: str) -> dict[str, str]:
-    """``env`` (a copy) with ``flags`` and :data:`FAST_COMPILE` appended to ``XLA_FLAGS``."""
+    """``env`` (a copy) with ``flags`` and :data:`FAST_COMPILE` appended to ``XLA_FLAGS``; an
+    optimisation level already in ``XLA_FLAGS`` is kept (``FAST_COMPILE`` is then left out)."""
     env = dict(env)
-    env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""), *flags, FAST_COMPILE]).strip()
+    current = env.get("XLA_FLAGS", "")
+    fast = [] if FAST_COMPILE.split("=")[0] in current else [FAST_COMPILE]
+    env["XLA_FLAGS"] = " ".join([current, *flags, *fast]).strip()
     return env
 
 

@@ -9,10 +9,6 @@ and of XLA:CPU's SVD/eigh for a block of code.
 import contextlib
 import os
 
-import numpy as np
-import scipy.linalg  # noqa: F401 - loads the LAPACK that XLA:CPU calls (see limit_blas_threads).
-from threadpoolctl import threadpool_limits
-
 #: XLA flag that avoids a CPU deadlock of jax 0.10 (see :func:`avoid_cpu_lapack_deadlock`).
 CPU_DEADLOCK_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
@@ -54,9 +50,15 @@ def limit_blas_threads(threads: int | None = 1) -> contextlib.AbstractContextMan
     (spin-waiting threads; measured: batched SVDs of 64-channel ResNet layers 26 s vs 2.5 s).
     ``threadpoolctl`` limits the libraries already loaded: NumPy's OpenBLAS, and SciPy's, which
     XLA:CPU's LAPACK kernels call (``jaxlib`` takes them from ``scipy.linalg.cython_lapack``),
-    loaded by importing ``scipy.linalg`` (this module does) rather than by running a JAX program.
+    loaded by importing ``scipy.linalg`` rather than by running a JAX program. The imports are
+    here, not at module level: the entry points that only need :func:`avoid_cpu_lapack_deadlock`
+    do not load SciPy.
     """
     if threads is None:
         return contextlib.nullcontext()
+    import numpy as np
+    import scipy.linalg  # noqa: F401 - loads the LAPACK that XLA:CPU calls.
+    from threadpoolctl import threadpool_limits
+
     np.linalg.svd(np.eye(2), compute_uv=False)  # Loads NumPy's BLAS.
     return threadpool_limits(limits=threads)

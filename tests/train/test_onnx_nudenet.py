@@ -14,6 +14,7 @@ KEY...`` is that subprocess.
 import functools
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -166,7 +167,7 @@ def test_sigma_max_of_conv_layers_at_their_input_sizes(onnx_path, imported, spec
         capture_output=True,
         text=True,
         env=xla_flags.optimised(os.environ),
-        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+        cwd=pathlib.Path(__file__).resolve().parents[2],
     )
     assert result.returncode == 0, result.stderr[-3000:]
     sigmas = json.loads(result.stdout.strip().splitlines()[-1])
