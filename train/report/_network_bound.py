@@ -533,3 +533,43 @@ def midpoint_bound(
         lips[-1], kind, total_delta, note, blocks, len(nodes), len(norms),
         time.perf_counter() - t0,
     )
+
+
+def network_upper_fields(
+    closed, leaf_values, x_shape, naive: float | None, *, enabled: bool = True, **kwargs
+) -> dict[str, Any]:
+    """The ``network`` fields of the upper bound: the tightest of the composition (``naive``)
+    and :func:`midpoint_bound`, with its kind, failure probability and per-block bounds.
+
+    Returns:
+      ``lipschitz_upper`` (the smaller sound bound, ``None`` if neither is available),
+      ``lipschitz_upper_naive`` (the composition: product of the layer norms),
+      ``lipschitz_upper_tight`` (the midpoint bound or ``None``), ``lipschitz_upper_tight_note``,
+      ``lipschitz_upper_method`` (``'midpoint'`` or ``'composition'``),
+      ``lipschitz_upper_kind`` (``'proven'`` or ``'probabilistic'``),
+      ``lipschitz_upper_delta`` (failure probability of ``lipschitz_upper``; 0 when proven),
+      ``lipschitz_upper_factor`` (naive / upper), ``blocks`` (each target's bound and rule),
+      ``seconds``.
+    """
+    if enabled:
+        try:
+            tight = midpoint_bound(closed, leaf_values, x_shape, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - never lose the composition bound
+            tight = TightBound(None, None, 0.0, f"midpoint bound failed: {exc!r}", [], 0, 0, 0.0)
+    else:
+        tight = TightBound(None, None, 0.0, "midpoint bound not computed", [], 0, 0, 0.0)
+    use_tight = tight.upper is not None and (naive is None or tight.upper < naive)
+    upper = tight.upper if use_tight else naive
+    return {
+        "lipschitz_upper": upper,
+        "lipschitz_upper_naive": naive,
+        "lipschitz_upper_tight": tight.upper,
+        "lipschitz_upper_tight_note": tight.note,
+        "lipschitz_upper_method": "midpoint" if use_tight else "composition",
+        "lipschitz_upper_kind": (tight.kind if use_tight else "proven") if upper is not None
+        else None,
+        "lipschitz_upper_delta": tight.delta if use_tight else 0.0,
+        "lipschitz_upper_factor": (naive / upper) if (use_tight and naive is not None) else 1.0,
+        "blocks": tight.blocks,
+        "seconds": tight.seconds,
+    }
