@@ -154,6 +154,10 @@ def _resnet(padding: str):
     return _nnx_report(model, jnp.zeros((1, 32, 32, 3), jnp.float32))
 
 
+def _fmt3(v) -> str:
+    return "null" if v is None else f"{v:.3g}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="detector at 160x160")
@@ -211,10 +215,18 @@ def main() -> None:
                 f"≤ {target:g} s",
                 split,
                 "null" if upper is None else f"{upper:.3g}",
+                _fmt3(r.network.get("lipschitz_upper_naive")),
+                _fmt3(r.network.get("lipschitz_upper_factor")),
+                f"{r.timings.get('tight_bound', 0.0):.1f} s",
                 f"{r.network['lipschitz_lower']:.3g}",
             ]
         )
-        print(f"[bench_report] {name}: cold {times[0]:.1f} s, warm {times[1]:.1f} s", flush=True)
+        print(
+            f"[bench_report] {name}: cold {times[0]:.1f} s, warm {times[1]:.1f} s, tight bound "
+            f"{r.timings.get('tight_bound', 0.0):.1f} s "
+            f"({r.network.get('lipschitz_upper_tight_note')})",
+            flush=True,
+        )
         jax.clear_caches()
     print()
     print(
@@ -235,6 +247,9 @@ def main() -> None:
                 "target (cold)",
                 "cold split (s)",
                 "Lipschitz upper",
+                "naive (composition)",
+                "factor gained",
+                "tight-bound time (cold)",
                 "lower",
             ],
             rows,

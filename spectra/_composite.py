@@ -15,7 +15,8 @@ dense float64 matrix or as a Gram matvec ``v -> Aᵀ A v``. Two kinds of **upper
   backward error of the symmetric eigensolver is allowed for as ``4 n u ||A||_F²``.
 * ``'probabilistic'`` (:func:`lanczos_norm_upper`): ``k`` steps of Lanczos on ``Aᵀ A`` (full
   re-orthogonalisation, float64) from a start vector uniform on the unit sphere give the largest
-  Ritz value ``ξ_k <= λ_max``. Kuczyński & Woźniakowski (SIAM J. Matrix Anal. Appl. 13, 1992), for Lanczos:
+  Ritz value ``ξ_k <= λ_max``. Kuczyński & Woźniakowski (SIAM J. Matrix Anal. Appl. 13,
+  1992), for Lanczos:
   ``P(ξ_k < (1 - ε) λ_max) <= 1.648 sqrt(n) exp(-sqrt(ε) (2k - 1))``. For a failure
   probability ``δ`` this gives ``ε = (ln(1.648 sqrt(n) / δ) / (2k - 1))²`` and the bound
   ``||A||_2 <= sqrt(ξ_k / (1 - ε))`` with probability at least ``1 - δ`` (over the start

@@ -94,16 +94,16 @@ def test_composite_norm_upper_dense_and_lanczos():
 # ------------------------------------------------------------------------------ whole networks
 def test_linear_network_bound_is_its_exact_norm():
     rng = np.random.default_rng(1)
-    p = {k: rng.standard_normal(s).astype(np.float32) for k, s in
-         [("a", (6, 5)), ("b", (5, 4)), ("c", (6, 4))]}
+    p = {
+        k: rng.standard_normal(s).astype(np.float32)
+        for k, s in [("a", (6, 5)), ("b", (5, 4)), ("c", (6, 4))]
+    }
 
     def f(p, x):
         return (x @ p["a"]) @ p["b"] + x @ p["c"] + 1.0
 
     r = _bound(f, p, (1, 6))
-    exact = np.linalg.norm(
-        p["a"].astype(np.float64) @ p["b"] + p["c"].astype(np.float64), 2
-    )
+    exact = np.linalg.norm(p["a"].astype(np.float64) @ p["b"] + p["c"].astype(np.float64), 2)
     assert r.kind == "proven" and r.num_nodes == 0
     assert exact <= r.upper <= exact * 1.001
 
@@ -171,8 +171,12 @@ def test_tiny_relu_network_against_region_enumeration(seed):
 
     exact = _exact_relu_lipschitz(p)
     r = _bound(f, [np.asarray(v, np.float32) for v in p], (1, 2))
-    naive = np.prod([np.linalg.norm(np.asarray(w, np.float32).astype(np.float64), 2)
-                     for w in (p[0], p[2], p[4])])
+    naive = np.prod(
+        [
+            np.linalg.norm(np.asarray(w, np.float32).astype(np.float64), 2)
+            for w in (p[0], p[2], p[4])
+        ]
+    )
     assert exact <= r.upper <= naive * (1 + 1e-3)
     assert r.upper <= 3 * exact
 
@@ -198,23 +202,23 @@ def _small_cnn(activation, pool):
     }
 
     def conv(x, k):
-        return jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jax.lax.conv_general_dilated(
+            x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
 
     def f(p, x):
         h = activation(conv(x, p["k1"]) * p["s1"] + 0.1)
         h = h + activation(conv(h, p["k2"]))
         if pool:
-            h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1),
-                                      "VALID")
+            h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
         return jnp.mean(h, axis=(1, 2)) @ p["w"]
 
     return f, p
 
 
 @pytest.mark.parametrize(
-    "activation,pool", [(jax.nn.relu, False), (jax.nn.silu, False), (jax.nn.relu, True),
-                        (jnp.tanh, False)]
+    "activation,pool",
+    [(jax.nn.relu, False), (jax.nn.silu, False), (jax.nn.relu, True), (jnp.tanh, False)],
 )
 def test_bound_exceeds_realised_ratios(activation, pool):
     f, p = _small_cnn(activation, pool)
@@ -252,8 +256,10 @@ def test_unsupported_op_gives_none():
 
 def test_network_report_fields():
     rng = np.random.default_rng(4)
-    p = {"w1": rng.standard_normal((5, 5)).astype(np.float32),
-         "w2": rng.standard_normal((5, 5)).astype(np.float32)}
+    p = {
+        "w1": rng.standard_normal((5, 5)).astype(np.float32),
+        "w2": rng.standard_normal((5, 5)).astype(np.float32),
+    }
 
     def f(p, x):
         return x + jax.nn.relu(x @ p["w1"]) @ p["w2"]

@@ -252,9 +252,7 @@ class LinearisedNetwork:
             if (
                 consumers
                 and eqn.outvars[0] not in jaxpr.outvars
-                and all(
-                    c.primitive.name == "mul" and eqn.invars[0] in c.invars for c in consumers
-                )
+                and all(c.primitive.name == "mul" and eqn.invars[0] in c.invars for c in consumers)
             ):
                 return self._new(shape, srcs, pending=("logistic", u))
         if name in _SLOPES:
@@ -407,8 +405,16 @@ def midpoint_bound(
     except Unsupported as exc:
         return TightBound(None, None, 0.0, f"midpoint bound unavailable: {exc}", [], 0, 0, 0.0)
     if not net.out_refs:
-        return TightBound(0.0, "proven", 0.0, "the outputs do not depend on the input", [], 0, 0,
-                          time.perf_counter() - t0)
+        return TightBound(
+            0.0,
+            "proven",
+            0.0,
+            "the outputs do not depend on the input",
+            [],
+            0,
+            0,
+            time.perf_counter() - t0,
+        )
     nodes = net.nodes
     src_shapes = [tuple(x_shape)] + [n.out_shape for n in nodes]
     tgt_shapes = [n.in_shape for n in nodes]
@@ -425,8 +431,7 @@ def midpoint_bound(
         def flat(s):
             x = s[: src_sizes[0]].reshape(src_shapes[0])
             es = [
-                s[s_off[j + 1] : s_off[j + 2]].reshape(src_shapes[j + 1])
-                for j in range(len(nodes))
+                s[s_off[j + 1] : s_off[j + 2]].reshape(src_shapes[j + 1]) for j in range(len(nodes))
             ]
             us, out = net.apply(x, es)
             return jnp.concatenate([jnp.ravel(u) for u in us] + [out])
@@ -466,9 +471,7 @@ def midpoint_bound(
                 cols = np.concatenate(blocks, axis=0).T  # (T, n_j)
                 for k, jj in pairs:
                     if jj == j:
-                        norms[(k, j)] = _composite.dense_norm_upper(
-                            cols[t_off[k] : t_off[k + 1]]
-                        )
+                        norms[(k, j)] = _composite.dense_norm_upper(cols[t_off[k] : t_off[k + 1]])
         if lanczos_pairs:
             delta_i = delta / len(lanczos_pairs)
             lin_t = jax.linear_transpose(lin, zero)
@@ -530,7 +533,13 @@ def midpoint_bound(
         f"{len(probabilistic)} Lanczos probabilistic)"
     )
     return TightBound(
-        lips[-1], kind, total_delta, note, blocks, len(nodes), len(norms),
+        lips[-1],
+        kind,
+        total_delta,
+        note,
+        blocks,
+        len(nodes),
+        len(norms),
         time.perf_counter() - t0,
     )
 
@@ -566,7 +575,8 @@ def network_upper_fields(
         "lipschitz_upper_tight": tight.upper,
         "lipschitz_upper_tight_note": tight.note,
         "lipschitz_upper_method": "midpoint" if use_tight else "composition",
-        "lipschitz_upper_kind": (tight.kind if use_tight else "proven") if upper is not None
+        "lipschitz_upper_kind": (tight.kind if use_tight else "proven")
+        if upper is not None
         else None,
         "lipschitz_upper_delta": tight.delta if use_tight else 0.0,
         "lipschitz_upper_factor": (naive / upper) if (use_tight and naive is not None) else 1.0,
