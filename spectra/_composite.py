@@ -264,3 +264,68 @@ def composite_norm_upper(
     return lanczos_norm_upper(
         lambda w: matvec(rmatvec(w)), out_dim, delta=delta, num_steps=num_steps, seed=seed
     )
+
+
+def lanczos_tridiagonal(gram_matvec: Callable, v0, num_steps: int):
+    """``k`` Lanczos steps on a symmetric ``G`` (``gram_matvec``) from ``v0``, in JAX.
+
+    Full re-orthogonalisation (twice, against every earlier vector); a breakdown
+    (``β <= 1e-14 α``, an invariant subspace) makes the later vectors zero. Works under
+    ``jax.jit`` and ``jax.vmap`` (``num_steps`` static).
+
+    Args:
+      gram_matvec: ``v -> G v`` on arrays shaped like ``v0``.
+      v0: start vector (any nonzero vector; normalised here).
+      num_steps: ``k``.
+
+    Returns:
+      ``(alphas (k,), betas (k - 1,))``: the tridiagonal matrix whose largest eigenvalue is the
+      Ritz value ``ξ_k`` (use :func:`kw_upper_from_tridiagonal`).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    if num_steps < 2:
+        raise ValueError(f"num_steps must be >= 2; got {num_steps}")
+    shape = v0.shape
+    v = jnp.ravel(v0)
+    v = v / jnp.linalg.norm(v)
+    n = v.shape[0]
+    basis = jnp.zeros((num_steps, n), v.dtype).at[0].set(v)
+
+    def body(i, carry):
+        basis, alphas, betas = carry
+        q = basis[i]
+        w = jnp.ravel(gram_matvec(q.reshape(shape)))
+        alpha = q @ w
+        w = w - basis.T @ (basis @ w)
+        w = w - basis.T @ (basis @ w)
+        beta = jnp.linalg.norm(w)
+        ok = beta > 1e-14 * jnp.maximum(jnp.abs(alpha), 1e-300)
+        nxt = jnp.where(ok, w / jnp.where(ok, beta, 1.0), 0.0)
+        basis = basis.at[i + 1].set(nxt, mode="drop")  # Dropped after the last step.
+        alphas = alphas.at[i].set(alpha)
+        betas = betas.at[i].set(jnp.where(ok, beta, 0.0), mode="drop")
+        return basis, alphas, betas
+
+    alphas = jnp.zeros(num_steps, v.dtype)
+    betas = jnp.zeros(num_steps - 1, v.dtype)
+    _, alphas, betas = jax.lax.fori_loop(0, num_steps, body, (basis, alphas, betas))
+    return alphas, betas
+
+
+def kw_upper_from_tridiagonal(alphas, betas, n: int, *, delta: float) -> NormBound:
+    """:class:`NormBound` from the Lanczos tridiagonal matrix of ``k = len(alphas)`` steps on
+    ``AᵀA`` (float64) from a start vector uniform on the sphere of dimension ``n``:
+    ``sqrt(ξ_k (1 + 8 k n u) / (1 - ε))``, ``ε = kw_epsilon(delta, n, k)`` (as
+    :func:`lanczos_norm_upper`)."""
+    alphas = np.asarray(alphas, np.float64)
+    betas = np.asarray(betas, np.float64)
+    k = len(alphas)
+    if not (np.all(np.isfinite(alphas)) and np.all(np.isfinite(betas))):
+        return NormBound(math.inf, math.inf, "probabilistic", float(delta), "lanczos")
+    eps = kw_epsilon(delta, max(n, 1), k)
+    t = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
+    xi = max(float(np.linalg.eigvalsh(t)[-1]), 0.0) * (1 + 8 * k * n * _U)
+    upper = math.sqrt(xi / (1 - eps)) if eps < 1 else math.inf
+    return NormBound(upper, math.sqrt(xi), "probabilistic", float(delta), "lanczos")

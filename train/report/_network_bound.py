@@ -45,6 +45,7 @@ import numpy as np
 
 from spectra import _composite
 from train.report import _windows
+from train.report._empirical import CPU_COMPILER_OPTIONS
 from train.report._lipschitz import SILU_LIPSCHITZ
 from train.report._lipschitz import _evaluate
 from train.report._lipschitz import _is_var
@@ -312,49 +313,316 @@ class LinearisedNetwork:
     def apply(self, x, es):
         """``(us, out)``: the nonlinearities' inputs and the flattened outputs (float64)."""
         env = {self.x_ref.id: x}
+        us = _replay(self.ops, self.nodes, env, dict(enumerate(es)))
+        out = jnp.concatenate([jnp.ravel(env[o.id]) for o in self.out_refs])
+        return [us[j] for j in range(len(self.nodes))], out
 
-        def val(v):
-            if isinstance(v, _Ref):
-                return env[v.id]
-            a = np.asarray(v)
-            if jnp.issubdtype(a.dtype, jnp.floating):
-                return a.astype(np.float64)
-            return v
+    def cuts(self) -> list[int]:
+        """Nodes ``c`` whose output ``v_c`` is the only input-dependent value the rest of the
+        program reads (a residual block's last activation): ``[]`` if none."""
+        last_use: dict[int, int] = {}
+        define: dict[int, int] = {self.x_ref.id: -1}
+        for p, op in enumerate(self.ops):
+            ins = [op[2]] if op[0] == "node" else [v for v in op[2] if isinstance(v, _Ref)]
+            for v in ins:
+                last_use[v.id] = p
+            outs = [op[3]] if op[0] == "node" else op[3]
+            for o in outs:
+                define[o.id] = p
+        for o in self.out_refs:
+            last_use[o.id] = len(self.ops)
+        cuts = []
+        for p, op in enumerate(self.ops):
+            if op[0] != "node":
+                continue
+            live = [r for r, d in define.items() if d < p and last_use.get(r, -2) > p]
+            if not live:
+                cuts.append(op[1])
+        return cuts
 
-        us = []
+
+def _cast(v):
+    a = np.asarray(v)
+    if jnp.issubdtype(a.dtype, jnp.floating):
+        return a.astype(np.float64)
+    return v
+
+
+def _replay(ops, nodes, env, es, consts=None, stop_node=None) -> dict:
+    """Runs ``ops`` (``env``: ref id -> value, updated; ``es``: node -> ``e``); ``consts``: the
+    constant operands in order of appearance (``None``: those stored in the ops). Returns
+    ``{node: u}``; stops at ``stop_node``'s input."""
+    us = {}
+    it = iter(consts) if consts is not None else None
+    for op in ops:
+        if op[0] == "node":
+            _, j, u, out = op
+            node = nodes[j]
+            uval = env[u.id]
+            us[j] = uval
+            if j == stop_node:
+                break
+            env[out.id] = (node.m * uval if node.m != 0 else 0.0) + node.r * es[j]
+            continue
+        _, eqn, vals, outs = op
+        name = eqn.primitive.name
+        args = [
+            env[v.id] if isinstance(v, _Ref) else (next(it) if it is not None else _cast(v))
+            for v in vals
+        ]
+        if name in ("convert_element_type", "reduce_precision"):
+            res = [args[0]]
+        else:
+            params = dict(eqn.params)
+            if "preferred_element_type" in params:
+                params["preferred_element_type"] = None
+            bind_params = eqn.primitive.get_bind_params(params)
+            subfuns = ()
+            if isinstance(bind_params, tuple):
+                subfuns, bind_params = bind_params
+            res = eqn.primitive.bind(*subfuns, *args, **bind_params)
+            if not eqn.primitive.multiple_results:
+                res = [res]
+        for o, r in zip(outs, res):
+            env[o.id] = r
+    return us
+
+
+@dataclasses.dataclass
+class _Window:
+    """The program from a cut's output ``v_c`` (or ``x``) to the next cut's input (or the
+    outputs): sources ``[v_c, e_j...]``, targets ``[u_k..., (out)]``."""
+
+    ops: list
+    in_ref: _Ref
+    e_nodes: list[int]
+    targets: list[int]  # node indices; -1: the network output
+    consts: list
+    stop: int | None
+
+    def signature(self, net) -> tuple:
+        rel: dict[int, int] = {self.in_ref.id: 0}
+
+        def r(v):
+            return rel.setdefault(v.id, len(rel))
+
+        sig = []
         for op in self.ops:
             if op[0] == "node":
-                _, j, u, out = op
-                node = self.nodes[j]
-                uval = env[u.id]
-                us.append(uval)
-                e = es[j]
-                env[out.id] = (node.m * uval if node.m != 0 else 0.0) + node.r * e
-                continue
-            _, eqn, vals, outs = op
-            name = eqn.primitive.name
-            args = [val(v) for v in vals]
-            if name in ("convert_element_type", "reduce_precision"):
-                res = [args[0]]
+                node = net.nodes[op[1]]
+                sig.append(("node", r(op[2]), r(op[3]), node.m, node.r, node.out_shape))
             else:
-                params = dict(eqn.params)
-                if "preferred_element_type" in params:
-                    params["preferred_element_type"] = None
-                bind_params = eqn.primitive.get_bind_params(params)
-                subfuns = ()
-                if isinstance(bind_params, tuple):
-                    subfuns, bind_params = bind_params
-                res = eqn.primitive.bind(*subfuns, *args, **bind_params)
-                if not eqn.primitive.multiple_results:
-                    res = [res]
-            for o, r in zip(outs, res):
-                env[o.id] = r
-        out = jnp.concatenate([jnp.ravel(env[o.id]) for o in self.out_refs])
-        return us, out
+                _, eqn, vals, outs = op
+                ins = tuple(
+                    r(v) if isinstance(v, _Ref) else ("c", np.shape(v), str(np.asarray(v).dtype))
+                    for v in vals
+                )
+                sig.append((eqn.primitive.name, repr(eqn.params), ins, tuple(r(o) for o in outs)))
+        outs = tuple(r(o) for o in net.out_refs) if -1 in self.targets else ()
+        return (tuple(sig), self.stop is not None, outs, self.in_ref.shape)
+
+
+def _split_windows(net: LinearisedNetwork, cuts: list[int]) -> list[_Window]:
+    positions = {op[1]: p for p, op in enumerate(net.ops) if op[0] == "node"}
+    bounds = [(None, net.x_ref)] + [(c, net.ops[positions[c]][3]) for c in cuts]
+    out = []
+    for i, (c, in_ref) in enumerate(bounds):
+        lo = 0 if c is None else positions[c] + 1
+        nxt = cuts[i] if i < len(cuts) else None
+        hi = positions[nxt] + 1 if nxt is not None else len(net.ops)
+        ops = net.ops[lo:hi]
+        inner = [op[1] for op in ops if op[0] == "node" and op[1] != nxt]
+        targets = inner + ([nxt] if nxt is not None else [-1])
+        consts = [
+            _cast(v) for op in ops if op[0] == "lin" for v in op[2] if not isinstance(v, _Ref)
+        ]
+        out.append(_Window(ops, in_ref, inner, targets, consts, nxt))
+    return out
 
 
 def _sizes(shapes) -> list[int]:
     return [math.prod(s) for s in shapes]
+
+
+def _window_functions(win: _Window, net: LinearisedNetwork):
+    """``(cols, gram, S, t_sizes, s_sizes)`` for a window: ``cols(basis, consts)`` the window's
+    Jacobian applied to a batch of source vectors, ``gram(v, row_mask, consts)`` =
+    ``Tᵀ (mask * T v)``. Compiled once per window structure (the constants are arguments)."""
+    nodes = net.nodes
+    ops, in_ref, e_nodes, targets, stop = win.ops, win.in_ref, win.e_nodes, win.targets, win.stop
+    out_refs = net.out_refs
+    s_shapes = [in_ref.shape] + [nodes[j].out_shape for j in e_nodes]
+    s_sizes = _sizes(s_shapes)
+    s_off = np.concatenate([[0], np.cumsum(s_sizes)]).astype(int)
+    t_sizes = [
+        math.prod(nodes[k].in_shape) if k != -1 else sum(math.prod(o.shape) for o in out_refs)
+        for k in targets
+    ]
+    S = int(s_off[-1])
+
+    def f(s, consts):
+        env = {in_ref.id: s[: s_sizes[0]].reshape(s_shapes[0])}
+        es = {
+            j: s[s_off[i + 1] : s_off[i + 2]].reshape(s_shapes[i + 1])
+            for i, j in enumerate(e_nodes)
+        }
+        us = _replay(ops, nodes, env, es, consts, stop)
+        parts = [jnp.ravel(us[k]) for k in targets if k != -1]
+        if -1 in targets:
+            parts += [jnp.ravel(env[o.id]) for o in out_refs]
+        return jnp.concatenate(parts)
+
+    def lin(ds, consts):
+        zero = jnp.zeros(S, jnp.float64)
+        return jax.jvp(lambda s: f(s, consts), (zero,), (ds,))[1]
+
+    def gram(v, mask, consts):
+        zero = jnp.zeros(S, jnp.float64)
+        (back,) = jax.linear_transpose(lambda d: lin(d, consts), zero)(lin(v, consts) * mask)
+        return back
+
+    def lanczos_all(v0s, row_masks, col_masks, consts, steps):
+        def one(v0, rm, cm):
+            return _composite.lanczos_tridiagonal(
+                lambda v: cm * gram(cm * v, rm, consts), v0 * cm, steps
+            )
+
+        return jax.vmap(one)(v0s, row_masks, col_masks)
+
+    cols = jax.jit(jax.vmap(lin, in_axes=(0, None)))
+    return cols, _compiled_cache(lanczos_all), S, t_sizes, s_sizes
+
+
+def _compiled_cache(fn):
+    """``fn`` jitted (``steps`` static), compiled with the lower bound's cheaper CPU options."""
+    jitted = jax.jit(fn, static_argnums=(4,))
+    compiled = {}
+
+    def call(*args):
+        key = (args[4],) + tuple((np.shape(a), str(np.asarray(a).dtype)) for a in args[:3])
+        if key not in compiled:
+            lowered = jitted.lower(*args)
+            try:
+                if jax.default_backend() == "cpu":
+                    compiled[key] = lowered.compile(compiler_options=CPU_COMPILER_OPTIONS)
+                else:
+                    compiled[key] = lowered.compile()
+            except Exception:  # noqa: BLE001 - an XLA build without these options
+                compiled[key] = lowered.compile()
+        return compiled[key](*args[:4])
+
+    return call
+
+
+def _dense_columns(cols, consts, S, lo, n, chunk=256) -> np.ndarray:
+    """``T[:, lo:lo + n]`` (float64) from the batched Jacobian-vector product ``cols``."""
+    blocks = []
+    for start in range(0, n, chunk):
+        idx = np.arange(start, min(start + chunk, n))
+        basis = np.zeros((chunk, S))
+        basis[np.arange(len(idx)), lo + idx] = 1.0
+        blocks.append(np.asarray(cols(jnp.asarray(basis), consts))[: len(idx)])
+    return np.concatenate(blocks, axis=0).T
+
+
+def _windowed_bound(net, cuts, *, delta, max_dense_entries, max_work, lanczos_steps, seed):
+    """The dynamic program restarted at each cut ``c`` from ``L(v_c) <= (|m_c| + r_c) L(u_c)``:
+    ``L(u_k) <= ||∂u_k/∂v_c|| L(v_c) + Σ_{c<j<k} ||∂u_k/∂e_j|| L(u_j)`` inside each window."""
+    windows = _split_windows(net, cuts)
+    plans = []
+    cache: dict = {}
+    n_lanczos = 0
+    for win in windows:
+        key = win.signature(net)
+        if key not in cache:
+            cache[key] = _window_functions(win, net)
+        cols, lanczos, S, t_sizes, s_sizes = cache[key]
+        t_srcs = [net.node_in[k].srcs if k != -1 else net.out_srcs for k in win.targets]
+        in_id = 0 if win.stop is None and win is windows[0] else None
+        pairs = []
+        for ti in range(len(win.targets)):
+            pairs.append((ti, 0))
+            for si, j in enumerate(win.e_nodes):
+                if j + 1 in t_srcs[ti]:
+                    pairs.append((ti, si + 1))
+        dense = S * sum(t_sizes) <= max_dense_entries
+        if not dense:
+            n_lanczos += len(pairs)
+        plans.append((win, cols, lanczos, S, t_sizes, s_sizes, pairs, dense))
+        del in_id
+    if n_lanczos * lanczos_steps > max_work:
+        raise _TooBig(
+            f"{n_lanczos} norms need Lanczos ({n_lanczos * lanczos_steps} > max_work={max_work} "
+            "network-window evaluations)"
+        )
+    delta_i = delta / max(n_lanczos, 1)
+    lips: dict[int, float] = {}
+    all_norms = []
+    blocks = []
+    l_in = 1.0
+    for win, cols, lanczos, S, t_sizes, s_sizes, pairs, dense in plans:
+        consts = [jnp.asarray(c) for c in win.consts]
+        s_off = np.concatenate([[0], np.cumsum(s_sizes)]).astype(int)
+        t_off = np.concatenate([[0], np.cumsum(t_sizes)]).astype(int)
+        T = int(t_off[-1])
+        norms = {}
+        if dense:
+            for si in range(len(s_sizes)):
+                mat = _dense_columns(cols, consts, S, int(s_off[si]), s_sizes[si])
+                for ti, sj in pairs:
+                    if sj == si:
+                        norms[(ti, si)] = _composite.dense_norm_upper(
+                            mat[t_off[ti] : t_off[ti + 1]]
+                        )
+        else:
+            rng = np.random.default_rng(seed + len(all_norms))
+            v0s = np.zeros((len(pairs), S))
+            rms = np.zeros((len(pairs), T))
+            cms = np.zeros((len(pairs), S))
+            for p, (ti, si) in enumerate(pairs):
+                lo, hi = int(s_off[si]), int(s_off[si + 1])
+                v0s[p, lo:hi] = rng.standard_normal(hi - lo)
+                cms[p, lo:hi] = 1.0
+                rms[p, t_off[ti] : t_off[ti + 1]] = 1.0
+            alphas, betas = lanczos(v0s, rms, cms, consts, lanczos_steps)
+            alphas, betas = np.asarray(alphas), np.asarray(betas)
+            for p, (ti, si) in enumerate(pairs):
+                norms[(ti, si)] = _composite.kw_upper_from_tridiagonal(
+                    alphas[p], betas[p], s_sizes[si], delta=delta_i
+                )
+        all_norms += list(norms.values())
+        for ti, k in enumerate(win.targets):
+            terms = [(si, nb) for (tj, si), nb in norms.items() if tj == ti]
+            total = 0.0
+            for si, nb in terms:
+                total += nb.upper * (l_in if si == 0 else lips[win.e_nodes[si - 1]])
+            total *= 1 + 1e-12 * (len(terms) + 1)
+            lips[k] = total
+            blocks.append(
+                {
+                    "target": "output" if k == -1 else f"input of {net.nodes[k].kind} #{k}",
+                    "where": None if k == -1 else net.nodes[k].where,
+                    "bound": total,
+                    "rule": "midpoint in a window: ||∂u/∂v_in|| L(v_in) + Σ ||∂u/∂e_j|| L(u_j) "
+                    + f"(L(v_in) = {l_in:.4g}) over "
+                    + ", ".join(
+                        ("v_in" if si == 0 else f"e{win.e_nodes[si - 1]}")
+                        + f" ({nb.method} {nb.upper:.4g})"
+                        for si, nb in terms
+                    ),
+                    "kind": "probabilistic"
+                    if any(nb.kind == "probabilistic" for _, nb in terms)
+                    else "proven",
+                }
+            )
+        if win.stop is not None:
+            node = net.nodes[win.stop]
+            l_in = (abs(node.m) + node.r) * lips[win.stop]
+    return lips[-1], all_norms, blocks, len(windows)
+
+
+class _TooBig(Exception):
+    pass
 
 
 @dataclasses.dataclass
@@ -442,18 +710,44 @@ def midpoint_bound(
             return jax.jvp(flat, (zero,), (ds,))[1]
 
         dense_js = {j for j in range(len(src_sizes)) if T * src_sizes[j] <= max_dense_entries}
-        lanczos_pairs = [(k, j) for k, j in pairs if j not in dense_js]
-        work = len(lanczos_pairs) * lanczos_steps
-        if work > max_work:
+        if len(dense_js) < len(src_sizes):
+            cuts = net.cuts()
+            try:
+                upper, all_norms, blocks, n_windows = _windowed_bound(
+                    net,
+                    cuts,
+                    delta=delta,
+                    max_dense_entries=max_dense_entries,
+                    max_work=max_work,
+                    lanczos_steps=lanczos_steps,
+                    seed=seed,
+                )
+            except _TooBig as exc:
+                return TightBound(
+                    None,
+                    None,
+                    0.0,
+                    f"midpoint bound skipped: {exc}",
+                    [],
+                    len(nodes),
+                    0,
+                    time.perf_counter() - t0,
+                )
+            probabilistic = [nb for nb in all_norms if nb.kind == "probabilistic"]
+            note = (
+                f"midpoint (LipLT) dynamic program over {len(nodes)} nonlinearities in "
+                f"{n_windows} windows between cuts, {len(all_norms)} norms of linear maps "
+                f"({len(all_norms) - len(probabilistic)} dense proven, {len(probabilistic)} "
+                f"Lanczos probabilistic)"
+            )
             return TightBound(
-                None,
-                None,
-                0.0,
-                f"midpoint bound skipped: {len(lanczos_pairs)} norms need Lanczos "
-                f"({work} > max_work={max_work} network evaluations)",
-                [],
+                upper,
+                "probabilistic" if probabilistic else "proven",
+                float(sum(nb.delta for nb in probabilistic)),
+                note,
+                blocks,
                 len(nodes),
-                0,
+                len(all_norms),
                 time.perf_counter() - t0,
             )
         norms: dict[tuple[int, int], _composite.NormBound] = {}
@@ -472,29 +766,6 @@ def midpoint_bound(
                 for k, jj in pairs:
                     if jj == j:
                         norms[(k, j)] = _composite.dense_norm_upper(cols[t_off[k] : t_off[k + 1]])
-        if lanczos_pairs:
-            delta_i = delta / len(lanczos_pairs)
-            lin_t = jax.linear_transpose(lin, zero)
-
-            @jax.jit
-            def gram(v, row_mask):
-                return lin_t(lin(v) * row_mask)[0]
-
-            for k, j in lanczos_pairs:
-                lo, n_j = int(s_off[j]), src_sizes[j]
-                mask = np.zeros(T)
-                mask[t_off[k] : t_off[k + 1]] = 1.0
-                mask = jnp.asarray(mask)
-
-                def gram_j(v, lo=lo, n_j=n_j, mask=mask):
-                    full = np.zeros(S)
-                    full[lo : lo + n_j] = v
-                    return np.asarray(gram(jnp.asarray(full), mask))[lo : lo + n_j]
-
-                norms[(k, j)] = _composite.lanczos_norm_upper(
-                    gram_j, n_j, delta=delta_i, num_steps=lanczos_steps, seed=seed + len(norms)
-                )
-
     # The dynamic program.
     lips: list[float] = []
     blocks = []
