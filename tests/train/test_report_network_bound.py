@@ -273,3 +273,23 @@ def test_network_report_fields():
     assert n["blocks"] and n["blocks"][-1]["target"] == "output"
     assert n["lipschitz_upper"] >= n["lipschitz_lower"]
     assert r.to_dict()["network"]["lipschitz_upper_kind"] == "proven"
+
+
+def test_softmax_head_is_bounded_and_sound():
+    rng = np.random.default_rng(5)
+    p = [
+        rng.standard_normal((4, 6)).astype(np.float32) * 2,
+        rng.standard_normal((6, 3)).astype(np.float32),
+    ]
+
+    def f(p, x):
+        return jax.nn.softmax(x @ p[0], axis=-1) @ p[1]
+
+    r = _bound(f, p, (1, 4))
+    assert r.upper is not None and r.num_nodes == 1  # The max it subtracts is pruned.
+    w0, w1 = (np.asarray(w, np.float64) for w in p)
+    assert r.upper <= 0.5 * np.linalg.norm(w0, 2) * np.linalg.norm(w1, 2) * (1 + 1e-3)
+    xs = rng.standard_normal((512, 1, 4)).astype(np.float32) * 3
+    ys = xs + 0.01 * rng.standard_normal(xs.shape).astype(np.float32)
+    num = np.linalg.norm(np.asarray(jax.vmap(lambda a, b: f(p, a) - f(p, b))(xs, ys)), axis=(1, 2))
+    assert np.max(num / np.linalg.norm(xs - ys, axis=(1, 2))) <= r.upper

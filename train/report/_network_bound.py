@@ -47,9 +47,11 @@ from spectra import _composite
 from train.report import _windows
 from train.report._empirical import CPU_COMPILER_OPTIONS
 from train.report._lipschitz import SILU_LIPSCHITZ
+from train.report._lipschitz import SOFTMAX_LIPSCHITZ
 from train.report._lipschitz import _evaluate
 from train.report._lipschitz import _is_var
 from train.report._lipschitz import _sub_jaxpr
+from train.report._lipschitz import softmax_patterns
 
 #: Total failure probability allowed to the probabilistic norms of one network (union bound).
 DEFAULT_DELTA = 1e-6
@@ -102,6 +104,10 @@ _SLOPES = {
     "tanh": (0.0, 1.0),
 }
 SILU_SLOPES = (1.0 - SILU_LIPSCHITZ, SILU_LIPSCHITZ)
+#: Softmax: its Jacobian ``diag(p) - p pᵀ`` is symmetric with eigenvalues in ``[0, 1/2]``
+#: (``SOFTMAX_LIPSCHITZ``), so ``4 softmax(u) - u`` has a symmetric Jacobian of norm <= 1
+#: everywhere: ``softmax = u/4 + ψ(u)/4`` with ``ψ`` 1-Lipschitz (mean value theorem).
+SOFTMAX_SLOPES = (0.0, SOFTMAX_LIPSCHITZ)
 
 
 class Unsupported(Exception):
@@ -118,6 +124,13 @@ class Node:
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     where: str
+
+
+@dataclasses.dataclass(eq=False)
+class _Blocked:
+    """An input-dependent value no rule handles; an error only if the outputs need it."""
+
+    note: str
 
 
 @dataclasses.dataclass(eq=False)
@@ -154,14 +167,48 @@ class LinearisedNetwork:
         outs = self._walk(jaxpr, closed.consts, list(leaf_values) + [self.x_ref], "the network")
         self.out_refs = []
         for o in outs:
+            if isinstance(o, _Blocked):
+                raise Unsupported(o.note)
             if isinstance(o, _Ref):
                 if o.pending is not None:
                     o = self._materialise(o)
                 self.out_refs.append(o)
         del n
+        self._prune()
         # The sources each target depends on (0: x, j + 1: e_j).
         self.node_in: list[_Ref] = [op[2] for op in self.ops if op[0] == "node"]
         self.out_srcs = frozenset().union(*[o.srcs for o in self.out_refs])
+
+    def _prune(self) -> None:
+        """Drops the operations the outputs do not need (e.g. the max a softmax subtracts),
+        renumbers the nodes and recomputes the sources of every value."""
+        needed = {o.id for o in self.out_refs}
+        keep = []
+        for op in reversed(self.ops):
+            outs = [op[3]] if op[0] == "node" else op[3]
+            if not any(o.id in needed for o in outs):
+                continue
+            keep.append(op)
+            ins = [op[2]] if op[0] == "node" else [v for v in op[2] if isinstance(v, _Ref)]
+            needed.update(v.id for v in ins)
+        keep.reverse()
+        nodes, ops = [], []
+        self.x_ref.srcs = frozenset({0})
+        for op in keep:
+            if op[0] == "node":
+                _, j, u, out = op
+                node = self.nodes[j]
+                k = len(nodes)
+                nodes.append(node)
+                out.srcs = frozenset({k + 1}) | (u.srcs if node.m != 0 else frozenset())
+                ops.append(("node", k, u, out))
+            else:
+                _, eqn, vals, outs = op
+                srcs = frozenset().union(*[v.srcs for v in vals if isinstance(v, _Ref)])
+                for o in outs:
+                    o.srcs = srcs
+                ops.append(op)
+        self.nodes, self.ops = nodes, ops
 
     # --------------------------------------------------------------------------- building
     def _new(self, shape, srcs, pending=None) -> _Ref:
@@ -194,12 +241,25 @@ class LinearisedNetwork:
         def read(v):
             return v.val if not _is_var(v) else env[v]
 
+        key = ("softmax", id(jaxpr))
+        if key not in self._const_cache:
+            self._const_cache[key] = (jaxpr, softmax_patterns(jaxpr))
+        softmaxes = self._const_cache[key][1]
         for index, eqn in enumerate(jaxpr.eqns):
             vals = [read(v) for v in eqn.invars]
             name = eqn.primitive.name
             at = f"eqn {index} (`{name}`) in {where}"
+            blocked = [v for v in vals if isinstance(v, _Blocked)]
+            source = softmaxes.get(index)
             deps = [v for v in vals if isinstance(v, _Ref)]
-            if not deps:
+            if source is not None and isinstance(read(source), _Ref):
+                u = read(source)
+                if u.pending is not None:
+                    u = self._materialise(u)
+                outs = self._node("softmax", SOFTMAX_SLOPES, u, eqn.outvars[0].aval.shape, at)
+            elif blocked:
+                outs = [_Blocked(blocked[0].note) for _ in eqn.outvars]
+            elif not deps:
                 key = (id(eqn), tuple(id(v) for v in vals))
                 if key not in self._const_cache:
                     self._const_cache[key] = (vals, _evaluate(eqn, vals))
@@ -215,7 +275,10 @@ class LinearisedNetwork:
                     label = eqn.params.get("name", name)
                     outs = self._walk(inner, inner_consts, vals, f"{name}[{label}] at {at}")
                 else:
-                    outs = self._rule(eqn, vals, uses, jaxpr, at)
+                    try:
+                        outs = self._rule(eqn, vals, uses, jaxpr, at)
+                    except Unsupported as exc:
+                        outs = [_Blocked(str(exc)) for _ in eqn.outvars]
             if not isinstance(outs, (list, tuple)):
                 outs = [outs]
             env.update(zip(eqn.outvars, outs))
