@@ -51,7 +51,7 @@ def network_report(
     backend: str = "numpy",
     overlap_lower_bound: bool = True,
     tight_bound: bool = True,
-    tight_max_work: int = _network_bound.DEFAULT_MAX_WORK,
+    tight_max_work: int | None = _network_bound.DEFAULT_MAX_WORK,
     **example_kwargs: Any,
 ) -> NetworkReport:
     """The spectral report of a network: per-layer exact σ_max and bounds, Lipschitz bracket.
@@ -109,7 +109,8 @@ def network_report(
         ``δ <= 1e-6``); ``network['lipschitz_upper']`` is then the smaller of the two and
         ``lipschitz_upper_naive`` the composition (product of the layer norms).
       tight_max_work: the midpoint bound is skipped when its Lanczos norms would need more
-        than this many network evaluations (big networks; the composition is kept).
+        than this many steps (big networks; the composition is kept); ``None``: 1000 on CPU
+        (ResNet-20 @32² needs 1120: ~1 min on a shared 2-core CPU), 20000 on accelerators.
       **example_kwargs: keyword arguments of ``apply_fn``, held fixed.
 
     Returns:
