@@ -110,7 +110,7 @@ def network_report(
         ``lipschitz_upper_naive`` the composition (product of the layer norms).
       tight_max_work: the midpoint bound is skipped when its Lanczos norms would need more
         than this many steps (big networks; the composition is kept); ``None``: 1000 on CPU
-        (ResNet-20 @32² needs 1120: ~1 min on a shared 2-core CPU), 20000 on accelerators.
+        (ResNet-20 @32² needs 1680: ~1 min on a shared 2-core CPU), 20000 on accelerators.
       **example_kwargs: keyword arguments of ``apply_fn``, held fixed.
 
     Returns:

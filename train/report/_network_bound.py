@@ -60,8 +60,8 @@ MAX_DENSE_ENTRIES = 2**23
 #: Above this many Lanczos steps (each one window evaluation and its transpose, all pairs of
 #: a window batched), the bound is skipped (too slow): ``None`` resolves to
 #: :data:`CPU_MAX_WORK` on CPU and :data:`ACCELERATOR_MAX_WORK` elsewhere. Measured on a shared
-#: 2-core CPU: ResNet-20 @32² needs 1120 (28 norms x 40 steps): ~59 s, 4x the rest of its
-#: report; YOLOv8n @320² would need 46120.
+#: 2-core CPU: ResNet-20 @32² needs 1680 (28 norms x 60 steps): ~59 s, 3x the rest of its
+#: report; YOLOv8n @320² would need 69180.
 DEFAULT_MAX_WORK = None
 CPU_MAX_WORK = 1000
 ACCELERATOR_MAX_WORK = 20000
@@ -716,7 +716,7 @@ def midpoint_bound(
     delta: float = DEFAULT_DELTA,
     max_dense_entries: int = MAX_DENSE_ENTRIES,
     max_work: int | None = DEFAULT_MAX_WORK,
-    lanczos_steps: int = 40,
+    lanczos_steps: int = 60,
     seed: int = 0,
     windows: bool | None = None,
 ) -> TightBound:
