@@ -155,7 +155,7 @@ def _top_eigenvalue(g: np.ndarray, steps: int = 40) -> float:
         w = w - b.T @ (b @ w)
         w = w - b.T @ (b @ w)
         beta = float(np.linalg.norm(w))
-        if beta <= 1e-13 * max(abs(alphas[-1]), 1e-300):
+        if beta <= 1e-13 * max(max(abs(a) for a in alphas), 1e-300):
             break
         betas.append(beta)
         q = w / beta
@@ -184,8 +184,9 @@ def lanczos_norm_upper(
     Returns:
       :class:`NormBound` with ``kind='probabilistic'``: ``sqrt(ξ_k (1 + margin) / (1 - ε))``,
       ``ε = kw_epsilon(delta, n, num_steps)`` and a float64 rounding margin ``margin = 8 k n u``
-      on the Ritz value (full re-orthogonalisation keeps the Lanczos basis orthonormal to
-      working precision); ``inf`` when ``ε >= 1`` (too few steps for ``δ``).
+      on the Ritz value plus ``1e-12 max |α|`` for a breakdown declared at rounding level
+      (full re-orthogonalisation keeps the Lanczos basis orthonormal to working precision);
+      ``inf`` when ``ε >= 1`` (too few steps for ``δ``).
     """
     eps = kw_epsilon(delta, max(n, 1), num_steps)
     rng = np.random.default_rng(seed)
@@ -204,13 +205,13 @@ def lanczos_norm_upper(
         w = w - basis[: i + 1].T @ (basis[: i + 1] @ w)
         w = w - basis[: i + 1].T @ (basis[: i + 1] @ w)  # Twice is enough (Kahan).
         beta = float(np.linalg.norm(w))
-        if i == num_steps - 1 or beta <= 1e-14 * max(abs(alpha), 1e-300):
+        if i == num_steps - 1 or beta <= 1e-13 * max(max(abs(a) for a in alphas), 1e-300):
             break
         betas.append(beta)
         q = w / beta
     t = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
     xi = float(np.linalg.eigvalsh(t)[-1]) if t.size else 0.0
-    xi = max(xi, 0.0) * (1 + 8 * num_steps * n * _U)
+    xi = max(xi, 0.0) * (1 + 8 * num_steps * n * _U) + 1e-12 * max(map(abs, alphas), default=0.0)
     upper = math.sqrt(xi / (1 - eps)) if eps < 1 else math.inf
     return NormBound(upper, math.sqrt(max(xi, 0.0)), "probabilistic", float(delta), "lanczos")
 
@@ -270,7 +271,8 @@ def lanczos_tridiagonal(gram_matvec: Callable, v0, num_steps: int):
     """``k`` Lanczos steps on a symmetric ``G`` (``gram_matvec``) from ``v0``, in JAX.
 
     Full re-orthogonalisation (twice, against every earlier vector); a breakdown
-    (``β <= 1e-14 α``, an invariant subspace) makes the later vectors zero. Works under
+    (``β <= 1e-13 max |α|``: an invariant subspace up to rounding, e.g. after ``n`` steps in
+    dimension ``n``) makes the later vectors zero. Works under
     ``jax.jit`` and ``jax.vmap`` (``num_steps`` static).
 
     Args:
@@ -301,7 +303,8 @@ def lanczos_tridiagonal(gram_matvec: Callable, v0, num_steps: int):
         w = w - basis.T @ (basis @ w)
         w = w - basis.T @ (basis @ w)
         beta = jnp.linalg.norm(w)
-        ok = beta > 1e-14 * jnp.maximum(jnp.abs(alpha), 1e-300)
+        scale = jnp.maximum(jnp.maximum(jnp.max(jnp.abs(alphas)), jnp.abs(alpha)), 1e-300)
+        ok = beta > 1e-13 * scale  # Else: an invariant subspace up to rounding.
         nxt = jnp.where(ok, w / jnp.where(ok, beta, 1.0), 0.0)
         basis = basis.at[i + 1].set(nxt, mode="drop")  # Dropped after the last step.
         alphas = alphas.at[i].set(alpha)
@@ -326,6 +329,7 @@ def kw_upper_from_tridiagonal(alphas, betas, n: int, *, delta: float) -> NormBou
         return NormBound(math.inf, math.inf, "probabilistic", float(delta), "lanczos")
     eps = kw_epsilon(delta, max(n, 1), k)
     t = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
-    xi = max(float(np.linalg.eigvalsh(t)[-1]), 0.0) * (1 + 8 * k * n * _U)
+    scale = float(np.max(np.abs(alphas))) if k else 0.0
+    xi = max(float(np.linalg.eigvalsh(t)[-1]), 0.0) * (1 + 8 * k * n * _U) + 1e-12 * scale
     upper = math.sqrt(xi / (1 - eps)) if eps < 1 else math.inf
     return NormBound(upper, math.sqrt(xi), "probabilistic", float(delta), "lanczos")

@@ -293,3 +293,38 @@ def test_softmax_head_is_bounded_and_sound():
     ys = xs + 0.01 * rng.standard_normal(xs.shape).astype(np.float32)
     num = np.linalg.norm(np.asarray(jax.vmap(lambda a, b: f(p, a) - f(p, b))(xs, ys)), axis=(1, 2))
     assert np.max(num / np.linalg.norm(xs - ys, axis=(1, 2))) <= r.upper
+
+
+def test_windows_and_lanczos_paths_are_sound():
+    rng = np.random.default_rng(6)
+    ws = [rng.standard_normal((6, 6)).astype(np.float32) / 2 for _ in range(5)]
+
+    def f(p, x):
+        h = jax.nn.relu(x @ p[0])
+        h = jax.nn.relu(h + jax.nn.relu(h @ p[1]) @ p[2])  # Residual block: its output is a cut.
+        h = jax.nn.relu(h + jax.nn.relu(h @ p[3]) @ p[4])
+        return h
+
+    full = _bound(f, ws, (1, 6))
+    windowed = _bound(f, ws, (1, 6), windows=True)
+    lanczos = _bound(f, ws, (1, 6), max_dense_entries=0, max_work=10**6)
+    assert full.kind == windowed.kind == "proven"
+    assert lanczos.kind == "probabilistic" and 0 < lanczos.delta <= 1e-6
+    assert "4 windows" in windowed.note  # x | relu | block | block | output.
+    assert full.upper <= windowed.upper * (1 + 1e-9)
+    xs = rng.standard_normal((2048, 1, 6)).astype(np.float32)
+    ys = xs + rng.standard_normal(xs.shape).astype(np.float32) * 0.1
+    diff = np.asarray(jax.vmap(lambda a, b: f(ws, a) - f(ws, b))(xs, ys))
+    best = np.max(np.linalg.norm(diff, axis=(1, 2)) / np.linalg.norm(xs - ys, axis=(1, 2)))
+    assert best <= min(full.upper, windowed.upper, lanczos.upper)
+    skipped = _bound(f, ws, (1, 6), max_dense_entries=0, max_work=10)
+    assert skipped.upper is None and "skipped" in skipped.note
+
+
+def test_lanczos_path_on_a_linear_network_brackets_its_norm():
+    w = np.random.default_rng(7).standard_normal((40, 30)).astype(np.float32)
+    r = _bound(lambda p, x: x @ p, w, (1, 40), max_dense_entries=0, max_work=10**6)
+    exact = np.linalg.norm(w.astype(np.float64), 2)
+    eps = _composite.kw_epsilon(1e-6, 40, 60)
+    assert r.kind == "probabilistic"
+    assert exact <= r.upper <= exact / math.sqrt(1 - eps) * (1 + 1e-9)
