@@ -1,0 +1,221 @@
+"""ONNX weights in every form (initializer, Constant node, old-IR input) and the way back:
+``OnnxModel.to_onnx`` against onnxruntime, BatchNorm kept or folded, opsets 13 and 17."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+from onnx import numpy_helper
+
+import train
+from tests.train.onnx_graphs import assert_outputs_close
+from tests.train.onnx_graphs import make_model
+from tests.train.onnx_graphs import randn
+from tests.train.onnx_graphs import run_ort
+from train.models import from_onnx
+
+node = helper.make_node
+FORMS = ("initializer", "constant", "old_ir")
+
+
+def _weights() -> dict:
+    rng = np.random.default_rng(7)
+
+    def normal(*shape, scale=0.3):
+        return (scale * rng.standard_normal(shape)).astype(np.float32)
+
+    return {
+        "w1": normal(6, 3, 3, 3),
+        "b1": normal(6),
+        "g1": (1.0 + 0.2 * rng.standard_normal(6)).astype(np.float32),
+        "beta1": normal(6),
+        "m1": normal(6),
+        "v1": (0.5 + rng.random(6)).astype(np.float32),
+        "w2": normal(4, 6, 3, 3),
+        "wf": normal(5, 16),
+        "bf": normal(5),
+        "wm": normal(5, 3),
+        "bm": normal(3),
+    }
+
+
+def small_net(form: str, opset: int = 13):
+    """conv -> BN -> relu -> conv (stride 2) -> avgpool -> reshape -> gemm -> relu -> matmul
+    -> add, weights stored as ``form``; a float scale and the reshape target are Constant
+    nodes in every form (not weights). Returns ``(model, x, weights)``."""
+    weights = _weights()
+    x = randn(1, 3, 8, 8, seed=5)
+    nodes = [
+        node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        node("BatchNormalization", ["c1", "g1", "beta1", "m1", "v1"], ["n1"], name="bn1"),
+        node("Relu", ["n1"], ["r1"], name="relu1"),
+        node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1], strides=[2, 2]),
+        node("AveragePool", ["c2"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        node(
+            "Constant",
+            [],
+            ["shape"],
+            name="shape_const",
+            value=numpy_helper.from_array(np.array([1, -1], np.int64), "shape"),
+        ),
+        node("Reshape", ["p", "shape"], ["f"], name="flatten"),
+        node(
+            "Constant",
+            [],
+            ["half"],
+            name="half_const",
+            value=numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+        ),
+        node("Mul", ["f", "half"], ["fh"], name="scale"),
+        node("Gemm", ["fh", "wf", "bf"], ["g"], name="fc", transB=1),
+        node("Relu", ["g"], ["r2"], name="relu2"),
+        node("MatMul", ["r2", "wm"], ["mm"], name="head"),
+        node("Add", ["mm", "bm"], ["y"], name="head_bias"),
+    ]
+    initializers = dict(weights)
+    if form == "constant":
+        initializers = {}
+        lifted = []
+        for name, value in weights.items():
+            if name == "w2":  # Constant -> Identity.
+                lifted.append(
+                    node(
+                        "Constant",
+                        [],
+                        ["w2_raw"],
+                        name="w2_const",
+                        value=numpy_helper.from_array(value, "w2_raw"),
+                    )
+                )
+                lifted.append(node("Identity", ["w2_raw"], ["w2"], name="w2_identity"))
+            elif name == "bm":  # float64 Constant -> Cast to float32.
+                lifted.append(
+                    node(
+                        "Constant",
+                        [],
+                        ["bm64"],
+                        name="bm_const",
+                        value=numpy_helper.from_array(value.astype(np.float64), "bm64"),
+                    )
+                )
+                lifted.append(
+                    node("Cast", ["bm64"], ["bm"], name="bm_cast", to=onnx.TensorProto.FLOAT)
+                )
+            else:
+                lifted.append(
+                    node(
+                        "Constant",
+                        [],
+                        [name],
+                        name=f"{name}_const",
+                        value=numpy_helper.from_array(value, name),
+                    )
+                )
+        nodes = lifted + nodes
+    model = make_model(nodes, {"x": x}, ["y"], initializers, opset=opset)
+    if form == "old_ir":  # Initializers also listed as graph inputs (keep_initializers_as_inputs).
+        model.graph.input.extend(
+            helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, value.shape)
+            for name, value in weights.items()
+        )
+        onnx.checker.check_model(model)
+    return model, x, weights
+
+
+def _hwio(w):
+    return w.transpose(2, 3, 1, 0)
+
+
+EXPECTED = {  # params[node][slot] -> the weight, as from_onnx lays it out.
+    ("conv1", "W"): ("w1", _hwio),
+    ("conv1", "B"): ("b1", None),
+    ("bn1", "scale"): ("g1", None),
+    ("bn1", "B"): ("beta1", None),
+    ("bn1", "mean"): ("m1", None),
+    ("bn1", "var"): ("v1", None),
+    ("conv2", "W"): ("w2", _hwio),
+    ("fc", "B"): ("wf", None),
+    ("fc", "C"): ("bf", None),
+    ("head", "B"): ("wm", None),
+    ("head_bias", "B"): ("bm", None),
+}
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_weights_in_every_form_are_the_same_params(form):
+    model, x, weights = small_net(form)
+    imported = from_onnx(model)
+    assert imported.input_names == ("x",)
+    got = {
+        (k, s): np.asarray(v) for k, entries in imported.params.items() for s, v in entries.items()
+    }
+    assert sorted(got) == sorted(EXPECTED)
+    for key, (name, layout) in EXPECTED.items():
+        want = weights[name] if layout is None else layout(weights[name])
+        np.testing.assert_array_equal(got[key], want)
+    assert ("scale", "B") not in got  # A float Constant that is not a weight stays folded.
+    specs = train.find_convs(imported.apply_fn, imported.params, *imported.example_inputs())
+    assert sorted(k for k, e in specs.items() if e.get("W") is not None) == ["conv1", "conv2"]
+    assert specs["conv2"]["W"].strides == (2, 2)
+    out = jax.jit(imported.apply_fn)(imported.params, x)
+    assert_outputs_close(out, run_ort(model, {"x": x}))
+
+
+def test_report_and_projection_see_constant_weights():
+    model, x, _ = small_net("constant")
+    imported = from_onnx(model)
+    report = train.report.network_report(
+        imported.apply_fn,
+        imported.params,
+        x,
+        num_points=1,
+        power_iterations=3,
+        compute_spectra=False,
+    )
+    assert report.network["num_conv_layers"] == 2
+    assert report.network["lipschitz_lower"] > 0
+    specs = train.find_convs(imported.apply_fn, imported.params, *imported.example_inputs())
+    projected, cert = train.certify_conv_operator_norm(imported.params, specs, 0.5)
+    assert len(cert.layers) == 2 and cert.certified and cert.any_changed
+
+
+def _perturbed(params, seed=0):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda a: np.asarray(a) * (1 + 0.1 * rng.standard_normal(np.shape(a))).astype(a.dtype),
+        params,
+    )
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("opset", [13, 17])
+@pytest.mark.parametrize("fold_bn", [False, True])
+def test_to_onnx_round_trip_equals_apply_fn(tmp_path, form, opset, fold_bn):
+    model, x, _ = small_net(form, opset)
+    imported = from_onnx(model)
+    params = _perturbed(imported.params)
+    path = tmp_path / "out.onnx"
+    written = imported.to_onnx(params, path, fold_bn=fold_bn)
+    reloaded = onnx.load(str(path))
+    assert reloaded.opset_import[0].version == opset
+    ops = [n.op_type for n in reloaded.graph.node]
+    assert "Identity" not in ops and "Cast" not in ops  # The weight chains are gone.
+    assert ops.count("Constant") == 2  # The reshape target and the scale stay.
+    assert ("BatchNormalization" in ops) != fold_bn
+    assert [i.name for i in reloaded.graph.input][:1] == ["x"]
+    if form != "old_ir":
+        assert [i.name for i in reloaded.graph.input] == ["x"]
+    want = jax.jit(imported.apply_fn)(params, x)
+    assert_outputs_close(run_ort(written, {"x": x}), [np.asarray(w) for w in want])
+    again = from_onnx(str(path))
+    if not fold_bn:  # Same params back, bit for bit, whatever the form.
+        jax.tree.map(np.testing.assert_array_equal, again.params, params)
+    else:
+        folded, _ = train.models.fold_batch_norm(dataclasses.replace(imported, params=params))
+        np.testing.assert_allclose(
+            again.params["conv1"]["W"], folded.params["conv1"]["W"], rtol=0, atol=0
+        )
+        assert "bn1" not in again.params
