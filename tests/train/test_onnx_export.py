@@ -219,3 +219,120 @@ def test_to_onnx_round_trip_equals_apply_fn(tmp_path, form, opset, fold_bn):
             again.params["conv1"]["W"], folded.params["conv1"]["W"], rtol=0, atol=0
         )
         assert "bn1" not in again.params
+
+
+# ------------------------------------------------------------------ convspectra-project
+def projection_net():
+    """Stride-2, grouped and depthwise convs, two BatchNormalizations, a Gemm head."""
+    rng = np.random.default_rng(11)
+
+    def normal(*shape, scale=1.0):
+        return (scale * rng.standard_normal(shape)).astype(np.float32)
+
+    def bn(name, c):
+        return {
+            f"{name}_g": (1.5 + 0.5 * rng.random(c)).astype(np.float32),
+            f"{name}_b": normal(c, scale=0.1),
+            f"{name}_m": normal(c, scale=0.1),
+            f"{name}_v": (0.2 + rng.random(c)).astype(np.float32),
+        }
+
+    inits = {
+        "w1": normal(8, 4, 3, 3),
+        "b1": normal(8, scale=0.1),
+        "w2": normal(8, 4, 3, 3),
+        "w3": normal(8, 1, 3, 3),
+        "w4": normal(6, 8, 1, 1),
+        "b4": normal(6, scale=0.1),
+        "wf": normal(3, 6),
+        **bn("bn1", 8),
+        **bn("bn2", 8),
+    }
+
+    def bn_node(name, x, y):
+        return node("BatchNormalization", [x] + [f"{name}_{s}" for s in "gbmv"], [y], name=name)
+
+    nodes = [
+        node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1], strides=[2, 2]),
+        bn_node("bn1", "c1", "n1"),
+        node("Relu", ["n1"], ["r1"], name="relu1"),
+        node("Conv", ["r1", "w2"], ["c2"], name="grouped", pads=[1, 1, 1, 1], group=2),
+        bn_node("bn2", "c2", "n2"),
+        node("Relu", ["n2"], ["r2"], name="relu2"),
+        node(
+            "Conv",
+            ["r2", "w3"],
+            ["c3"],
+            name="depthwise",
+            pads=[1, 1, 1, 1],
+            strides=[2, 2],
+            group=8,
+        ),
+        node("Relu", ["c3"], ["r3"], name="relu3"),
+        node("Conv", ["r3", "w4", "b4"], ["c4"], name="pointwise"),
+        node("GlobalAveragePool", ["c4"], ["p"], name="gap"),
+        node("Flatten", ["p"], ["f"], name="flatten"),
+        node("Gemm", ["f", "wf"], ["y"], name="fc", transB=1),
+    ]
+    x = randn(1, 4, 12, 12, seed=2)
+    return make_model(nodes, {"x": x}, ["y"], inits, input_dims={"x": ["n", 4, "h", "w"]}), x
+
+
+@pytest.mark.parametrize("fold_bn", [False, True])
+def test_convspectra_project_certifies_every_conv(tmp_path, fold_bn):
+    import json
+
+    import spectra
+    from train.models.onnx import project_cli
+
+    model, x = projection_net()
+    src, out, c = tmp_path / "in.onnx", tmp_path / "out.onnx", 1.5
+    onnx.save(model, str(src))
+    argv = ["--onnx", str(src), "--input-shape", "1,4,12,12", "--max-norm", str(c)]
+    argv += ["--out", str(out)] + (["--fold-bn"] if fold_bn else [])
+    assert project_cli.main(argv) == 0
+    cert = json.loads((tmp_path / "out.certificate.json").read_text())
+    assert cert["certified"] and cert["fold_bn"] == fold_bn and cert["max_norm"] == c
+    names = ["conv1", "grouped", "depthwise", "pointwise"]
+    assert [layer["name"] for layer in cert["layers"]] == names
+    bns = {"conv1": "bn1", "grouped": "bn2"}
+    for layer in cert["layers"]:
+        assert layer["batch_norm"] == bns.get(layer["name"])
+        assert layer["batch_norm_included"] == (fold_bn and layer["name"] in bns)
+        assert layer["sigma_max_method"] == "dense"
+        assert layer["sigma_max_after"] <= layer["certified_upper_bound_after"] * (1 + 1e-9)
+        assert layer["certified_upper_bound_after"] <= c
+    assert any(layer["sigma_max_before"] > 2 * c and layer["changed"] for layer in cert["layers"])
+    assert ("NOT included" in cert["batch_norm_note"]) != fold_bn
+
+    written = onnx.load(str(out))
+    ops = [n.op_type for n in written.graph.node]
+    assert ops.count("BatchNormalization") == (0 if fold_bn else 2)
+    again = from_onnx(str(out), input_shape=(1, 4, 12, 12))
+    specs = train.find_convs(again.apply_fn, again.params, *again.example_inputs())
+    with jax.enable_x64(True):
+        for layer in cert["layers"]:
+            kernel = np.asarray(again.params[layer["name"]]["W"], np.float64)
+            dense = np.asarray(spectra.dense_operator(kernel, specs[layer["name"]]["W"]))
+            sigma = np.linalg.svd(dense, compute_uv=False)[0]
+            assert sigma <= c * (1 + 1e-4), (layer["name"], sigma)
+            np.testing.assert_allclose(sigma, layer["sigma_max_after"], rtol=1e-6)
+    want = jax.jit(again.apply_fn)(again.params, x)
+    assert_outputs_close(run_ort(written, {"x": x}), [np.asarray(w) for w in want])
+    # Only the convs changed: the head is the input's.
+    np.testing.assert_array_equal(
+        again.params["fc"]["B"], from_onnx(model, (1, 4, 12, 12)).params["fc"]["B"]
+    )
+
+
+def test_certificate_sigma_max_lanczos_equals_dense_on_a_grouped_layer():
+    import spectra
+    from train.models.onnx.project_cli import exact_sigma_max
+
+    kernel = randn(3, 3, 2, 6, seed=4)
+    spec = spectra.ConvSpec((7, 7), strides=(2, 2), padding="SAME", feature_group_count=3)
+    dense = exact_sigma_max(kernel, spec)
+    lanczos = exact_sigma_max(kernel, spec, max_dense_dim=0)
+    assert (dense["method"], lanczos["method"]) == ("dense", "lanczos")
+    assert lanczos["residual"] <= 1e-8
+    np.testing.assert_allclose(lanczos["value"], dense["value"], rtol=1e-9)
