@@ -336,3 +336,30 @@ def test_certificate_sigma_max_lanczos_equals_dense_on_a_grouped_layer():
     assert (dense["method"], lanczos["method"]) == ("dense", "lanczos")
     assert lanczos["residual"] <= 1e-8
     np.testing.assert_allclose(lanczos["value"], dense["value"], rtol=1e-9)
+
+
+def test_a_per_channel_constant_added_to_a_conv_is_a_bias_a_scalar_is_not():
+    x = randn(1, 2, 5, 5)
+
+    def const(name, value):
+        return node(
+            "Constant", [], [name], name=f"{name}_const", value=numpy_helper.from_array(value, name)
+        )
+
+    nodes = [
+        const("w", randn(3, 2, 3, 3, seed=1)),
+        const("bias", randn(1, 3, 1, 1, seed=2)),
+        const("offset", np.array(0.5, np.float32)),
+        node("Conv", ["x", "w"], ["c"], name="conv"),
+        node("Add", ["c", "bias"], ["cb"], name="add_bias"),
+        node("Conv", ["cb", "w2"], ["c2"], name="conv2"),
+        node("Add", ["c2", "offset"], ["y"], name="add_offset"),
+    ]
+    model = make_model(nodes, {"x": x}, ["y"], {"w2": randn(3, 3, 1, 1, seed=3)})
+    imported = from_onnx(model)
+    assert sorted(imported.params) == ["add_bias", "conv", "conv2"]
+    assert imported.params["add_bias"]["B"].shape == (1, 3, 1, 1)
+    assert_outputs_close(imported.apply_fn(imported.params, x), run_ort(model, {"x": x}))
+    written = imported.to_onnx(imported.params, None)
+    assert [n.name for n in written.graph.node if n.op_type == "Constant"] == ["offset_const"]
+    assert_outputs_close(run_ort(written, {"x": x}), run_ort(model, {"x": x}))

@@ -24,7 +24,7 @@ def onnx_layout(array: np.ndarray, layout: str, onnx_ndim: int) -> np.ndarray:
     if layout == "HWIO":
         array = np.transpose(array, (3, 2, 0, 1))
         array = array[:, :, 0, :] if onnx_ndim == 3 else array
-    return np.ascontiguousarray(array)
+    return np.asarray(array, order="C")  # Keeps 0-d arrays 0-d (ascontiguousarray does not).
 
 
 def param_arrays(program: Program, params: Any) -> dict[str, np.ndarray]:

@@ -318,6 +318,20 @@ _LINEAR_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 _CHAIN_OPS = ("Identity", "Cast")
 
 
+def _constant_size(name, producer) -> int:
+    """Number of entries of a ``Constant`` node's value (``-1`` when not a ``Constant``)."""
+    while name in producer and producer[name][0].op_type in _CHAIN_OPS:
+        name = producer[name][0].input[0]
+    if name not in producer or producer[name][0].op_type != "Constant":
+        return -1
+    for attr in producer[name][0].attribute:
+        if attr.name == "value":
+            return int(np.prod(attr.t.dims, dtype=np.int64))
+        if attr.name in ("value_floats", "value_ints"):
+            return len(attr.floats) + len(attr.ints)
+    return 1
+
+
 def _traced_values(nodes, input_names) -> set[str]:
     """Values that depend on the graph inputs' values (``Shape`` / ``Size`` read only shapes)."""
     traced = set(input_names)
@@ -364,7 +378,11 @@ def _lift_constants(nodes, keys, opset, input_names, static_needed, initializers
                 for i, name in enumerate(node.input)
                 if name in producer and producer[name][0].op_type in _LINEAR_OPS
             ]
+            # A bias has one value per channel: a scalar added to a layer's output (an offset
+            # such as YOLO's anchor 0.5) stays a constant.
             slots = tuple(1 - i for i in linear)
+            if all(_constant_size(node.input[i], producer) <= 1 for i in slots):
+                slots = ()
         if not any(name in traced for name in node.input if name):
             continue  # All-constant: folded at import.
         candidates.extend(
@@ -431,7 +449,11 @@ def build_program(model: onnx.ModelProto, input_shape: Any) -> tuple[Program, di
             raise _unsupported(node, key, opset)
     output_names = tuple(o.name for o in graph.output)
     lifted, lifted_nodes = _lift_constants(
-        nodes, keys, opset, [i.name for i in inputs], static_needed | set(output_names),
+        nodes,
+        keys,
+        opset,
+        [i.name for i in inputs],
+        static_needed | set(output_names),
         initializers,
     )
     initializers.update(lifted)

@@ -31,13 +31,16 @@ class OnnxModel:
         Inputs are taken exactly as onnxruntime takes them (NCHW images) with the shapes of
         ``input_shapes``. Pure: works under ``jax.jit``, ``jax.grad`` and ``jax.vmap``.
       params: ``{node_name: {input_name: array}}``: the graph's floating point initializers
-        (weights, biases, BatchNormalization statistics, constants multiplied into activations),
-        keyed by the node that reads them and the operator's input name (``'W'``, ``'B'``,
-        ``'scale'``...). Conv kernels are stored **HWIO** ``(kh, kw, c_in // group, c_out)``
-        (ONNX stores OIHW; a 1-D conv kernel ``(O, I, k)`` becomes ``(1, k, I, O)``), so that
-        :func:`train.find_convs` gives every conv's :class:`spectra.ConvSpec`. Initializers that
-        fix shapes (``Reshape`` targets, ``Resize`` scales) and integer ones are constants of
-        the program, not params.
+        (weights, biases, BatchNormalization statistics, constants multiplied into activations)
+        and the float ``Constant`` nodes that feed weight inputs (``Conv`` / ``ConvTranspose``
+        W and B, ``Gemm`` / ``MatMul`` operands, BatchNormalization / Instance- / LayerNorm
+        scale, bias, mean and var, ``PRelu`` slope, a per-channel ``Add`` after a linear layer;
+        also through ``Identity`` / ``Cast``), keyed by the node that reads them and the
+        operator's input name (``'W'``, ``'B'``, ``'scale'``...). Conv kernels are stored
+        **HWIO** ``(kh, kw, c_in // group, c_out)`` (ONNX stores OIHW; a 1-D conv kernel
+        ``(O, I, k)`` becomes ``(1, k, I, O)``), so that :func:`train.find_convs` gives every
+        conv's :class:`spectra.ConvSpec`. Initializers that fix shapes (``Reshape`` targets,
+        ``Resize`` scales) and integer ones are constants of the program, not params.
       input_names: graph inputs (initializers excluded), in order.
       input_shapes: their fixed shapes.
       input_dtypes: their dtypes (as JAX holds them: float64 is float32 without x64).
