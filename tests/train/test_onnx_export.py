@@ -363,3 +363,39 @@ def test_a_per_channel_constant_added_to_a_conv_is_a_bias_a_scalar_is_not():
     written = imported.to_onnx(imported.params, None)
     assert [n.name for n in written.graph.node if n.op_type == "Constant"] == ["offset_const"]
     assert_outputs_close(run_ort(written, {"x": x}), run_ort(model, {"x": x}))
+
+
+@pytest.mark.parametrize("fold_bn", [False, True])
+def test_to_onnx_ir3_lists_every_initializer_as_an_input(fold_bn):
+    """IR version 3 requires initializers among the graph inputs: the folded bias is added."""
+    x = randn(1, 3, 6, 6)
+    inits = {
+        "w": randn(4, 3, 3, 3),
+        "g": randn(4) + 2,
+        "b": randn(4),
+        "m": randn(4),
+        "v": np.abs(randn(4)) + 0.5,
+    }
+    nodes = [
+        node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"], name="bn"),
+    ]
+    inputs = [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x.shape)] + [
+        helper.make_tensor_value_info(k, onnx.TensorProto.FLOAT, v.shape) for k, v in inits.items()
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "ir3",
+        inputs,
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 6, 6])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 8)], ir_version=3)
+    imported = from_onnx(model)
+    assert imported.input_names == ("x",)
+    written = imported.to_onnx(_perturbed(imported.params), None, fold_bn=fold_bn)
+    names = [i.name for i in written.graph.input]
+    assert names[0] == "x" and set(names[1:]) == {t.name for t in written.graph.initializer}
+    assert len(names) == (3 if fold_bn else 6)
+    want = imported.apply_fn(_perturbed(imported.params), x)
+    assert_outputs_close(run_ort(written, {"x": x}), [np.asarray(w) for w in want])
