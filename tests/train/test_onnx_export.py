@@ -347,9 +347,13 @@ def test_a_per_channel_constant_added_to_a_conv_is_a_bias_a_scalar_is_not():
         )
 
     nodes = [
-        const("w", randn(3, 2, 3, 3, seed=1)),
-        const("bias", randn(1, 3, 1, 1, seed=2)),
+        const("bias_flat", randn(3, seed=2)),  # paddle2onnx: bias (C,) reshaped to (1, C, 1, 1).
+        const("bias_shape", np.array([1, 3, 1, 1], np.int64)),
+        node("Reshape", ["bias_flat", "bias_shape"], ["bias"], name="bias_reshape"),
         const("offset", np.array(0.5, np.float32)),
+        # A TF-layout (HWIO) constant kernel transposed to OIHW.
+        const("w_hwio", randn(3, 2, 3, 3, seed=1).transpose(2, 3, 1, 0).copy()),
+        node("Transpose", ["w_hwio"], ["w"], name="w_transpose", perm=[3, 2, 0, 1]),
         node("Conv", ["x", "w"], ["c"], name="conv"),
         node("Add", ["c", "bias"], ["cb"], name="add_bias"),
         node("Conv", ["cb", "w2"], ["c2"], name="conv2"),
@@ -359,9 +363,19 @@ def test_a_per_channel_constant_added_to_a_conv_is_a_bias_a_scalar_is_not():
     imported = from_onnx(model)
     assert sorted(imported.params) == ["add_bias", "conv", "conv2"]
     assert imported.params["add_bias"]["B"].shape == (1, 3, 1, 1)
+    np.testing.assert_array_equal(imported.params["add_bias"]["B"].ravel(), randn(3, seed=2))
+    np.testing.assert_array_equal(
+        imported.params["conv"]["W"], randn(3, 2, 3, 3, seed=1).transpose(2, 3, 1, 0)
+    )
     assert_outputs_close(imported.apply_fn(imported.params, x), run_ort(model, {"x": x}))
     written = imported.to_onnx(imported.params, None)
-    assert [n.name for n in written.graph.node if n.op_type == "Constant"] == ["offset_const"]
+    assert [n.name for n in written.graph.node] == [
+        "offset_const",
+        "conv",
+        "add_bias",
+        "conv2",
+        "add_offset",
+    ]
     assert_outputs_close(run_ort(written, {"x": x}), run_ort(model, {"x": x}))
 
 

@@ -315,7 +315,9 @@ WEIGHT_INPUTS = {
 #: Operators whose constant operand is a bias when the other operand is a linear layer's output.
 _BIAS_OPS = ("Add",)
 _LINEAR_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
-_CHAIN_OPS = ("Identity", "Cast")
+#: Operators between a ``Constant`` and the weight input it feeds that import folds into the
+#: lifted value (their other inputs must be constants: ``Reshape`` targets, ``Unsqueeze`` axes).
+_CHAIN_OPS = ("Identity", "Cast", "Reshape", "Unsqueeze", "Squeeze", "Transpose", "Flatten")
 
 
 def _constant_size(name, producer) -> int:
@@ -352,17 +354,37 @@ def _lift_constants(nodes, keys, opset, input_names, static_needed, initializers
     producer = {o: (node, key) for node, key in zip(nodes, keys) for o in node.output if o}
     traced = _traced_values(nodes, input_names)
 
+    def side_value(name):
+        """A chain node's other input: an initializer or a ``Constant`` node's value."""
+        if not name:
+            return None
+        if name in initializers:
+            return initializers[name]
+        node, key = producer[name]
+        return _evaluate_constant(OPS["Constant"], _info(node, key, opset), [])[0]
+
+    def is_side(name):
+        return (
+            not name
+            or name in initializers
+            or (name in producer and producer[name][0].op_type == "Constant")
+        )
+
     def chain(name):
-        """The nodes ``Constant -> (Identity | Cast)*`` computing ``name``, last first."""
-        found = []
+        """The nodes ``Constant -> (Identity | Cast | Reshape ...)*`` computing ``name``, last
+        first, and the ``Constant`` nodes of their other inputs."""
+        found, side = [], []
         while name in producer and name not in initializers:
             node, key = producer[name]
             if node.domain not in ("", "ai.onnx"):
                 return None
             if node.op_type == "Constant":
-                return [*found, (node, key)]
+                return [*found, (node, key)], side
             if node.op_type not in _CHAIN_OPS or not node.input or not node.input[0]:
                 return None
+            if not all(is_side(other) for other in node.input[1:]):
+                return None
+            side.extend(producer[o] for o in node.input[1:] if o and o not in initializers)
             found.append((node, key))
             name = node.input[0]
         return None
@@ -395,19 +417,19 @@ def _lift_constants(nodes, keys, opset, input_names, static_needed, initializers
     for name in candidates:
         if name in lifted or name in static_needed or name in initializers:
             continue
-        found = chain(name)
-        if found is None:
+        result = chain(name)
+        if result is None:
             continue
+        found, side = result
         value = None
         for node, key in reversed(found):
-            op = OPS[node.op_type]
-            args = () if node.op_type == "Constant" else (value,)
-            value = op.fn(_info(node, key, opset), np, *args)[0]
-        value = np.asarray(value)
+            args = [] if node.op_type == "Constant" else [value]
+            args += [side_value(other) for other in node.input[1:]]
+            value = _evaluate_constant(OPS[node.op_type], _info(node, key, opset), args)[0]
         if not np.issubdtype(value.dtype, np.floating):
             continue
         lifted[name] = value
-        chain_nodes.update((key, node) for node, key in found)
+        chain_nodes.update((key, node) for node, key in found + side)
     # A chain node is not run when every consumer of its outputs is a chain node or a lifted
     # value's producer (its outputs are then params or feed only them).
     consumers: dict[str, set[str]] = {}
