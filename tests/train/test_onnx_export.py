@@ -289,7 +289,8 @@ def test_convspectra_project_certifies_every_conv(tmp_path, fold_bn):
     src, out, c = tmp_path / "in.onnx", tmp_path / "out.onnx", 1.5
     onnx.save(model, str(src))
     argv = ["--onnx", str(src), "--input-shape", "1,4,12,12", "--max-norm", str(c)]
-    argv += ["--out", str(out)] + (["--fold-bn"] if fold_bn else [])
+    # The folded run skips the exact sigma_max (--no-exact): the bounds alone are certified.
+    argv += ["--out", str(out)] + (["--fold-bn", "--no-exact"] if fold_bn else [])
     assert project_cli.main(argv) == 0
     cert = json.loads((tmp_path / "out.certificate.json").read_text())
     assert cert["certified"] and cert["fold_bn"] == fold_bn and cert["max_norm"] == c
@@ -299,10 +300,13 @@ def test_convspectra_project_certifies_every_conv(tmp_path, fold_bn):
     for layer in cert["layers"]:
         assert layer["batch_norm"] == bns.get(layer["name"])
         assert layer["batch_norm_included"] == (fold_bn and layer["name"] in bns)
+        assert layer["certified_upper_bound_after"] <= c
+        if fold_bn:
+            assert layer["sigma_max_after"] is layer["sigma_max_method"] is None
+            continue
         assert layer["sigma_max_method"] == "dense"
         assert layer["sigma_max_after"] <= layer["certified_upper_bound_after"] * (1 + 1e-9)
-        assert layer["certified_upper_bound_after"] <= c
-    assert any(layer["sigma_max_before"] > 2 * c and layer["changed"] for layer in cert["layers"])
+    assert all(layer["changed"] for layer in cert["layers"])
     assert ("NOT included" in cert["batch_norm_note"]) != fold_bn
 
     written = onnx.load(str(out))
@@ -316,7 +320,9 @@ def test_convspectra_project_certifies_every_conv(tmp_path, fold_bn):
             dense = np.asarray(spectra.dense_operator(kernel, specs[layer["name"]]["W"]))
             sigma = np.linalg.svd(dense, compute_uv=False)[0]
             assert sigma <= c * (1 + 1e-4), (layer["name"], sigma)
-            np.testing.assert_allclose(sigma, layer["sigma_max_after"], rtol=1e-6)
+            if not fold_bn:
+                np.testing.assert_allclose(sigma, layer["sigma_max_after"], rtol=1e-6)
+                assert layer["sigma_max_before"] > c
     want = jax.jit(again.apply_fn)(again.params, x)
     assert_outputs_close(run_ort(written, {"x": x}), [np.asarray(w) for w in want])
     # Only the convs changed: the head is the input's.
