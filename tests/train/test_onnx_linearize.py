@@ -1,6 +1,6 @@
 """Every imported graph that runs can be differentiated under ``jit`` (``vjp``, ``linearize``),
-so the report's lower bound works on it: classic architectures' op patterns (AlexNet, VGG-11-BN,
-DenseNet-121 exports) and every operator case of ``test_onnx_ops``."""
+so the report's lower bound works on it: classic architectures' op patterns (AlexNet with LRN,
+VGG-11-BN, DenseNet-121 exports) and every operator case of ``test_onnx_ops``."""
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +65,7 @@ class _Builder:
 def alexnet_like():
     g = _Builder(0)
     h = g.add("Relu", [g.conv("x", 3, 8, 5, strides=[2, 2], pads=[2, 2, 2, 2])])
+    h = g.add("LRN", [h], size=5, alpha=1e-4, beta=0.75, bias=2.0)  # The original AlexNet's.
     h = g.add("MaxPool", [h], kernel_shape=[3, 3], strides=[2, 2])
     h = g.add("Relu", [g.conv(h, 8, 12, 3, pads=[1, 1, 1, 1])])
     h = g.add("MaxPool", [h], kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1)

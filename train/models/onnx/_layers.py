@@ -218,6 +218,26 @@ def _average_pool(node, xp, x):
     return ((total / count).astype(x.dtype),)
 
 
+@register("LRN", numpy=False)
+def _lrn(node, xp, x):
+    """Local response normalisation across channels (AlexNet, GoogLeNet):
+    ``x / (bias + alpha / size * Σ_window x²) ** beta``, the window ``size`` channels wide
+    (``(size - 1) // 2`` before the channel, the rest after, clipped at the edges)."""
+    size = node.attr("size")
+    if size is None or size < 1:
+        raise node.error(f"size={size!r} must be a positive int")
+    alpha, beta, bias = node.attr("alpha", 1e-4), node.attr("beta", 0.75), node.attr("bias", 1.0)
+    lo = (size - 1) // 2
+    window = (1, size) + (1,) * (x.ndim - 2)
+    padding = ((0, 0), (lo, size - 1 - lo)) + ((0, 0),) * (x.ndim - 2)
+    # A NumPy init value: see _average_pool.
+    square_sum = lax.reduce_window(
+        jnp.square(x), np.array(0, x.dtype), lax.add, window, (1,) * x.ndim, padding
+    )
+    scale = (np.asarray(bias, x.dtype) + np.asarray(alpha / size, x.dtype) * square_sum) ** beta
+    return ((x / scale).astype(x.dtype),)
+
+
 @register("GlobalAveragePool")
 def _global_average_pool(node, xp, x):
     return (x.mean(axis=tuple(range(2, x.ndim)), keepdims=True).astype(x.dtype),)
