@@ -7,7 +7,8 @@
   preceding convs, and the list of what was folded.
 * :meth:`OnnxModel.to_onnx`: the way back, the original graph with new weights (BatchNorm kept
   or folded); ``convspectra-project`` (:mod:`train.models.onnx.project_cli`) projects every
-  conv of a file to ``σ_max <= c`` and writes it with a certificate.
+  conv of a file to ``σ_max <= c`` and writes it with a certificate
+  (:func:`train.models.onnx.project_cli.project_onnx` in Python).
 """
 
 from train.models.onnx._fold import FoldedBatchNorm
