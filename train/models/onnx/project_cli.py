@@ -218,6 +218,8 @@ def project_onnx(
                 "sigma_max_method": after["method"],
                 "sigma_max_residual": after["residual"],
                 "certified_upper_bound_after": bound,
+                "bound_method": "circulant_embedding_fft_svd_float64",
+                "certified": bound <= max_norm * (1 + tolerance),
                 "changed": not np.array_equal(kernel, new_kernel),
                 "batch_norm": batch_norm,
                 "batch_norm_included": bool(batch_norm and fold_bn),
@@ -232,9 +234,7 @@ def project_onnx(
         "sha256": digest,
         "input_shape": list(model.input_shape) if len(model.input_shapes) == 1 else None,
         "max_norm": max_norm,
-        "certified": all(
-            layer["certified_upper_bound_after"] <= max_norm * (1 + tolerance) for layer in layers
-        ),
+        "certified": all(layer["certified"] for layer in layers),
         "tolerance": tolerance,
         "projection": (
             f"spectra.clip_operator_norm(method='certified', num_rounds={int(num_rounds)}) at "
