@@ -68,7 +68,7 @@ class Program:
       param_dtypes: parameter value name -> its dtype in the file (what
         :meth:`~train.models.onnx.OnnxModel.to_onnx` writes back).
       lifted: parameter value names that the file computes with ``Constant`` nodes (possibly
-        through ``Identity`` / ``Cast``), not initializers.
+        through ``Identity``, ``Cast`` and shape operators), not initializers.
       lifted_nodes: keys of the nodes that computed them (not run; dropped by ``to_onnx``).
       folds: ``(conv key, batch-norm key)`` of every BatchNormalization folded into its conv
         (:func:`~train.models.onnx.fold_batch_norm`).
@@ -301,7 +301,7 @@ def _evaluate_constant(op, info, values):
 
 
 #: Inputs that hold weights, by operator: a float ``Constant`` feeding one of them (directly or
-#: through ``Identity`` / ``Cast``) becomes a parameter, as an initializer would.
+#: through the operators of ``_CHAIN_OPS``) becomes a parameter, as an initializer would.
 WEIGHT_INPUTS = {
     "Conv": (1, 2),
     "ConvTranspose": (1, 2),
@@ -346,7 +346,7 @@ def _traced_values(nodes, input_names) -> set[str]:
 
 
 def _lift_constants(nodes, keys, opset, input_names, static_needed, initializers):
-    """Float ``Constant`` values (through ``Identity`` / ``Cast``) that feed weight inputs.
+    """Float ``Constant`` values (through ``_CHAIN_OPS``) that feed weight inputs.
 
     Returns ``(lifted, lifted_nodes)``: value name -> its array, and the keys of the nodes that
     compute them and nothing else (the chain is then not run).

@@ -35,7 +35,8 @@ class OnnxModel:
         and the float ``Constant`` nodes that feed weight inputs (``Conv`` / ``ConvTranspose``
         W and B, ``Gemm`` / ``MatMul`` operands, BatchNormalization / Instance- / LayerNorm
         scale, bias, mean and var, ``PRelu`` slope, a per-channel ``Add`` after a linear layer;
-        also through ``Identity`` / ``Cast``), keyed by the node that reads them and the
+        also through ``Identity``, ``Cast``, ``Reshape``, ``Unsqueeze``, ``Squeeze``,
+        ``Transpose``, ``Flatten``), keyed by the node that reads them and the
         operator's input name (``'W'``, ``'B'``, ``'scale'``...). Conv kernels are stored
         **HWIO** ``(kh, kw, c_in // group, c_out)`` (ONNX stores OIHW; a 1-D conv kernel
         ``(O, I, k)`` becomes ``(1, k, I, O)``), so that :func:`train.find_convs` gives every
@@ -77,9 +78,9 @@ class OnnxModel:
         opset) with every parameter as an initializer under its original value name: conv
         kernels go back from HWIO to ONNX's ``(O, I, kh, kw)`` (``(O, I, k)`` for 1-D convs),
         dtypes back to the file's (float64 initializers included). Weights that the source
-        computed with ``Constant`` nodes (through ``Identity`` / ``Cast``) are written as
-        initializers and those nodes are dropped. Other constants (shape subgraphs, integer
-        initializers) are kept as they were. onnxruntime on the written file computes
+        computed with ``Constant`` nodes (and ``Identity`` / ``Cast`` / shape operators) are
+        written as initializers and those nodes are dropped. Other constants (shape subgraphs,
+        integer initializers) are kept as they were. onnxruntime on the written file computes
         ``apply_fn(params, ...)`` up to float rounding (tested to ~1e-5 relative in float32).
 
         Args:
