@@ -175,7 +175,7 @@ def main() -> None:
     OPTIONS.update(backend=args.backend, power_rtol=args.power_rtol)
     if args.threads:
         limit_threads(args.threads)
-    from train.loop import avoid_cpu_lapack_deadlock
+    from train.lapack_workaround import avoid_cpu_lapack_deadlock
 
     avoid_cpu_lapack_deadlock()
     import jax

@@ -60,8 +60,17 @@ Example::
     result = loop.train_and_evaluate(config, make_run_dir("runs"))
     result["test_error"], result["sigma_max"]
 
-Run folders outside the loop (:func:`restore_model`, :func:`save_model`,
-:func:`evaluate_model`, re-exported here) live in :mod:`train.model_io`.
+Run folders outside the loop (:func:`train.model_io.restore_model`,
+:func:`train.model_io.save_model`, :func:`train.model_io.evaluate_model`) live in
+:mod:`train.model_io`.
+
+Resuming: ``train_and_evaluate(config, run_dir, resume=True)`` continues from the latest
+checkpoint; ``config`` may differ from the saved one only in
+:data:`train.checkpoint.RESUMABLE_CHANGES` (bit-identical continuation) and ``num_steps``
+(:data:`train.checkpoint.SCHEDULE_CHANGES`: the learning-rate schedule is rebuilt for the new
+length, so the continued run differs from a fresh run of that length unless the schedule is
+``'constant'``). :func:`train.checkpoint.resume_config` gives the saved config with
+overrides on top.
 
 Command line: :mod:`train.cli` (``python -m train --out runs model=resnet8 ...``).
 """
@@ -86,10 +95,6 @@ from train.certify import batch_stats_recalibrator
 from train.certify import certify_train_state
 from train.config import TrainConfig
 from train.conv_norms import conv_layers
-from train.lapack_workaround import avoid_cpu_lapack_deadlock
-from train.model_io import evaluate_model
-from train.model_io import restore_model
-from train.model_io import save_model
 from train.models.registry import build_model
 from train.steps import Steps
 from train.steps import TrainState
@@ -169,8 +174,12 @@ def train_and_evaluate(
       run_dir: the run folder. Without ``resume`` it must not exist or be empty (a run is never
         overwritten; see :func:`train.checkpoint.make_run_dir` for a fresh one).
       resume: continue the run in ``run_dir`` from its latest checkpoint (its ``config.json``
-        must match ``config`` except for :data:`train.checkpoint.RESUMABLE_CHANGES`); the
-        continuation is bit-identical to an uninterrupted run.
+        must match ``config`` except for :data:`train.checkpoint.RESUMABLE_CHANGES`, after
+        which the continuation is bit-identical to an uninterrupted run, and ``num_steps``, at
+        least the checkpoint's step: the learning-rate schedule is rebuilt for it, see
+        :data:`train.checkpoint.SCHEDULE_CHANGES`); ``config.json`` is rewritten with
+        ``config``. :func:`train.checkpoint.resume_config` gives the saved config with
+        overrides.
       until_step: stop (with a checkpoint) after this many total steps, before
         ``config.num_steps`` (the schedule still spans ``num_steps``); for preemptible jobs and
         tests of resumption.
@@ -198,7 +207,8 @@ def train_and_evaluate(
     Raises:
       FileExistsError: when ``run_dir`` is not empty and ``resume`` is false.
       FileNotFoundError: when ``resume`` is true and ``run_dir`` holds no checkpoint.
-      ValueError: naming ``config`` fields that differ from the resumed run's.
+      ValueError: naming ``config`` fields that differ from the resumed run's and may not
+        change, or when ``num_steps`` is below the checkpoint's step.
     """
     run_dir = pathlib.Path(run_dir)
     distributed.initialize(config)
@@ -229,9 +239,14 @@ def train_and_evaluate(
             raise FileNotFoundError(
                 f"resume=True but {run_dir / checkpoint.CHECKPOINT_DIR} is empty"
             )
+        if manager.latest_step() > config.num_steps:
+            raise ValueError(
+                f"num_steps={config.num_steps} is below the step {manager.latest_step()} of the "
+                f"latest checkpoint in {run_dir}: a resumed run may end later, not earlier"
+            )
         state, meta = checkpoint.restore_checkpoint(manager, state)
         resume_step = int(meta["step"])
-    elif main:
+    if main:  # On resume: the config that continues the run (e.g. a new num_steps).
         (run_dir / checkpoint.CONFIG_FILE).write_text(config.to_json())
     if main:
         distributed.record_mesh(run_dir, mesh, config.fsdp, int(state.step))
@@ -365,21 +380,3 @@ def _train(
         "compile_s": compile_s,
         "step_time_s": float(np.median(interval_times)) if interval_times else math.nan,
     }
-
-
-__all__ = [
-    # Re-exported for callers that import them from here: avoid_cpu_lapack_deadlock
-    # (tests/conftest.py, experiments/__main__.py; its home is train.lapack_workaround) and the
-    # run-folder functions (their home is train.model_io).
-    "avoid_cpu_lapack_deadlock",
-    "evaluate_model",
-    "restore_model",
-    "save_model",
-    "train_and_evaluate",
-]
-
-
-if __name__ == "__main__":  # ``python -m train.loop ...`` is the CLI of :mod:`train.cli`.
-    from train.cli import main
-
-    main()

@@ -7,8 +7,8 @@
 * :func:`evaluate_model`: the loop's jitted, data-parallel test evaluation of any model.
 
 The run folder's format (``config.json``, orbax checkpoints, the certified item) is that of
-:mod:`train.checkpoint`. These functions are also importable from :mod:`train.loop` and
-:mod:`train`.
+:mod:`train.checkpoint`. These functions are also importable from :mod:`train` (and the report,
+:mod:`train.report`, imports :func:`restore_model` from here: it does not depend on the loop).
 """
 
 import pathlib

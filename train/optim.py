@@ -28,7 +28,9 @@ def learning_rate_schedule(config: TrainConfig, peak: Any = None) -> optax.Sched
     """The learning rate as a function of the step: warm-up, then cosine / piecewise / constant.
 
     ``'cosine'`` decays from the peak to 0 at ``num_steps``; ``'piecewise'`` multiplies the peak
-    by ``decay_factor`` at each ``round(b * num_steps)`` for ``b`` in ``boundaries``.
+    by ``decay_factor`` at each ``round(b * num_steps)`` for ``b`` in ``boundaries``. A run
+    resumed with a new ``num_steps`` continues on the schedule of the new value (see
+    :data:`train.checkpoint.SCHEDULE_CHANGES`).
 
     Args:
       config: the run's configuration (schedule shape and ``lr``).
