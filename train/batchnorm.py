@@ -245,7 +245,8 @@ def recalibrate_batch_stats(
     r"""A copy of ``model`` whose BatchNorm running statistics are re-estimated from ``data``.
 
     Every ``nnx.BatchNorm`` (:func:`batch_norm_layers`) gets new running ``mean`` and ``var``
-    (every :class:`BatchCentering` its ``mean``) measured on the batches ``x_1, ..., x_K`` (``K`` = ``num_batches``). Batch ``k`` runs one
+    (every :class:`BatchCentering` its ``mean``) measured on the batches ``x_1, ..., x_K``
+    (``K`` = ``num_batches``). Batch ``k`` runs one
     forward pass of a copy of ``model`` in **training mode** (``model.train()``: every
     BatchNorm normalises with the statistics of the batch itself, as during training; dropout,
     if any, is on), jitted, without gradient; it gives, per BatchNorm layer and channel, the
