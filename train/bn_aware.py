@@ -14,7 +14,8 @@ bound 4,422. This module bounds the folded operator instead:
   jaxpr of its evaluation-mode forward pass (a conv whose output — plus a bias — goes only to
   the ``x - running_mean`` of a BatchNorm); :func:`find_dense_kernels` its dense weights.
 * :func:`project_batchnorm_folded` (optax, last in the chain): every projecting update rescales
-  **gamma** so that the folded operator ``K · diag(gamma / sqrt(running_var + eps))``, with the
+  **gamma** (and beta with it: the layer's whole output, which commutes with the ReLU after
+  it) so that the folded operator ``K · diag(gamma / sqrt(running_var + eps))``, with the
   running variance of the current step (``batch_stats`` extra argument of ``update``), has
   ``σ_max <= c``. Gamma, not ``K``: a rescale of ``K`` is undone by the batch statistics of
   training mode, a rescale of gamma scales the layer's output in training and in evaluation mode
@@ -90,6 +91,18 @@ class BatchNormFold:
       var: the running variance's path in the non-param state (``rest``/``batch_stats``).
       epsilon: the BatchNorm's ``epsilon``.
       module: the BatchNorm module's path (``'blocks/0/bn1'``).
+      bias: the BatchNorm's beta params path (``None``: without bias). Rescaled with gamma, so
+        that a rescale multiplies the layer's whole output ``gamma * x_hat + beta`` (and
+        commutes with a following ReLU) instead of shrinking it towards ``beta``.
+      scale_free: the BatchNorm's output reaches (through ReLUs, as its only use) the conv of
+        another fold: in training mode that BatchNorm normalises the scale of this one's output
+        away, so the training function does not depend on the scale of (gamma, beta) here, and
+        no gradient would restore it. :func:`project_batchnorm_folded` therefore *sets* such a
+        fold to ``σ_max = c`` (up or down) instead of only shrinking it; otherwise noise in the
+        running variances ratchets gamma down, and the next fold's gamma with it (the next
+        fold's norm grows as its input shrinks), until the variances reach the BatchNorm's
+        ``eps`` and the branch dies (measured: ResNet-8 at ``c = 1`` collapsed to chance in its
+        last 50 steps).
     """
 
     kernel: str
@@ -97,6 +110,8 @@ class BatchNormFold:
     var: str
     epsilon: float
     module: str
+    bias: str | None = None
+    scale_free: bool = False
 
 
 def _split_pure(model: nnx.Module):
@@ -165,7 +180,7 @@ def _analyse(model: nnx.Module, example_args: tuple, example_kwargs: dict):
     modules = {tuple(path): module for path, module in nnx.iter_modules(work)}
     p_index = {path: i for i, path in enumerate(p_paths)}
     r_index = {path: i for i, path in enumerate(r_paths)}
-    folds, dense = [], []
+    folds, dense, feeds = [], [], {}
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
         if name == "dot_general":
@@ -210,10 +225,54 @@ def _analyse(model: nnx.Module, example_args: tuple, example_kwargs: dict):
                 mean_path = r_paths[next(iter(other_deps))[1]]
                 fold = _fold_for(mean_path, modules, p_index, r_index, p_paths[kernel_leaf],
                                  eqn.outvars[0].aval.shape[-1])
+                if fold is not None:
+                    feeds[fold.kernel] = _next_conv(user.outvars[0], consumers, deps,
+                                                    param_source, p_paths)
             break
         if fold is not None and fold.kernel not in {f.kernel for f in folds}:
             folds.append(fold)
+    kernels = {f.kernel for f in folds}
+    folds = [
+        dataclasses.replace(f, scale_free=feeds.get(f.kernel) in kernels) for f in folds
+    ]
     return tuple(folds), tuple(dense)
+
+
+#: Elementwise ops a BatchNorm's output may pass (with operands that do not depend on the input)
+#: on its way to the next conv for the fold to be scale-free; and positively homogeneous
+#: activations (``relu``).
+_AFFINE = ("mul", "add", "sub", *_PASS_THROUGH)
+
+
+def _next_conv(var, consumers, deps, param_source, p_paths) -> str | None:
+    """The params path of the conv kernel that ``var`` (a BatchNorm's ``x - mean``) reaches
+    through its BatchNorm's affine ops and ReLUs only, as the only use at every step; else
+    ``None``."""
+    cur = var
+    while True:
+        users = consumers.get(cur, [])
+        if len(users) != 1 or users[0] is None:
+            return None
+        user = users[0]
+        name = user.primitive.name
+        others = [v for v in user.invars if v is not cur]
+        other_deps = frozenset().union(
+            *(deps.get(v, frozenset()) for v in others if not isinstance(v, jex.Literal))
+        )
+        if name == "conv_general_dilated" and user.invars[0] is cur:
+            leaf = param_source(user.invars[1])
+            return None if leaf is None else p_paths[leaf]
+        if name in _AFFINE and not any(k == "x" for k, _ in other_deps):
+            cur = user.outvars[0]
+            continue
+        if name == "custom_jvp_call" and "name=relu\n" in str(user.params.get("call_jaxpr")):
+            cur = user.outvars[0]
+            continue
+        if name == "max" and all(isinstance(v, jex.Literal) and float(v.val) == 0
+                                 for v in others):
+            cur = user.outvars[0]
+            continue
+        return None
 
 
 def _fold_for(mean_path, modules, p_index, r_index, kernel_path, channels):
@@ -232,8 +291,11 @@ def _fold_for(mean_path, modules, p_index, r_index, kernel_path, channels):
         var = f"{prefix}['var']"
         if (scale is not None and scale not in p_index) or var not in r_index:
             return None
+        bias = f"{prefix}['bias']" if module.bias is not None else None
+        if bias is not None and bias not in p_index:
+            return None
         name = "/".join(str(k) for k in path)
-        return BatchNormFold(kernel_path, scale, var, float(module.epsilon), name)
+        return BatchNormFold(kernel_path, scale, var, float(module.epsilon), name, bias)
     return None
 
 
@@ -346,9 +408,11 @@ def project_batchnorm_folded(
     .. math::
 
        F = K \cdot \mathrm{diag}\Big(\frac{\gamma}{\sqrt{v + \epsilon}}\Big),\qquad
-       \gamma \leftarrow \gamma \cdot \min(1, c / u(F))
+       (\gamma, \beta) \leftarrow (\gamma, \beta) \cdot \min(1, c / u(F))
 
-    with ``u`` the method's bound (:data:`FOLD_METHODS`: ``'certified'``/``'rescale'`` a
+    (a :attr:`BatchNormFold.scale_free` fold is set to ``u = c``: multiplied by ``c / u`` also
+    when ``u < c``), with ``u`` the method's bound (:data:`FOLD_METHODS`:
+    ``'certified'``/``'rescale'`` a
     certified upper bound on the circular operator containing the layer's, so with these
     statistics the folded layer's exact σ_max is ``<= c`` after the update; ``'power'`` a
     warm-started estimate, approximate). A BatchNorm without scale has ``K`` rescaled instead
@@ -449,7 +513,7 @@ def _folded(max_norm, specs, folds, dense, every_k_steps, method, num_rounds):
         leaves = jax.tree.leaves(nnx.as_pure(params), is_leaf=discovery.is_leaf_or_hole)
         groups = collections.defaultdict(list)
         for j, fold in enumerate(folds):
-            for path in (fold.kernel, fold.scale):
+            for path in (fold.kernel, fold.scale, fold.bias):
                 if path is not None and path not in index:
                     raise ValueError(f"folds[{j}]: {path} is not a params leaf")
             spec = aligned[index[fold.kernel]]
@@ -508,6 +572,7 @@ def _folded(max_norm, specs, folds, dense, every_k_steps, method, num_rounds):
         touched = sorted(
             {index[f.kernel] for f in folds}
             | {index[f.scale] for f in folds if f.scale is not None}
+            | {index[f.bias] for f in folds if f.scale is not None and f.bias is not None}
             | {index[d] for d in dense}
         )
 
@@ -543,16 +608,23 @@ def _folded(max_norm, specs, folds, dense, every_k_steps, method, num_rounds):
                     u_fold = jax.vmap(lambda k, spec=spec: _bound(k, spec, method))(folded)
                 u_fold = u_fold.astype(jnp.float32)
                 chain = jnp.max(u_fold)
-                factor = jnp.where(u_fold > c, c / jnp.where(u_fold > 0, u_fold, 1.0), 1.0)
+                free = jnp.asarray([folds[j].scale_free and folds[j].scale is not None
+                                    for j in members])
+                # Shrink to c; scale-free folds also grow to c (their scale is free).
+                factor = jnp.where((u_fold > c) | (free & (u_fold > 0)),
+                                   c / jnp.where(u_fold > 0, u_fold, 1.0), 1.0)
                 ratios.append(jnp.max(u_fold) / c)
                 for m, j in enumerate(members):
                     fold = folds[j]
-                    target = fold.scale if fold.scale is not None else fold.kernel
-                    i = index[target]
-                    a = factor[m].astype(new[i].dtype)
-                    out[i] = jnp.where(
-                        factor[m] < 1, (a * new[i] - p[i]).astype(u[i].dtype), u[i]
-                    )
+                    targets = [fold.kernel] if fold.scale is None else [fold.scale, fold.bias]
+                    for target in targets:
+                        if target is None:
+                            continue
+                        i = index[target]
+                        a = factor[m].astype(new[i].dtype)
+                        out[i] = jnp.where(
+                            factor[m] != 1, (a * new[i] - p[i]).astype(u[i].dtype), u[i]
+                        )
             for path in dense:
                 i = index[path]
                 w = new[i] + (0 * chain).astype(new[i].dtype)
@@ -642,8 +714,9 @@ def certify_folded(
 
     Host-side, float64. For each fold, ``u`` = :func:`folded_upper_bound` of ``K · diag(s)``
     with ``s = gamma / sqrt(var + eps)`` from ``params`` and ``batch_stats``; where ``u > c``,
-    gamma (``K`` without scale) is multiplied by ``c / u`` (in its dtype). Each dense weight
-    with exact ``σ_max(W) > c`` (float64 SVD) is multiplied by ``c / σ_max``. Then the bounds of
+    gamma and beta (``K`` without scale) are multiplied by ``c / u`` (in their dtype). Each
+    dense weight with exact ``σ_max(W) > c`` (float64 SVD) is multiplied by ``c / σ_max``. Then
+    the bounds of
     the **returned** values are computed: with these ``batch_stats``, each folded layer of the
     evaluation network has exact σ_max ``<=`` its reported bound ``<= c (1 + tolerance)``.
     Convs without fold are not touched (:func:`train.certify.certify_conv_operator_norm`).
@@ -697,6 +770,9 @@ def _certify_folded(params, batch_stats, specs, folds, max_norm, *, dense=(), to
             else:
                 gamma = (np.asarray(gamma, np.float64) * (c / u)).astype(gamma.dtype)
                 new[fold.scale] = gamma
+                if fold.bias is not None:
+                    beta = values[fold.bias]
+                    new[fold.bias] = (np.asarray(beta, np.float64) * (c / u)).astype(beta.dtype)
                 scale = np.asarray(gamma, np.float64) * inv
             u = folded_upper_bound(kernel, scale, spec)
         layers.append(fold.kernel)

@@ -153,7 +153,7 @@ class FoldsTest(absltest.TestCase):
                              bn_aware.project_batchnorm_folded(c, specs, folds, method=method))
             state = tx.init(params)
             grads = jax.tree.map(jnp.ones_like, params)
-            update = jax.jit(lambda g, s, p: tx.update(g, s, p, batch_stats=rest))
+            update = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p, batch_stats=rest))
             updates, state = update(grads, state, params)
             new = optax.apply_updates(params, updates)
             self.assertGreater(float(state[1].max_ratio), 1.0)
