@@ -244,6 +244,12 @@ def _analyse(model: nnx.Module, example_args: tuple, example_kwargs: dict):
 _AFFINE = ("mul", "add", "sub", *_PASS_THROUGH)
 
 
+def _is_relu(call_jaxpr) -> bool:
+    """Whether a ``custom_jvp_call``'s body is ``jax.nn.relu`` (``max(x, 0)``)."""
+    text = str(call_jaxpr)
+    return "name=relu\n" in text or (text.count(" max ") == 1 and " 0.0:" in text)
+
+
 def _next_conv(var, consumers, deps, param_source, p_paths) -> str | None:
     """The params path of the conv kernel that ``var`` (a BatchNorm's ``x - mean``) reaches
     through its BatchNorm's affine ops and ReLUs only, as the only use at every step; else
@@ -265,7 +271,7 @@ def _next_conv(var, consumers, deps, param_source, p_paths) -> str | None:
         if name in _AFFINE and not any(k == "x" for k, _ in other_deps):
             cur = user.outvars[0]
             continue
-        if name == "custom_jvp_call" and "name=relu\n" in str(user.params.get("call_jaxpr")):
+        if name == "custom_jvp_call" and _is_relu(user.params.get("call_jaxpr")):
             cur = user.outvars[0]
             continue
         if name == "max" and all(isinstance(v, jex.Literal) and float(v.val) == 0

@@ -89,6 +89,10 @@ class FoldsTest(absltest.TestCase):
             "bn", "blocks/0/bn1", "blocks/0/bn2", "blocks/1/bn1", "blocks/1/bn2",
             "blocks/2/bn1", "blocks/2/bn2"])
         self.assertEqual(folds[1].kernel, "['blocks'][0]['conv1']['kernel']")
+        # bn1 feeds conv2 through a ReLU only (its scale is normalised away by bn2 in training);
+        # the stem's and bn2's outputs meet a shortcut.
+        self.assertEqual([f.scale_free for f in folds],
+                         [False, True, False, True, False, True, False])
         self.assertEqual(folds[1].var, "['blocks'][0]['bn1']['var']")
         self.assertEqual(bn_aware.find_dense_kernels(model, x), ("['head']['kernel']",))
         option_b = ResNet(8, 10, in_channels=1, width=4, shortcut="B", rngs=nnx.Rngs(0))
@@ -162,6 +166,21 @@ class FoldsTest(absltest.TestCase):
             # Non-fold leaves got the plain SGD update.
             np.testing.assert_allclose(new["head"]["kernel"],
                                        params["head"]["kernel"] - 0.01, rtol=1e-6)
+        # bn1 -> relu -> conv2: scale-free, set to exactly c (certified bound = c) from below.
+        self.assertEqual([f.scale_free for f in folds], [True, False])
+        initial = [bn_aware.folded_upper_bound(
+            params[f"conv{i}"]["kernel"], bn_aware.fold_scale(f, params, rest, xp=np),
+            specs[f"conv{i}"]["kernel"]) for i, f in ((1, folds[0]), (2, folds[1]))]
+        small = 1.5 * max(initial)  # Both folds inside: only the scale-free one moves (up).
+        tx = bn_aware.project_batchnorm_folded(small, specs, folds)
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        updates, _ = jax.jit(lambda p: tx.update(zeros, tx.init(p), p, batch_stats=rest))(params)
+        new = optax.apply_updates(params, updates)
+        bound = bn_aware.folded_upper_bound(
+            new["conv1"]["kernel"], bn_aware.fold_scale(folds[0], new, rest, xp=np),
+            specs["conv1"]["kernel"])
+        self.assertAlmostEqual(bound, small, delta=1e-4 * small)
+        np.testing.assert_array_equal(new["bn2"]["scale"], params["bn2"]["scale"])  # Below.
         with self.assertRaisesRegex(ValueError, "batch_stats"):
             tx.update(grads, state, params)
         with self.assertRaisesRegex(ValueError, "method"):
