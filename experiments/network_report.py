@@ -11,6 +11,8 @@ and the product of the layers' norms (the naive bound, without BN).
 
 Variants: the ``sedghi_training`` set-up (quick: ResNet-8 of width 8 on 12x12 digits);
 ``projected``: :func:`train.project_conv_operator_norm` (certified, ``c = 1``, every 10 steps);
+``BN-aware``: the same with ``project_bn_aware`` (:mod:`train.bn_aware`: the BatchNorm-folded
+operators projected and certified instead of the kernels);
 ``yi``: :func:`train.spectral_penalty` (Gram iteration bound, ``λ = 10^-2``).
 """
 
@@ -32,6 +34,8 @@ NAME = "network_report"
 _VARIANTS = (
     ("baseline", {}),
     ("projected c=1, every 10", dict(project_max_norm=1.0, project_every=10)),
+    ("BN-aware projected c=1, every 10",
+     dict(project_max_norm=1.0, project_every=10, project_bn_aware=True)),
     ("yi λ=0.01", dict(penalty_weight=1e-2, penalty_bound="gram_iteration")),
 )
 

@@ -85,6 +85,7 @@ import numpy as np
 from flax import nnx
 
 from train import batches
+from train import bn_aware
 from train import builders
 from train import checkpoint
 from train import distributed
@@ -225,9 +226,15 @@ def train_and_evaluate(
     model.train()
     specs, graphdef_train, graphdef_eval, params, rest = split_model(model, example)
     layers = conv_layers(specs)
-    steps = make_steps(graphdef_train, graphdef_eval, specs, config, mesh)
+    # BatchNorm-aware projection / Lipschitz target (train.bn_aware): `user_config` is what
+    # config.json holds; `config` may carry the radius derived from lipschitz_target.
+    user_config = config
+    config, folds, dense = bn_aware.resolve_config(config, model, example, specs)
+    steps = make_steps(graphdef_train, graphdef_eval, specs, config, mesh, folds=folds,
+                       dense=dense)
     state = distributed.place_state(
-        init_train_state(config, specs, params, rest), mesh, config.fsdp
+        init_train_state(config, specs, params, rest, folds=folds, dense=dense), mesh,
+        config.fsdp,
     )
 
     main = distributed.is_main_process()
@@ -247,7 +254,7 @@ def train_and_evaluate(
         state, meta = checkpoint.restore_checkpoint(manager, state)
         resume_step = int(meta["step"])
     if main:  # On resume: the config that continues the run (e.g. a new num_steps).
-        (run_dir / checkpoint.CONFIG_FILE).write_text(config.to_json())
+        (run_dir / checkpoint.CONFIG_FILE).write_text(user_config.to_json())
     if main:
         distributed.record_mesh(run_dir, mesh, config.fsdp, int(state.step))
 
@@ -261,7 +268,7 @@ def train_and_evaluate(
         state, out = _train(
             config, steps, state, train_data, test_data, stop, rows, progress, manager,
             layers, svd_cols, mesh, specs,
-            batch_stats_recalibrator(config, graphdef_train, train_data, mesh),
+            batch_stats_recalibrator(config, graphdef_train, train_data, mesh), (folds, dense),
         )
         manager.wait_until_finished()
     finally:
@@ -273,6 +280,9 @@ def train_and_evaluate(
 
     test = out["test"] if out["step"] == config.num_steps else None
     nnx.update(model, out["params"], out["rest"])
+    lipschitz = None
+    if config.lipschitz_target is not None and out["step"] == config.num_steps:
+        lipschitz = bn_aware.certify_run_target(config, model, example, run_dir, main)
     return {
         "run_dir": str(run_dir),
         "step": out["step"],
@@ -288,12 +298,14 @@ def train_and_evaluate(
         "model": model,
         "specs": specs,
         "certification": out["certification"],
+        "lipschitz": lipschitz,
     }
 
 
 def _train(
     config: TrainConfig, steps: Steps, state: TrainState, train_data, test_data, stop: int,
     rows: metrics.PendingRows, progress, manager, layers, svd_cols, mesh, specs, recalibrate,
+    folded=((), ()),
 ) -> tuple[TrainState, dict[str, Any]]:
     """The step loop of :func:`train_and_evaluate` from ``state.step`` to ``stop``."""
     certified_at: dict[int, tuple[Any, Any, Any, dict[str, Any]]] = {}
@@ -301,7 +313,9 @@ def _train(
     def certified(step: int) -> tuple[Any, Any, Any, dict[str, Any]]:  # Once per step.
         if step not in certified_at:
             certified_at.clear()
-            certified_at[step] = certify_train_state(config, specs, state, mesh, recalibrate)
+            certified_at[step] = certify_train_state(
+                config, specs, state, mesh, recalibrate, *folded
+            )
         return certified_at[step]
 
     def save(step: int) -> None:
