@@ -57,6 +57,7 @@ References:
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -348,7 +349,7 @@ def _group_normalize(x: jax.Array, fallback: jax.Array) -> jax.Array:
     groups = x.shape[-2]
     norm = jnp.sqrt(_group_dot(x, x))[:, None]  # (g, 1)
     ok = norm > 0
-    scale = jnp.where(ok, 1.0 / jnp.where(ok, norm, 1.0), 0.0) / np.sqrt(groups)
+    scale = jnp.where(ok, 1.0 / jnp.where(ok, norm, 1.0), 0.0) / math.sqrt(groups)
     return jnp.where(ok, x * scale, fallback)
 
 
@@ -395,7 +396,7 @@ def _krylov_top(work: jax.Array, v0: jax.Array, spec: ConvSpec, m: int):
     ``1/sqrt(g)``.
     """
     groups = v0.shape[-2]
-    scale = np.sqrt(groups)
+    scale = math.sqrt(groups)
     eps = jnp.finfo(work.dtype).eps
     qs = [v0 * scale]  # Unit blocks.
     ws = []
