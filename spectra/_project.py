@@ -231,10 +231,11 @@ def clip_operator_norm(
     :func:`~spectra.circulant_embedding` ``(spec, kernel.shape)`` (``spec`` itself when it is
     ``'CIRCULAR'`` with strides dividing its input), which contains the layer as a submatrix, so
     ``σ_max(layer) <= σ_max(C)`` at any stride, dilation, group count and input size (an input
-    smaller than the kernel included). Per round, the per-frequency matrices of the (``N``-support) kernel have their
-    singular values clipped at ``max_norm`` (the exact Frobenius projection onto the ball of
-    ``C``, Sedghi et al. 2019), then the kernel is restricted to its ``(kh, kw)`` support (the
-    exact projection onto that subspace):
+    smaller than the kernel included). Per round, the per-frequency matrices of the
+    (``N``-support) kernel have their singular values clipped at ``max_norm`` (the exact
+    Frobenius projection onto the ball of ``C``, Sedghi et al. 2019), then the kernel is
+    restricted to its ``(kh, kw)`` support (the exact projection onto that subspace; for a
+    circular kernel larger than its input, onto the foldable kernels, see the module doc):
 
     .. math::
 

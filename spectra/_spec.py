@@ -112,9 +112,10 @@ class ConvSpec:
       input_shape: spatial input size ``(H, W)``.
       strides: ``(sh, sw)``; an int means the same stride on both axes.
       padding: ``'CIRCULAR'`` (wrap-around, as ``flax.nnx.Conv``: pads ``((k-1)//2, k//2)``
-        with ``mode='wrap'``, repeating the input when the pad exceeds it, then a VALID conv), ``'SAME'``, ``'VALID'``, ``'FULL'`` (zero pads of
-        ``k_eff - 1`` on each side), or explicit zero padding ``((lo, hi), (lo, hi))`` (also as
-        ``nnx.Conv``'s int ``p`` or pair ``(p, q)``); see :func:`normalize_padding`.
+        with ``mode='wrap'``, repeating the input when the pad exceeds it, then a VALID conv),
+        ``'SAME'``, ``'VALID'``, ``'FULL'`` (zero pads of ``k_eff - 1`` on each side), or
+        explicit zero padding ``((lo, hi), (lo, hi))`` (also as ``nnx.Conv``'s int ``p`` or pair
+        ``(p, q)``); see :func:`normalize_padding`.
       kernel_dilation: ``(dh, dw)``; the effective kernel size is ``(k - 1) * d + 1``.
       feature_group_count: number of groups (``c_in`` for a depthwise conv).
       in_features: optional ``c_in``; when given, kernels are checked against it.

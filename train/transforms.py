@@ -240,7 +240,8 @@ def project_conv_operator_norm(
 
     Raises:
       ValueError: naming ``max_norm`` (not positive, not a scalar, wrong structure),
-        ``specs`` (not ConvSpecs, wrong structure), ``every_k_steps``, ``method``, ``num_rounds``, ``certify_every``,
+        ``specs`` (not ConvSpecs, wrong structure),
+        ``every_k_steps``, ``method``, ``num_rounds``, ``certify_every``,
         ``certify_method``, ``mesh`` or ``mesh_axis``; at ``init``/``update``,
         naming the params leaf when a spec is given for a leaf that is not a 4-D kernel
         matching it, and naming ``params`` when they are missing.
