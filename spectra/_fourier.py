@@ -11,6 +11,9 @@ diagonal; the blocks are kept separate. A real kernel gives ``A(-w) = conj(A(w))
 The singular values of the layer are *exactly* the union, with multiplicity, of the singular
 values of these matrices. The matrices used here are the DFT of the (dilated, zero-embedded)
 kernel, i.e. the conjugate of the operator's symbol; singular values and clipping are unaffected.
+A dilated kernel larger than the input wraps around it (Flax's wrap pad repeats the input): its
+taps are folded modulo the input size first (:func:`embed_kernel`), which is the same as
+sampling the kernel's symbol on the input's frequency grid.
 """
 
 from __future__ import annotations
