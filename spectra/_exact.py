@@ -37,9 +37,10 @@ def singular_values(
       kernel: HWIO kernel ``(kh, kw, c_in // groups, c_out)``.
       spec: the layer.
       method: ``'fft'`` (exact; circular padding, strides dividing the input; any dilation,
-        groups and kernel size: a kernel larger than the input folds modulo it), ``'dense'`` (exact; SVD of :func:`dense_operator`, any layer small enough to
-        densify), ``'auto'`` (the exact method that fits: ``'fft'`` where it applies, else
-        ``'dense'`` when both dims are at most ``MAX_AUTO_DENSE_DIM``), or an approximation:
+        groups and kernel size: a kernel larger than the input folds modulo it), ``'dense'``
+        (exact; SVD of :func:`dense_operator`, any layer small enough to densify), ``'auto'``
+        (the exact method that fits: ``'fft'`` where it applies, else ``'dense'`` when both
+        dims are at most ``MAX_AUTO_DENSE_DIM``), or an approximation:
         ``'spectral_density'`` (Yi 2020) or ``'circulant'`` (treat the layer as circular).
       **kwargs: passed to the approximation (e.g. ``grid=``).
 
