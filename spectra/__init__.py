@@ -8,7 +8,10 @@ Conventions
 * A layer's operator is fixed by a :class:`ConvSpec` (frozen, hashable: safe as a static jit
   argument): ``input_shape=(H, W)``, ``strides``, ``padding`` (``'CIRCULAR'`` as in
   ``flax.nnx.Conv``, ``'SAME'``, ``'VALID'``, ``'FULL'`` or explicit zero padding
-  ``((lo, hi), (lo, hi))``), ``kernel_dilation``, ``feature_group_count``.
+  ``((lo, hi), (lo, hi))``), ``kernel_dilation``, ``feature_group_count``. Any layer that
+  ``lax.conv_general_dilated`` accepts is valid, inputs smaller than the (dilated) kernel
+  included: the padded input must be at least the dilated kernel (a circular kernel larger than
+  its input wraps around it, its taps folding modulo the input size).
 * :func:`dense_operator` flattens the input as ``(H, W, c_in)`` and the output as
   ``(H_out, W_out, c_out)`` (row-major); it is the ground truth every result is tested against.
 * Every docstring says whether a number is exact, an upper bound, a lower estimate or an

@@ -41,7 +41,6 @@ module would import the same private helpers.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -119,8 +118,6 @@ def exact_circular_spec(spec: ConvSpec, kernel_shape: Sequence[int]) -> ConvSpec
     that do not divide the input replaced by 1 (a row subsample). Equal to ``spec`` (so the bound
     is exact) for circular specs whose strides divide the input.
     """
-    if spec.is_circular:
-        return dataclasses.replace(spec, strides=effective_strides(spec))
     return _fourier.circulant_embedding(spec, kernel_shape)
 
 

@@ -308,18 +308,20 @@ def frobenius_norm_squared(kernel: jax.typing.ArrayLike, spec: ConvSpec) -> jax.
     """``||A||_F^2 = Σ σ_j^2`` of the layer's operator, exactly, from the kernel alone.
 
     Each tap ``(p, q)`` contributes ``||K[p, q]||_F^2`` once per output position at which it
-    reads an input pixel (not a zero pad); with circular padding, at every output position.
+    reads an input pixel (not a zero pad). With circular padding every output position reads
+    the circulant kernel (:func:`~spectra._fourier.embed_kernel`: the taps folded modulo the
+    input size, so taps that wrap onto the same pixel add before squaring).
     """
     kernel = jnp.asarray(kernel)
     kshape = spec.validate(kernel)
+    if spec.is_circular:
+        folded = _fourier.embed_kernel(kernel, spec)
+        return float(np.prod(spec.output_shape(kshape))) * jnp.sum(folded**2)
     counts = []
     for n, m, (lo, _), s, d, k in zip(
         spec.input_shape, spec.output_shape(kshape), spec.pads(kshape), spec.strides,
         spec.kernel_dilation, kshape[:2],
     ):
-        if spec.is_circular:
-            counts.append(np.full(k, m, dtype=np.float64))
-            continue
         rows = s * np.arange(m)[:, None] + d * np.arange(k)[None, :] - lo
         counts.append(np.sum((rows >= 0) & (rows < n), axis=0).astype(np.float64))
     weights = jnp.asarray(np.outer(*counts), kernel.dtype)

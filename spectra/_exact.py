@@ -7,12 +7,14 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from spectra import _fourier
 from spectra._operator import conv
 from spectra._operator import conv_transpose
 from spectra._operator import dense_operator
 from spectra._spec import ConvSpec
+from spectra._spec import is_concrete
 
 EXACT_METHODS = ("fft", "dense")
 NORM_METHODS = ("fft", "fft_gram", "dense", "lanczos")
@@ -34,10 +36,11 @@ def singular_values(
     Args:
       kernel: HWIO kernel ``(kh, kw, c_in // groups, c_out)``.
       spec: the layer.
-      method: ``'fft'`` (exact; circular padding, strides dividing the input; any dilation and
-        groups), ``'dense'`` (exact; SVD of :func:`dense_operator`, any layer small enough to
-        densify), ``'auto'`` (the exact method that fits: ``'fft'`` where it applies, else
-        ``'dense'`` when both dims are at most ``MAX_AUTO_DENSE_DIM``), or an approximation:
+      method: ``'fft'`` (exact; circular padding, strides dividing the input; any dilation,
+        groups and kernel size: a kernel larger than the input folds modulo it), ``'dense'``
+        (exact; SVD of :func:`dense_operator`, any layer small enough to densify), ``'auto'``
+        (the exact method that fits: ``'fft'`` where it applies, else ``'dense'`` when both
+        dims are at most ``MAX_AUTO_DENSE_DIM``), or an approximation:
         ``'spectral_density'`` (Yi 2020) or ``'circulant'`` (treat the layer as circular).
       **kwargs: passed to the approximation (e.g. ``grid=``).
 
@@ -285,6 +288,25 @@ def _lanczos_jvp(spec, num_steps, rtol, max_restarts, primals, tangents):
     return out, (dsigma, *zeros)
 
 
+def _mix_random(vector, dtype) -> jax.Array:
+    """``v / ||v|| + r / ||r||`` with ``r`` a fixed Gaussian vector (``v = 0``: just ``r``).
+
+    Computed with NumPy when ``vector`` is concrete (no program compiled per input size).
+    """
+    size = int(np.size(vector))
+    mix = np.random.default_rng(0).standard_normal(size)
+    mix /= np.linalg.norm(mix)
+    if is_concrete(vector):
+        v = np.asarray(vector, np.float64).reshape(size)
+        norm = np.linalg.norm(v)
+        if not np.isfinite(norm):
+            raise ValueError("initial_vector contains NaN or inf values")
+        return jnp.asarray((v / norm if norm > 0 else 0.0) + mix, dtype)
+    v = jnp.asarray(vector, dtype).reshape(size)
+    norm = jnp.linalg.norm(v)
+    return jnp.where(norm > 0, v / jnp.where(norm > 0, norm, 1.0), 0.0) + jnp.asarray(mix, dtype)
+
+
 def lanczos_spectral_norm(
     kernel: jax.typing.ArrayLike,
     spec: ConvSpec,
@@ -309,6 +331,14 @@ def lanczos_spectral_norm(
       rtol: relative residual tolerance; default ``1e-10`` in float64, ``1e-5`` in float32.
       max_restarts: cap on cycles.
       initial_vector: optional warm start, input-shaped (e.g. the previous ``right_vector``).
+        A fixed random unit vector is added to it after normalising it (equal weights), so
+        that the start has a random component in every group and channel: ``A`` of a grouped
+        or depthwise conv is block diagonal, and a start lying in one group's invariant
+        subspace (a warm start that is zero on some groups, say from one group's top vector)
+        would converge to that group's σ_max, with a residual near zero, instead of the
+        layer's. The warm start keeps most of its benefit (its component along the top
+        vector is about ``1/sqrt(2)`` of what it was, against ``~1/sqrt(in_dim)`` for a random
+        start).
 
     Returns:
       :class:`SpectralNormEstimate`.
@@ -321,13 +351,14 @@ def lanczos_spectral_norm(
         num_steps = min(128, max(32, spec.in_dim(kernel.shape) // 32))
     if rtol is None:
         rtol = 1e-10 if kernel.dtype == jnp.float64 else 1e-5
+    in_dim = spec.in_dim(kernel.shape)
     if initial_vector is None:
-        initial_vector = jax.random.normal(
-            jax.random.PRNGKey(0), (spec.in_dim(kernel.shape),), kernel.dtype)
-    v0 = jnp.asarray(initial_vector, kernel.dtype)
-    if v0.size != spec.in_dim(kernel.shape):
-        raise ValueError(
-            f"initial_vector has {v0.size} entries; expected in_dim={spec.in_dim(kernel.shape)}")
+        v0 = jax.random.normal(jax.random.PRNGKey(0), (in_dim,), kernel.dtype)
+    else:
+        if np.size(initial_vector) != in_dim:
+            raise ValueError(
+                f"initial_vector has {np.size(initial_vector)} entries; expected in_dim={in_dim}")
+        v0 = _mix_random(initial_vector, kernel.dtype)
     sigma, residual, count, v, u = _lanczos_jit(
         kernel, v0, spec, int(num_steps), float(rtol), int(max_restarts))
     return SpectralNormEstimate(sigma, residual, count.astype(jnp.int32), v, u)

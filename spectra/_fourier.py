@@ -11,6 +11,9 @@ diagonal; the blocks are kept separate. A real kernel gives ``A(-w) = conj(A(w))
 The singular values of the layer are *exactly* the union, with multiplicity, of the singular
 values of these matrices. The matrices used here are the DFT of the (dilated, zero-embedded)
 kernel, i.e. the conjugate of the operator's symbol; singular values and clipping are unaffected.
+A dilated kernel larger than the input wraps around it (Flax's wrap pad repeats the input): its
+taps are folded modulo the input size first (:func:`embed_kernel`), which is the same as
+sampling the kernel's symbol on the input's frequency grid.
 """
 
 from __future__ import annotations
@@ -69,14 +72,34 @@ def half_plane_multiplicity(n2: int) -> np.ndarray:
     return m
 
 
+def fold_counts(size: int, dilation: int, n: int) -> np.ndarray:
+    """How many of the ``size`` taps of one axis land on each position ``p * dilation mod n``.
+
+    ``(n,)`` ints: all 0 or 1 when the dilated kernel fits in ``n`` (``(size - 1) * dilation <
+    n``); larger where a kernel wider than the circular input wraps onto itself.
+    """
+    return np.bincount((np.arange(size) * dilation) % n, minlength=n)
+
+
 def embed_kernel(kernel: jax.Array, spec: ConvSpec) -> jax.Array:
-    """Zero-embeds a (dilated) HWIO kernel into ``(n1, n2, c_in // g, c_out)`` (taps at p * d)."""
-    kh, kw = kernel.shape[:2]
+    """The circulant kernel ``(n1, n2, c_in // g, c_out)`` of a (dilated) HWIO kernel.
+
+    Tap ``(p, q)`` lands at ``(p d1 mod n1, q d2 mod n2)``, and taps landing on the same position
+    add up: a circular conv wraps its input around as many times as needed (Flax's ``'CIRCULAR'``
+    is ``jnp.pad(mode='wrap')``, which repeats the input when the pad exceeds it), so a dilated
+    kernel larger than the input acts as its taps folded modulo the input size. When the dilated
+    kernel fits (``k_eff <= n``) this is a zero embedding with the taps at ``p * d``.
+    """
     n1, n2 = spec.input_shape
     d1, d2 = spec.kernel_dilation
     keff1, keff2 = spec.dilated_kernel_size(kernel.shape)
-    config = [(0, n1 - keff1, d1 - 1), (0, n2 - keff2, d2 - 1), (0, 0, 0), (0, 0, 0)]
-    return lax.pad(kernel, jnp.zeros((), kernel.dtype), config)
+    # Dilate, zero-pad to whole multiples of n, then sum the wraps.
+    m1, m2 = -(-keff1 // n1), -(-keff2 // n2)
+    config = [(0, m1 * n1 - keff1, d1 - 1), (0, m2 * n2 - keff2, d2 - 1), (0, 0, 0), (0, 0, 0)]
+    e = lax.pad(kernel, jnp.zeros((), kernel.dtype), config)
+    if m1 == 1 and m2 == 1:
+        return e
+    return e.reshape(m1, n1, m2, n2, *kernel.shape[2:]).sum(axis=(0, 2))
 
 
 def frequency_matrices(kernel: jax.typing.ArrayLike, spec: ConvSpec) -> FrequencyMatrices:
@@ -116,9 +139,17 @@ def kernel_from_frequency_matrices(
 ) -> jax.Array:
     """Inverse of :func:`frequency_matrices`, restricted to the kernel's support.
 
-    Inverse ``rfft2`` of (possibly modified) per-frequency matrices, then the taps at the
-    kernel's (dilated) support are kept: the orthogonal projection onto kernels of shape
-    ``kernel_shape``. Exact inverse when ``matrices`` came from a kernel of that shape.
+    Inverse ``rfft2`` of (possibly modified) per-frequency matrices, giving a circulant kernel
+    ``e`` (:func:`embed_kernel`), then the taps at the kernel's (dilated) support are kept: the
+    orthogonal projection onto kernels of shape ``kernel_shape``. Exact inverse when
+    ``matrices`` came from a kernel of that shape.
+
+    When the dilated kernel is larger than the circular input, several taps fold onto one
+    circulant position (:func:`fold_counts`) and the map ``kernel -> e`` is not injective. The
+    result is then its pseudo-inverse: each tap gets ``e[p d mod n] / count`` (the
+    minimum-norm kernel whose fold is the projection of ``e`` onto the foldable circulant
+    kernels). Its layer equals the one ``matrices`` describe whenever they came from a kernel of
+    that shape (exact), though the taps may differ from that kernel's.
     """
     matrices = jnp.asarray(matrices)
     kh, kw, cig, cout = kernel_shape
@@ -127,9 +158,15 @@ def kernel_from_frequency_matrices(
     (s1, s2), (big1, big2) = spec.strides, _grid(spec)
     m = matrices.reshape(g, big1, big2 // 2 + 1, cog, cig, s1, s2).transpose(1, 5, 2, 6, 4, 0, 3)
     e = jnp.fft.irfft2(m, s=(big1, big2), axes=(0, 2))
-    e = e.reshape(big1 * s1, big2 * s2, cig, cout)
+    n1, n2 = big1 * s1, big2 * s2
+    e = e.reshape(n1, n2, cig, cout)
     d1, d2 = spec.kernel_dilation
-    return e[: (kh - 1) * d1 + 1 : d1, : (kw - 1) * d2 + 1 : d2]
+    if (kh - 1) * d1 < n1 and (kw - 1) * d2 < n2:
+        return e[: (kh - 1) * d1 + 1 : d1, : (kw - 1) * d2 + 1 : d2]
+    rows, cols = (np.arange(kh) * d1) % n1, (np.arange(kw) * d2) % n2
+    counts = np.outer(fold_counts(kh, d1, n1)[rows], fold_counts(kw, d2, n2)[cols])
+    taps = e[rows][:, cols]
+    return taps / jnp.asarray(counts, taps.dtype)[:, :, None, None]
 
 
 def expand_multiplicity(values: jax.Array, multiplicity: np.ndarray, total: int) -> jax.Array:
@@ -152,19 +189,27 @@ def sort_descending(values: jax.Array) -> jax.Array:
 
 
 def circulant_embedding(spec: ConvSpec, kernel_shape) -> ConvSpec:
-    """The circular layer whose operator contains ``spec``'s zero-padded operator as a submatrix.
+    """The circular layer whose operator contains ``spec``'s operator as a submatrix.
 
     With zero pads ``(lo, hi)`` and stride ``s`` per axis, place the input at offset ``lo`` of a
     circular grid of size ``N = ceil((n + lo + hi) / s) * s``: every read of the zero-padded
     conv stays inside the grid without wrapping, its outputs are rows ``0..H_out-1`` of the
     strided circulant, and its inputs are columns of it. Hence (exact statement)
     ``σ_max(zero-padded) <= σ_max(circulant)``: any circulant spectral-norm value or bound is an
-    **upper bound** for the zero-padded layer, at any stride, dilation and group count. (The
-    cyclic shift of Flax's ``'CIRCULAR'`` convention is a permutation and changes no singular
-    value.) For a circular ``spec`` this returns ``spec`` itself.
+    **upper bound** for the zero-padded layer, at any stride, dilation and group count, and any
+    input size (``N >= n + lo + hi >= k_eff``: the kernel never wraps, even when it is larger
+    than the input). (The cyclic shift of Flax's ``'CIRCULAR'`` convention is a permutation
+    and changes no singular value.)
+
+    For a circular ``spec`` whose strides divide its input this returns ``spec`` itself (equal
+    operators). Where a circular stride does not divide the input, that axis gets stride 1:
+    the strided layer's outputs are a subset of the stride-1 layer's rows, so again
+    ``σ_max(spec) <= σ_max(result)``. The result always has strides dividing its input (the
+    exact per-frequency methods apply).
     """
     if spec.is_circular:
-        return spec
+        strides = tuple(s if n % s == 0 else 1 for n, s in zip(spec.input_shape, spec.strides))
+        return spec if strides == spec.strides else dataclasses.replace(spec, strides=strides)
     pads = spec.pads(kernel_shape)
     size = tuple(
         -(-(n + lo + hi) // s) * s for n, (lo, hi), s in zip(spec.input_shape, pads, spec.strides)

@@ -1,11 +1,19 @@
 r"""Projection of conv kernels onto an operator-norm ball (Sedghi et al. 2019; certified variants).
 
 Given a kernel ``K`` and a radius ``c = max_norm``, find a kernel of the same shape whose layer has
-``σ_max <= c``. All methods work on a **circular** operator ``C``: ``spec`` itself when it is
-``'CIRCULAR'``, else :func:`~spectra.circulant_embedding` ``(spec, kernel_shape)`` (a circular
-grid of size ``N >= n + lo + hi`` whose operator contains the zero-padded one as a submatrix, at
-any stride, dilation and group count). Hence ``σ_max(real layer) <= σ_max(C)``, and a kernel
-that is feasible for ``C`` is feasible for the real layer.
+``σ_max <= c``. All methods work on a **circular** operator ``C``,
+:func:`~spectra.circulant_embedding` ``(spec, kernel_shape)``: ``spec`` itself when it is
+``'CIRCULAR'`` with strides dividing its input (stride 1 on an axis where a circular stride does
+not divide it), else a circular grid of size ``N >= n + lo + hi`` whose operator contains the
+zero-padded one as a submatrix, at any stride, dilation, group count and input size (inputs
+smaller than the kernel included). Hence ``σ_max(real layer) <= σ_max(C)``, and a kernel that is
+feasible for ``C`` is feasible for the real layer.
+
+A circular layer whose dilated kernel is larger than its input wraps the kernel onto itself:
+``C`` acts with the taps folded modulo the input size (:func:`~spectra._fourier.embed_kernel`),
+and the support projection below returns the minimum-norm kernel with a given fold (each tap
+gets its folded value divided by the number of taps that share it; see
+:func:`~spectra.kernel_from_frequency_matrices`). Every statement below holds with that map.
 
 With the per-frequency matrices ``A_ω`` of :func:`~spectra.frequency_matrices` (unnormalised DFT
 of the ``N``-support kernel, polyphase for strides), ``K -> {A_ω}`` is ``sqrt(N1 N2)`` times a
@@ -49,6 +57,7 @@ References:
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -64,6 +73,7 @@ from spectra._spec import ConvSpec
 from spectra._spec import is_concrete
 
 CLIP_METHODS = ("certified", "sedghi", "dykstra", "rescale")
+_HIGHEST = lax.Precision.HIGHEST
 
 
 class ClipResult(NamedTuple):
@@ -72,9 +82,9 @@ class ClipResult(NamedTuple):
     Attributes:
       kernel: the projected kernel, same shape and dtype as the input.
       feasibility_gap: scalar ``σ_max(C) - max_norm`` of the returned kernel, where ``C`` is the
-        circular operator the method works on (``spec`` if circular, else
-        ``circulant_embedding(spec, kernel.shape)``, whose norm bounds the real layer's from
-        above). ``<= 0`` means the real layer is feasible. Exact (per-frequency SVD) for
+        circular operator the method works on (``circulant_embedding(spec, kernel.shape)``:
+        ``spec`` if circular with strides dividing the input; its norm bounds the real layer's
+        from above). ``<= 0`` means the real layer is feasible. Exact (per-frequency SVD) for
         ``'sedghi'``, ``'dykstra'`` and ``'certified'`` (where it is ``<= 0`` up to rounding);
         for ``'rescale'`` it uses the Gram-iteration upper bound instead of ``σ_max(C)``, so it
         is an upper bound on the exact gap, and ``<= 0`` up to rounding.
@@ -217,13 +227,15 @@ def clip_operator_norm(
 ) -> ClipResult:
     r"""Projects a conv kernel towards the set of kernels whose layer has ``σ_max <= max_norm``.
 
-    Every method works on the circular operator ``C``: ``spec`` when it is ``'CIRCULAR'``, else
-    :func:`~spectra.circulant_embedding` ``(spec, kernel.shape)``, which contains the zero-padded
-    layer as a submatrix, so ``σ_max(layer) <= σ_max(C)`` at any stride, dilation and group
-    count. Per round, the per-frequency matrices of the (``N``-support) kernel have their
-    singular values clipped at ``max_norm`` (the exact Frobenius projection onto the ball of
-    ``C``, Sedghi et al. 2019), then the kernel is restricted to its ``(kh, kw)`` support (the
-    exact projection onto that subspace):
+    Every method works on the circular operator ``C`` =
+    :func:`~spectra.circulant_embedding` ``(spec, kernel.shape)`` (``spec`` itself when it is
+    ``'CIRCULAR'`` with strides dividing its input), which contains the layer as a submatrix, so
+    ``σ_max(layer) <= σ_max(C)`` at any stride, dilation, group count and input size (an input
+    smaller than the kernel included). Per round, the per-frequency matrices of the
+    (``N``-support) kernel have their singular values clipped at ``max_norm`` (the exact
+    Frobenius projection onto the ball of ``C``, Sedghi et al. 2019), then the kernel is
+    restricted to its ``(kh, kw)`` support (the exact projection onto that subspace; for a
+    circular kernel larger than its input, onto the foldable kernels, see the module doc):
 
     .. math::
 
@@ -254,7 +266,7 @@ def clip_operator_norm(
 
     Args:
       kernel: HWIO kernel ``(kh, kw, c_in // groups, c_out)``.
-      spec: the layer (any padding; a ``'CIRCULAR'`` spec needs strides dividing its input).
+      spec: the layer (any padding, stride, dilation, groups and input size).
       max_norm: radius ``c > 0`` of the operator-norm ball; a scalar, possibly traced.
       method: one of ``CLIP_METHODS``: ``'certified'``, ``'sedghi'``, ``'dykstra'``,
         ``'rescale'``.
@@ -269,8 +281,7 @@ def clip_operator_norm(
 
     Raises:
       ValueError: ``max_norm`` not a positive scalar (when concrete), unknown ``method``,
-        negative ``num_rounds``, a kernel not matching ``spec``, or a circular ``spec`` whose
-        strides do not divide its input.
+        negative ``num_rounds``, or a kernel not matching ``spec``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -306,10 +317,13 @@ class PowerClipResult(NamedTuple):
     Attributes:
       kernel: the rescaled kernel, same shape and dtype as the input (bit-identical when the
         estimate is ``<= max_norm``).
-      sigma: scalar, the power-iteration estimate ``||A v||`` of the input kernel's σ_max, a
-        **lower estimate** (a Rayleigh quotient: ``<=`` the exact value, equal in the limit).
-      vector: the unit right-vector estimate, input-shaped ``(*spec.input_shape, c_in)``, to pass
-        back as ``vector`` at the next call (warm start).
+      sigma: scalar, the power-iteration estimate of the input kernel's σ_max: the largest
+        per-group Ritz value, a **lower estimate** (each is a Rayleigh quotient of its group:
+        ``<=`` the exact value, equal in the limit).
+      vector: a unit vector, input-shaped ``(*spec.input_shape, c_in)``, to pass back as
+        ``vector`` at the next call (warm start): in each group's channels, that group's top
+        right-vector estimate with norm ``1 / sqrt(groups)`` (for ``groups = 1``, the top right
+        singular vector estimate).
     """
 
     kernel: jax.Array
@@ -317,46 +331,103 @@ class PowerClipResult(NamedTuple):
     vector: jax.Array
 
 
-def _normalize(x: jax.Array, fallback: jax.Array) -> jax.Array:
-    """``x / ||x||``, or ``fallback`` where ``x`` is zero."""
-    norm = jnp.sqrt(jnp.sum(jnp.square(x)))
+def _group_view(x: jax.Array, groups: int) -> jax.Array:
+    """``(..., H, W, c)`` -> ``(..., H, W, groups, c // groups)``: the channels of each group."""
+    return x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
+
+
+def _group_dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Per-group inner products of grouped vectors ``(..., H, W, g, cg)`` -> ``(..., g)``."""
+    return jnp.sum(a * b, axis=(-4, -3, -1))
+
+
+def _group_normalize(x: jax.Array, fallback: jax.Array) -> jax.Array:
+    """Each group's block of ``x`` (``(H, W, g, cg)``) scaled to norm ``1 / sqrt(g)``.
+
+    A zero block is replaced by ``fallback``'s (already normalised). The whole vector then has
+    unit norm and every group weighs the same.
+    """
+    groups = x.shape[-2]
+    norm = jnp.sqrt(_group_dot(x, x))[:, None]  # (g, 1)
     ok = norm > 0
-    return jnp.where(ok, x / jnp.where(ok, norm, 1.0), fallback)
+    scale = jnp.where(ok, 1.0 / jnp.where(ok, norm, 1.0), 0.0) / math.sqrt(groups)
+    return jnp.where(ok, x * scale, fallback)
+
+
+def _start_vector(vector: jax.Array, groups: int) -> jax.Array:
+    """The warm start, grouped ``(H, W, g, cg)``: every group's block normalised, plus a random
+    component of relative size ``eps`` in every entry.
+
+    The operator is block diagonal over groups, so a block that is zero (or decayed to zero in a
+    carried vector) would stay zero forever; normalising each block separately keeps every group
+    in play (see :func:`_krylov_top`). The tiny random part (drawn from a key folded with the
+    vector's own bits: deterministic for a given vector, and fresh as the vector changes) makes
+    every channel non-zero, so that a warm start vanishing on some channels still sees them (an
+    ``eps``-sized component grows at the power iteration's rate if it matters).
+    """
+    x = _group_view(vector, groups)
+    seed = lax.bitcast_convert_type(jnp.sum(x).astype(jnp.float32), jnp.uint32)
+    key = jax.random.fold_in(jax.random.PRNGKey(0), seed)
+    noise = _group_normalize(jax.random.normal(key, x.shape, x.dtype), 0.0)
+    x = _group_normalize(x, noise)
+    return _group_normalize(x + jnp.finfo(x.dtype).eps * noise, noise)
+
+
+def _apply_gram(work: jax.Array, x: jax.Array, spec: ConvSpec) -> jax.Array:
+    """``AᵀA x`` for a grouped vector ``(H, W, g, cg)``."""
+    flat = x.reshape(*x.shape[:2], -1)
+    return conv_transpose(work, conv(work, flat, spec), spec).reshape(x.shape)
 
 
 def _krylov_top(work: jax.Array, v0: jax.Array, spec: ConvSpec, m: int):
-    """Rayleigh–Ritz on ``span{v0, AᵀA v0, ..., (AᵀA)^m v0}``: ``(σ̂, v)``, ``σ̂ <= σ_max``.
+    """Per-group Rayleigh–Ritz on ``span{v0_g, AᵀA v0_g, ..., (AᵀA)^m v0_g}``: ``(σ̂, v)``.
 
-    ``v0`` must have unit norm. ``m`` applications of ``AᵀA`` and one of ``A``. The basis
-    ``q_0..q_m`` is orthonormalised by classical Gram–Schmidt applied twice; ``T = Qᵀ AᵀA Q`` is
-    assembled from the products ``w_j = AᵀA q_j`` (``j < m``) and ``||A q_m||²`` using the
-    symmetry of ``AᵀA``.
+    ``v0`` is grouped ``(H, W, g, cg)`` with blocks of norm ``1/sqrt(g)``. ``A`` is block
+    diagonal over the ``g`` groups, so each group's block of the products only depends on that
+    group's block: the Krylov space of each group is built separately (the blocks of one vector
+    carry all of them at the cost of one ``AᵀA`` product per step), and ``σ̂`` is the largest of
+    the per-group Ritz values, each ``<=`` its group's σ_max, so ``σ̂ <= σ_max``. A group
+    whose start block is small is not lost behind the largest one (a single vector would make
+    the exact answer depend on a start vector with a component in the right group).
+
+    ``m`` applications of ``AᵀA`` and one of ``A``. Each group's basis ``q_0..q_m`` is
+    orthonormalised by classical Gram–Schmidt applied twice; ``T = Qᵀ AᵀA Q`` is assembled from
+    the products ``w_j = AᵀA q_j`` (``j < m``) and ``||A q_m||²`` using the symmetry of
+    ``AᵀA``. The returned ``v`` has, in each group, that group's top Ritz vector with norm
+    ``1/sqrt(g)``.
     """
-    qs = [v0]
+    groups = v0.shape[-2]
+    scale = math.sqrt(groups)
+    eps = jnp.finfo(work.dtype).eps
+    qs = [v0 * scale]  # Unit blocks.
     ws = []
     for j in range(m):
-        w = conv_transpose(work, conv(work, qs[j], spec), spec)
+        w = _apply_gram(work, qs[j], spec)
         ws.append(w)
         r = w
+        basis = jnp.stack(qs)
         for _ in range(2):
-            basis = jnp.stack(qs)
-            r = r - jnp.tensordot(jnp.tensordot(basis, r, r.ndim), basis, 1)
+            coeffs = jnp.einsum("khwgc,hwgc->kg", basis, r, precision=_HIGHEST)
+            r = r - jnp.einsum("kg,khwgc->hwgc", coeffs, basis, precision=_HIGHEST)
         # Drop a direction that is numerically in the span already (invariant subspace).
-        norm_r = jnp.sqrt(jnp.sum(jnp.square(r)))
-        keep = norm_r > 1e3 * jnp.finfo(work.dtype).eps * jnp.sqrt(jnp.sum(jnp.square(w)))
-        qs.append(jnp.where(keep, r / jnp.where(keep, norm_r, 1.0), 0.0))
-    basis = jnp.stack(qs)  # (m + 1, *x_shape)
-    tail = jnp.sum(jnp.square(conv(work, qs[m], spec)))
-    if m:
-        cols = jnp.tensordot(basis, jnp.stack(ws), (tuple(range(1, v0.ndim + 1)),) * 2)
-        t = jnp.zeros((m + 1, m + 1), work.dtype).at[:, :m].set(cols).at[m, m].set(tail)
-        t = t.at[:m, m].set(cols[m, :])
-        t = 0.5 * (t + t.T)
-        theta, y = jnp.linalg.eigh(t)
-        top = y[:, -1]
-        v = _normalize(jnp.tensordot(top, basis, 1), v0)
-        return jnp.sqrt(jnp.maximum(theta[-1], 0.0)), v
-    return jnp.sqrt(tail), qs[0]
+        norm_r = jnp.sqrt(_group_dot(r, r))
+        keep = norm_r > 1e3 * eps * jnp.sqrt(_group_dot(w, w))
+        factor = jnp.where(keep, 1.0 / jnp.where(keep, norm_r, 1.0), 0.0)
+        qs.append(r * factor[:, None])
+    basis = jnp.stack(qs)  # (m + 1, H, W, g, cg)
+    out = conv(work, qs[m].reshape(*v0.shape[:2], -1), spec)
+    tail = jnp.sum(jnp.square(_group_view(out, groups)), axis=(0, 1, 3))  # (g,)
+    if not m:
+        return jnp.sqrt(jnp.max(tail)), v0
+    cols = jnp.einsum("khwgc,jhwgc->gkj", basis, jnp.stack(ws), precision=_HIGHEST)
+    t = jnp.zeros((groups, m + 1, m + 1), work.dtype).at[:, :, :m].set(cols)
+    t = t.at[:, m, m].set(tail).at[:, :m, m].set(cols[:, m, :])
+    t = 0.5 * (t + jnp.swapaxes(t, 1, 2))
+    theta, y = jnp.linalg.eigh(t)
+    top = y[:, :, -1]  # (g, m + 1)
+    v = jnp.einsum("gk,khwgc->hwgc", top, basis, precision=_HIGHEST)
+    sigma = jnp.sqrt(jnp.maximum(jnp.max(theta[:, -1]), 0.0))
+    return sigma, _group_normalize(v, v0)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "num_iterations"))
@@ -365,19 +436,18 @@ def _clip_power(kernel, max_norm, vector, spec, num_iterations):
     if not jnp.issubdtype(work.dtype, jnp.floating):
         work = work.astype(jnp.result_type(float))
     max_norm = max_norm.astype(work.dtype)
-    ones = jnp.ones_like(vector, work.dtype)
-    v = _normalize(vector.astype(work.dtype), ones / jnp.sqrt(jnp.asarray(ones.size, work.dtype)))
+    v = _start_vector(vector.astype(work.dtype), spec.feature_group_count)
     krylov = min(num_iterations, MAX_KRYLOV_DIM)
 
     def power(_, v):
-        return _normalize(conv_transpose(work, conv(work, v, spec), spec), v)
+        return _group_normalize(_apply_gram(work, v, spec), v)
 
     v = lax.fori_loop(0, num_iterations - krylov, power, v)
     sigma, v = _krylov_top(work, v, spec, krylov)
     inside = sigma <= max_norm
     scaled = work * (max_norm / jnp.where(inside, max_norm, sigma))
     out = jnp.where(inside, kernel, scaled.astype(kernel.dtype))
-    return PowerClipResult(out, sigma, v.astype(vector.dtype))
+    return PowerClipResult(out, sigma, v.reshape(vector.shape).astype(vector.dtype))
 
 
 def clip_operator_norm_power(
@@ -391,15 +461,25 @@ def clip_operator_norm_power(
     r"""Rescales a kernel to ``σ_max <= max_norm`` by a warm-started power iteration (approximate).
 
     ``num_iterations`` steps of the power iteration on ``AᵀA`` (``A`` the real layer of
-    ``spec``, any padding, stride, dilation and groups, applied matrix-free with
-    :func:`~spectra.conv` and :func:`~spectra.conv_transpose`) from ``vector``, then
-    ``σ̂ = ||A v||`` and the kernel is scaled by ``min(1, max_norm / σ̂)``:
+    ``spec``, any padding, stride, dilation, groups and input size, applied matrix-free with
+    :func:`~spectra.conv` and :func:`~spectra.conv_transpose`) from ``vector``, per group ``g``
+    (``A = diag(A_g)``), then ``σ̂ = max_g ||A_g v_g||`` and the kernel is scaled by
+    ``min(1, max_norm / σ̂)``:
 
     .. math::
 
-       v \leftarrow \frac{A^T A v}{\|A^T A v\|}\ (\text{num\_iterations times}),\qquad
-       \hat\sigma = \|A v\| \le \sigma_{\max}(A),\qquad
+       v_g \leftarrow \frac{A_g^T A_g v_g}{\|A_g^T A_g v_g\|}\ (\text{num\_iterations
+       times}),\qquad \hat\sigma = \max_g \|A_g v_g\| \le \sigma_{\max}(A),\qquad
        K \leftarrow K \min(1, c / \hat\sigma).
+
+    **Groups**: ``A`` is block diagonal over the ``feature_group_count`` groups, so the
+    iteration runs per group (each group's channels of the vector are normalised separately; the
+    last up to :data:`MAX_KRYLOV_DIM` products build a Krylov space per group) and ``σ̂`` is the
+    largest per-group estimate. A single vector would converge to the top of whichever group it
+    favours: a warm start that is zero (or has decayed to zero) on the group that holds the
+    largest singular value never finds it, and ``σ̂`` would then miss σ_max by the gap between
+    the groups, with a residual near zero. Every start also gets a random component of relative
+    size ``eps`` on every entry, so no channel of a warm start is exactly zero.
 
     **Approximate, not certified**: ``σ̂`` is a lower estimate, so the result's exact σ_max may
     exceed ``max_norm`` by the estimate's relative error. Meant for training, where ``vector`` is
@@ -415,10 +495,11 @@ def clip_operator_norm_power(
 
     Args:
       kernel: HWIO kernel ``(kh, kw, c_in // groups, c_out)``.
-      spec: the layer (any padding).
+      spec: the layer (any padding, stride, dilation, groups, input size).
       max_norm: radius ``c > 0``; a scalar, possibly traced.
-      vector: the warm start, input-shaped ``(*spec.input_shape, c_in)`` (any nonzero array of
-        that shape; e.g. ``PowerClipResult.vector`` of the previous call, or random at first).
+      vector: the warm start, input-shaped ``(*spec.input_shape, c_in)`` (any array of that
+        shape; e.g. ``PowerClipResult.vector`` of the previous call, or random at first; a group
+        whose channels are all zero starts from a random block).
       num_iterations: power-iteration steps (``>= 0``; ``0`` only evaluates ``||A v||``).
 
     Returns:

@@ -112,12 +112,18 @@ class ConvSpec:
       input_shape: spatial input size ``(H, W)``.
       strides: ``(sh, sw)``; an int means the same stride on both axes.
       padding: ``'CIRCULAR'`` (wrap-around, as ``flax.nnx.Conv``: pads ``((k-1)//2, k//2)``
-        with ``mode='wrap'`` then a VALID conv), ``'SAME'``, ``'VALID'``, ``'FULL'`` (zero pads of
-        ``k_eff - 1`` on each side), or explicit zero padding ``((lo, hi), (lo, hi))`` (also as
-        ``nnx.Conv``'s int ``p`` or pair ``(p, q)``); see :func:`normalize_padding`.
+        with ``mode='wrap'``, repeating the input when the pad exceeds it, then a VALID conv),
+        ``'SAME'``, ``'VALID'``, ``'FULL'`` (zero pads of ``k_eff - 1`` on each side), or
+        explicit zero padding ``((lo, hi), (lo, hi))`` (also as ``nnx.Conv``'s int ``p`` or pair
+        ``(p, q)``); see :func:`normalize_padding`.
       kernel_dilation: ``(dh, dw)``; the effective kernel size is ``(k - 1) * d + 1``.
       feature_group_count: number of groups (``c_in`` for a depthwise conv).
       in_features: optional ``c_in``; when given, kernels are checked against it.
+
+    Any layer that ``lax.conv_general_dilated`` accepts is valid: the input may be smaller than
+    the (dilated) kernel as long as the padded input ``n + lo + hi`` is at least ``k_eff`` on
+    each axis (a 3x3 ``'SAME'`` conv on a 1x1 input, a dilation wider than the input). Only an
+    empty output (e.g. ``'VALID'`` with ``n < k_eff``) is rejected, by :meth:`validate`.
     """
 
     input_shape: tuple[int, int]
@@ -200,8 +206,10 @@ class ConvSpec:
 
         Raises:
           ValueError: naming ``kernel`` (wrong rank, channels not matching the spec or the group
-            count, NaN/inf values when the kernel is concrete) or ``input_shape`` (smaller than
-            the dilated kernel).
+            count, NaN/inf values when the kernel is concrete) or ``input_shape`` (the padded
+            input ``input + lo + hi`` smaller than the dilated kernel on some axis: an empty
+            output, e.g. ``'VALID'`` on an input smaller than the kernel). Inputs smaller than the
+            kernel are valid whenever the padding makes up the difference (as for ``lax``).
         """
         shape = tuple(np.shape(kernel))
         if len(shape) != 4 + batch_dims:
@@ -226,14 +234,13 @@ class ConvSpec:
                 f"{self.in_features // groups})"
             )
         keff = self.dilated_kernel_size(kshape)
-        if any(n < k for n, k in zip(self.input_shape, keff)):
+        padded = tuple(n + lo + hi for n, (lo, hi) in zip(self.input_shape, self.pads(kshape)))
+        if any(p < k for p, k in zip(padded, keff)):
             raise ValueError(
-                f"input_shape={self.input_shape} is smaller than the dilated kernel {keff} "
-                f"(kernel {kshape[:2]}, kernel_dilation={self.kernel_dilation})"
-            )
-        if any(o < 1 for o in self.output_shape(kshape)):
-            raise ValueError(
-                f"input_shape={self.input_shape} with padding={self.padding} gives an empty output"
+                f"input_shape={self.input_shape} with padding={self.padding!r} gives an empty "
+                f"output: the padded input {padded} is smaller than the dilated kernel {keff} "
+                f"(kernel {kshape[:2]}, kernel_dilation={self.kernel_dilation}); a conv needs "
+                "input + pads >= (k - 1) * dilation + 1 on each axis"
             )
         if is_concrete(kernel) and not np.all(np.isfinite(np.asarray(kernel))):
             raise ValueError("kernel contains NaN or inf values")

@@ -73,12 +73,6 @@ def _check_specs(specs: Any) -> None:
                 f"specs must be a pytree of spectra.ConvSpec or None; got {spec!r} at "
                 f"{jax.tree_util.keystr(path)}"
             )
-        if spec is not None and spec.is_circular:
-            if any(n % s for n, s in zip(spec.input_shape, spec.strides)):
-                raise ValueError(
-                    f"specs{jax.tree_util.keystr(path)}: a circular layer needs strides="
-                    f"{spec.strides} dividing input_shape={spec.input_shape} to be projected"
-                )
 
 
 def _max_norm_per_spec(max_norm: Any, specs: Any) -> tuple[Any, list[Any] | None]:
@@ -246,8 +240,8 @@ def project_conv_operator_norm(
 
     Raises:
       ValueError: naming ``max_norm`` (not positive, not a scalar, wrong structure),
-        ``specs`` (not ConvSpecs, wrong structure, a circular spec whose strides do not divide
-        its input), ``every_k_steps``, ``method``, ``num_rounds``, ``certify_every``,
+        ``specs`` (not ConvSpecs, wrong structure),
+        ``every_k_steps``, ``method``, ``num_rounds``, ``certify_every``,
         ``certify_method``, ``mesh`` or ``mesh_axis``; at ``init``/``update``,
         naming the params leaf when a spec is given for a leaf that is not a 4-D kernel
         matching it, and naming ``params`` when they are missing.
