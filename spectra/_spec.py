@@ -226,10 +226,12 @@ class ConvSpec:
                 f"{self.in_features // groups})"
             )
         keff = self.dilated_kernel_size(kshape)
-        if any(n < k for n, k in zip(self.input_shape, keff)):
+        padded = [n + lo + hi for n, (lo, hi) in zip(self.input_shape, self.pads(kshape))]
+        if any(n < k for n, k in zip(padded, keff)):
             raise ValueError(
-                f"input_shape={self.input_shape} is smaller than the dilated kernel {keff} "
-                f"(kernel {kshape[:2]}, kernel_dilation={self.kernel_dilation})"
+                f"input_shape={self.input_shape} padded by {self.pads(kshape)} is smaller than "
+                f"the dilated kernel {keff} (kernel {kshape[:2]}, "
+                f"kernel_dilation={self.kernel_dilation})"
             )
         if any(o < 1 for o in self.output_shape(kshape)):
             raise ValueError(

@@ -5,6 +5,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 
 import spectra
+import spectra.numpy as snp
 from tests.spectra.layers import exact_singular_values
 from tests.spectra.layers import layer_cases
 from tests.spectra.layers import random_kernel
@@ -54,7 +55,10 @@ class LayerReportTest(parameterized.TestCase):
     def _check(self, layer, r, exact):
         self.assertAlmostEqual(r.sigma_max / exact[0], 1.0, delta=1e-8)
         self.assertGreaterEqual(r.upper_bound, exact[0] * (1 - 1e-10))
-        self.assertIn(r.upper_bound_name, spectra.UPPER_BOUNDS)
+        self.assertIn(r.upper_bound_name, (*spectra.UPPER_BOUNDS, "per_group"))
+        lower, upper = r.sigma_max_bracket
+        self.assertLessEqual(lower, exact[0] * (1 + 1e-12))
+        self.assertGreaterEqual(upper, exact[0] * (1 - 1e-10))
         self.assertAlmostEqual(r.frobenius / np.sqrt(np.sum(exact**2)), 1.0, delta=1e-10)
         self.assertAlmostEqual(
             r.stable_rank, np.sum(exact**2) / exact[0] ** 2, delta=1e-7 * r.stable_rank
@@ -90,9 +94,15 @@ class LayerReportTest(parameterized.TestCase):
         for r in (self.lanczos[index], self.dense[index]):
             self._check(layer, r, exact)
         expected = "fft" if _fft(layer.spec) else "lanczos"
-        if expected == "lanczos" and report.disjoint_windows(layer.spec, layer.kernel.shape):
+        if expected == "lanczos" and snp.disjoint_windows(layer.spec, layer.kernel.shape):
             expected = "matrix"  # No input pixel read twice (1x1): exact block SVD.
-        self.assertEqual(self.lanczos[index].sigma_max_method, expected)
+        got = self.lanczos[index]
+        if expected == "lanczos":  # Exact only when the certified bracket closes.
+            closed = got.upper_bound <= got.sigma_max * (1 + 1e-4)
+            self.assertEqual(got.sigma_max_method, "lanczos" if closed else "lanczos_estimate")
+            self.assertEqual(got.sigma_max_certified, closed)
+        else:
+            self.assertEqual(got.sigma_max_method, expected)
         self.assertEqual(self.dense[index].sigma_max_method, "fft" if _fft(layer.spec) else "dense")
         if expected == "lanczos":
             self.assertLessEqual(self.lanczos[index].sigma_max_residual, 1e-4)

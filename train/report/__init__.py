@@ -5,30 +5,13 @@
   the network's ℓ2 Lipschitz constant bracketed (certified composition bound above, Jacobian
   power iteration below).
 * :func:`write_report`: ``report.json``, ``report.md`` and the plots.
-* The host (NumPy / SciPy, float64, compile-free) operator and exact per-layer numbers the
-  default ``backend='numpy'`` uses: :func:`conv_numpy`, :func:`conv_transpose_numpy`,
-  :func:`dense_operator_numpy`, :func:`lanczos_sigma_max_numpy`,
-  :func:`circular_singular_values_numpy`, :func:`block_singular_values`, bounds
-  :func:`circulant_sigma_max_numpy` and :func:`tap_sum_bound_numpy`.
+* The per-layer numbers of the default ``backend='numpy'`` come from :mod:`spectra.numpy`
+  (the host, NumPy / SciPy float64, compile-free backend of ``spectra``).
 """
 
 from train.report._api import network_report
 from train.report._api import network_report_nnx
 from train.report._empirical import jacobian_lower_bound
-from train.report._host import ConvOperator
-from train.report._host import HostLanczosResult
-from train.report._host import conv_numpy
-from train.report._host import conv_transpose_numpy
-from train.report._host import dense_operator_numpy
-from train.report._host import frobenius_norm_numpy
-from train.report._host import lanczos_sigma_max_numpy
-from train.report._host import tap_sum_bound_numpy
-from train.report._host_spectra import block_singular_values
-from train.report._host_spectra import circulant_sigma_max_numpy
-from train.report._host_spectra import circulant_top_numpy
-from train.report._host_spectra import circular_singular_values_numpy
-from train.report._host_spectra import disjoint_windows
-from train.report._host_spectra import spectral_density_values_numpy
 from train.report._layers import BACKENDS
 from train.report._layers import ConvLayer
 from train.report._layers import analyse_convs
@@ -52,23 +35,11 @@ __all__ = [
     "METHOD_KINDS",
     "SILU_LIPSCHITZ",
     "ConvLayer",
-    "ConvOperator",
-    "HostLanczosResult",
     "LayerReport",
     "NetworkReport",
     "analyse_convs",
     "analyse_dense",
-    "block_singular_values",
-    "circulant_sigma_max_numpy",
-    "circulant_top_numpy",
-    "circular_singular_values_numpy",
-    "conv_numpy",
-    "conv_transpose_numpy",
-    "dense_operator_numpy",
-    "disjoint_windows",
-    "frobenius_norm_numpy",
     "jacobian_lower_bound",
-    "lanczos_sigma_max_numpy",
     "max_pool_lipschitz",
     "max_window_count",
     "network_report",
@@ -77,7 +48,5 @@ __all__ = [
     "report_onnx",
     "report_run",
     "reshaped_sigma_max",
-    "spectral_density_values_numpy",
-    "tap_sum_bound_numpy",
     "write_report",
 ]
