@@ -33,7 +33,7 @@ from spectra.numpy._operator import tap_sum_bound
 BRACKET_FIRST_TOL = 1e-3
 #: Norm of the random part of a warm-started start vector, relative to the (unit) warm start.
 #: Every start carries it, so that every channel of every group has a random component.
-WARM_START_RANDOM = 0.3
+WARM_START_RANDOM = 0.1
 #: ``group_upper_bounds=None``: the circulant bound per group is computed when it holds at most
 #: this many complex entries (else the tap-sum bound alone).
 MAX_BOUND_ENTRIES = 4 * FREQUENCY_CHUNK_ENTRIES
