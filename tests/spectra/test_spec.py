@@ -58,10 +58,10 @@ class ConvSpecTest(parameterized.TestCase):
         ("wrong_rank", np.ones((3, 3, 2)), {}, "kernel must be 4-D"),
         ("c_in_mismatch", np.ones((3, 3, 2, 4)), dict(in_features=3), "in_features"),
         ("groups_not_dividing_c_out", np.ones((3, 3, 2, 3)), dict(feature_group_count=2), "c_out"),
-        ("input_smaller_than_kernel", np.ones((5, 5, 1, 1)), dict(input_shape=(4, 8)),
-         "input_shape"),
+        ("input_smaller_than_kernel", np.ones((5, 5, 1, 1)),
+         dict(input_shape=(4, 8), padding="VALID"), "input_shape"),
         ("input_smaller_than_dilated_kernel", np.ones((3, 3, 1, 1)),
-         dict(input_shape=(4, 8), kernel_dilation=2), "dilated kernel"),
+         dict(input_shape=(4, 8), kernel_dilation=2, padding="VALID"), "dilated kernel"),
         ("nan_kernel", np.full((3, 3, 1, 1), np.nan), {}, "kernel contains NaN"),
         ("inf_kernel", np.full((3, 3, 1, 1), np.inf), {}, "kernel contains NaN or inf"),
     )
