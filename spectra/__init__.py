@@ -17,6 +17,8 @@ Conventions
 * Every docstring says whether a number is exact, an upper bound, a lower estimate or an
   approximation, and for which padding.
 * Every function works under ``jax.jit`` (spec static) and ``jax.vmap`` over stacked kernels.
+* :mod:`spectra.numpy` (imported explicitly) computes the same numbers on the host, in NumPy /
+  SciPy float64 with nothing compiled, grouped convs per group.
 """
 
 from spectra._bounds import SPEC_DEPENDENT_BOUNDS

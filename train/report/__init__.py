@@ -12,7 +12,8 @@
   ``network_report(backend=...)``.
 
 The parts (the host NumPy operator, per-layer analysis, the Lipschitz composition, windows)
-live in the private modules ``train.report._*``; tests import them from there.
+live in the private modules ``train.report._*``; tests import them from there. The per-layer
+numbers of the default ``backend='numpy'`` come from :mod:`spectra.numpy` (float64, compile-free).
 """
 
 from train.report._api import network_report

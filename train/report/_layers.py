@@ -3,10 +3,12 @@
 Two backends compute the same numbers (``analyse_convs(backend=...)``):
 
 * ``'numpy'`` (default): NumPy / SciPy on the host, float64, no compilation
-  (``train.report._host``, ``train.report._host_spectra``): Lanczos is SciPy's ARPACK on the
-  Gram matrix, matvecs by im2col matmuls; bounds and circular spectra per frequency with
-  LAPACK. Measured on a shared 2-core CPU: ResNet-20 @32² (SAME) layers 3.1 s instead of 25.5 s
-  cold (every distinct layer shape cost the JAX backend several compiled programs).
+  (:mod:`spectra.numpy`): Lanczos is SciPy's ARPACK on the Gram matrix, matvecs by im2col
+  matmuls; bounds and circular spectra per frequency with LAPACK. Grouped and depthwise convs
+  are handled per group (block-diagonal operator): dense SVD of each group's block, or Lanczos
+  on each group that its certified bound does not rule out. Measured on a shared 2-core CPU:
+  ResNet-20 @32² (SAME) layers 3.1 s instead of 25.5 s cold (every distinct layer shape cost
+  the JAX backend several compiled programs).
 * ``'jax'``: layers with the same kernel shape and :class:`spectra.ConvSpec` are stacked and
   analysed by one compiled program (``jax.vmap`` over the stack): a ResNet with 19 convs
   compiles 6 programs; Lanczos layers by :func:`spectra.lanczos_spectral_norm`, one program per
@@ -15,15 +17,19 @@ Two backends compute the same numbers (``analyse_convs(backend=...)``):
 
 Per layer (``A`` the operator at the layer's real input size and padding):
 
-* ``sigma_max``: exact. ``'fft'`` (per-frequency SVD, circular padding with strides dividing
-  the input), ``'dense'`` (SVD of the dense operator, small layers), ``'matrix'`` (layers in
-  which no input pixel is read twice, e.g. 1x1 convs: SVD of the kernel's blocks, see
-  ``train.report._host_spectra.block_singular_values``; ``backend='numpy'`` only), otherwise
-  ``'lanczos'`` (matrix-free restarted Lanczos; its relative residual is reported and its value
-  is a Ritz value, a lower estimate of σ_max accurate to that residual).
-* ``upper_bound``: the smallest of several certified bounds (``upper_bound_name`` says which);
-  for ``'fft'`` layers it is the exact value (``'symbol_grid'``, exact for those layers).
-  ``sigma_max_certified`` is true when ``upper_bound <= sigma_max (1 + bracket_rtol)``.
+* ``sigma_max``: exact by construction for ``'fft'`` (per-frequency SVD, circular padding with
+  strides dividing the input), ``'dense'`` (SVD of the dense operator, per group for the
+  ``'numpy'`` backend, small layers), ``'matrix'`` (layers in which no input pixel is read
+  twice, e.g. 1x1 convs: SVD of the kernel's blocks, ``spectra.numpy.singular_values(...,
+  'matrix')``; ``backend='numpy'`` only). Otherwise matrix-free restarted Lanczos, whose value
+  is a Ritz value (a lower bound): labelled ``'lanczos'`` (exact to ``bracket_rtol``) only when
+  the certified bracket ``[sigma_max, upper_bound]`` closes within ``bracket_rtol``, else
+  ``'lanczos_estimate'``; ``sigma_max_bracket`` holds the bracket, ``sigma_max_residual`` the
+  Ritz pair's relative residual.
+* ``upper_bound``: the smallest of several certified bounds (``upper_bound_name`` says which;
+  ``'per_group'``: the largest over the groups of each group's smallest bound); for ``'fft'``
+  layers it is the exact value (``'symbol_grid'``, exact for those layers).
+  ``sigma_max_certified`` is true for exact methods and closed brackets.
 * ``frobenius``: ``||A||_F`` exactly (:func:`spectra.frobenius_norm_squared`, closed form).
 * ``reshaped_sigma_max``: σ_max of the kernel reshaped to ``(kh kw c_in/g, c_out)``: what Miyato
   et al.'s and Flax's ``SpectralNorm`` normalise; not the layer's operator norm.
@@ -42,21 +48,23 @@ import jax.numpy as jnp
 import numpy as np
 
 import spectra
+import spectra.numpy as snp
 from spectra import ConvSpec
-from train.report import _host
-from train.report import _host_spectra
 from train.report._types import LayerReport
 
-#: Methods whose σ_max is exact (to rounding): used as certified values in the composition.
+#: Methods whose σ_max is exact by construction (to rounding): used as certified values in the
+#: composition (a ``'lanczos'`` value, exact to ``bracket_rtol``, enters by its upper bound).
 EXACT_METHODS = ("fft", "dense", "matrix")
+#: The label of a Lanczos σ_max whose certified bracket did not close within ``bracket_rtol``.
+ESTIMATE_METHOD = "lanczos_estimate"
 #: The per-layer backends of :func:`analyse_convs`.
 BACKENDS = ("numpy", "jax")
 #: Bounds of the ``'numpy'`` backend, on every non-FFT layer (``symbol_grid`` skipped for 1x1
 #: kernels, where ``tap_sum`` is exact): the same bounds as ``spectra``'s of these names.
-HOST_BOUNDS = {
-    "tap_sum": _host.tap_sum_bound_numpy,
-    "symbol_grid": _host_spectra.circulant_sigma_max_numpy,
-}
+HOST_BOUNDS = ("tap_sum", "symbol_grid")
+#: The ``'numpy'`` backend's extra bound column for grouped layers: the largest over the groups
+#: of each group's smallest bound (at most the smallest of the layer-wide bounds).
+PER_GROUP_BOUND = "per_group"
 #: Zero-padded layers whose input and output dims are both at most this are done densely.
 DEFAULT_MAX_DENSE_DIM = 512
 #: Most complex entries a per-frequency computation (circulant embedding, spectral density)
@@ -103,15 +111,7 @@ class ConvLayer:
     bn_scale: np.ndarray | None = None
 
 
-def fft_applies(spec: ConvSpec) -> bool:
-    """True when the exact per-frequency (FFT) method applies: circular, strides divide."""
-    return spec.is_circular and all(n % s == 0 for n, s in zip(spec.input_shape, spec.strides))
-
-
-def _frequency_entries(spec: ConvSpec, kshape: Sequence[int]) -> int:
-    emb = spectra.circulant_embedding(spec, kshape)
-    n1, n2 = (n // s for n, s in zip(emb.input_shape, emb.strides))
-    return n1 * (n2 // 2 + 1) * kshape[2] * kshape[3] * math.prod(emb.strides)
+fft_applies = snp.fft_applies
 
 
 def plan(
@@ -120,7 +120,7 @@ def plan(
     """``(sigma_method, bound_names, spectrum_method)`` for a layer (static choices)."""
     if fft_applies(spec):
         return "fft", (), "fft"
-    cheap_frequencies = _frequency_entries(spec, kshape) <= MAX_FREQUENCY_ENTRIES
+    cheap_frequencies = snp.frequency_entries(spec, kshape) <= MAX_FREQUENCY_ENTRIES
     bounds = KERNEL_BOUNDS + (("symbol_grid",) if cheap_frequencies else ("symbol_sup",))
     if max(spec.in_dim(kshape), spec.out_dim(kshape)) <= max_dense_dim:
         return "dense", bounds, "dense"
@@ -130,17 +130,22 @@ def plan(
 def plan_numpy(
     spec: ConvSpec, kshape: Sequence[int], max_dense_dim: int
 ) -> tuple[str, tuple, str | None]:
-    """:func:`plan` of the ``'numpy'`` backend: ``'fft'``, ``'dense'``, ``'matrix'`` (windows
-    that never share an input pixel) or ``'lanczos'``; both host bounds (no size limit: the
-    per-frequency matrices are computed in chunks)."""
+    """:func:`plan` of the ``'numpy'`` backend: ``'fft'``, ``'dense'`` (per group: each group's
+    block at most ``max_dense_dim`` on a side and all of them at most the flops of one
+    ``max_dense_dim``-sided SVD), ``'matrix'`` (windows that never share an input pixel) or
+    ``'lanczos'``; both host bounds (no size limit: the per-frequency matrices are computed in
+    chunks), and for grouped layers the per-group combination of them."""
     if fft_applies(spec):
         return "fft", (), "fft"
-    bounds = ("tap_sum",) if tuple(kshape[:2]) == (1, 1) else tuple(HOST_BOUNDS)
-    if max(spec.in_dim(kshape), spec.out_dim(kshape)) <= max_dense_dim:
+    bounds = ("tap_sum",) if tuple(kshape[:2]) == (1, 1) else HOST_BOUNDS
+    if spec.feature_group_count > 1:
+        bounds = bounds + (PER_GROUP_BOUND,)
+    side, flops = snp.dense_cost(spec, kshape)
+    if side <= max_dense_dim and flops <= float(max_dense_dim) ** 3:
         return "dense", bounds, "dense"
-    if _host_spectra.disjoint_windows(spec, kshape):
+    if snp.disjoint_windows(spec, kshape):
         return "matrix", bounds, "matrix"
-    cheap = _host_spectra.spectral_density_cost(spec, kshape) <= MAX_SPECTRUM_FLOPS
+    cheap = snp.spectral_density_cost(spec, kshape) <= MAX_SPECTRUM_FLOPS
     return "lanczos", bounds, ("spectral_density" if cheap else None)
 
 
@@ -151,43 +156,52 @@ def plan_numpy(
 HOST_THREADS = 2
 
 
+def _host_bounds(k, spec, bound_names, with_vector) -> tuple[dict, np.ndarray, object]:
+    """``({name: layer bound}, (g,) per-group best bound, warm start or None)`` on the host."""
+    per_group, start = {}, None
+    if "tap_sum" in bound_names:
+        per_group["tap_sum"] = snp.tap_sum_bound(k, spec, per_group=True)
+    if "symbol_grid" in bound_names:
+        top = snp.circulant_top(k, spec, with_vector=with_vector)
+        per_group["symbol_grid"], start = top.group_bounds, top.vector
+    bounds = {name: float(np.max(b)) for name, b in per_group.items()}
+    group_best = np.min(np.stack(list(per_group.values())), axis=0) if per_group else None
+    if PER_GROUP_BOUND in bound_names:
+        bounds[PER_GROUP_BOUND] = float(np.max(group_best))
+    return bounds, group_best, start
+
+
 def _analyse_kernel_numpy(
     k, with_spectrum, spec, sigma_method, bound_names, spectrum_method, rtol, bracket_rtol
 ) -> tuple[float, float | None, object, list[float]]:
     """``(sigma, residual or None, spectrum or None, bounds)`` of one kernel on the host."""
-    bounds, start = {}, None
-    for name in bound_names:
-        if name == "symbol_grid":
-            bounds[name], start = _host_spectra.circulant_top_numpy(
-                k, spec, with_vector=sigma_method == "lanczos"
-            )
-        else:
-            bounds[name] = HOST_BOUNDS[name](k, spec)
+    grouped = spec.feature_group_count > 1
+    bounds, group_best, start = _host_bounds(
+        k, spec, bound_names, sigma_method == "lanczos" and not grouped
+    )
     spectrum, residual = None, None
     if sigma_method == "fft":
         if with_spectrum:
-            spectrum = _host_spectra.circular_singular_values_numpy(k, spec)
+            spectrum = snp.singular_values(k, spec, "fft")
             sigma = spectrum[0]
         else:  # Exact for these specs, and cheaper than the whole spectrum.
-            sigma = _host_spectra.circulant_sigma_max_numpy(k, spec)
-    elif sigma_method == "dense":
-        values = np.linalg.svd(_host.dense_operator_numpy(k, spec), compute_uv=False)
-        sigma, spectrum = values[0], values
-    elif sigma_method == "matrix":
-        values = _host_spectra.block_singular_values(k, spec)
+            sigma = snp.symbol_grid_bound(k, spec)
+    elif sigma_method in ("dense", "matrix"):
+        values = snp.singular_values(k, spec, sigma_method)
         sigma, spectrum = values[0], values
     else:
-        result = _host.lanczos_sigma_max_numpy(
+        result = snp.lanczos_spectral_norm(
             k,
             spec,
             rtol=rtol,
             initial_vector=start,
-            upper_bound=min(bounds.values()) if bounds else None,
+            circulant_start=grouped and "symbol_grid" in bound_names,
+            group_upper_bounds=group_best,
             bracket_rtol=min(bracket_rtol, rtol),
         )
         sigma, residual = result.value, result.residual
         if with_spectrum and spectrum_method == "spectral_density":
-            spectrum = _host_spectra.spectral_density_values_numpy(k, spec)
+            spectrum = snp.spectral_density_singular_values(k, spec)
     return float(sigma), residual, spectrum, [bounds[name] for name in bound_names]
 
 
@@ -197,9 +211,9 @@ def _analyse_group_numpy(
     """:func:`_analyse_group` on the host (NumPy / SciPy, float64), :data:`HOST_THREADS` kernels
     at a time.
 
-    Lanczos starts from the top of the circulant embedding (computed for the ``symbol_grid``
-    bound anyway), windowed by the lowest sine mode: measured 3x fewer products than a random
-    start on an 80x80, 32-channel layer.
+    Lanczos starts from a random vector plus the top of the circulant embedding (computed for
+    the ``symbol_grid`` bound anyway; per group for grouped layers), windowed by the lowest sine
+    mode: measured 3x fewer products than a random start on an 80x80, 32-channel layer.
     """
     both = list(kernels) + (list(folded) if folded is not None else [])
     n = len(kernels)
@@ -221,7 +235,7 @@ def _analyse_group_numpy(
     out["bounds"] = np.array([r[3] for r in results], np.float64).reshape(
         len(both), len(bound_names)
     )
-    out["frobenius_sq"] = np.array([_host.frobenius_norm_numpy(k, spec) ** 2 for k in kernels])
+    out["frobenius_sq"] = np.array([snp.frobenius_norm(k, spec) ** 2 for k in kernels])
     return out
 
 
@@ -329,9 +343,9 @@ def analyse_convs(
         :func:`spectra.lanczos_spectral_norm`, ``1e-5`` / ``1e-10``).
       bracket_rtol: (``'numpy'`` backend) Lanczos also stops, whatever its residual, once the
         best certified bound is within ``min(bracket_rtol, rtol)`` of its Ritz value (the exact
-        σ_max is then known to that relative accuracy). A Lanczos σ_max is marked
-        ``sigma_max_certified`` when the best certified
-        bound is within this relative distance.
+        σ_max is then known to that relative accuracy). A Lanczos σ_max is labelled
+        ``'lanczos'`` and ``sigma_max_certified`` when the best certified bound is within this
+        relative distance, else ``'lanczos_estimate'``.
       compute_spectra: compute the spectra for the plots.
       progress: show a tqdm bar over the layers.
       backend: ``'numpy'`` (host, float64, no compilation: the fast choice for a one-off report
@@ -433,6 +447,9 @@ def _layer_report(
     upper, upper_name = _best_bound(sigma, out["bounds"][j], bound_names, sigma_method)
     upper = max(upper, sigma) if sigma_method != "lanczos" else upper
     certified = sigma_method != "lanczos" or upper <= sigma * (1 + bracket_rtol)
+    # A certified bracket on the exact σ_max: [σ, σ] for exact methods, [Ritz value, bound].
+    bracket = (sigma, upper) if sigma_method == "lanczos" else (sigma, sigma)
+    method = sigma_method if certified else ESTIMATE_METHOD
     frob = math.sqrt(max(float(out["frobenius_sq"][j]), 0.0))
     spectrum = ranks = None
     sigma_min = sigma_min_method = None
@@ -455,9 +472,11 @@ def _layer_report(
         dilation=spec.kernel_dilation,
         groups=spec.feature_group_count,
         sigma_max=sigma,
-        sigma_max_method=sigma_method,
+        sigma_max_method=method,
         sigma_max_residual=residual,
         sigma_max_certified=bool(certified),
+        sigma_max_bracket=bracket,
+        sigma_max_tolerance=bracket_rtol if sigma_method == "lanczos" else None,
         upper_bound=float(upper),
         upper_bound_name=upper_name,
         reshaped_sigma_max=reshaped_sigma_max(layer.kernel),
@@ -494,6 +513,7 @@ def analyse_dense(name: str, weight: np.ndarray) -> LayerReport:
         sigma_max_method="dense",
         sigma_max_residual=None,
         sigma_max_certified=True,
+        sigma_max_bracket=(sigma, sigma),
         upper_bound=sigma,
         upper_bound_name="dense",
         reshaped_sigma_max=sigma,

@@ -39,9 +39,8 @@ import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 
+import spectra.numpy as snp
 from spectra import ConvSpec
-from train.report import _host
-from train.report import _host_spectra
 from train.report import _windows
 
 #: ``sup_x |d/dx (x σ(x))|`` = 1.09984 (at x ≈ 2.3994), rounded up.
@@ -861,14 +860,14 @@ def conv_eqn_bound(params: dict, lhs_shape, kernel: np.ndarray) -> float:
         kernel_dilation=tuple(params["rhs_dilation"]),
         feature_group_count=groups,
     )
-    # On the host in float64 (train.report._host): no program compiled per equation.
+    # On the host in float64 (spectra.numpy): no program compiled per equation.
     hwio = np.asarray(hwio, np.float64)
     if max(spec.in_dim(hwio.shape), spec.out_dim(hwio.shape)) <= _MAX_DENSE_DIM:
-        return float(np.linalg.norm(_host.dense_operator_numpy(hwio, spec), 2))
+        return float(np.linalg.norm(snp.dense_operator(hwio, spec), 2))
     values = [
         schur,
-        _host_spectra.circulant_sigma_max_numpy(hwio, spec),
-        _host.tap_sum_bound_numpy(hwio, spec),
+        snp.symbol_grid_bound(hwio, spec),
+        snp.tap_sum_bound(hwio, spec),
     ]
     return min(values)
 
@@ -914,5 +913,5 @@ def window_sum_bound(params: dict, shape) -> float:
         padding=tuple(tuple(int(v) for v in pads[a]) for a in axes),
     )
     kernel = np.ones((int(win[axes[0]]), int(win[axes[1]]), 1, 1))
-    exact = float(np.linalg.norm(_host.dense_operator_numpy(kernel, spec), 2))
+    exact = float(np.linalg.norm(snp.dense_operator(kernel, spec), 2))
     return min(schur, exact * (1 + 1e-6))

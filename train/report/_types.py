@@ -12,11 +12,19 @@ METHOD_KINDS = {
     "fft": "exact",
     "dense": "exact",
     "matrix": "exact (block-diagonal layer: SVD of the kernel's per-pixel blocks)",
-    "lanczos": "exact to the reported residual (a Ritz value: a lower estimate)",
+    "lanczos": (
+        "exact to the stated tolerance (a Ritz value, a lower bound, within sigma_max_tolerance "
+        "of the certified upper bound: sigma_max_bracket)"
+    ),
+    "lanczos_estimate": (
+        "estimate (a Ritz value: a lower bound with its residual; the certified bracket "
+        "sigma_max_bracket did not close within sigma_max_tolerance)"
+    ),
     "symbol_grid": "bound",
     "symbol_sup": "bound",
     "matricisation": "bound",
     "tap_sum": "bound",
+    "per_group": "bound (the largest over the groups of each group's smallest bound)",
     "l1_schur": "bound",
     "spectral_density": "approximation",
     "jacobian_power_iteration": "estimate (lower bound)",
@@ -32,6 +40,9 @@ class LayerReport:
     is exact, a certified bound, an estimate or an approximation. ``None`` where a number does
     not apply. ``spectrum`` (not written to ``report.json``) is the sorted singular values used
     for the plot, ``spectrum_method`` says whether they are exact or approximate.
+    ``sigma_max_bracket`` is a certified ``(lower, upper)`` bracket on the exact σ_max
+    (``(σ, σ)`` for exact methods); ``sigma_max_tolerance`` the relative width within which a
+    Lanczos value is called exact (``'lanczos'``; wider: ``'lanczos_estimate'``).
     """
 
     name: str
@@ -53,6 +64,8 @@ class LayerReport:
     stable_rank: float
     sigma_min: float | None
     sigma_min_method: str | None
+    sigma_max_bracket: tuple[float, float] | None = None
+    sigma_max_tolerance: float | None = None
     bn_folded_sigma_max: float | None = None
     bn_folded_upper_bound: float | None = None
     spectrum_method: str | None = None

@@ -1,0 +1,300 @@
+"""Exact spectra and the circulant bound on the host: per frequency, per block, per group.
+
+NumPy, float64, no XLA; the maths of :mod:`spectra._fourier` and :mod:`spectra._exact`:
+
+* :func:`circulant_top`: σ_max of the circulant embedding per group (``spectra``'s
+  ``symbol_grid_bound``: an **upper bound** for zero padding, **exact** for circular layers
+  whose strides divide the input) and a warm start for Lanczos.
+* :func:`singular_values`: all singular values, **exactly**, by ``'fft'`` (circular, strides
+  dividing the input: per-frequency polyphase matrices, Sedghi et al. 2019), ``'dense'`` (SVD
+  of the diagonal blocks of the operator, one per group) or ``'matrix'`` (layers in which no
+  input pixel is read twice: SVD of the kernel's per-pixel blocks, :func:`disjoint_windows`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from spectra._bounds import exact_circular_spec
+from spectra._fourier import half_plane_multiplicity
+from spectra._spec import ConvSpec
+from spectra.numpy._operator import ConvOperator
+from spectra.numpy._operator import axis_geometry
+from spectra.numpy._operator import float64_kernel
+
+#: Most complex entries of per-frequency matrices held at once (they are computed in chunks of
+#: frequency rows): bounds the memory of the circulant computations (16 bytes each).
+FREQUENCY_CHUNK_ENTRIES = 4_000_000
+#: The exact methods of :func:`singular_values`.
+HOST_EXACT_METHODS = ("fft", "dense", "matrix")
+
+
+def fft_applies(spec: ConvSpec) -> bool:
+    """True when the exact per-frequency (FFT) method applies: circular, strides divide."""
+    return spec.is_circular and all(n % s == 0 for n, s in zip(spec.input_shape, spec.strides))
+
+
+def _frequency_chunks(kernel: np.ndarray, spec: ConvSpec):
+    """Yields the per-frequency matrices of a circular spec (strides dividing) by row chunks.
+
+    Each item: complex ``(g, rows, N2 // 2 + 1, c_out / g, (c_in / g) s1 s2)``, the matrices of
+    ``spectra.frequency_matrices`` for a block of first-axis frequencies ``u`` (all of them, in
+    order, over the items). Computed from the kernel's few taps (polyphase; an rfft along the
+    second axis, a small DFT matrix along the first), never from the zero-embedded kernel. Taps
+    beyond the grid (a dilated kernel larger than the input) wrap round it.
+    """
+    kh, kw, cig, cout = kernel.shape
+    g = spec.feature_group_count
+    cog = cout // g
+    (s1, s2), (d1, d2) = spec.strides, spec.kernel_dilation
+    big1, big2 = (n // s for n, s in zip(spec.input_shape, spec.strides))
+    keff1, keff2 = spec.dilated_kernel_size(kernel.shape)
+    t1, t2 = -(-keff1 // s1), -(-keff2 // s2)
+    e = np.zeros((t1 * s1, t2 * s2, cig, cout))
+    e[:keff1:d1, :keff2:d2] = kernel
+    e = e.reshape(t1, s1, t2, s2, cig, g, cog)
+    if t2 > big2:  # Wrap the polyphase taps round the grid (rfft(n=big2) would truncate).
+        blocks = -(-t2 // big2)
+        e = np.pad(e, [(0, 0), (0, 0), (0, blocks * big2 - t2)] + [(0, 0)] * 4)
+        e = e.reshape(t1, s1, blocks, big2, *e.shape[3:]).sum(axis=2)
+    e = np.fft.rfft(e, n=big2, axis=2)  # (t1, s1, N2h, s2, cig, g, cog)
+    n2h = big2 // 2 + 1
+    per_row = n2h * s1 * s2 * cig * cout
+    step = max(1, FREQUENCY_CHUNK_ENTRIES // max(per_row, 1))
+    for start in range(0, big1, step):
+        u = np.arange(start, min(start + step, big1))
+        dft = np.exp(-2j * np.pi * np.outer(u, np.arange(t1)) / big1)  # (rows, t1): periodic.
+        m = np.tensordot(dft, e, axes=(1, 0))  # (rows, s1, N2h, s2, cig, g, cog)
+        yield m.transpose(5, 0, 2, 6, 4, 1, 3).reshape(g, len(u), n2h, cog, cig * s1 * s2)
+
+
+def _top_singular_values(m: np.ndarray) -> np.ndarray:
+    """σ_max of each matrix of a stack ``(..., r, c)``: λ_max of the smaller Gram (eigvalsh)."""
+    r, c = m.shape[-2:]
+    if min(r, c) == 1:
+        return np.sqrt(np.sum(np.abs(m) ** 2, axis=(-2, -1)))
+    mh = np.conj(np.swapaxes(m, -1, -2))
+    gram = m @ mh if r <= c else mh @ m
+    return np.sqrt(np.maximum(np.linalg.eigvalsh(gram)[..., -1], 0.0))
+
+
+def frequency_entries(spec: ConvSpec, kshape: Sequence[int]) -> int:
+    """Complex entries of all the per-frequency matrices of :func:`circulant_top` (its cost)."""
+    emb = exact_circular_spec(spec, kshape)
+    n1, n2 = (n // s for n, s in zip(emb.input_shape, emb.strides))
+    return n1 * (n2 // 2 + 1) * kshape[2] * kshape[3] * math.prod(emb.strides)
+
+
+class CirculantTop(NamedTuple):
+    """Result of :func:`circulant_top`.
+
+    Attributes:
+      bound: ``max(group_bounds)``: ``spectra.symbol_grid_bound``, an **upper bound** on the
+        layer's σ_max (exact for circular layers whose strides divide the input).
+      group_bounds: ``(g,)``: the same per group (an upper bound on each group's σ_max).
+      vector: input-shaped ``(H, W, c_in)`` float64 warm start, or ``None``.
+    """
+
+    bound: float
+    group_bounds: np.ndarray
+    vector: np.ndarray | None
+
+
+def circulant_top(kernel, spec: ConvSpec, *, with_vector: bool = True) -> CirculantTop:
+    """σ_max of the circulant embedding per group (LAPACK ``eigvalsh``, float64) and its top.
+
+    The circular layer of :func:`spectra.exact_circular_spec` contains ``spec``'s operator
+    (zero padding: the circulant embedding, exact statement ``σ_max(A) <= σ_max(circulant)``).
+    Its σ_max is the max over the frequency grid of the per-frequency σ_max.
+
+    The top of that circular layer is a plane wave ``Re(w̄ e^{2πi⟨k, τ⟩})`` over the polyphase
+    components ``τ`` of its input grid, with ``w`` the top right singular vector of the
+    maximising frequency ``k``'s matrix, in the maximising group. Restricted to the layer's own
+    input pixels (windowed by the lowest sine mode for zero padding) it is a warm start for
+    Lanczos, not a singular vector: :func:`spectra.numpy.lanczos_spectral_norm` adds it to a
+    random vector, never uses it alone.
+
+    Args:
+      kernel: HWIO kernel.
+      spec: the layer.
+      with_vector: compute the warm start.
+
+    Returns:
+      :class:`CirculantTop`.
+    """
+    kernel, kshape = float64_kernel(kernel, spec)
+    emb = exact_circular_spec(spec, kshape)
+    g = spec.feature_group_count
+    group_best = np.full(g, -1.0)
+    best, where = -1.0, None
+    start = 0
+    for m in _frequency_chunks(kernel, emb):
+        tops = _top_singular_values(m)  # (g, rows, N2h)
+        group_best = np.maximum(group_best, tops.reshape(g, -1).max(axis=1))
+        i = int(np.argmax(tops))
+        if tops.flat[i] > best:
+            gi, r, v = np.unravel_index(i, tops.shape)
+            best, where = float(tops.flat[i]), (gi, start + r, v, m[gi, r, v])
+        start += m.shape[1]
+    if not with_vector or where is None:
+        return CirculantTop(best, group_best, None)
+    gi, u, v, mat = where
+    w = np.linalg.svd(mat)[2][0].conj()  # Top right singular vector, (cig * s1 * s2,).
+    cig = kshape[2]
+    (s1, s2), (b1, b2) = emb.strides, (n // s for n, s in zip(emb.input_shape, emb.strides))
+    w = w.reshape(cig, s1, s2)
+    (lo1, _), (lo2, _) = spec.pads(kshape)
+    n1, n2 = spec.input_shape
+    p1, p2 = (np.arange(n1) + lo1) % emb.input_shape[0], (np.arange(n2) + lo2) % emb.input_shape[1]
+    phase = (
+        np.exp(2j * np.pi * (u * (p1 // s1) / b1))[:, None]
+        * np.exp(2j * np.pi * (v * (p2 // s2) / b2))[None, :]
+    )
+    wave = np.conj(w[:, p1 % s1][:, :, p2 % s2]).transpose(1, 2, 0) * phase[..., None]
+    if not spec.is_circular:  # The lowest mode of a zero-padded (Toeplitz-like) operator.
+        envelope = np.outer(*(np.sin(np.pi * (np.arange(n) + 1) / (n + 1)) for n in (n1, n2)))
+        wave = wave * envelope[..., None]
+    x = np.zeros((n1, n2, cig * g))
+    x[..., gi * cig : (gi + 1) * cig] = wave.real
+    return CirculantTop(best, group_best, x)
+
+
+def symbol_grid_bound(kernel, spec: ConvSpec) -> float:
+    """``spectra.symbol_grid_bound`` on the host: :func:`circulant_top`'s ``bound``.
+
+    Returns:
+      An **upper bound** on the layer's σ_max; **exact** for circular specs whose strides
+      divide the input.
+    """
+    return circulant_top(kernel, spec, with_vector=False).bound
+
+
+def _circular_singular_values(kernel: np.ndarray, spec: ConvSpec, kshape) -> np.ndarray:
+    if not fft_applies(spec):
+        raise ValueError(
+            f"spec={spec} must be circular with strides dividing input_shape for the exact "
+            "per-frequency spectrum"
+        )
+    big2 = spec.input_shape[1] // spec.strides[1]
+    mult = half_plane_multiplicity(big2)
+    parts = []
+    for m in _frequency_chunks(kernel, spec):
+        sv = np.linalg.svd(m, compute_uv=False)  # (g, rows, N2h, r)
+        parts.append(np.repeat(sv, mult, axis=2).ravel())
+    values = -np.sort(-np.concatenate(parts))
+    return values[: spec.num_singular_values(kshape)]
+
+
+def _axis_reads(n: int, m: int, lo: int, s: int, d: int, k: int) -> np.ndarray:
+    """``(m, k)`` input positions read along one axis of a zero-padded layer (``-1``: a pad)."""
+    pos = s * np.arange(m)[:, None] + d * np.arange(k)[None, :] - lo
+    return np.where((pos >= 0) & (pos < n), pos, -1)
+
+
+def disjoint_windows(spec: ConvSpec, kernel_shape: Sequence[int]) -> bool:
+    """True when no input pixel is read by two different (output pixel, tap) pairs.
+
+    Zero padding only (circular layers have their exact FFT method). Holds for 1x1 kernels at
+    any stride and padding, and for strides at least the dilated kernel size ("patchify"); then
+    ``singular_values(..., 'matrix')`` is exact. Decided by enumerating the reads along each
+    axis (the 2-D reads are the products of the per-axis ones).
+    """
+    if spec.is_circular:
+        return False
+    for n, m, lo, s, d, k in axis_geometry(spec, tuple(kernel_shape)):
+        reads = _axis_reads(n, m, lo, s, d, k)
+        reads = reads[reads >= 0]
+        if np.unique(reads).size != reads.size:
+            return False
+    return True
+
+
+def _block_singular_values(kernel: np.ndarray, spec: ConvSpec, kshape) -> np.ndarray:
+    if not disjoint_windows(spec, kshape):
+        raise ValueError(
+            f"spec={spec} reads some input pixel twice: the layer is not block diagonal"
+        )
+    kh, kw, cig, cout = kshape
+    g = spec.feature_group_count
+    masks = []
+    for n, m, lo, s, d, k in axis_geometry(spec, kshape):
+        patterns, counts = np.unique(
+            _axis_reads(n, m, lo, s, d, k) >= 0, axis=0, return_counts=True
+        )
+        masks.append((patterns, counts))
+    taps = kernel.reshape(kh, kw, cig, g, cout // g)
+    parts = []
+    for rows, c1 in zip(*masks[0]):
+        for cols, c2 in zip(*masks[1]):
+            block = taps[rows][:, cols]  # (t1, t2, cig, g, cog)
+            if block.size == 0:
+                continue
+            block = block.transpose(3, 0, 1, 2, 4).reshape(g, -1, cout // g)
+            sv = np.linalg.svd(block, compute_uv=False).ravel()
+            parts.append(np.repeat(sv, int(c1) * int(c2)))
+    return _pad_values(parts, spec.num_singular_values(kshape))
+
+
+def _pad_values(parts: list[np.ndarray], total: int) -> np.ndarray:
+    """Concatenated, sorted descending, zero-padded / cut to ``total`` values."""
+    values = -np.sort(-np.concatenate(parts)) if parts else np.zeros(0)
+    if values.size < total:
+        values = np.concatenate([values, np.zeros(total - values.size)])
+    return values[:total]
+
+
+def _dense_singular_values(kernel: np.ndarray, spec: ConvSpec, kshape) -> np.ndarray:
+    blocks = ConvOperator(kernel, spec).group_matrices()  # (g, out_g, in_g)
+    values = np.linalg.svd(blocks, compute_uv=False).ravel()
+    return _pad_values([values], spec.num_singular_values(kshape))
+
+
+def dense_cost(spec: ConvSpec, kernel_shape: Sequence[int]) -> tuple[int, float]:
+    """``(max block dim, flops)`` of ``singular_values(..., 'dense')``: the groups' blocks are
+    ``(out_dim / g, in_dim / g)``, each SVD ~ ``rows cols min(rows, cols)`` flops."""
+    g = spec.feature_group_count
+    rows, cols = spec.out_dim(kernel_shape) // g, spec.in_dim(kernel_shape) // g
+    return max(rows, cols), float(g) * rows * cols * min(rows, cols)
+
+
+def singular_values(kernel, spec: ConvSpec, method: str = "dense") -> np.ndarray:
+    """All singular values of the layer, **exactly** (LAPACK SVD, float64), sorted descending.
+
+    Args:
+      kernel: HWIO kernel ``(kh, kw, c_in // groups, c_out)``.
+      spec: the layer.
+      method: ``'fft'``: per-frequency (polyphase) matrices of a circular layer whose strides
+        divide the input (Sedghi et al. 2019; taps wrap round inputs smaller than the kernel),
+        as ``spectra.singular_values(kernel, spec, 'fft')``. ``'dense'``: the SVD of each
+        group's diagonal block of the operator (``g`` blocks ``(out_dim / g, in_dim / g)``: a
+        grouped operator is block diagonal, its singular values the union of the blocks').
+        ``'matrix'``: layers with :func:`disjoint_windows`, whose operator is, after permuting
+        rows and columns, block diagonal with one block per output pixel and group (the kernel
+        restricted to the taps that read real input), plus zero columns.
+
+    Returns:
+      ``(spec.num_singular_values(kernel.shape),)``.
+
+    Raises:
+      ValueError: naming ``method`` when unknown, ``spec`` when the method does not apply.
+
+    Example:
+      >>> import numpy as np
+      >>> from spectra import ConvSpec
+      >>> k = np.ones((3, 3, 1, 2))
+      >>> spec = ConvSpec((4, 4), padding='CIRCULAR', feature_group_count=1)
+      >>> bool(np.allclose(singular_values(k, spec, 'fft'), singular_values(k, spec, 'dense')))
+      True
+    """
+    kernel, kshape = float64_kernel(kernel, spec)
+    if method == "fft":
+        return _circular_singular_values(kernel, spec, kshape)
+    if method == "dense":
+        return _dense_singular_values(kernel, spec, kshape)
+    if method == "matrix":
+        return _block_singular_values(kernel, spec, kshape)
+    raise ValueError(f"method={method!r} is unknown; expected one of {HOST_EXACT_METHODS}")
