@@ -32,9 +32,10 @@ bound 4,422. This module bounds the folded operator instead:
   had to rescale, keeps (freezes) the statistics the last rescale was computed with: **what is
   saved is certified for its own saved statistics** either way; the metadata says which
   (``"bn_stats_match_params"``).
-* :func:`check_lipschitz_target`: the eval network's certified bound
+* :func:`train.lipschitz_target.check_lipschitz_target`: the eval network's certified bound
   (:func:`train.report.network_report`'s ``network['lipschitz_upper']``) against
-  ``TrainConfig.lipschitz_target``; :class:`LipschitzTargetError` names the blocking op or the
+  ``TrainConfig.lipschitz_target``; :class:`train.lipschitz_target.LipschitzTargetError` names
+  the blocking op or the
   largest layer.
 
 A mean-only :class:`train.batchnorm.BatchCentering` has no scale (it is a translation in
@@ -45,7 +46,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
@@ -62,12 +62,13 @@ from jax import lax
 import spectra
 from spectra import ConvSpec
 from train import discovery
+from train.config import BN_AWARE_METHODS
 
 #: Methods of :func:`project_batchnorm_folded`: the bound ``u`` of the folded operator that sets
 #: the rescale ``min(1, c / u)``: ``'certified'`` (exact ``σ_max`` of the circular operator,
 #: per-frequency SVD: certified), ``'rescale'`` (Gram-iteration upper bound: certified, cheaper)
 #: or ``'power'`` (warm-started power estimate, a lower estimate: approximate).
-FOLD_METHODS = ("certified", "rescale", "power")
+FOLD_METHODS = BN_AWARE_METHODS
 #: Rescale / re-estimate rounds of :func:`certify_folded_train_state` at most.
 BN_CERTIFY_ROUNDS = 6
 #: :func:`certify_folded_train_state` stops once a round's largest folded bound before its
@@ -912,11 +913,6 @@ def certify_folded_train_state(
 
 # ---------------------------------------------------------------------------- Lipschitz target
 
-class LipschitzTargetError(ValueError):
-    """The evaluation network cannot be certified ``<= lipschitz_target`` (names the blocking
-    op or the largest layer)."""
-
-
 def radius_for_target(target: float, num_layers: int) -> float:
     """The per-layer radius ``c = L^(1/n)`` that :class:`~train.config.TrainConfig`'s
     ``lipschitz_target`` uses when ``project_max_norm`` is not given (``n`` = constrained conv
@@ -926,97 +922,6 @@ def radius_for_target(target: float, num_layers: int) -> float:
     if not num_layers >= 1:
         raise ValueError(f"num_layers={num_layers!r} must be >= 1")
     return float(target) ** (1.0 / num_layers)
-
-
-def lipschitz_certificate(
-    model: nnx.Module, example: Any, target: float, *, tolerance: float | None = None
-) -> dict[str, Any]:
-    """The certified bound of ``model``'s evaluation network, compared with ``target``.
-
-    Runs :func:`train.report.network_report_nnx` on a copy of ``model`` in evaluation mode and
-    reads ``network['lipschitz_upper']``: a **certified** upper bound on the ℓ2 Lipschitz
-    constant of the logits w.r.t. one input example (composition over the jaxpr of exact
-    per-layer norms, BatchNorm folded into its conv), ``None`` when an op blocks the
-    composition (``lipschitz_upper_note`` says which).
-
-    Args:
-      model: the trained model (its parameters and running statistics are used).
-      example: an input batch (its first example fixes the shape).
-      target: ``L > 0``.
-      tolerance: relative rounding allowance (default
-        :data:`train.certify.CERTIFY_TOLERANCE`, as the per-layer certificates): certified when
-        ``bound <= L (1 + tolerance)``.
-
-    Returns:
-      ``{"lipschitz_target", "lipschitz_upper", "lipschitz_upper_kind" (the report's note: the
-      kind of bound, or the blocking op), "lipschitz_lower" (Jacobian power iteration at one
-      random point: a lower bound), "largest_layer", "largest_layer_sigma_max" (exact, BatchNorm
-      folded where one follows), "lipschitz_tolerance", "lipschitz_certified", "error"
-      (``None`` or the reason it is not certified)}``.
-    """
-    from train.certify import CERTIFY_TOLERANCE
-    from train.report import network_report_nnx
-
-    tol = CERTIFY_TOLERANCE if tolerance is None else float(tolerance)
-    work = nnx.clone(model)
-    work.eval()
-    x = jnp.asarray(np.asarray(example)[:1])
-    report = network_report_nnx(
-        work, x, num_points=1, power_iterations=10, compute_spectra=False
-    )
-    net = report.network
-    upper = net["lipschitz_upper"]
-    largest, largest_sigma = None, None
-    for layer in report.layers:
-        sigma = layer.sigma_max
-        if getattr(layer, "bn_folded_sigma_max", None) is not None:
-            sigma = layer.bn_folded_sigma_max
-        if largest_sigma is None or sigma > largest_sigma:
-            largest, largest_sigma = layer.name, float(sigma)
-    error = None
-    if upper is None:
-        error = (
-            f"lipschitz_target={target}: the network's Lipschitz constant cannot be certified: "
-            f"{net['lipschitz_upper_note']}"
-        )
-    elif not (math.isfinite(upper) and upper <= target * (1 + tol)):
-        error = (
-            f"lipschitz_target={target}: the certified bound of the evaluation network is "
-            f"{upper:.6g} > {target}; its largest layer is {largest} (σ_max "
-            f"{largest_sigma:.6g}, BatchNorm folded where one follows); lower "
-            "project_max_norm (the per-layer radius) or raise lipschitz_target"
-        )
-    return {
-        "lipschitz_target": float(target),
-        "lipschitz_upper": None if upper is None else float(upper),
-        "lipschitz_upper_kind": net["lipschitz_upper_note"],
-        "lipschitz_lower": float(net["lipschitz_lower"]),
-        "largest_layer": largest,
-        "largest_layer_sigma_max": largest_sigma,
-        "lipschitz_tolerance": tol,
-        "lipschitz_certified": error is None,
-        "error": error,
-    }
-
-
-def check_lipschitz_target(
-    model: nnx.Module, example: Any, target: float, *, tolerance: float | None = None
-) -> dict[str, Any]:
-    """:func:`lipschitz_certificate`, raising when the bound is not certified ``<= target``.
-
-    Raises:
-      LipschitzTargetError: the bound is ``None`` (message: the blocking op, the report's
-        ``lipschitz_upper_note``) or ``> L (1 + tolerance)`` (message: the bound and the layer
-        with the largest σ_max).
-    """
-    info = lipschitz_certificate(model, example, target, tolerance=tolerance)
-    if info["error"] is not None:
-        raise LipschitzTargetError(info["error"])
-    return info
-
-
-#: The file of the run folder where the loop records a ``lipschitz_target`` run's certificate.
-LIPSCHITZ_FILE = "lipschitz.json"
 
 
 def resolve_config(config: Any, model: nnx.Module, example: Any, specs: Any):
@@ -1039,37 +944,13 @@ def resolve_config(config: Any, model: nnx.Module, example: Any, specs: Any):
     return config, folds, dense
 
 
-def certify_run_target(
-    config: Any, model: nnx.Module, example: Any, run_dir: Any, write: bool
-) -> dict[str, Any]:
-    """The loop's end-of-run check of ``config.lipschitz_target`` on the returned (certified)
-    model: :func:`lipschitz_certificate`, written (with the per-layer radius) to
-    ``run_dir / LIPSCHITZ_FILE`` when ``write``; raises :class:`LipschitzTargetError` after
-    writing when it is not certified."""
-    import json
-    import pathlib
-
-    info = lipschitz_certificate(model, example, config.lipschitz_target)
-    info["per_layer_radius"] = float(config.project_max_norm)
-    if write:
-        (pathlib.Path(run_dir) / LIPSCHITZ_FILE).write_text(json.dumps(info, indent=2))
-    if info["error"] is not None:
-        raise LipschitzTargetError(info["error"])
-    return info
-
-
 __all__ = [
     "BN_CERTIFY_ROUNDS",
     "FOLD_METHODS",
     "BatchNormFold",
-    "LipschitzTargetError",
     "ProjectFoldedState",
     "certify_folded",
     "certify_folded_train_state",
-    "LIPSCHITZ_FILE",
-    "certify_run_target",
-    "check_lipschitz_target",
-    "lipschitz_certificate",
     "resolve_config",
     "find_batchnorm_folds",
     "find_dense_kernels",

@@ -268,11 +268,9 @@ def certify_train_state(
       state: a :class:`train.steps.TrainState` (``params`` and ``rest`` are read).
       mesh: the run's mesh (:func:`train.distributed.make_mesh`).
       recalibrate: ``(params, rest) -> rest``.
-      folds: BatchNorm-aware runs: the conv -> BatchNorm pairs
-        (:func:`train.bn_aware.find_batchnorm_folds`) whose *folded* operators are certified
-        instead, by :func:`train.bn_aware.certify_folded_train_state` (also when only ``dense``
-        is given).
-      dense: dense weights certified too (runs with ``lipschitz_target``).
+      folds, dense: must be empty: a BatchNorm-aware run (conv -> BatchNorm pairs, dense
+        weights of a ``lipschitz_target`` run) is certified by
+        :func:`train.bn_aware.certify_folded_train_state`, which the loop calls instead.
 
     Returns:
       ``(params, rest, separate, meta)``: the model (certified when ``config.project_max_norm``
@@ -285,9 +283,10 @@ def certify_train_state(
     if config.project_max_norm is None:
         return state.params, state.rest, None, {"certified": False}
     if folds or dense:
-        from train.bn_aware import certify_folded_train_state
-
-        return certify_folded_train_state(config, specs, state, mesh, recalibrate, folds, dense)
+        raise ValueError(
+            "folds / dense given: a BatchNorm-aware run is certified by "
+            "train.bn_aware.certify_folded_train_state (the loop dispatches there)"
+        )
     params, report = certify_conv_operator_norm(
         distributed.host_values(state.params), specs, config.project_max_norm,
         method=config.project_certify_method,

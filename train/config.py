@@ -24,6 +24,8 @@ from train.regularizers import SPARSITY
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "piecewise", "constant")
 PADDINGS = ("SAME", "CIRCULAR")
+#: Projection methods of the BatchNorm-aware projection (`train.bn_aware.FOLD_METHODS`).
+BN_AWARE_METHODS = ("certified", "rescale", "power")
 #: Words that set an optional field to ``None`` in an override.
 _NONE_WORDS = ("none", "null", "")
 
@@ -131,7 +133,7 @@ class TrainConfig:
         end that the evaluation network's certified Lipschitz bound
         (:func:`train.report.network_report`'s ``network['lipschitz_upper']``) is ``<= L``
         (rounding allowance ``1e-4`` relative), else raise
-        :class:`train.bn_aware.LipschitzTargetError` naming the blocking op or the largest
+        :class:`train.lipschitz_target.LipschitzTargetError` naming the blocking op or the largest
         layer. Implies ``project_bn_aware`` and also projects the dense layers; the per-layer
         radius is ``project_max_norm`` when given, else ``L^(1/n)`` for the ``n`` conv and
         dense layers (:func:`train.bn_aware.radius_for_target`; residual sums make ResNets need
@@ -282,12 +284,10 @@ class TrainConfig:
                 f"lipschitz_target={target!r} must be None or a finite number > 0"
             )
         if self.project_bn_aware or target is not None:
-            from train.bn_aware import FOLD_METHODS
-
             name = "lipschitz_target" if target is not None else "project_bn_aware"
-            if self.project_method not in FOLD_METHODS:
+            if self.project_method not in BN_AWARE_METHODS:
                 raise ValueError(
-                    f"{name} needs project_method in {FOLD_METHODS} (the folded layers are "
+                    f"{name} needs project_method in {BN_AWARE_METHODS} (the folded layers are "
                     f"rescaled); got project_method={self.project_method!r}"
                 )
             if target is None and self.project_max_norm is None:

@@ -89,6 +89,7 @@ from train import bn_aware
 from train import builders
 from train import checkpoint
 from train import distributed
+from train import lipschitz_target
 from train import metrics
 from train.batches import count_batches
 from train.batches import unpack_batch
@@ -282,7 +283,7 @@ def train_and_evaluate(
     nnx.update(model, out["params"], out["rest"])
     lipschitz = None
     if config.lipschitz_target is not None and out["step"] == config.num_steps:
-        lipschitz = bn_aware.certify_run_target(config, model, example, run_dir, main)
+        lipschitz = lipschitz_target.certify_run_target(config, model, example, run_dir, main)
     return {
         "run_dir": str(run_dir),
         "step": out["step"],
@@ -313,9 +314,10 @@ def _train(
     def certified(step: int) -> tuple[Any, Any, Any, dict[str, Any]]:  # Once per step.
         if step not in certified_at:
             certified_at.clear()
-            certified_at[step] = certify_train_state(
-                config, specs, state, mesh, recalibrate, *folded
-            )
+            certify = (bn_aware.certify_folded_train_state
+                       if any(folded) and config.project_max_norm is not None
+                       else certify_train_state)
+            certified_at[step] = certify(config, specs, state, mesh, recalibrate, *folded)
         return certified_at[step]
 
     def save(step: int) -> None:

@@ -19,6 +19,7 @@ from flax import nnx
 import spectra
 from train import bn_aware
 from train import discovery
+from train import lipschitz_target
 from train import loop
 from train import model_io
 from train.batchnorm import BatchCentering
@@ -311,16 +312,16 @@ class LoopTest(absltest.TestCase):
         self.assertLessEqual(info["lipschitz_upper"], 0.5 * (1 + 1e-4))
         self.assertGreaterEqual(info["lipschitz_upper"], info["lipschitz_lower"])
         self.assertAlmostEqual(info["per_layer_radius"], 0.5 ** (1 / 3))
-        saved = json.loads((self.root / "ok" / bn_aware.LIPSCHITZ_FILE).read_text())
+        saved = json.loads((self.root / "ok" / lipschitz_target.LIPSCHITZ_FILE).read_text())
         self.assertEqual(saved["lipschitz_target"], 0.5)
         self.assertIn("certified", saved["lipschitz_upper_kind"])
         self.assertEqual(json.loads((self.root / "ok" / "config.json").read_text())[
             "project_max_norm"], None)  # The user's config; the radius is derived.
         # A radius too large for the target: an error naming the largest layer.
         too_small = dataclasses.replace(config, project_max_norm=1.0, lipschitz_target=1e-3)
-        with self.assertRaisesRegex(bn_aware.LipschitzTargetError, "largest layer"):
+        with self.assertRaisesRegex(lipschitz_target.LipschitzTargetError, "largest layer"):
             loop.train_and_evaluate(too_small, self.root / "small", model=_model())
-        self.assertFalse(json.loads((self.root / "small" / bn_aware.LIPSCHITZ_FILE)
+        self.assertFalse(json.loads((self.root / "small" / lipschitz_target.LIPSCHITZ_FILE)
                                     .read_text())["lipschitz_certified"])
         # An op that the composition cannot certify: an error naming it.
         with self.assertRaisesRegex(ValueError, "mul of two input-dependent values"):

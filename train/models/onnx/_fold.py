@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 from typing import NamedTuple
 
 import jax
@@ -11,8 +12,9 @@ import numpy as np
 
 from train.models.onnx._graph import ParamRef
 from train.models.onnx._graph import Step
-from train.models.onnx.model import OnnxModel
-from train.models.onnx.model import model_from_program
+
+if TYPE_CHECKING:  # The model module imports this one (to_onnx's fold_bn).
+    from train.models.onnx.model import OnnxModel
 
 
 class FoldedBatchNorm(NamedTuple):
@@ -133,4 +135,4 @@ def fold_batch_norm(model: OnnxModel) -> tuple[OnnxModel, tuple[FoldedBatchNorm,
         param_dtypes={name: dtypes[name] for name in refs if name in dtypes},
         folds=tuple(program.folds) + tuple((f.conv, f.batch_norm) for f in folds),
     )
-    return model_from_program(new_program, params), tuple(folds)
+    return model.with_program(new_program, params), tuple(folds)

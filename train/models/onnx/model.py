@@ -129,6 +129,10 @@ class OnnxModel:
             _export.save(proto, path)
         return proto
 
+    def with_program(self, program: Program, params: dict) -> OnnxModel:
+        """The model that runs ``program`` with ``params`` (e.g. a folded graph)."""
+        return model_from_program(program, params)
+
     def example_inputs(self) -> tuple[jax.ShapeDtypeStruct, ...]:
         """``jax.ShapeDtypeStruct`` of every input: what :func:`train.find_convs` needs."""
         return tuple(
