@@ -40,6 +40,10 @@ bound 4,422. This module bounds the folded operator instead:
 
 A mean-only :class:`train.batchnorm.BatchCentering` has no scale (it is a translation in
 evaluation mode): its conv needs no fold and is projected alone.
+
+Length: fold discovery from the eval jaxpr, the optax transform and the end-of-run
+certification all work on :class:`BatchNormFold` and its scale; kept together until a split
+by concern (discovery / transform / certification) is done.
 """
 
 from __future__ import annotations

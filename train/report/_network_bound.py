@@ -30,6 +30,10 @@ probabilities add up, union bound).
 Anything else that depends on the input nonlinearly (products of two input-dependent values,
 softmax, ``exp``, leaky ReLU selects, ...) makes this bound unavailable (``None`` with a note);
 the composition bound (:mod:`train.report._lipschitz`) still applies.
+
+Length: the linearised-network replay of the jaxpr, the dynamic program over its
+nonlinearities and the window/cut scheduling for large nets share one graph structure; a
+split onto a shared jaxpr walker (issue: one walker) is pending.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ either a constant (a NumPy array known at import: initializers that are not trai
 nodes and everything computed from them alone, e.g. shape subgraphs once the input shapes are
 fixed) or a traced value whose shape and dtype are found with :func:`jax.eval_shape`. Only nodes
 with a traced input remain in the :class:`Program` that ``apply_fn`` runs.
+
+Length: loading, constant folding (initializers and ``Constant`` weights lifted to params)
+and the :class:`Program` builder share one walk over the nodes.
 """
 
 from __future__ import annotations
