@@ -2,8 +2,9 @@
 
 * :func:`network_report` / :func:`network_report_nnx`: every conv layer's exact σ_max at its
   real input size and padding, certified bounds, Frobenius norm, stable rank, σ_min, spectra;
-  the network's ℓ2 Lipschitz constant bracketed (certified composition bound above, Jacobian
-  power iteration below).
+  the network's ℓ2 Lipschitz constant bracketed (certified composition bound above, a searched
+  realised lower bound below: :func:`search_lower_bound`, its witness re-evaluated by
+  :func:`recompute_lower_bound`; :func:`check_upper_bound` counts pairs that violate a bound).
 * :func:`write_report`: ``report.json``, ``report.md`` and the plots.
 * The host (NumPy / SciPy, float64, compile-free) operator and exact per-layer numbers the
   default ``backend='numpy'`` uses: :func:`conv_numpy`, :func:`conv_transpose_numpy`,
@@ -36,6 +37,12 @@ from train.report._layers import analyse_dense
 from train.report._layers import reshaped_sigma_max
 from train.report._lipschitz import HARD_SWISH_LIPSCHITZ
 from train.report._lipschitz import SILU_LIPSCHITZ
+from train.report._lower import LowerBound
+from train.report._lower import check_upper_bound
+from train.report._lower import random_pairs
+from train.report._lower import recompute_lower_bound
+from train.report._lower import search_lower_bound
+from train.report._lower import soundness_pairs
 from train.report._sources import report_onnx
 from train.report._sources import report_run
 from train.report._types import METHOD_KINDS
@@ -43,6 +50,7 @@ from train.report._types import LayerReport
 from train.report._types import NetworkReport
 from train.report._windows import max_pool_lipschitz
 from train.report._windows import max_window_count
+from train.report._write import WITNESS_NAME
 from train.report._write import report_markdown
 from train.report._write import write_report
 
@@ -51,14 +59,17 @@ __all__ = [
     "HARD_SWISH_LIPSCHITZ",
     "METHOD_KINDS",
     "SILU_LIPSCHITZ",
+    "WITNESS_NAME",
     "ConvLayer",
     "ConvOperator",
     "HostLanczosResult",
     "LayerReport",
+    "LowerBound",
     "NetworkReport",
     "analyse_convs",
     "analyse_dense",
     "block_singular_values",
+    "check_upper_bound",
     "circulant_sigma_max_numpy",
     "circulant_top_numpy",
     "circular_singular_values_numpy",
@@ -73,10 +84,14 @@ __all__ = [
     "max_window_count",
     "network_report",
     "network_report_nnx",
+    "random_pairs",
+    "recompute_lower_bound",
     "report_markdown",
     "report_onnx",
     "report_run",
     "reshaped_sigma_max",
+    "search_lower_bound",
+    "soundness_pairs",
     "spectral_density_values_numpy",
     "tap_sum_bound_numpy",
     "write_report",

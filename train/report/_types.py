@@ -20,6 +20,8 @@ METHOD_KINDS = {
     "l1_schur": "bound",
     "spectral_density": "approximation",
     "jacobian_power_iteration": "estimate (lower bound)",
+    "pair_ascent": "lower bound (a realised ratio ||f(x)-f(y)||/||x-y||)",
+    "search": "lower bound (the largest realised ratio or ||J(x) v||/||v|| found; witness saved)",
     "composition": "bound",
 }
 
@@ -84,11 +86,15 @@ class NetworkReport:
         ``lipschitz_upper_uncertified`` (the same composition with the layers' ``sigma_max``
         instead of their certified bounds: an estimate), ``num_points``.
       timings: seconds per stage.
+      witness: the lower bound's witness (``{'kind': 'pair', 'x', 'y', ...}`` or ``{'kind':
+        'jacobian', 'x', 'v', ...}``, see :func:`train.report.search_lower_bound`), or ``None``;
+        not in ``to_dict``: :func:`train.report.write_report` saves it as ``.npz``.
     """
 
     layers: list[LayerReport]
     network: dict[str, Any]
     timings: dict[str, float]
+    witness: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
