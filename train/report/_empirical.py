@@ -40,7 +40,7 @@ def _power_step(flat, params, points, v, active):
     """One power-iteration step on ``JᵀJ`` at every point (one program for all points).
 
     Returns ``(v_next, ||J v||, ||JᵀJ v||)`` per point; ``v_next = JᵀJ v / ||JᵀJ v||`` where
-    ``active``, else ``v`` (a point that stopped keeps its vector).
+    ``active`` and ``JᵀJ v != 0``, else ``v`` (a point that stopped keeps its vector).
     """
 
     def one(x, v, active):
@@ -49,7 +49,8 @@ def _power_step(flat, params, points, v, active):
         (w,) = jax.linear_transpose(jvp, x)(jv)
         norm = jnp.linalg.norm(w)
         tiny = jnp.finfo(x.dtype).tiny
-        v_next = jnp.where(active, w / jnp.maximum(norm, tiny), v)
+        # Where JᵀJ v = 0 (e.g. every ReLU off) v is kept: a zero vector would give no value.
+        v_next = jnp.where(active & (norm > 0), w / jnp.maximum(norm, tiny), v)
         return v_next, jnp.linalg.norm(jv), norm
 
     return jax.vmap(one)(points, v, active)

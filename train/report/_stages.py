@@ -24,6 +24,10 @@ from typing import Any
 
 import numpy as np
 
+#: The lower bound search's time budget ``'layers'`` is at least this (seconds): a network whose
+#: layers take less still gets a short search (small networks: hundreds of steps).
+MIN_SEARCH_SECONDS = 1.0
+
 #: The checkpoint folder's sub-folder (under the checkpoint / output folder).
 STAGES_DIR = "stages"
 
@@ -111,7 +115,8 @@ def budget_stop(
     Args:
       budget: ``'layers'``: stop once the layer stage is done (when the two overlap: the
         ``layers_done`` event), or after as long as it took (``layer_seconds()``, when the
-        lower bound runs after it); a number: after that many seconds; ``None``: never.
+        lower bound runs after it), but not before :data:`MIN_SEARCH_SECONDS`; a number: after
+        that many seconds; ``None``: never.
       layers_done: set when the layer stage ends.
       layer_seconds: the layer stage's duration, ``None`` while it runs.
 
@@ -124,12 +129,13 @@ def budget_stop(
     if budget == "layers":
 
         def stop():
-            if not layers_done.is_set():
+            elapsed = time.perf_counter() - start
+            if not layers_done.is_set() or elapsed < MIN_SEARCH_SECONDS:
                 return False
             seconds = layer_seconds()
             if seconds is None:  # Overlapping: the layers are done now.
                 return True
-            return time.perf_counter() - start >= seconds
+            return elapsed >= seconds
 
         return stop
     if isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget >= 0:
