@@ -15,17 +15,8 @@ import tempfile
 
 # A ResNet-8 (BatchNorm) of width 4 on 12x12 digits, no augmentation, logged every step.
 CONFIG_FIELDS = dict(
-    dataset="digits",
-    model="resnet8",
-    width=4,
-    image_pad=2,
-    augment=False,
-    batch_size=32,
-    eval_batch_size=128,
-    num_steps=6,
-    lr=0.1,
-    log_every=1,
-    progress=False,
+    dataset="digits", model="resnet8", width=4, image_pad=2, augment=False, batch_size=32,
+    eval_batch_size=128, num_steps=6, lr=0.1, log_every=1, progress=False,
 )
 
 
@@ -146,14 +137,14 @@ def _projection_constraints(result, config, n: int) -> int:
         steps_lib.init_train_state(config, specs, params, rest), mesh, config.fsdp
     )
     batch = distributed.shard_batch(
-        mesh,
-        np.zeros((config.batch_size, 12, 12, 1), np.float32),
-        np.zeros(config.batch_size, np.int32),
-        np.ones(config.batch_size, np.float32),
+        mesh, np.zeros((config.batch_size, 12, 12, 1), np.float32),
+        np.zeros(config.batch_size, np.int32), np.ones(config.batch_size, np.float32),
     )
     hyper = distributed.place_state(steps_lib.step_hyperparameters(config), mesh)
     text = steps.train_step.lower(state, *batch, hyper).as_text()
-    return sum('{"data"}' in line for line in text.splitlines() if "sharding_constraint" in line)
+    return sum(
+        '{"data"}' in line for line in text.splitlines() if "sharding_constraint" in line
+    )
 
 
 def process(index: int, port: int, out: str, root: str) -> None:
@@ -161,9 +152,7 @@ def process(index: int, port: int, out: str, root: str) -> None:
     from train.config import TrainConfig
 
     config = TrainConfig(
-        **CONFIG_FIELDS,
-        coordinator_address=f"127.0.0.1:{port}",
-        num_processes=2,
+        **CONFIG_FIELDS, coordinator_address=f"127.0.0.1:{port}", num_processes=2,
         process_id=index,
     )
     result = loop.train_and_evaluate(config, pathlib.Path(root) / "run")

@@ -77,11 +77,12 @@ def _state_leaves(model):
 
 
 class RecalibrateTest(parameterized.TestCase):
+
     def test_exact_average_over_array_batches(self):
         model = _model()
         x = _images(24)
         new = batchnorm.recalibrate_batch_stats(model, x, batch_size=8)  # 3 batches of 8.
-        per_batch = [_batch_stats_by_hand(model, x[b * 8 : (b + 1) * 8]) for b in range(3)]
+        per_batch = [_batch_stats_by_hand(model, x[b * 8:(b + 1) * 8]) for b in range(3)]
         expected = {
             name: tuple(np.mean([s[name][i] for s in per_batch], axis=0) for i in range(2))
             for name in ("bn1", "bn2")
@@ -101,12 +102,8 @@ class RecalibrateTest(parameterized.TestCase):
         new.eval()
         trained = nnx.clone(model)
         trained.train()
-        np.testing.assert_allclose(
-            np.asarray(new(jnp.asarray(x))),
-            np.asarray(trained(jnp.asarray(x))),
-            rtol=1e-5,
-            atol=1e-5,
-        )
+        np.testing.assert_allclose(np.asarray(new(jnp.asarray(x))),
+                                   np.asarray(trained(jnp.asarray(x))), rtol=1e-5, atol=1e-5)
         stale = nnx.clone(model)
         stale.eval()
         self.assertGreater(
@@ -137,9 +134,8 @@ class RecalibrateTest(parameterized.TestCase):
     def test_more_batches_than_an_epoch_read_the_next_epochs(self):
         model = _model()
         x = _images(16, seed=3)
-        source = Pipeline(
-            x, np.zeros(16, np.int32), 8, shuffle=True, seed=5, normalize=False, drop_remainder=True
-        )
+        source = Pipeline(x, np.zeros(16, np.int32), 8, shuffle=True, seed=5,
+                          normalize=False, drop_remainder=True)
         batches = [b.images for b in source.batches(0)] + [next(source.batches(1)).images]
         new = batchnorm.recalibrate_batch_stats(model, source, 3)
         per_batch = [_batch_stats_by_hand(model, b) for b in batches]
@@ -156,15 +152,13 @@ class RecalibrateTest(parameterized.TestCase):
         new = batchnorm.recalibrate_batch_stats(model, x, momentum=momentum, batch_size=8)
         expected = None
         for b in range(3):
-            stats = _batch_stats_by_hand(model, x[b * 8 : (b + 1) * 8])
+            stats = _batch_stats_by_hand(model, x[b * 8:(b + 1) * 8])
             if expected is None:
                 expected = stats
             else:
                 expected = {
-                    name: tuple(
-                        momentum * e + (1 - momentum) * s
-                        for e, s in zip(expected[name], stats[name])
-                    )
+                    name: tuple(momentum * e + (1 - momentum) * s
+                                for e, s in zip(expected[name], stats[name]))
                     for name in stats
                 }
         _assert_stats(self, _stats(new), expected)

@@ -22,10 +22,10 @@ def grid():
     """Shapes of the shared grid, two paddings each in turn (every padding mode appears with
     strides, dilation and groups; circular only with strides dividing the input)."""
     paddings = ("CIRCULAR", "SAME", "VALID", "FULL", "explicit")
-    wanted = {
-        f"{t}_{paddings[(i + j) % len(paddings)]}" for i, t in enumerate(_TAGS) for j in (0, 2)
-    }
-    return {name: (kshape, spec) for name, kshape, spec in layers.layer_cases() if name in wanted}
+    wanted = {f"{t}_{paddings[(i + j) % len(paddings)]}" for i, t in enumerate(_TAGS)
+              for j in (0, 2)}
+    return {name: (kshape, spec) for name, kshape, spec in layers.layer_cases()
+            if name in wanted}
 
 
 def exact_norm(kernel, spec) -> float:
@@ -33,6 +33,7 @@ def exact_norm(kernel, spec) -> float:
 
 
 class CertifyTest(parameterized.TestCase):
+
     @parameterized.parameters(*CERTIFIED_METHODS)
     def test_grid_is_certified_and_bounds_hold(self, method):
         cases = grid()
@@ -41,9 +42,8 @@ class CertifyTest(parameterized.TestCase):
             kernel = layers.random_kernel(kshape, seed=i)
             exact_in[name] = exact_norm(kernel, spec)
             # Even layers well outside the ball, odd ones well inside the circular ball.
-            radius = (
-                0.5 * exact_in[name] if i % 2 == 0 else 2.0 * certified_upper_bound(kernel, spec)
-            )
+            radius = 0.5 * exact_in[name] if i % 2 == 0 else 2.0 * certified_upper_bound(
+                kernel, spec)
             params[name], specs[name], max_norm[name] = jnp.asarray(kernel), spec, radius
         params["bias"], specs["bias"], max_norm["bias"] = jnp.ones(3), None, 0.0
         new, report = certify_conv_operator_norm(params, specs, max_norm, method=method)

@@ -26,6 +26,7 @@ def _seen_labels(batches):
 
 
 class DigitsTest(absltest.TestCase):
+
     def test_split_sizes_dtypes_ranges(self):
         train_x, train_y = data.load_digits_split("train")
         test_x, test_y = data.load_digits_split("test")
@@ -83,6 +84,7 @@ class DigitsTest(absltest.TestCase):
 
 
 class DatasetInfoTest(parameterized.TestCase):
+
     @parameterized.parameters(("cifar10", 10), ("cifar100", 100))
     def test_cifar(self, name, num_classes):
         info = data.dataset_info(name)
@@ -100,6 +102,7 @@ class DatasetInfoTest(parameterized.TestCase):
 
 
 class TfdsTest(parameterized.TestCase):
+
     @parameterized.parameters(("cifar10", 10), ("cifar100", 100))
     def test_mock_data_source(self, name, num_classes):
         # tfds.testing.mock_data supports tfds.data_source (item access) in tfds 4.9.10.
@@ -137,6 +140,7 @@ class TfdsTest(parameterized.TestCase):
 
 
 class AugmentationTest(absltest.TestCase):
+
     def test_channel_stats(self):
         images, _ = _toy(n=50)
         mean, std = data.channel_stats(images)
@@ -181,6 +185,7 @@ class AugmentationTest(absltest.TestCase):
 
 
 class PipelineTest(parameterized.TestCase):
+
     def test_eval_order_every_example_once(self):
         images, labels = _toy(n=23)
         pipe = data.Pipeline(images, labels, 5, normalize=False)
@@ -189,13 +194,14 @@ class PipelineTest(parameterized.TestCase):
         self.assertEqual(len(pipe), 5)
         for b in batches:
             self.assertEqual(b.images.shape, (5, 5, 6, 2))
-            self.assertEqual(
-                (b.images.dtype, b.labels.dtype, b.mask.dtype), (np.float32, np.int32, bool)
-            )
+            self.assertEqual((b.images.dtype, b.labels.dtype, b.mask.dtype),
+                             (np.float32, np.int32, bool))
         np.testing.assert_array_equal(batches[-1].mask, [True, True, True, False, False])
         np.testing.assert_array_equal(batches[-1].images[3:], 0)
         np.testing.assert_array_equal(_seen_labels(batches), labels)  # in order, once each
-        np.testing.assert_array_equal(np.concatenate([b.images[b.mask] for b in batches]), images)
+        np.testing.assert_array_equal(
+            np.concatenate([b.images[b.mask] for b in batches]), images
+        )
 
     def test_exact_multiple_has_no_padding(self):
         images, labels = _toy(n=20)
@@ -291,14 +297,8 @@ class PipelineTest(parameterized.TestCase):
         shards, lengths = [], set()
         for index in range(count):
             pipe = data.Pipeline(
-                images,
-                labels,
-                batch_size,
-                shuffle=shuffle,
-                seed=1,
-                crop_pad=1,
-                process_index=index,
-                process_count=count,
+                images, labels, batch_size, shuffle=shuffle, seed=1, crop_pad=1,
+                process_index=index, process_count=count,
             )
             batches = _all_batches(pipe, epoch=1)
             lengths.add(len(batches))

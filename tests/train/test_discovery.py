@@ -15,7 +15,9 @@ TOL = 1e-10
 
 
 def _conv_layer(cin, cout, kernel_size, seed=0, **kwargs):
-    return nnx.Conv(cin, cout, kernel_size, rngs=nnx.Rngs(seed), param_dtype=jnp.float64, **kwargs)
+    return nnx.Conv(
+        cin, cout, kernel_size, rngs=nnx.Rngs(seed), param_dtype=jnp.float64, **kwargs
+    )
 
 
 def _input(shape, seed=1):
@@ -23,6 +25,7 @@ def _input(shape, seed=1):
 
 
 class ConvChecks(parameterized.TestCase):
+
     def assert_spec_matches_layer(self, layer: nnx.Conv, spec: spectra.ConvSpec, x):
         """``spectra.conv`` with ``spec`` reproduces the layer (bias removed) on its input."""
         self.assertIsInstance(spec, spectra.ConvSpec)
@@ -39,10 +42,13 @@ class ConvChecks(parameterized.TestCase):
             dense.shape,
             (out_h * out_w * kernel.shape[3], x.shape[1] * x.shape[2] * x.shape[3]),
         )
-        np.testing.assert_allclose(dense @ x[0].ravel(), expected[0].ravel(), rtol=0, atol=TOL)
+        np.testing.assert_allclose(
+            dense @ x[0].ravel(), expected[0].ravel(), rtol=0, atol=TOL
+        )
 
 
 class SingleLayerTest(ConvChecks):
+
     @parameterized.named_parameters(
         ("same", dict(padding="SAME"), (3, 3), (8, 8), "SAME"),
         ("valid", dict(padding="VALID"), (3, 3), (8, 8), "VALID"),
@@ -57,28 +63,13 @@ class SingleLayerTest(ConvChecks):
         ("stride2x1_valid", dict(padding="VALID", strides=(2, 1)), (3, 3), (8, 7), "VALID"),
         ("stride2_circular", dict(padding="CIRCULAR", strides=2), (3, 3), (8, 6), "CIRCULAR"),
         ("dilation2_same", dict(padding="SAME", kernel_dilation=2), (3, 3), (8, 8), "SAME"),
-        (
-            "dilation_circular",
-            dict(padding="CIRCULAR", kernel_dilation=(2, 1)),
-            (3, 3),
-            (8, 7),
-            "CIRCULAR",
-        ),
+        ("dilation_circular", dict(padding="CIRCULAR", kernel_dilation=(2, 1)), (3, 3),
+         (8, 7), "CIRCULAR"),
         ("groups2", dict(padding="SAME", feature_group_count=2), (3, 3), (8, 8), "SAME"),
-        (
-            "depthwise_circular",
-            dict(padding="CIRCULAR", feature_group_count=4),
-            (3, 3),
-            (8, 8),
-            "CIRCULAR",
-        ),
-        (
-            "depthwise_valid_stride2",
-            dict(padding="VALID", feature_group_count=4, strides=2),
-            (3, 3),
-            (8, 8),
-            "VALID",
-        ),
+        ("depthwise_circular", dict(padding="CIRCULAR", feature_group_count=4), (3, 3),
+         (8, 8), "CIRCULAR"),
+        ("depthwise_valid_stride2", dict(padding="VALID", feature_group_count=4, strides=2),
+         (3, 3), (8, 8), "VALID"),
     )
     def test_nnx_conv(self, kwargs, kernel_size, input_hw, padding):
         cin, cout = 4, 4
@@ -136,6 +127,7 @@ class Block(nnx.Module):
 
 
 class ModelTest(ConvChecks):
+
     def check_model(self, model, specs, x):
         record = []
         model(x, record=record)
@@ -208,11 +200,8 @@ class ModelTest(ConvChecks):
 
         def apply_fn(params, x, mode="wrap"):
             pads = ((0, 0), (1, 1), (0, 1), (0, 0))
-            h = {
-                "wrap": wrap,
-                "reflect": lambda x: jnp.pad(x, pads, mode="reflect"),
-                "zero": lambda x: jnp.pad(x, pads),
-            }[mode](x)
+            h = {"wrap": wrap, "reflect": lambda x: jnp.pad(x, pads, mode="reflect"),
+                 "zero": lambda x: jnp.pad(x, pads)}[mode](x)
             return lax.conv_general_dilated(h, params["w"], (1, 1), "VALID", dimension_numbers=dn)
 
         params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(3, 2, 2, 3)))}
@@ -232,6 +221,7 @@ class ModelTest(ConvChecks):
 
 
 class ErrorTest(parameterized.TestCase):
+
     def test_kernel_used_with_two_input_sizes(self):
         layer = _conv_layer(2, 2, (3, 3))
 

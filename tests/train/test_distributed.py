@@ -36,10 +36,7 @@ def _env(devices: int | None) -> dict[str, str]:
 
 def _run(args: list[str], devices: int | None, timeout: float = 900) -> None:
     done = subprocess.run(
-        [sys.executable, str(WORKER), *args],
-        env=_env(devices),
-        capture_output=True,
-        text=True,
+        [sys.executable, str(WORKER), *args], env=_env(devices), capture_output=True, text=True,
         timeout=timeout,
     )
     if done.returncode:
@@ -114,7 +111,9 @@ class FourDevicesTest(absltest.TestCase):
                 (n, [n], ["data"]),
             )
         segments = self.report["mesh_4to1"]["segments"]
-        self.assertEqual([(s["from_step"], s["num_devices"]) for s in segments], [(0, 4), (3, 1)])
+        self.assertEqual(
+            [(s["from_step"], s["num_devices"]) for s in segments], [(0, 4), (3, 1)]
+        )
         self.assertEqual(self.report["mesh_4to1"]["num_devices"], 1)
 
     def test_checkpoints_move_between_device_counts(self):
@@ -143,19 +142,9 @@ class TwoProcessesTest(absltest.TestCase):
             env = _env(None)
             procs = [
                 subprocess.Popen(
-                    [
-                        sys.executable,
-                        str(WORKER),
-                        "process",
-                        str(i),
-                        str(port),
-                        str(tmp / f"p{i}.json"),
-                        str(tmp),
-                    ],
-                    env=env,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    text=True,
+                    [sys.executable, str(WORKER), "process", str(i), str(port),
+                     str(tmp / f"p{i}.json"), str(tmp)],
+                    env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                 )
                 for i in (0, 1)
             ]

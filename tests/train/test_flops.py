@@ -33,6 +33,7 @@ def _conv(c_in, c_out, kernel, **kwargs):
 
 
 class ConvFormulaTest(parameterized.TestCase):
+
     @parameterized.named_parameters(
         ("same", dict(), (9, 7), 9 * 7),
         ("stride2", dict(strides=2), (9, 7), 5 * 4),
@@ -92,6 +93,7 @@ class ConvFormulaTest(parameterized.TestCase):
 
 
 class ModelTest(absltest.TestCase):
+
     def test_resnet20_on_32x32(self):
         # Hand formula, option A (the shortcut has no MACs): stem, 3 stages, classifier.
         w = 16
@@ -122,6 +124,7 @@ class ModelTest(absltest.TestCase):
 
 
 class NestedJaxprTest(absltest.TestCase):
+
     def test_jit_and_scan(self):
         w = jnp.ones((6, 6))
 
@@ -176,7 +179,9 @@ class NestedJaxprTest(absltest.TestCase):
 
     def test_cond_counts_the_largest_branch(self):
         def fn(x):
-            return jax.lax.cond(x.sum() > 0, lambda v: v @ jnp.ones((4, 4)), lambda v: v * 2.0, x)
+            return jax.lax.cond(
+                x.sum() > 0, lambda v: v @ jnp.ones((4, 4)), lambda v: v * 2.0, x
+            )
 
         self.assertEqual(flops.count_flops(fn, jnp.zeros((1, 4))), 16)
 
@@ -210,6 +215,7 @@ class NestedJaxprTest(absltest.TestCase):
 
 
 class CompressedLayersTest(parameterized.TestCase):
+
     @parameterized.parameters("channel", "spatial")
     def test_svd_conv(self, decomposition):
         from train.layers.svd import SVDConv
@@ -228,9 +234,8 @@ class CompressedLayersTest(parameterized.TestCase):
         from train.layers.svd import SVDConv
 
         c, n, k, h, r = 4, 6, 3, 9, 5
-        layer = SVDConv(
-            c, n, (k, k), decomposition="spatial", rank=r, strides=stride, rngs=nnx.Rngs(0)
-        )
+        layer = SVDConv(c, n, (k, k), decomposition="spatial", rank=r, strides=stride,
+                        rngs=nnx.Rngs(0))
         h1w1, hw_out = _out(h, stride) * h, _out(h, stride) ** 2
         got = flops.count_flops(layer, jnp.zeros((1, h, h, c)), include_weight_only=False)
         self.assertEqual(got, h1w1 * k * c * r + hw_out * k * r * n)
@@ -274,12 +279,8 @@ class CompressedLayersTest(parameterized.TestCase):
         in_modes, out_modes, ranks = (4, 3, 2), (2, 5, 3), (1, 3, 2, 1)
         layer = TTDense(in_modes, out_modes, ranks, rngs=nnx.Rngs(0))
         expected = sum(
-            math.prod(in_modes[k + 1 :])
-            * math.prod(out_modes[:k])
-            * ranks[k]
-            * in_modes[k]
-            * out_modes[k]
-            * ranks[k + 1]
+            math.prod(in_modes[k + 1:]) * math.prod(out_modes[:k])
+            * ranks[k] * in_modes[k] * out_modes[k] * ranks[k + 1]
             for k in range(3)
         )
         self.assertEqual(flops.count_flops(layer, jnp.zeros((5, 24))), expected)

@@ -65,14 +65,8 @@ class ParameterCountTest(parameterized.TestCase):
     def test_tt_conv_tt_fc_is_the_notes_count(self):
         config = garipov.RELEASED_TT_CONV_TT_FC
         fc = config["tt_fc"]
-        expected = (
-            self._conv_part(config["tt_conv"])
-            + _tt_fc_params(*fc[1])
-            + _bn(1536)
-            + _tt_fc_params(*fc[2])
-            + _bn(512)
-            + 5130
-        )
+        expected = (self._conv_part(config["tt_conv"]) + _tt_fc_params(*fc[1]) + _bn(1536)
+                    + _tt_fc_params(*fc[2]) + _bn(512) + 5130)
         self.assertEqual(expected, 334_554)
         self.assertEqual(count_params(_abstract(**config)), 334_554)
 
@@ -126,6 +120,7 @@ class ParameterCountTest(parameterized.TestCase):
 
 
 class LayoutTest(parameterized.TestCase):
+
     @parameterized.named_parameters(
         ("conv_32", "conv", "avg4", (32, 32), 2 * 2 * 8),
         ("conv_16", "conv", "avg4", (16, 16), 1 * 1 * 8),
@@ -134,15 +129,8 @@ class LayoutTest(parameterized.TestCase):
         ("conv_fc_16x12", "conv_fc", "avg4", (16, 12), 4 * 3 * 8),
     )
     def test_output_shapes(self, variant, head_pool, shape, flat):
-        net = garipov.GaripovNet(
-            variant,
-            in_channels=1,
-            num_classes=5,
-            input_shape=shape,
-            head_pool=head_pool,
-            **SMALL,
-            rngs=nnx.Rngs(0),
-        )
+        net = garipov.GaripovNet(variant, in_channels=1, num_classes=5, input_shape=shape,
+                                 head_pool=head_pool, **SMALL, rngs=nnx.Rngs(0))
         self.assertEqual(net.flatten_features, flat)
         net.eval()
         self.assertEqual(net(jnp.ones((3, *shape, 1))).shape, (3, 5))
@@ -158,17 +146,10 @@ class LayoutTest(parameterized.TestCase):
         self.assertEqual((spec.input_shape, spec.padding), ((8, 8), "SAME"))
 
     def test_tt_network_gradient_and_sgd_step(self):
-        net = garipov.GaripovNet(
-            "conv_fc",
-            in_channels=1,
-            input_shape=(8, 8),
-            head_pool="global",
-            tt_conv=SMALL_TT_CONV,
-            naive_tt_conv={5: (2, 4, 3)},
-            tt_fc={1: ((2, 4, 4), (2, 4, 2), (1, 3, 3, 1))},
-            **SMALL,
-            rngs=nnx.Rngs(0),
-        )
+        net = garipov.GaripovNet("conv_fc", in_channels=1, input_shape=(8, 8), head_pool="global",
+                                 tt_conv=SMALL_TT_CONV, naive_tt_conv={5: (2, 4, 3)},
+                                 tt_fc={1: ((2, 4, 4), (2, 4, 2), (1, 3, 3, 1))}, **SMALL,
+                                 rngs=nnx.Rngs(0))
         self.assertEqual(net.conv_kinds, ("dense", "tt", "tt", "tt", "naive_tt", "dense"))
         self.assertEqual(net.fc_kinds, ("tt", "dense", "dense"))
         # float64 (parameters and input) so that finite differences check the gradient tightly.
@@ -189,17 +170,13 @@ class LayoutTest(parameterized.TestCase):
         leaves, treedef = jax.tree.flatten(params)
         keys = jax.random.split(jax.random.key(1), len(leaves))
         direction = treedef.unflatten(
-            [jax.random.normal(k, a.shape, a.dtype) for k, a in zip(keys, leaves)]
-        )
+            [jax.random.normal(k, a.shape, a.dtype) for k, a in zip(keys, leaves)])
         eps = 1e-6
-        shifted = [
-            jax.tree.map(lambda p, d, e=e: p + e * d, params, direction) for e in (eps, -eps)
-        ]
+        shifted = [jax.tree.map(lambda p, d, e=e: p + e * d, params, direction)
+                   for e in (eps, -eps)]
         numeric = (float(loss(shifted[0])) - float(loss(shifted[1]))) / (2 * eps)
-        analytic = sum(
-            float(jnp.vdot(g, d))
-            for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction))
-        )
+        analytic = sum(float(jnp.vdot(g, d)) for g, d in
+                       zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
         np.testing.assert_allclose(analytic, numeric, rtol=1e-5)
         # A real SGD step (of length 1e-3) lowers the loss by at least half of what the gradient
         # predicts (Armijo condition).
@@ -212,14 +189,8 @@ class LayoutTest(parameterized.TestCase):
     def test_find_convs_sees_only_the_dense_convs(self):
         # A TT layer's kernel is rebuilt from its cores, not a parameter: find_convs_nnx does not
         # describe it; conv_specs() gives its operator.
-        net = garipov.GaripovNet(
-            "conv",
-            in_channels=1,
-            input_shape=(16, 16),
-            tt_conv=SMALL_TT_CONV,
-            **SMALL,
-            rngs=nnx.Rngs(0),
-        )
+        net = garipov.GaripovNet("conv", in_channels=1, input_shape=(16, 16),
+                                 tt_conv=SMALL_TT_CONV, **SMALL, rngs=nnx.Rngs(0))
         specs = find_convs_nnx(net, jnp.zeros((1, 16, 16, 1), jnp.float32))
         found = [s for s in jax.tree.leaves(specs, is_leaf=lambda s: s is None) if s is not None]
         self.assertLen(found, 3)  # conv1, conv5, conv6.
@@ -231,11 +202,8 @@ class LayoutTest(parameterized.TestCase):
         ("tt_fc_on_conv", dict(tt_fc={1: ((2,), (2,), (1, 1))}), "tt_fc"),
         ("modes", dict(tt_conv={2: ((2, 2), (2, 4), (2, 2, 1))}), "out_modes"),
         ("layer", dict(tt_conv={7: ((2,), (2,), (1, 1))}), "tt_conv"),
-        (
-            "both",
-            dict(tt_conv={2: ((2, 2), (2, 2), (2, 2, 1))}, naive_tt_conv={2: (1, 1, 1)}),
-            "both",
-        ),
+        ("both", dict(tt_conv={2: ((2, 2), (2, 2), (2, 2, 1))}, naive_tt_conv={2: (1, 1, 1)}),
+         "both"),
         ("channels", dict(channels=(4, 4)), "channels"),
     )
     def test_bad_arguments(self, kwargs, message):
@@ -245,12 +213,13 @@ class LayoutTest(parameterized.TestCase):
 
 
 class NaiveTTConvTest(parameterized.TestCase):
+
     def test_forward_is_the_conv_of_its_kernel(self):
-        layer = garipov.NaiveTTConv(4, 6, 3, (2, 5, 3), param_dtype=jnp.float64, rngs=nnx.Rngs(1))
+        layer = garipov.NaiveTTConv(4, 6, 3, (2, 5, 3), param_dtype=jnp.float64,
+                                    rngs=nnx.Rngs(1))
         x = jax.random.normal(jax.random.key(2), (2, 7, 5, 4), jnp.float64)
-        expected = lax.conv_general_dilated(
-            x, layer.kernel(), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-        )
+        expected = lax.conv_general_dilated(x, layer.kernel(), (1, 1), "SAME",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
         np.testing.assert_allclose(layer(x), expected, rtol=1e-12, atol=1e-12)
         self.assertEqual(layer.kernel().shape, (3, 3, 4, 6))
         self.assertEqual(count_params(layer), 3 * 2 + 2 * 3 * 5 + 5 * 4 * 3 + 3 * 6)
@@ -268,7 +237,8 @@ class NaiveTTConvTest(parameterized.TestCase):
 
     def test_one_by_one_is_a_low_rank_matrix(self):
         # With 1x1 filters the naive format is an ordinary rank-r factorisation (poster).
-        layer = garipov.NaiveTTConv(8, 6, 1, (1, 1, 2), param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+        layer = garipov.NaiveTTConv(8, 6, 1, (1, 1, 2), param_dtype=jnp.float64,
+                                    rngs=nnx.Rngs(0))
         self.assertEqual(np.linalg.matrix_rank(np.asarray(layer.kernel()[0, 0])), 2)
 
     def test_bad_ranks(self):
@@ -279,27 +249,19 @@ class NaiveTTConvTest(parameterized.TestCase):
 
 
 class DecomposeTest(absltest.TestCase):
+
     def setUp(self):
         super().setUp()
-        self.net = garipov.GaripovNet(
-            "conv_fc",
-            in_channels=1,
-            input_shape=(8, 8),
-            param_dtype=jnp.float64,
-            **SMALL,
-            rngs=nnx.Rngs(0),
-        )
+        self.net = garipov.GaripovNet("conv_fc", in_channels=1, input_shape=(8, 8),
+                                      param_dtype=jnp.float64, **SMALL, rngs=nnx.Rngs(0))
         self.net.eval()
         self.x = jax.random.normal(jax.random.key(1), (3, 8, 8, 1), jnp.float64)
 
     def test_full_rank_keeps_the_function(self):
         big = {k: (i, o, (99,) * (len(r) - 1) + (1,)) for k, (i, o, r) in SMALL_TT_CONV.items()}
-        new = garipov.decompose_tt(
-            self.net,
-            tt_conv=big,
-            naive_tt_conv={5: (9, 9, 9)},
-            tt_fc={1: ((2, 4, 4), (2, 4, 2), (1, 99, 99, 1)), 3: ((8,), (10,), (1, 1))},
-        )
+        new = garipov.decompose_tt(self.net, tt_conv=big, naive_tt_conv={5: (9, 9, 9)},
+                                tt_fc={1: ((2, 4, 4), (2, 4, 2), (1, 99, 99, 1)),
+                                       3: ((8,), (10,), (1, 1))})
         self.assertEqual(new.conv_kinds, ("dense", "tt", "tt", "tt", "naive_tt", "dense"))
         self.assertEqual(new.fc_kinds, ("tt", "dense", "tt"))
         np.testing.assert_allclose(new(self.x), self.net(self.x), rtol=1e-9, atol=1e-9)

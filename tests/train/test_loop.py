@@ -50,6 +50,7 @@ def _params(model):
 
 
 class LoopTest(absltest.TestCase):
+
     def setUp(self):
         super().setUp()
         self.root = pathlib.Path(tempfile.mkdtemp())
@@ -113,8 +114,7 @@ class LoopTest(absltest.TestCase):
         # The projection ran at step 11: the exact σ_max moved little in the one step after.
         self.assertLessEqual(max(straight["sigma_max"].values()), 2.0 * 1.1)
         restored, saved_config, meta = model_io.restore_model(
-            self.root / "resumed",
-            model=build_model(config, 10, 1),
+            self.root / "resumed", model=build_model(config, 10, 1),
             example_input=np.zeros((1, 12, 12, 1), np.float32),
         )
         self.assertEqual(saved_config, config)
@@ -142,8 +142,7 @@ class LoopTest(absltest.TestCase):
         schedule = optim.learning_rate_schedule(config)
         np.testing.assert_allclose(
             [float(schedule(s)) for s in (0, 5, 10, 49, 50, 74, 75, 99)],
-            [0.0, 0.05, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001],
-            rtol=1e-6,
+            [0.0, 0.05, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6,
         )
         cosine = optim.learning_rate_schedule(dataclasses.replace(CONFIG, num_steps=100))
         np.testing.assert_allclose([float(cosine(0)), float(cosine(100))], [0.1, 0.0], atol=1e-7)
@@ -157,16 +156,12 @@ class LoopTest(absltest.TestCase):
     def test_overrides(self):
         config = apply_overrides(
             TrainConfig(),
-            [
-                "--config.lr=0.05",
-                "nesterov=true",
-                "project_max_norm=none",
-                "boundaries=0.3,0.6",
-                "model=resnet8",
-            ],
+            ["--config.lr=0.05", "nesterov=true", "project_max_norm=none",
+             "boundaries=0.3,0.6", "model=resnet8"],
         )
         self.assertEqual(
-            (config.lr, config.nesterov, config.project_max_norm, config.boundaries, config.model),
+            (config.lr, config.nesterov, config.project_max_norm, config.boundaries,
+             config.model),
             (0.05, True, None, (0.3, 0.6), "resnet8"),
         )
         with self.assertRaisesRegex(ValueError, "not a TrainConfig field"):
@@ -187,13 +182,10 @@ class LoopTest(absltest.TestCase):
         self.assertIsNone(
             apply_overrides(hybrid, ["project_certify_every=none"]).project_certify_every
         )
-        for bad in (
-            dict(project_certify_every=0),
-            dict(project_certify_every=True),
-            dict(project_certify_method="power"),
-            dict(project_certify_recalibration_batches=-1),
-            dict(project_certify_recalibration_batches=2.0),
-        ):
+        for bad in (dict(project_certify_every=0), dict(project_certify_every=True),
+                    dict(project_certify_method="power"),
+                    dict(project_certify_recalibration_batches=-1),
+                    dict(project_certify_recalibration_batches=2.0)):
             with self.assertRaisesRegex(ValueError, next(iter(bad))):
                 TrainConfig(**bad)
         self.assertEqual(TrainConfig.from_json(config.to_json()), config)
@@ -220,21 +212,15 @@ class LoopTest(absltest.TestCase):
         self.assertIsNot(steps(**hybrid), steps(**{**hybrid, "project_certify_every": None}))
         self.assertIsNot(steps(**hybrid), steps(**hybrid, project_certify_method="certified"))
         self.assertIs(steps(**hybrid), steps(**{**hybrid, "project_max_norm": 3.0}))
-        for change in (
-            dict(momentum=0.5),
-            dict(num_steps=13),
-            dict(weight_decay=0.0),
-            dict(sigma_method="dense"),
-            dict(penalty_reduce="max"),
-        ):
+        for change in (dict(momentum=0.5), dict(num_steps=13), dict(weight_decay=0.0),
+                       dict(sigma_method="dense"), dict(penalty_reduce="max")):
             self.assertIsNot(steps(), steps(**change), change)
         names = {f.name for f in dataclasses.fields(TrainConfig)}
         self.assertContainsSubset(steps_lib.TRACED_FIELDS + steps_lib.UNUSED_FIELDS, names)
         # The traced peak learning rate lives in the optimiser state.
         state = steps_lib.init_train_state(
-            dataclasses.replace(CONFIG, lr=0.25),
-            specs,
-            *steps_lib.split_model(model, np.zeros((1, 12, 12, 1), np.float32))[3:],
+            dataclasses.replace(CONFIG, lr=0.25), specs, *steps_lib.split_model(
+                model, np.zeros((1, 12, 12, 1), np.float32))[3:]
         )
         self.assertEqual(float(state.opt_state.hyperparams[optim.LEARNING_RATE]), 0.25)
 
@@ -242,19 +228,9 @@ class LoopTest(absltest.TestCase):
         from train import cli
 
         run = self.root / "cli"
-        overrides = [
-            "dataset=digits",
-            "model=resnet8",
-            "width=8",
-            "image_pad=2",
-            "batch_size=64",
-            "eval_batch_size=128",
-            "num_steps=12",
-            "--config.lr=0.1",
-            "log_every=4",
-            "sigma_every=6",
-            "progress=false",
-        ]
+        overrides = ["dataset=digits", "model=resnet8", "width=8", "image_pad=2",
+                     "batch_size=64", "eval_batch_size=128", "num_steps=12", "--config.lr=0.1",
+                     "log_every=4", "sigma_every=6", "progress=false"]
         cli.main(["--run-dir", str(run), *overrides])
         saved = TrainConfig.load(run / checkpoint.CONFIG_FILE)
         self.assertEqual(saved, dataclasses.replace(CONFIG, lr=0.1))
@@ -287,12 +263,8 @@ class CertifiedLoopTest(absltest.TestCase):
     def test_checkpoints_and_final_model_are_certified_and_resume_is_bit_identical(self):
         c = 0.5  # Small enough that 'power' alone ends above c (the training params below).
         config = dataclasses.replace(
-            CONFIG,
-            project_max_norm=c,
-            project_method="power",
-            project_certify_every=5,
-            checkpoint_every=5,
-            max_to_keep=3,
+            CONFIG, project_max_norm=c, project_method="power", project_certify_every=5,
+            checkpoint_every=5, max_to_keep=3,
         )
         straight = loop.train_and_evaluate(config, self.root / "straight")
         model, specs = straight["model"], straight["specs"]
@@ -302,7 +274,8 @@ class CertifiedLoopTest(absltest.TestCase):
         self.assertLen(exact, 7)
         self.assertLessEqual(max(exact), c * (1 + 1e-4))
         self.assertLessEqual(max(straight["sigma_max"].values()), c * (1 + 1e-4))
-        np.testing.assert_allclose(sorted(straight["sigma_max"].values()), sorted(exact), rtol=1e-5)
+        np.testing.assert_allclose(sorted(straight["sigma_max"].values()), sorted(exact),
+                                   rtol=1e-5)
         # The final checkpoint says so, with per-layer bounds >= the exact σ_max (the
         # intermediate ones are checked by the resumed run below).
         restored, _, meta = model_io.restore_model(self.root / "straight")
@@ -334,9 +307,8 @@ class CertifiedLoopTest(absltest.TestCase):
         # the certified params, not the training statistics of the state.
         self.assertTrue(meta["certified_batch_stats_recalibrated"])
         certified_stats = jax.tree.leaves(nnx.state(restored, nnx.BatchStat))
-        for a, b in zip(
-            jax.tree.leaves(nnx.state(model, nnx.BatchStat)), certified_stats, strict=True
-        ):
+        for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.BatchStat)), certified_stats,
+                        strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         nnx.update(restored, state.params, state.rest)
         self.assertGreater(max(_exact_sigmas(restored, specs)), c * (1 + 1e-3))
@@ -344,16 +316,13 @@ class CertifiedLoopTest(absltest.TestCase):
         nnx.update(restored, params)  # Certified params, training statistics.
         train_data = builders.build_data(config)[0]
         expected = recalibrate_batch_stats(restored, train_data, 20)
-        for a, b in zip(
-            jax.tree.leaves(nnx.state(expected, nnx.BatchStat)), certified_stats, strict=True
-        ):
+        for a, b in zip(jax.tree.leaves(nnx.state(expected, nnx.BatchStat)), certified_stats,
+                        strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
-        self.assertFalse(
-            all(
-                np.allclose(np.asarray(a), np.asarray(b))
-                for a, b in zip(training_stats, certified_stats, strict=True)
-            )
-        )
+        self.assertFalse(all(
+            np.allclose(np.asarray(a), np.asarray(b))
+            for a, b in zip(training_stats, certified_stats, strict=True)
+        ))
 
         # Stopped at step 7 (checkpoints 5 and 7, certified), resumed: the uninterrupted run.
         first = loop.train_and_evaluate(config, self.root / "resumed", until_step=7)
@@ -375,21 +344,13 @@ class CertifiedLoopTest(absltest.TestCase):
 
 # SVD training (Yang et al. 2020): a channel-decomposed ResNet-8 of width 4, logged every step.
 SVD_CONFIG = dataclasses.replace(
-    CONFIG,
-    width=4,
-    num_steps=6,
-    log_every=1,
-    sigma_every=0,
-    decomposition="channel",
-    orth_weight=1.0,
-    sparsity="hoyer",
-    sparsity_weight=0.5,
-    optimizer="adam",
-    lr=1e-2,
+    CONFIG, width=4, num_steps=6, log_every=1, sigma_every=0, decomposition="channel",
+    orth_weight=1.0, sparsity="hoyer", sparsity_weight=0.5, optimizer="adam", lr=1e-2,
 )
 
 
 class SVDTrainingLoopTest(absltest.TestCase):
+
     def setUp(self):
         super().setUp()
         self.root = pathlib.Path(tempfile.mkdtemp())
@@ -479,9 +440,8 @@ class SVDTrainingLoopTest(absltest.TestCase):
         self.assertIs(steps[0], steps[2])
         self.assertIsNot(
             steps[0],
-            steps_lib.make_steps(
-                graphdef, graphdef, specs, dataclasses.replace(SVD_CONFIG, sparsity="l1")
-            ),
+            steps_lib.make_steps(graphdef, graphdef, specs,
+                            dataclasses.replace(SVD_CONFIG, sparsity="l1")),
         )
         # A large λ_s lowers the Hoyer measure of the singular values more than λ_s = 0.
         final = {}

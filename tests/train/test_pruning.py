@@ -15,6 +15,7 @@ from train.models.resnet import SimpleCNN
 
 
 class EnergyRankTest(parameterized.TestCase):
+
     @parameterized.parameters(
         ([3.0, 0.0, 4.0, 1.0], 0.05, 2),  # 16 + 9 = 25 >= 0.95 * 26.
         ([3.0, 0.0, 4.0, 1.0], 0.03, 3),  # 25 < 0.97 * 26 = 25.22.
@@ -57,9 +58,8 @@ class EnergyRankTest(parameterized.TestCase):
 
 def decomposed_resnet(decomposition="channel"):
     x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 8, 8, 1)))
-    model = ResNet(
-        8, 10, in_channels=1, width=4, shortcut="B", param_dtype=jnp.float64, rngs=nnx.Rngs(0)
-    )
+    model = ResNet(8, 10, in_channels=1, width=4, shortcut="B", param_dtype=jnp.float64,
+                   rngs=nnx.Rngs(0))
     rng = np.random.default_rng(1)
     for _, module in nnx.iter_modules(model):
         if isinstance(module, nnx.BatchNorm):  # Running statistics away from (0, 1).
@@ -70,6 +70,7 @@ def decomposed_resnet(decomposition="channel"):
 
 
 class PruneTest(parameterized.TestCase):
+
     @parameterized.parameters(*svd.DECOMPOSITIONS)
     def test_compact_equals_masked_and_keeps_energy(self, decomposition):
         model, x = decomposed_resnet(decomposition)
@@ -113,17 +114,14 @@ class PruneTest(parameterized.TestCase):
     def test_compact_jit_and_sorting(self):
         # Unsorted, signed s (as after training): the largest |s| are kept.
         model = svd_decompose.decompose(
-            SimpleCNN(
-                10, in_channels=1, features=(3, 4), param_dtype=jnp.float64, rngs=nnx.Rngs(0)
-            ),
-            init="random",
-            rngs=nnx.Rngs(1),
+            SimpleCNN(10, in_channels=1, features=(3, 4), param_dtype=jnp.float64,
+                      rngs=nnx.Rngs(0)),
+            init="random", rngs=nnx.Rngs(1),
         )
         layer = model.convs[1]
         layer.svd_s = nnx.Param(jnp.asarray([0.1, -3.0, 0.0, 2.0]))
-        compact, ranks = pruning.prune_by_energy(
-            model, {"convs/0": 0.0, "convs/1": 0.01, "head": 0.5}
-        )
+        compact, ranks = pruning.prune_by_energy(model, {"convs/0": 0.0, "convs/1": 0.01,
+                                                         "head": 0.5})
         self.assertEqual(ranks["convs/1"], 2)
         np.testing.assert_array_equal(compact.convs[1].svd_s[...], [-3.0, 2.0])
         np.testing.assert_array_equal(compact.convs[1].svd_u[...], layer.svd_u[...][:, [1, 3]])

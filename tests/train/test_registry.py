@@ -25,16 +25,8 @@ avoid_cpu_lapack_deadlock()  # Effective when this file runs first in its proces
 NET = dict(variant="conv", channels=(4, 4, 8, 8, 8, 8), fc_features=(16, 8))
 TT = {"tt_conv": {2: ((2, 2), (2, 2), (4, 4, 1)), 3: ((2, 2), (2, 4), (4, 4, 1))}}
 CONFIG = TrainConfig(
-    dataset="digits",
-    image_pad=4,
-    model="garipov",
-    model_kwargs={**NET, **TT},
-    batch_size=32,
-    eval_batch_size=512,
-    num_steps=2,
-    log_every=1,
-    progress=False,
-    lr=0.01,
+    dataset="digits", image_pad=4, model="garipov", model_kwargs={**NET, **TT}, batch_size=32,
+    eval_batch_size=512, num_steps=2, log_every=1, progress=False, lr=0.01,
 )
 
 
@@ -43,6 +35,7 @@ def _leaves(model):
 
 
 class RegistryTest(absltest.TestCase):
+
     def setUp(self):
         super().setUp()
         self.root = pathlib.Path(tempfile.mkdtemp())
@@ -64,9 +57,8 @@ class RegistryTest(absltest.TestCase):
         for a, b in zip(_leaves(built), _leaves(direct), strict=True):
             np.testing.assert_array_equal(a, b)
         built = registry.build_model(CONFIG, 10, 1)
-        direct = garipov.GaripovNet(
-            **NET, **TT, in_channels=1, input_shape=(16, 16), rngs=nnx.Rngs(0)
-        )
+        direct = garipov.GaripovNet(**NET, **TT, in_channels=1, input_shape=(16, 16),
+                                    rngs=nnx.Rngs(0))
         for a, b in zip(_leaves(built), _leaves(direct), strict=True):
             np.testing.assert_array_equal(a, b)
 

@@ -37,6 +37,7 @@ def exact_norm(kernel, spec) -> float:
 
 
 class SpectralPenaltyTest(parameterized.TestCase):
+
     @parameterized.parameters(*BOUNDS)
     def test_sum_of_upper_bounds(self, bound):
         params, specs = make_params(), make_specs()
@@ -72,9 +73,8 @@ class SpectralPenaltyTest(parameterized.TestCase):
     def test_jit_matches_dense_ground_truth(self, reduce):
         # Under jit, against an independent computation: NumPy SVD of each layer's dense matrix.
         params, specs = make_params(), make_specs()
-        penalty = jax.jit(lambda p: train.spectral_penalty(p, specs, bound="exact", reduce=reduce))(
-            params
-        )
+        penalty = jax.jit(
+            lambda p: train.spectral_penalty(p, specs, bound="exact", reduce=reduce))(params)
         exact = [exact_norm(params[n], s) for n, s in SPECS.items()]
         expected = sum(exact) if reduce == "sum" else max(exact)
         np.testing.assert_allclose(float(penalty), expected, rtol=1e-6)

@@ -44,12 +44,12 @@ _NETWORK_FIELDS = {
 }
 
 
+
 def _tmpdir(test: absltest.TestCase) -> pathlib.Path:
     """A fresh folder removed when ``test`` ends."""
     path = pathlib.Path(tempfile.mkdtemp())
     test.addCleanup(shutil.rmtree, path, ignore_errors=True)
     return path
-
 
 def _check_files(test, out: pathlib.Path, num_layers: int | None = None):
     data = json.loads((out / "report.json").read_text())

@@ -41,6 +41,7 @@ def _hand_count(n, width=16, in_channels=3, num_classes=10, shortcut="A"):
 
 
 class ParameterCountTest(parameterized.TestCase):
+
     def test_resnet20_option_a_exact(self):
         # 432 + 32 (stem) + 14,016 (stage 1) + 51,072 (stage 2) + 203,520 (stage 3) + 650 (head).
         model = _abstract(models.resnet20)
@@ -52,8 +53,7 @@ class ParameterCountTest(parameterized.TestCase):
         self.assertEqual(models.count_params(model), 272_474)
 
     @parameterized.product(
-        depth=[20, 32, 56, 110],
-        shortcut=["A", "B"],
+        depth=[20, 32, 56, 110], shortcut=["A", "B"],
     )
     def test_counts_match_hand_count(self, depth, shortcut):
         model = _abstract(models.ResNet, depth, 10, shortcut=shortcut)
@@ -92,6 +92,7 @@ class ParameterCountTest(parameterized.TestCase):
 
 
 class ShapeTest(parameterized.TestCase):
+
     @parameterized.product(
         padding=["SAME", "CIRCULAR"],
         shortcut=["A", "B"],
@@ -100,11 +101,7 @@ class ShapeTest(parameterized.TestCase):
     def test_output_shape(self, padding, shortcut, image_shape):
         # Abstract evaluation (shapes and dtypes only); the numerics are exercised below.
         model = _abstract(
-            models.ResNet,
-            20,
-            7,
-            in_channels=image_shape[-1],
-            padding=padding,
+            models.ResNet, 20, 7, in_channels=image_shape[-1], padding=padding,
             shortcut=shortcut,
         )
         out = nnx.eval_shape(lambda m, x: m(x), model, _images((3, *image_shape)))
@@ -119,12 +116,10 @@ class ShapeTest(parameterized.TestCase):
         # He init, N(0, 2 / fan_in), for every conv kernel: normalised weights have std 1.
         convs = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Conv)]
         self.assertLen(convs, 19)
-        scaled = np.concatenate(
-            [
-                np.ravel(conv.kernel.get_value()) / np.sqrt(2.0 / np.prod(conv.kernel.shape[:3]))
-                for conv in convs
-            ]
-        )  # 268,848 weights
+        scaled = np.concatenate([
+            np.ravel(conv.kernel.get_value()) / np.sqrt(2.0 / np.prod(conv.kernel.shape[:3]))
+            for conv in convs
+        ])  # 268,848 weights
         self.assertAlmostEqual(float(np.std(scaled)), 1.0, delta=0.01)
         self.assertAlmostEqual(float(np.mean(scaled)), 0.0, delta=0.01)
         self.assertGreater(float(np.max(np.abs(scaled))), 4.0)  # not truncated at 2 sigma
@@ -176,13 +171,8 @@ class ShapeTest(parameterized.TestCase):
             self.assertEqual(conv.padding, "CIRCULAR")
 
     @parameterized.parameters(
-        dict(depth=21),
-        dict(depth=2),
-        dict(padding="VALID"),
-        dict(shortcut="C"),
-        dict(num_classes=0),
-        dict(stage_strides=(1, 2)),
-        dict(stage_strides=(1, 3, 2)),
+        dict(depth=21), dict(depth=2), dict(padding="VALID"), dict(shortcut="C"),
+        dict(num_classes=0), dict(stage_strides=(1, 2)), dict(stage_strides=(1, 3, 2)),
     )
     def test_bad_arguments(self, **kwargs):
         args = dict(depth=20, num_classes=10) | kwargs
@@ -198,6 +188,7 @@ class ShapeTest(parameterized.TestCase):
 
 
 class BatchNormTest(absltest.TestCase):
+
     def test_train_vs_eval(self):
         model = models.ResNet(8, 10, in_channels=1, width=4, rngs=nnx.Rngs(0))
         x = _images((6, 8, 8, 1))
@@ -209,20 +200,16 @@ class BatchNormTest(absltest.TestCase):
         alone = _apply(model, x[:2])
         self.assertGreater(float(jnp.max(jnp.abs(full[:2] - alone))), 1e-4)
         moved = jax.tree.map(
-            lambda a, b: float(jnp.max(jnp.abs(a - b))),
-            stats_before,
+            lambda a, b: float(jnp.max(jnp.abs(a - b))), stats_before,
             nnx.state(model, nnx.BatchStat),
         )
         self.assertGreater(min(jax.tree.leaves(moved)), 0.0)
         # Eval: running averages, per-example outputs, statistics untouched.
         model.eval()
-        self.assertTrue(
-            all(
-                bn.use_running_average
-                for _, bn in nnx.iter_graph(model)
-                if isinstance(bn, nnx.BatchNorm)
-            )
-        )
+        self.assertTrue(all(
+            bn.use_running_average for _, bn in nnx.iter_graph(model)
+            if isinstance(bn, nnx.BatchNorm)
+        ))
         frozen = jax.tree.map(jnp.copy, nnx.state(model, nnx.BatchStat))
         full = _apply(model, x)
         alone = _apply(model, x[:2])
@@ -236,6 +223,7 @@ class BatchNormTest(absltest.TestCase):
 
 
 class JitTest(absltest.TestCase):
+
     def test_jitted_forward_matches_eager(self):
         model = models.ResNet(8, 10, width=4, padding="CIRCULAR", shortcut="B", rngs=nnx.Rngs(0))
         model.eval()
@@ -274,17 +262,21 @@ class JitTest(absltest.TestCase):
         # Zero padding is not shift invariant.
         model = models.ResNet(8, 5, width=4, rngs=nnx.Rngs(2))
         model.eval()
-        self.assertGreater(float(jnp.max(jnp.abs(_apply(model, shifted) - _apply(model, x)))), 1e-4)
+        self.assertGreater(float(jnp.max(jnp.abs(_apply(model, shifted) - _apply(model, x)))),
+                           1e-4)
 
 
 class DiscoveryTest(absltest.TestCase):
+
     def _conv_specs(self, model, image_shape):
         specs = train.find_convs_nnx(model, jnp.zeros((1, *image_shape), jnp.float32))
         leaves = jax.tree.leaves(specs, is_leaf=lambda s: s is None)
         return specs, [s for s in leaves if s is not None]
 
     def test_find_convs_sees_every_conv(self):
-        model = models.ResNet(20, 10, padding="CIRCULAR", shortcut="B", width=4, rngs=nnx.Rngs(0))
+        model = models.ResNet(
+            20, 10, padding="CIRCULAR", shortcut="B", width=4, rngs=nnx.Rngs(0)
+        )
         specs, found = self._conv_specs(model, (16, 16, 3))
         self.assertLen(found, 21)  # 19 3x3 convs + 2 projections
         self.assertTrue(all(isinstance(s, spectra.ConvSpec) for s in found))
@@ -296,9 +288,8 @@ class DiscoveryTest(absltest.TestCase):
                 self.assertTrue(specs["blocks"][index][name]["kernel"].is_circular)
 
     def test_find_convs_on_digits(self):
-        model = models.ResNet(
-            20, 10, in_channels=1, width=4, stage_strides=(1, 2, 1), rngs=nnx.Rngs(0)
-        )
+        model = models.ResNet(20, 10, in_channels=1, width=4, stage_strides=(1, 2, 1),
+                              rngs=nnx.Rngs(0))
         specs, found = self._conv_specs(model, (8, 8, 1))
         self.assertLen(found, 19)
         self.assertEqual(specs["blocks"][8]["conv2"]["kernel"].input_shape, (4, 4))

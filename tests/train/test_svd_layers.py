@@ -26,10 +26,7 @@ STRIDES = {"s1": 1, "s2": 2, "s21": (2, 1)}
 FORWARD_CASES = [
     dict(
         testcase_name=f"{dec}_{sname}_{pname}_d{dil}",
-        decomposition=dec,
-        strides=stride,
-        padding=pad,
-        dilation=dil,
+        decomposition=dec, strides=stride, padding=pad, dilation=dil,
     )
     for dec, (sname, stride), (pname, pad), dil in itertools.product(
         svd.DECOMPOSITIONS, STRIDES.items(), PADDINGS.items(), (1, 2)
@@ -39,29 +36,21 @@ FORWARD_CASES = [
 
 def random_layer(decomposition, kernel_size, seed=0, **kwargs):
     layer = svd.SVDConv(
-        3,
-        5,
-        kernel_size,
-        decomposition=decomposition,
-        use_bias=True,
-        param_dtype=jnp.float64,
-        rngs=nnx.Rngs(seed),
-        **kwargs,
+        3, 5, kernel_size, decomposition=decomposition, use_bias=True,
+        param_dtype=jnp.float64, rngs=nnx.Rngs(seed), **kwargs,
     )
     layer.bias = nnx.Param(jnp.asarray(np.random.default_rng(seed).normal(size=5)))
     return layer
 
 
 class SVDConvForwardTest(parameterized.TestCase):
+
     @parameterized.named_parameters(*FORWARD_CASES)
     def test_matches_dense_conv(self, decomposition, strides, padding, dilation):
         x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 9, 8, 3)))
         for kernel_size in ((1, 1), (3, 3), (3, 2)):
             layer = random_layer(
-                decomposition,
-                kernel_size,
-                strides=strides,
-                padding=padding,
+                decomposition, kernel_size, strides=strides, padding=padding,
                 kernel_dilation=dilation,
             )
             spec = spectra.ConvSpec(
@@ -95,14 +84,8 @@ class SVDConvForwardTest(parameterized.TestCase):
     def test_dense_operator(self, decomposition):
         # The layer's linear map (no bias) is the conv operator of to_dense(): ground truth.
         layer = svd.SVDConv(
-            2,
-            3,
-            (3, 3),
-            decomposition=decomposition,
-            strides=2,
-            padding="CIRCULAR",
-            param_dtype=jnp.float64,
-            rngs=nnx.Rngs(4),
+            2, 3, (3, 3), decomposition=decomposition, strides=2, padding="CIRCULAR",
+            param_dtype=jnp.float64, rngs=nnx.Rngs(4),
         )
         spec = spectra.ConvSpec((6, 6), strides=2, padding="CIRCULAR")
         dense = np.asarray(spectra.dense_operator(layer.to_dense(), spec))
@@ -130,10 +113,8 @@ class SVDConvForwardTest(parameterized.TestCase):
         plus = jax.tree.map(lambda p, d: p + eps * d, params, direction)
         minus = jax.tree.map(lambda p, d: p - eps * d, params, direction)
         numeric = (float(loss(plus)) - float(loss(minus))) / (2 * eps)
-        analytic = sum(
-            float(jnp.vdot(g, d))
-            for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction))
-        )
+        analytic = sum(float(jnp.vdot(g, d)) for g, d in
+                       zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
         np.testing.assert_allclose(analytic, numeric, rtol=1e-6)
         for name in ("svd_u", "svd_s", "svd_v", "bias"):
             self.assertGreater(float(jnp.linalg.norm(grads[name][...])), 0.0, name)
@@ -144,6 +125,7 @@ class SVDConvForwardTest(parameterized.TestCase):
 
 
 class SVDConvParamsTest(parameterized.TestCase):
+
     @parameterized.parameters(
         ("channel", (3, 3), 4, 6, (6, 36)),
         ("spatial", (3, 3), 4, 6, (12, 18)),
@@ -163,12 +145,7 @@ class SVDConvParamsTest(parameterized.TestCase):
         self.assertEqual(count_params(layer), r * (a + b + 1))
         self.assertEqual(layer.to_dense().shape, (*kernel_size, c_in, c_out))
         low = svd.SVDConv(
-            c_in,
-            c_out,
-            kernel_size,
-            decomposition=decomposition,
-            rank=2,
-            use_bias=True,
+            c_in, c_out, kernel_size, decomposition=decomposition, rank=2, use_bias=True,
             rngs=nnx.Rngs(0),
         )
         self.assertEqual(low.rank, 2)
@@ -179,16 +156,8 @@ class SVDConvParamsTest(parameterized.TestCase):
         self.assertEqual(channel.output_shape((9, 8)), (5, 4))
         self.assertEqual(channel.flops((9, 8)), 5 * 4 * (9 * 3 * 4 + 4 * 8))
         self.assertEqual(channel.dense_flops((9, 8)), 5 * 4 * 9 * 3 * 8)
-        spatial = svd.SVDConv(
-            3,
-            8,
-            (3, 2),
-            decomposition="spatial",
-            strides=2,
-            rank=4,
-            padding="VALID",
-            rngs=nnx.Rngs(0),
-        )
+        spatial = svd.SVDConv(3, 8, (3, 2), decomposition="spatial", strides=2, rank=4,
+                              padding="VALID", rngs=nnx.Rngs(0))
         y = spatial(jnp.ones((1, 9, 8, 3)))
         self.assertEqual(spatial.output_shape((9, 8)), y.shape[1:3])  # (4, 4).
         self.assertEqual(spatial.flops((9, 8)), 4 * 8 * 3 * 3 * 4 + 4 * 4 * 2 * 4 * 8)
@@ -243,9 +212,10 @@ class SVDConvParamsTest(parameterized.TestCase):
 
 
 class FromDenseTest(parameterized.TestCase):
-    @parameterized.product(
-        decomposition=svd.DECOMPOSITIONS, kernel_shape=((3, 3, 2, 5), (3, 2, 4, 3), (1, 1, 3, 2))
-    )
+
+    @parameterized.product(decomposition=svd.DECOMPOSITIONS, kernel_shape=((3, 3, 2, 5),
+                                                                           (3, 2, 4, 3),
+                                                                           (1, 1, 3, 2)))
     def test_full_rank_round_trip(self, decomposition, kernel_shape):
         kernel = jnp.asarray(np.random.default_rng(0).normal(size=kernel_shape))
         bias = jnp.arange(kernel_shape[3], dtype=jnp.float64)
@@ -275,11 +245,7 @@ class FromDenseTest(parameterized.TestCase):
     def test_from_dense_keeps_conv_options(self):
         kernel = jnp.asarray(np.random.default_rng(2).normal(size=(3, 3, 2, 3)))
         layer = svd.SVDConv.from_dense(
-            kernel,
-            decomposition="spatial",
-            strides=(2, 1),
-            padding="VALID",
-            kernel_dilation=2,
+            kernel, decomposition="spatial", strides=(2, 1), padding="VALID", kernel_dilation=2,
             param_dtype=jnp.float32,
         )
         self.assertEqual(layer.svd_u.dtype, jnp.float32)
@@ -289,6 +255,7 @@ class FromDenseTest(parameterized.TestCase):
 
 
 class SVDDenseTest(absltest.TestCase):
+
     def test_forward_and_from_dense(self):
         rng = np.random.default_rng(0)
         layer = svd.SVDDense(5, 3, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
@@ -302,15 +269,13 @@ class SVDDenseTest(absltest.TestCase):
         kernel = jnp.asarray(rng.normal(size=(6, 4)))
         dense = svd.SVDDense.from_dense(kernel, bias=jnp.ones(4))
         np.testing.assert_allclose(dense.to_dense(), kernel, atol=1e-12)
-        np.testing.assert_allclose(
-            dense(x[..., :1].repeat(6, -1)), x[..., :1].repeat(6, -1) @ kernel + 1, atol=1e-12
-        )
+        np.testing.assert_allclose(dense(x[..., :1].repeat(6, -1)),
+                                   x[..., :1].repeat(6, -1) @ kernel + 1, atol=1e-12)
         low = svd.SVDDense.from_dense(kernel, rank=2)
         self.assertIsNone(low.bias)
         s = np.linalg.svd(np.asarray(kernel), compute_uv=False)
         np.testing.assert_allclose(
-            np.linalg.norm(np.asarray(low.to_dense() - kernel)),
-            np.sqrt(np.sum(s[2:] ** 2)),
+            np.linalg.norm(np.asarray(low.to_dense() - kernel)), np.sqrt(np.sum(s[2:] ** 2)),
             rtol=1e-10,
         )
 
@@ -330,20 +295,15 @@ def random_batch_stats(model, seed=0):
 
 
 class DecomposeTest(parameterized.TestCase):
+
     @parameterized.product(
         decomposition=svd.DECOMPOSITIONS, padding=("SAME", "CIRCULAR"), shortcut=("A", "B")
     )
     def test_resnet_same_logits(self, decomposition, padding, shortcut):
         x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 8, 8, 1)))
         model = ResNet(
-            8,
-            10,
-            in_channels=1,
-            width=4,
-            padding=padding,
-            shortcut=shortcut,
-            param_dtype=jnp.float64,
-            rngs=nnx.Rngs(0),
+            8, 10, in_channels=1, width=4, padding=padding, shortcut=shortcut,
+            param_dtype=jnp.float64, rngs=nnx.Rngs(0),
         )
         model = random_batch_stats(model)
         new = svd_decompose.decompose(model, decomposition)
@@ -351,16 +311,8 @@ class DecomposeTest(parameterized.TestCase):
         self.assertIsInstance(model.conv, nnx.Conv)  # The input is untouched.
         self.assertIsInstance(model.head, nnx.Linear)
         paths = [path for path, _ in svd_decompose.svd_layers(new)]
-        expected = [
-            "conv",
-            "blocks/0/conv1",
-            "blocks/0/conv2",
-            "blocks/1/conv1",
-            "blocks/1/conv2",
-            "blocks/2/conv1",
-            "blocks/2/conv2",
-            "head",
-        ]
+        expected = ["conv", "blocks/0/conv1", "blocks/0/conv2", "blocks/1/conv1",
+                    "blocks/1/conv2", "blocks/2/conv1", "blocks/2/conv2", "head"]
         if shortcut == "B":
             expected += ["blocks/1/proj", "blocks/2/proj"]
         self.assertCountEqual(paths, expected)
@@ -376,9 +328,8 @@ class DecomposeTest(parameterized.TestCase):
 
     def test_simple_cnn_list_and_options(self):
         x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 8, 8, 1)))
-        model = SimpleCNN(
-            10, in_channels=1, features=(4, 6), param_dtype=jnp.float64, rngs=nnx.Rngs(0)
-        )
+        model = SimpleCNN(10, in_channels=1, features=(4, 6), param_dtype=jnp.float64,
+                          rngs=nnx.Rngs(0))
         new = svd_decompose.decompose(model, "spatial", dense=False)
         np.testing.assert_allclose(new(x), model(x), atol=1e-10)
         self.assertIsInstance(new.convs[0], svd.SVDConv)

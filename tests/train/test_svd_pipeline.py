@@ -62,7 +62,8 @@ def _run(root, config=CONFIG, **kwargs):
 def _numbers(result):
     """The reported numbers of every stage (what a rerun must give back unchanged)."""
     keys = ("test_error", "test_accuracy", "test_loss", "params", "flops", "ranks")
-    pruned_keys = ("pruned_test_error", "pruned_test_accuracy", "pruned_test_loss", "recalibrated")
+    pruned_keys = ("pruned_test_error", "pruned_test_accuracy", "pruned_test_loss",
+                   "recalibrated")
     out = {k: {kk: result[k][kk] for kk in keys} for k in ("stage1", "stage2")}
     for stage in ("stage3", "stage4"):
         for e, summary in result[stage].items():
@@ -98,6 +99,7 @@ def _bn_stats(model):
 
 
 class SVDPipelineTest(absltest.TestCase):
+
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
@@ -115,15 +117,9 @@ class SVDPipelineTest(absltest.TestCase):
         self.assertTrue(all(result[k]["trained"] for k in ("stage1", "stage2")))
         self.assertEqual(result["stage1"]["step"], STAGE_STEPS[0])
         self.assertEqual(result["stage2"]["step"], STAGE_STEPS[1])
-        for name in (
-            "pipeline.json",
-            "stage1_decomposed",
-            "stage2_sparse",
-            "stage3_prune_e0.05",
-            "stage3_prune_e0.3",
-            "stage4_finetune_e0.05",
-            "stage4_finetune_e0.3",
-        ):
+        for name in ("pipeline.json", "stage1_decomposed", "stage2_sparse",
+                     "stage3_prune_e0.05", "stage3_prune_e0.3",
+                     "stage4_finetune_e0.05", "stage4_finetune_e0.3"):
             self.assertTrue((self.root / name).exists(), name)
         # Stage configs: λ_s only in stage 2, λ_o everywhere, a fresh schedule per stage.
         saved = {
@@ -161,8 +157,7 @@ class SVDPipelineTest(absltest.TestCase):
 
     def test_pruned_error_equals_masked_error(self):
         stage2, _, _ = model_io.restore_model(
-            self.root / "stage2_sparse",
-            model=build_model(CONFIG, 10, 1),
+            self.root / "stage2_sparse", model=build_model(CONFIG, 10, 1),
             example_input=EXAMPLE,
         )
         test = builders.build_data(CONFIG)[1]
@@ -230,8 +225,7 @@ class SVDPipelineTest(absltest.TestCase):
         shutil.copytree(self.root / "stage1_decomposed", root / "stage1_decomposed")
         configs = svd_pipeline.stage_configs(CONFIG, SPARSITY_WEIGHT, STAGE_STEPS)
         start, _, _ = model_io.restore_model(
-            root / "stage1_decomposed",
-            model=build_model(CONFIG, 10, 1),
+            root / "stage1_decomposed", model=build_model(CONFIG, 10, 1),
             example_input=EXAMPLE,
         )
         first = loop.train_and_evaluate(
@@ -284,13 +278,8 @@ class BatchNormRecalibrationTest(absltest.TestCase):
         cls.tmp = pathlib.Path(tempfile.mkdtemp())
         cls.root = cls.tmp / "bn"
         cls.train, cls.test = builders.build_data(CONFIG)[:2]
-        cls.result = _run(
-            cls.root,
-            energies=(0.3,),
-            model=_tiny_bn_model(),
-            train_data=cls.train,
-            test_data=cls.test,
-        )
+        cls.result = _run(cls.root, energies=(0.3,), model=_tiny_bn_model(),
+                          train_data=cls.train, test_data=cls.test)
 
     @classmethod
     def tearDownClass(cls):
@@ -324,10 +313,8 @@ class BatchNormRecalibrationTest(absltest.TestCase):
             np.testing.assert_allclose(saved, expected, rtol=1e-5, atol=1e-6)
         for saved, old in zip(_bn_stats(compact), _bn_stats(stage2)):
             self.assertFalse(np.allclose(saved, old))
-        self.assertEqual(
-            model_io.evaluate_model(compact, CONFIG, self.test, EXAMPLE)["error"],
-            summary["test_error"],
-        )
+        self.assertEqual(model_io.evaluate_model(compact, CONFIG, self.test, EXAMPLE)["error"],
+                         summary["test_error"])
         self.assertEqual(self.result["stage4"][0.3]["step"], STAGE_STEPS[2])
 
     def test_no_recalibration(self):
@@ -340,22 +327,15 @@ class BatchNormRecalibrationTest(absltest.TestCase):
         self.assertEqual(record["recalibration_batches"], "one epoch")
         record["recalibration_batches"] = 0
         (root / "pipeline.json").write_text(json.dumps(record))
-        result = _run(
-            root,
-            energies=(0.3,),
-            model=_tiny_bn_model(),
-            train_data=self.train,
-            test_data=self.test,
-            recalibration_batches=0,
-        )
+        result = _run(root, energies=(0.3,), model=_tiny_bn_model(), train_data=self.train,
+                      test_data=self.test, recalibration_batches=0)
         summary, recal = result["stage3"][0.3], self.result["stage3"][0.3]
         self.assertFalse(summary["recalibrated"])
         self.assertEqual(summary["test_error"], summary["pruned_test_error"])
         self.assertEqual(summary["pruned_test_error"], recal["pruned_test_error"])
         compact = pruning.rebuild_pruned(_tiny_bn_model(), summary["ranks"])
-        compact, _, _ = model_io.restore_model(
-            root / "stage3_prune_e0.3", model=compact, example_input=EXAMPLE
-        )
+        compact, _, _ = model_io.restore_model(root / "stage3_prune_e0.3", model=compact,
+                                           example_input=EXAMPLE)
         for saved, old in zip(_bn_stats(compact), _bn_stats(self._restore("stage2_sparse"))):
             np.testing.assert_array_equal(saved, old)
 

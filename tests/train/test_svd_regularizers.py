@@ -24,24 +24,18 @@ def orthonormal(rows, cols, seed):
 def factor_tree(s_values, seed=0):
     s = jnp.asarray(s_values, jnp.float64)
     r = s.shape[0]
-    return {
-        "a": {
-            "svd_u": orthonormal(5, r, seed),
-            "svd_s": s,
-            "svd_v": orthonormal(7, r, seed + 1),
-            "bias": jnp.zeros(5),
-        }
-    }
+    return {"a": {"svd_u": orthonormal(5, r, seed), "svd_s": s,
+                  "svd_v": orthonormal(7, r, seed + 1), "bias": jnp.zeros(5)}}
 
 
 def small_model(seed=0):
-    model = SimpleCNN(
-        10, in_channels=1, features=(3, 4), param_dtype=jnp.float64, rngs=nnx.Rngs(seed)
-    )
+    model = SimpleCNN(10, in_channels=1, features=(3, 4), param_dtype=jnp.float64,
+                      rngs=nnx.Rngs(seed))
     return svd_decompose.decompose(model, "channel", init="random", rngs=nnx.Rngs(seed + 1))
 
 
 class SVDFactorsTest(absltest.TestCase):
+
     def test_state_pure_dict_and_paths(self):
         model = small_model()
         state = nnx.split(model, nnx.Param, ...)[1]
@@ -63,8 +57,10 @@ class SVDFactorsTest(absltest.TestCase):
 
 
 class OrthogonalityTest(absltest.TestCase):
+
     def test_zero_for_orthonormal_factors(self):
-        self.assertLess(float(regularizers.orthogonality_loss(factor_tree([3.0, 1.0, 0.5]))), 1e-28)
+        self.assertLess(float(regularizers.orthogonality_loss(factor_tree([3.0, 1.0, 0.5]))),
+                        1e-28)
         kernel = jnp.asarray(np.random.default_rng(0).normal(size=(3, 3, 2, 4)))
         for decomposition in svd.DECOMPOSITIONS:
             layer = svd.SVDConv.from_dense(kernel, decomposition=decomposition)
@@ -79,15 +75,13 @@ class OrthogonalityTest(absltest.TestCase):
         gram = np.asarray(a.T @ a)
         np.testing.assert_allclose(
             float(regularizers.factor_orthogonality(a)),
-            np.sum((gram - np.eye(3)) ** 2) / 9,
-            rtol=1e-12,
+            np.sum((gram - np.eye(3)) ** 2) / 9, rtol=1e-12,
         )
         # Wide factor (m < r): the m x m Gram, still divided by r^2.
         wide = a.T  # (3, 6)
         np.testing.assert_allclose(
             float(regularizers.factor_orthogonality(wide)),
-            np.sum((gram - np.eye(3)) ** 2) / 36,
-            rtol=1e-12,
+            np.sum((gram - np.eye(3)) ** 2) / 36, rtol=1e-12,
         )
 
     def test_positive_for_random_factors_jit_and_grad(self):
@@ -100,9 +94,8 @@ class OrthogonalityTest(absltest.TestCase):
             for _, u, _, v in regularizers.svd_factors(state)
         )
         np.testing.assert_allclose(float(value), expected, rtol=1e-12)
-        np.testing.assert_allclose(
-            float(jax.jit(regularizers.orthogonality_loss)(state)), float(value), rtol=1e-12
-        )
+        np.testing.assert_allclose(float(jax.jit(regularizers.orthogonality_loss)(state)),
+                                   float(value), rtol=1e-12)
         grads = jax.grad(regularizers.orthogonality_loss)(state)
         _, gu, gs, gv = regularizers.svd_factors(grads)[0]
         self.assertTrue(np.all(np.isfinite(gu)) and np.any(gu != 0))
@@ -110,6 +103,7 @@ class OrthogonalityTest(absltest.TestCase):
 
 
 class SparsityTest(parameterized.TestCase):
+
     def test_values(self):
         params = factor_tree([3.0, -4.0, 0.0])
         np.testing.assert_allclose(float(regularizers.sparsity_loss(params, "l1")), 7.0)
@@ -118,9 +112,8 @@ class SparsityTest(parameterized.TestCase):
             float(regularizers.sparsity_loss(params, "hoyer_square")), 49 / 25
         )
         two = {"x": factor_tree([1.0, 1.0])["a"], "y": factor_tree([2.0, 0.0])["a"]}
-        np.testing.assert_allclose(
-            float(regularizers.sparsity_loss(two, "hoyer")), np.sqrt(2) + 1, rtol=1e-12
-        )
+        np.testing.assert_allclose(float(regularizers.sparsity_loss(two, "hoyer")),
+                                   np.sqrt(2) + 1, rtol=1e-12)
 
     @parameterized.parameters("hoyer", "hoyer_square")
     def test_scale_invariant(self, kind):
@@ -172,11 +165,8 @@ def train_effective_rank(hoyer_weight, steps=100, seed=0):
     def loss_fn(params, x, y):
         logits = nnx.merge(graph, params)(x)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        return (
-            ce
-            + 0.1 * regularizers.orthogonality_loss(params)
-            + hoyer_weight * regularizers.sparsity_loss(params, "hoyer")
-        )
+        return (ce + 0.1 * regularizers.orthogonality_loss(params)
+                + hoyer_weight * regularizers.sparsity_loss(params, "hoyer"))
 
     @jax.jit
     def step(params, opt_state, x, y):
@@ -187,9 +177,8 @@ def train_effective_rank(hoyer_weight, steps=100, seed=0):
     rng = np.random.default_rng(seed)
     for _ in range(steps):
         index = rng.choice(len(labels), 64, replace=False)
-        params, opt_state = step(
-            params, opt_state, jnp.asarray(images[index]), jnp.asarray(labels[index])
-        )
+        params, opt_state = step(params, opt_state, jnp.asarray(images[index]),
+                                 jnp.asarray(labels[index]))
     trained = nnx.merge(graph, params)
     return sum(
         pruning.energy_rank(layer.svd_s[...], 0.01)
@@ -198,6 +187,7 @@ def train_effective_rank(hoyer_weight, steps=100, seed=0):
 
 
 class HoyerTrainingTest(absltest.TestCase):
+
     def test_hoyer_lowers_effective_rank(self):
         baseline = train_effective_rank(0.0)
         sparse = train_effective_rank(0.3)

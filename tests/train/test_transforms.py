@@ -69,6 +69,7 @@ def step(tx, params, grads, state=None):
 
 
 class ProjectionTest(parameterized.TestCase):
+
     def test_one_step_is_feasible(self):
         params, max_norm = make_params(), 0.5
         for name in SPECS:
@@ -114,10 +115,8 @@ class ProjectionTest(parameterized.TestCase):
         np.testing.assert_array_equal(new["bias"], params["bias"])
         rng = np.random.default_rng(1)
         for _ in range(5):
-            grads = {
-                k: jnp.asarray(0.01 * rng.normal(size=np.shape(v)) * np.std(v))
-                for k, v in new.items()
-            }
+            grads = {k: jnp.asarray(0.01 * rng.normal(size=np.shape(v)) * np.std(v))
+                     for k, v in new.items()}
             new, _, state = step(tx, new, grads, state)
         for name, spec in SPECS.items():
             sigma = exact_norm(new[name], spec)
@@ -195,7 +194,8 @@ def hybrid_cases():
     tags = ("k1", "k3x2", "stride2", "dilation2x1_stride2", "groups2", "depthwise")
     paddings = ("CIRCULAR", "SAME", "VALID", "FULL", "explicit")
     wanted = {f"{t}_{paddings[i % len(paddings)]}" for i, t in enumerate(tags)}
-    return {name: (kshape, spec) for name, kshape, spec in layers.layer_cases() if name in wanted}
+    return {name: (kshape, spec) for name, kshape, spec in layers.layer_cases()
+            if name in wanted}
 
 
 class HybridTest(parameterized.TestCase):
@@ -206,10 +206,8 @@ class HybridTest(parameterized.TestCase):
         chex.clear_trace_counter()  # Parameterised: the counters are per function name.
         cases, k, max_norm = hybrid_cases(), 3, 0.5
         specs = {name: spec for name, (_, spec) in cases.items()}
-        params = {
-            name: jnp.asarray(layers.random_kernel(kshape, seed=i))
-            for i, (name, (kshape, _)) in enumerate(cases.items())
-        }
+        params = {name: jnp.asarray(layers.random_kernel(kshape, seed=i))
+                  for i, (name, (kshape, _)) in enumerate(cases.items())}
         hybrid = train.project_conv_operator_norm(
             max_norm, specs, method="power", certify_every=k, certify_method=certify_method
         )
@@ -220,10 +218,8 @@ class HybridTest(parameterized.TestCase):
         rng = np.random.default_rng(0)
         for t in range(2 * k):
             # Grow every kernel by 10% plus noise: each update leaves the ball.
-            grads = {
-                n: jnp.asarray(0.1 * p + 0.05 * np.std(p) * rng.normal(size=p.shape))
-                for n, p in params.items()
-            }
+            grads = {n: jnp.asarray(0.1 * p + 0.05 * np.std(p) * rng.normal(size=p.shape))
+                     for n, p in params.items()}
             ref_updates, ref_state = power_update(grads, state[0], params)
             updates, state = update(grads, state, params)
             chex.assert_trees_all_equal(state[0], ref_state)  # The power part is plain power.
@@ -246,9 +242,9 @@ class HybridTest(parameterized.TestCase):
         # Power alone, after the same number of steps, is only approximately feasible: its
         # estimate can sit below the exact value (zero-padded layers, where the certified
         # rescale of the circular embedding also shrinks more).
-        self.assertTrue(
-            any(exact_norm(powered[n], s) > max_norm * (1 + 1e-9) for n, s in specs.items())
-        )
+        self.assertTrue(any(
+            exact_norm(powered[n], s) > max_norm * (1 + 1e-9) for n, s in specs.items()
+        ))
 
     def test_in_a_chain_with_sgd(self):
         spec, max_norm = SPECS["same"], 1.0
@@ -256,10 +252,7 @@ class HybridTest(parameterized.TestCase):
         tx = optax.chain(
             optax.sgd(0.1),
             train.project_conv_operator_norm(
-                max_norm,
-                {"w": spec, "b": None},
-                method="sedghi",
-                certify_every=1,
+                max_norm, {"w": spec, "b": None}, method="sedghi", certify_every=1,
                 certify_method="certified",
             ),
         )
@@ -355,12 +348,8 @@ class ShardedTest(absltest.TestCase):
             "--xla_force_host_platform_device_count=4",
         )
         proc = subprocess.run(
-            [sys.executable, "-c", _SHARDED_SCRIPT],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            cwd=ROOT,
+            [sys.executable, "-c", _SHARDED_SCRIPT], env=env, capture_output=True, text=True,
+            timeout=600, cwd=ROOT,
         )
         self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
         out = json.loads(proc.stdout)
@@ -374,6 +363,7 @@ class ShardedTest(absltest.TestCase):
 
 
 class CompositionTest(parameterized.TestCase):
+
     def test_masked(self):
         params, specs = make_params(), make_specs()
         mask = {name: name != "same" for name in params}
@@ -388,9 +378,8 @@ class CompositionTest(parameterized.TestCase):
     def test_masked_with_prefix_mask(self):
         params = {"convs": {"a": jnp.ones((3, 3, 2, 2))}, "head": {"w": jnp.ones((4, 2))}}
         specs = {"convs": {"a": SPECS["same"]}, "head": {"w": None}}
-        tx = optax.masked(
-            train.project_conv_operator_norm(1.0, specs), {"convs": True, "head": False}
-        )
+        tx = optax.masked(train.project_conv_operator_norm(1.0, specs), {"convs": True,
+                                                                            "head": False})
         new, _, _ = step(tx, params, jax.tree.map(jnp.zeros_like, params))
         self.assertLessEqual(exact_norm(new["convs"]["a"], SPECS["same"]), 1 + 1e-4)
         np.testing.assert_array_equal(new["head"]["w"], params["head"]["w"])
@@ -400,7 +389,8 @@ class CompositionTest(parameterized.TestCase):
         labels = {name: "conv" if name in SPECS else "other" for name in params}
         tx = optax.multi_transform(
             {
-                "conv": optax.chain(optax.sgd(0.01), train.project_conv_operator_norm(0.5, specs)),
+                "conv": optax.chain(optax.sgd(0.01),
+                                    train.project_conv_operator_norm(0.5, specs)),
                 "other": optax.sgd(0.1),
             },
             labels,
@@ -441,9 +431,8 @@ class CompositionTest(parameterized.TestCase):
     def test_nnx_optimizer(self):
         class Net(nnx.Module):
             def __init__(self, rngs):
-                self.c1 = nnx.Conv(
-                    3, 4, (3, 3), padding="CIRCULAR", rngs=rngs, param_dtype=jnp.float64
-                )
+                self.c1 = nnx.Conv(3, 4, (3, 3), padding="CIRCULAR", rngs=rngs,
+                                   param_dtype=jnp.float64)
                 self.c2 = nnx.Conv(4, 2, (3, 3), strides=2, rngs=rngs, param_dtype=jnp.float64)
 
             def __call__(self, x):
@@ -472,13 +461,13 @@ class CompositionTest(parameterized.TestCase):
         for name in ("c1", "c2"):
             kernel = getattr(model, name).kernel.get_value()
             spec = specs[name]["kernel"]
-            self.assertEqual(
-                kernel.shape, (3, 3, 3 if name == "c1" else 4, 4 if name == "c1" else 2)
-            )
+            self.assertEqual(kernel.shape, (3, 3, 3 if name == "c1" else 4, 4 if name == "c1"
+                                            else 2))
             self.assertLessEqual(exact_norm(kernel, spec), max_norm * (1 + 1e-4))
 
 
 class ErrorTest(parameterized.TestCase):
+
     def test_missing_params(self):
         params = {"w": jnp.ones((3, 3, 2, 2))}
         tx = train.project_conv_operator_norm(1.0, {"w": SPECS["same"]})

@@ -26,25 +26,18 @@ def _reference_conv(x, kernel, strides, padding):
     """``nnx.Conv`` semantics with ``lax.conv_general_dilated`` directly."""
     if padding == "CIRCULAR":
         kh, kw = kernel.shape[:2]
-        x = jnp.pad(
-            x, ((0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0)), mode="wrap"
-        )
+        x = jnp.pad(x, ((0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0)),
+                    mode="wrap")
         padding = "VALID"
-    return lax.conv_general_dilated(
-        x,
-        kernel,
-        strides,
-        padding,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        precision=lax.Precision.HIGHEST,
-    )
+    return lax.conv_general_dilated(x, kernel, strides, padding,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    precision=lax.Precision.HIGHEST)
 
 
 def _conv_param_count(kernel_size, in_modes, out_modes, ranks):
     kh, kw = kernel_size
     return kh * kw * ranks[0] + sum(
-        ranks[k] * in_modes[k] * out_modes[k] * ranks[k + 1] for k in range(len(in_modes))
-    )
+        ranks[k] * in_modes[k] * out_modes[k] * ranks[k + 1] for k in range(len(in_modes)))
 
 
 def _dense_param_count(in_modes, out_modes, ranks):
@@ -70,39 +63,23 @@ _CONV_CASES = [
 
 
 class TTConvTest(parameterized.TestCase):
+
     @parameterized.named_parameters(*_CONV_CASES)
-    def test_impls_match_lax_and_nnx_conv(
-        self, in_modes, out_modes, ranks, ksize, strides, padding
-    ):
-        layer = TTConv(
-            in_modes,
-            out_modes,
-            ranks,
-            ksize,
-            strides=strides,
-            padding=padding,
-            use_bias=True,
-            param_dtype=F64,
-            rngs=nnx.Rngs(0),
-        )
+    def test_impls_match_lax_and_nnx_conv(self, in_modes, out_modes, ranks, ksize, strides,
+                                          padding):
+        layer = TTConv(in_modes, out_modes, ranks, ksize, strides=strides, padding=padding,
+                       use_bias=True, param_dtype=F64, rngs=nnx.Rngs(0))
         layer.bias[...] = jnp.arange(layer.out_features, dtype=F64) / 7
         kernel = layer.kernel()
-        self.assertEqual(
-            kernel.shape, (*layer.kernel_size, math.prod(in_modes), math.prod(out_modes))
-        )
+        self.assertEqual(kernel.shape, (*layer.kernel_size, math.prod(in_modes),
+                                        math.prod(out_modes)))
         x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 7, 6, layer.in_features)))
         ref = _reference_conv(x, kernel, layer.strides, layer.padding) + layer.bias[...]
         if padding == "CIRCULAR" or not isinstance(padding, str):
             # The padding forms the reference spells out: same meaning as nnx.Conv's.
-            conv = nnx.Conv(
-                layer.in_features,
-                layer.out_features,
-                layer.kernel_size,
-                strides=strides,
-                padding=padding,
-                param_dtype=F64,
-                rngs=nnx.Rngs(0),
-            )
+            conv = nnx.Conv(layer.in_features, layer.out_features, layer.kernel_size,
+                            strides=strides, padding=padding, param_dtype=F64,
+                            rngs=nnx.Rngs(0))
             conv.kernel[...] = kernel
             conv.bias[...] = layer.bias[...]
             np.testing.assert_allclose(_apply(conv, x), ref, atol=1e-12)
@@ -112,16 +89,8 @@ class TTConvTest(parameterized.TestCase):
 
     @parameterized.named_parameters(*_CONV_CASES[3:5])
     def test_gradients_of_impls_agree(self, in_modes, out_modes, ranks, ksize, strides, padding):
-        layer = TTConv(
-            in_modes,
-            out_modes,
-            ranks,
-            ksize,
-            strides=strides,
-            padding=padding,
-            param_dtype=F64,
-            rngs=nnx.Rngs(2),
-        )
+        layer = TTConv(in_modes, out_modes, ranks, ksize, strides=strides, padding=padding,
+                       param_dtype=F64, rngs=nnx.Rngs(2))
         graphdef, params = nnx.split(layer)
         x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 6, 5, layer.in_features)))
         g = np.random.default_rng(4).standard_normal(_apply(layer, x).shape)
@@ -132,7 +101,8 @@ class TTConvTest(parameterized.TestCase):
             return jnp.sum(model(x) * g)
 
         grad_fn = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
-        grads = {impl: grad_fn(params, x, impl) for impl in ("cores", "full")}
+        grads = {impl: grad_fn(params, x, impl)
+                 for impl in ("cores", "full")}
         leaves_c, leaves_f = (jax.tree.leaves(grads[i]) for i in ("cores", "full"))
         self.assertLen(leaves_c, len(ranks) + 1)  # spatial core + d cores + dx.
         for a, b in zip(leaves_c, leaves_f):
@@ -152,16 +122,14 @@ class TTConvTest(parameterized.TestCase):
     )
     def test_from_dense_full_rank_is_exact(self, in_modes, out_modes, ranks):
         kernel = np.random.default_rng(6).standard_normal(
-            (3, 2, math.prod(in_modes), math.prod(out_modes))
-        )
+            (3, 2, math.prod(in_modes), math.prod(out_modes)))
         layer = TTConv.from_dense(kernel, in_modes, out_modes, strides=2, padding="VALID")
         np.testing.assert_allclose(layer.kernel(), kernel, atol=1e-12)
         self.assertEqual(layer.ranks[-1], 1)
         self.assertEqual((layer.strides, layer.padding), ((2, 2), "VALID"))
         # From a TT kernel of the given ranks, rtol recovers those ranks (or smaller).
-        tt_kernel = TTConv(
-            in_modes, out_modes, ranks, (3, 2), param_dtype=F64, rngs=nnx.Rngs(7)
-        ).kernel()
+        tt_kernel = TTConv(in_modes, out_modes, ranks, (3, 2), param_dtype=F64,
+                           rngs=nnx.Rngs(7)).kernel()
         back = TTConv.from_dense(tt_kernel, in_modes, out_modes, rtol=1e-10)
         self.assertTrue(all(a <= b for a, b in zip(back.ranks, ranks)), back.ranks)
         np.testing.assert_allclose(back.kernel(), tt_kernel, atol=1e-10)
@@ -203,7 +171,8 @@ class TTConvTest(parameterized.TestCase):
         self.assertBetween(ratio, 0.5, 2.0)
 
     def test_jit(self):
-        layer = TTConv((2, 3), (3, 2), (3, 2, 1), 3, strides=2, param_dtype=F64, rngs=nnx.Rngs(0))
+        layer = TTConv((2, 3), (3, 2), (3, 2, 1), 3, strides=2, param_dtype=F64,
+                       rngs=nnx.Rngs(0))
         x = jnp.asarray(np.random.default_rng(9).standard_normal((2, 6, 6, 6)))
         for impl in ("cores", "full"):
             layer.impl = impl
@@ -218,9 +187,8 @@ class TTConvTest(parameterized.TestCase):
         flops = tt_conv_flops((3, 3), (8, 8, 8), (8, 8, 8), (1, 1, 1, 1), 128)
         self.assertEqual(flops["cores"], 128 * (9 * 512 + 3 * (64 * 8 * 8)))
         self.assertEqual(wide.flops((8, 8), batch=2), flops)
-        self.assertEqual(
-            TTConv((2,), (2,), (1, 1), 3, impl="full", rngs=nnx.Rngs(0)).chosen_impl((4, 4)), "full"
-        )
+        self.assertEqual(TTConv((2,), (2,), (1, 1), 3, impl="full",
+                                rngs=nnx.Rngs(0)).chosen_impl((4, 4)), "full")
 
     @parameterized.named_parameters(
         ("ranks_length", dict(ranks=(2, 1)), "ranks"),
@@ -255,6 +223,7 @@ class TTConvTest(parameterized.TestCase):
 
 
 class TTDenseTest(parameterized.TestCase):
+
     @parameterized.named_parameters(
         ("d1", (6,), (5,), (1, 1)),
         ("d2", (3, 4), (5, 2), (1, 3, 1)),
@@ -269,24 +238,19 @@ class TTDenseTest(parameterized.TestCase):
         np.testing.assert_allclose(layer(x), x @ w + layer.bias[...], atol=1e-12)
         np.testing.assert_allclose(_apply(layer, x), layer(x), atol=1e-12)
         np.testing.assert_allclose(w, _tt.tt_matrix_to_full([c[...] for c in layer.cores]))
-        self.assertEqual(
-            _nnx_param_count(layer),
-            _dense_param_count(in_modes, out_modes, ranks) + layer.out_features,
-        )
+        self.assertEqual(_nnx_param_count(layer),
+                         _dense_param_count(in_modes, out_modes, ranks) + layer.out_features)
 
     def test_gradient_matches_dense(self):
-        layer = TTDense(
-            (3, 4), (2, 5), (1, 3, 1), use_bias=False, param_dtype=F64, rngs=nnx.Rngs(1)
-        )
+        layer = TTDense((3, 4), (2, 5), (1, 3, 1), use_bias=False, param_dtype=F64,
+                        rngs=nnx.Rngs(1))
         graphdef, params = nnx.split(layer)
         x = jnp.asarray(np.random.default_rng(2).standard_normal((4, 12)))
         g = np.random.default_rng(3).standard_normal((4, 10))
         core_loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(x) * g)  # noqa: E731
         full_loss = lambda p: jnp.sum(x @ nnx.merge(graphdef, p).matrix() * g)  # noqa: E731
-        for a, b in zip(
-            jax.tree.leaves(jax.grad(core_loss)(params)),
-            jax.tree.leaves(jax.grad(full_loss)(params)),
-        ):
+        for a, b in zip(jax.tree.leaves(jax.grad(core_loss)(params)),
+                        jax.tree.leaves(jax.grad(full_loss)(params))):
             np.testing.assert_allclose(a, b, atol=1e-11)
 
     def test_from_dense(self):
@@ -318,10 +282,8 @@ class TTDenseTest(parameterized.TestCase):
         self.assertEqual((y.shape, y.dtype), ((2, math.prod(out_modes)), jnp.float32))
 
     def test_init_variance_is_lecun(self):
-        variances = [
-            float(jnp.var(TTDense((4, 4, 4), (4, 4, 4), (1, 6, 6, 1), rngs=nnx.Rngs(s)).matrix()))
-            for s in range(4)
-        ]
+        variances = [float(jnp.var(TTDense((4, 4, 4), (4, 4, 4), (1, 6, 6, 1),
+                                           rngs=nnx.Rngs(s)).matrix())) for s in range(4)]
         self.assertBetween(np.mean(variances) * 64, 0.5, 2.0)
 
     def test_loss_decreases_under_jitted_step(self):
