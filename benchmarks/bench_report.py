@@ -115,7 +115,6 @@ def _detector(size: int):
 def _nnx_report(model, x):
     from flax import nnx
 
-    from train.report import network_report
 
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     pure, rest = nnx.as_pure(params), nnx.as_pure(rest)
@@ -206,7 +205,7 @@ def _yolo(path: str, size: int):
     import jax.numpy as jnp
 
     from train.models import from_onnx
-        model = from_onnx(path, input_shape=(1, 3, size, size))
+    model = from_onnx(path, input_shape=(1, 3, size, size))
     x = jnp.zeros((1, 3, size, size), jnp.float32)
     return _Report(model.apply_fn, model.params, x)
 
