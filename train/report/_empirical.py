@@ -78,13 +78,15 @@ def unit_vectors(rng: np.random.Generator, shape, dtype) -> np.ndarray:
     return v / np.linalg.norm(v.reshape(len(v), -1), axis=1).reshape((-1,) + (1,) * (v.ndim - 1))
 
 
-def power_iterate(step, params, points, v0, *, num_iterations, rtol=0.0, stop=None):
+def power_iterate(
+    step, params, points, v0, *, num_iterations, rtol=0.0, stop=None, min_iterations=2
+):
     """The power-iteration host loop of :func:`jacobian_lower_bound` over a compiled ``step``.
 
     ``params``, ``points`` and ``v0`` are device arrays; ``stop()`` (optional) is asked before
-    each iteration after the first two: ``True`` ends the iteration there (any unit vector gives
-    a lower bound). Returns ``(||J(x) v|| per point, v per point (device), iteration counts)``,
-    the norms those of the returned vectors (one last evaluation at them).
+    each iteration after the first ``min_iterations``: ``True`` ends the iteration there (any
+    unit vector gives a lower bound). Returns ``(||J(x) v|| per point, v per point (device),
+    iteration counts)``, the norms those of the returned vectors (one last evaluation at them).
     """
     num_points = points.shape[0]
     active = np.ones(num_points, bool)
@@ -97,7 +99,7 @@ def power_iterate(step, params, points, v0, *, num_iterations, rtol=0.0, stop=No
         # A point goes on while under num_iterations and (before 2 steps, or still moving).
         moving = np.abs(current - previous) > float(rtol) * np.maximum(current, tiny)
         active = (counts < int(num_iterations)) & ((counts < 2) | moving)
-        if stop is not None and counts.min(initial=0) >= 2 and stop():
+        if stop is not None and counts.min(initial=0) >= min_iterations and stop():
             active[:] = False
         v_next, jv_norm, w_norm = step(params, points, v, active)
         if not active.any():
