@@ -93,25 +93,32 @@ def _ascent_step(flat, optimizer, params, carry, scale, eps):
     z, u, opt_state, best, best_x, best_y = carry
     tiny = _tiny(z.dtype)
 
-    def loss_one(z, u, s, e):
-        x = s * z
-        size = u.size
-        y = x + (e * s * jnp.sqrt(size)) * u / jnp.maximum(jnp.linalg.norm(u), tiny)
-        d = flat(params, y) - flat(params, x)
-        num2 = jnp.sum(d * d)
-        den2 = jnp.sum((y - x) ** 2)
-        loss = 0.5 * (jnp.log(den2 + tiny) - jnp.log(num2 + tiny))
-        return loss, (jnp.sqrt(num2) / jnp.sqrt(den2), x, y)
+    expand = (-1,) + (1,) * (z.ndim - 1)
 
-    grad_fn = jax.vmap(jax.value_and_grad(loss_one, argnums=(0, 1), has_aux=True))
-    (_, (ratio, x, y)), grads = grad_fn(z, u, scale, eps)
+    def losses(z, u):
+        x = scale.reshape(expand) * z
+        size = np.prod(u.shape[1:])
+        u_norm = jnp.sqrt(jnp.sum(u * u, axis=tuple(range(1, u.ndim)))).reshape(expand)
+        r = (eps * scale * np.sqrt(size)).reshape(expand)
+        y = x + r * u / jnp.maximum(u_norm, tiny)
+        # x and y of every restart in one batch: one forward (and one backward) in the program,
+        # not two (XLA:CPU compiles half as much).
+        out = jax.vmap(lambda a: flat(params, a))(jnp.concatenate([x, y]))
+        n = z.shape[0]
+        d = out[n:] - out[:n]
+        num2 = jnp.sum(d * d, axis=1)
+        den2 = jnp.sum((y - x).reshape(n, -1) ** 2, axis=1)
+        loss = 0.5 * (jnp.log(den2 + tiny) - jnp.log(num2 + tiny))
+        return jnp.sum(loss), (jnp.sqrt(num2) / jnp.sqrt(den2), x, y)
+
+    grad_fn = jax.value_and_grad(losses, argnums=(0, 1), has_aux=True)
+    (_, (ratio, x, y)), grads = grad_fn(z, u)
     updates, opt_state = optimizer.update(grads, opt_state, (z, u))
     z, u = optax.apply_updates((z, u), updates)
     better = jnp.isfinite(ratio) & (ratio > best)
-    expand = better.reshape((-1,) + (1,) * (x.ndim - 1))
     best = jnp.where(better, ratio, best)
-    best_x = jnp.where(expand, x, best_x)
-    best_y = jnp.where(expand, y, best_y)
+    best_x = jnp.where(better.reshape(expand), x, best_x)
+    best_y = jnp.where(better.reshape(expand), y, best_y)
     return (z, u, opt_state, best, best_x, best_y), ratio
 
 
@@ -184,7 +191,8 @@ def search_lower_bound(
       learning_rate: adam's step on the RMS-scaled variables.
       seed: for the start vectors.
       stop: ``stop()`` is asked between steps; ``True`` ends the search (the time budget): the
-        first power stage still runs two iterations, the refine stage one evaluation.
+        first power stage still runs two iterations and one evaluation; the search ends at most
+        one step (one ascent step or one power step and its evaluation) after it.
 
     Returns:
       :class:`LowerBound`.
@@ -281,7 +289,7 @@ def search_lower_bound(
             candidates.append((best[j], "pair", best_x[j], best_y[j]))
         pairs_x.extend(best_x)
         pairs_y.extend(best_y)
-        if power_iterations > 0 and steps_run > 0:
+        if power_iterations > 0 and steps_run > 0 and not stop_fn():
             # Along the best pair's segment: with w the unit vector of f(y) - f(x), the ratio is
             # the mean of <w, J(x + t(y-x)) (y-x)/||y-x||> over t, so some point of the segment
             # has ||J δ̂|| at least the ratio (where f is differentiable along it).
@@ -300,7 +308,7 @@ def search_lower_bound(
                 num_iterations=power_iterations,
                 rtol=power_rtol,
                 stop=stop_fn,
-                min_iterations=0,  # Out of time: one evaluation of ||J δ̂|| along the segment.
+                min_iterations=0,  # Out of time: one evaluation (of ||J δ̂|| along the segment).
             )
             v_ref = np.asarray(jax.device_get(v_dev))
             refined = _realised_jacobian(values, v_ref)
