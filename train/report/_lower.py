@@ -97,9 +97,9 @@ def _ascent_step(flat, optimizer, params, carry, scale, eps):
 
     def losses(z, u):
         x = scale.reshape(expand) * z
-        size = np.prod(u.shape[1:])
+        root_size = float(np.sqrt(np.prod(u.shape[1:])))  # A Python float: keeps the dtype.
         u_norm = jnp.sqrt(jnp.sum(u * u, axis=tuple(range(1, u.ndim)))).reshape(expand)
-        r = (eps * scale * np.sqrt(size)).reshape(expand)
+        r = (eps * scale * root_size).reshape(expand)
         y = x + r * u / jnp.maximum(u_norm, tiny)
         # x and y of every restart in one batch: one forward (and one backward) in the program,
         # not two (XLA:CPU compiles half as much).
