@@ -91,7 +91,8 @@ def network_report(
         arguments, held fixed.
       data: optional inputs ``(N, ...)`` like ``x`` at which the Jacobian is probed.
       num_points: points for the lower bound.
-      power_iterations: power iterations per point, at most.
+      power_iterations: power iterations per point of the lower bound's final stage (and of its
+        first stage when ``ascent_steps=0``; 5 otherwise), at most.
       power_rtol: a point's power iteration stops once its ``||JᵀJ v||`` changes by at most
         this (relative) in one step (default ``0``: always ``power_iterations``). Measured on a
         2-core CPU: one iteration of YOLOv8n @320² costs ~2 s per point, and ``1e-3`` stopped
@@ -117,9 +118,9 @@ def network_report(
         ``timings['total']`` is then the wall time, less than the sum of the stages.
       ascent_steps: pair-ascent steps of the lower bound search, at most.
       lower_bound_budget: the lower bound search's time: ``'layers'`` (default: it stops when
-        the layer stage is done, or after as long as that took when not overlapping; the power
-        iteration at the start points stops on it only after 5 s), seconds, or ``None`` (only
-        the step counts limit it).
+        the layer stage is done, or after as long as that took when not overlapping, but not
+        before 3 s: ``train.report._stages.MIN_SEARCH_SECONDS``; it ends within one step of
+        that), seconds, or ``None`` (only the step counts limit it: reproducible values).
       checkpoint_dir: optional folder: the layer stage's results are saved there as soon as it
         ends (``stages/layers.pkl`` and the readable ``stages/layers.partial.json``), the lower
         bound's when it ends, and a later report of the same network, input and options
