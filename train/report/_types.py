@@ -81,8 +81,12 @@ class NetworkReport:
         applies them.
       network: ``lipschitz_upper`` (certified ℓ2 bound by composition, or ``None``),
         ``lipschitz_upper_note`` (how, or the first operation that blocks certification),
-        ``lipschitz_lower`` (largest ``||J(x) v||`` found by power iteration: a lower bound on the
-        Lipschitz constant), ``lipschitz_lower_method``, ``lipschitz_gap`` (upper / lower),
+        ``lipschitz_lower`` (the largest realised ratio ``||f(x)-f(y)||/||x-y||`` or
+        ``||J(x) v||/||v||`` the search found: a lower bound on the Lipschitz constant; ``None``
+        if its stage failed), ``lipschitz_lower_method``, ``lipschitz_lower_stages``,
+        ``lipschitz_lower_witness`` (``{file, kind, value}``), ``soundness`` (``None`` unless
+        asked), ``errors`` (``{stage, type, message, where}`` per failed stage),
+        ``lipschitz_gap`` (upper / lower),
         ``lipschitz_upper_uncertified`` (the same composition with the layers' ``sigma_max``
         instead of their certified bounds: an estimate), ``num_points``.
       timings: seconds per stage.
