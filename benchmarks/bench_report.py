@@ -245,6 +245,10 @@ def _resnet(padding: str):
     return _nnx_report(model, jnp.zeros((1, 32, 32, 3), jnp.float32))
 
 
+def _fmt3(v) -> str:
+    return "null" if v is None else f"{v:.3g}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="detector at 160x160")
@@ -280,7 +284,7 @@ def main() -> None:
     OPTIONS.update(backend=args.backend, power_rtol=args.power_rtol)
     if args.threads:
         limit_threads(args.threads)
-    from train.loop import avoid_cpu_lapack_deadlock
+    from train.lapack_workaround import avoid_cpu_lapack_deadlock
 
     avoid_cpu_lapack_deadlock()
     import jax
@@ -344,13 +348,18 @@ def main() -> None:
                 f"≤ {target:g} s",
                 split,
                 "null" if upper is None else f"{upper:.3g}",
+                _fmt3(r.network.get("lipschitz_upper_naive")),
+                _fmt3(r.network.get("lipschitz_upper_factor")),
+                f"{r.timings.get('tight_bound', 0.0):.1f} s",
                 lower_cell,
                 lower_vs_layers,
                 "—" if sound is None else f"{sound['violations']} / {sound['num_pairs']}",
             ]
         )
         print(
-            f"[bench_report] {name}: cold {times[0]:.1f} s, warm {times[1]:.1f} s, "
+            f"[bench_report] {name}: cold {times[0]:.1f} s, warm {times[1]:.1f} s, tight bound "
+            f"{r.timings.get('tight_bound', 0.0):.1f} s "
+            f"({r.network.get('lipschitz_upper_tight_note')}), "
             f"lower {lower_cell}, lower bound {lower_vs_layers} s of layers",
             flush=True,
         )
@@ -374,6 +383,9 @@ def main() -> None:
                 "target (cold)",
                 "cold split (s)",
                 "Lipschitz upper",
+                "naive (composition)",
+                "factor gained",
+                "tight-bound time (cold)",
                 "lower (search stages)",
                 "lower bound / layers (s)",
                 "violations / pairs",

@@ -13,7 +13,13 @@ kernels, SGD with momentum 0.9 at lr 0.1, as ``train``'s default optimiser) of R
 * the same hybrid through the training loop's optimiser (``--loop-certify-every k``, default
   10; ``0``: no such row): ``train.make_optimizer(TrainConfig(schedule='constant', ...,
   project_method='power', project_certify_every=k))``, i.e. the same chain wrapped in
-  ``optax.inject_hyperparams`` (traced learning rate and radius), as ``python -m train`` runs it.
+  ``optax.inject_hyperparams`` (traced learning rate and radius), as ``python -m train`` runs it;
+* the **BatchNorm-aware** projection through the loop's optimiser (``--bn-aware method:k``,
+  default ``certified:10 power:1``): ``train.make_optimizer(TrainConfig(..., project_bn_aware=
+  True, project_method=method, project_every=k), specs, folds=folds)``
+  (:func:`train.bn_aware.project_batchnorm_folded`: gamma and beta of the 19 BatchNorms rescaled
+  so that every BN-folded conv has σ_max <= c with the step's running variances, passed as
+  ``batch_stats``), each beside the same row without ``project_bn_aware`` (the kernels alone).
 
 All variants run in one process, interleaved (one step of each per round, timed with
 ``benchmarks/_timing.time_all``, so that load drifts hit all alike), ``--steps`` measured steps
@@ -53,6 +59,7 @@ import spectra  # noqa: E402
 from benchmarks._timing import markdown  # noqa: E402
 from benchmarks._timing import time_all  # noqa: E402
 from train import discovery  # noqa: E402
+from train.bn_aware import find_batchnorm_folds  # noqa: E402
 from train.certify import certified_upper_bound  # noqa: E402
 from train.certify import certify_conv_operator_norm  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
@@ -67,10 +74,12 @@ class Variant:
     """One variant's jitted train step and its state (compiled by the first step)."""
 
     def __init__(
-        self, projection, batch: tuple, certify_every: int | None = None, make_tx=None
+        self, projection, batch: tuple, certify_every: int | None = None, make_tx=None,
+        folded: bool = False,
     ):
         model = ResNet(20, 10, in_channels=3, padding="SAME", rngs=nnx.Rngs(0))
         self.specs = discovery.find_convs_nnx(model, batch[0][:1])
+        folds = find_batchnorm_folds(model, batch[0][:1]) if folded else ()
         model.train()
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         params, rest = nnx.as_pure(params), nnx.as_pure(rest)
@@ -80,7 +89,12 @@ class Variant:
         ]
         if projection is not None:
             parts.append(projection(self.specs))
-        tx = optax.chain(*parts) if make_tx is None else make_tx(self.specs)
+        if make_tx is None:
+            tx = optax.chain(*parts)
+        elif folded:
+            tx = make_tx(self.specs, folds)
+        else:
+            tx = make_tx(self.specs)
         self.certify_every = certify_every
         self.state = (params, rest, tx.init(params))
         self.batch = batch
@@ -100,7 +114,8 @@ class Variant:
         def step(state, image, label):
             params, rest, opt_state = state
             grads, rest = jax.grad(loss_fn, has_aux=True)(params, rest, image, label)
-            updates, opt_state = tx.update(grads, opt_state, params)
+            extra = {"batch_stats": rest} if folded else {}
+            updates, opt_state = tx.update(grads, opt_state, params, **extra)
             return optax.apply_updates(params, updates), rest, opt_state
 
         self._step = step
@@ -144,6 +159,9 @@ def main() -> None:
     parser.add_argument("--loop-certify-every", type=int, default=10,
                         help="the hybrid through train.make_optimizer, certified every k-th "
                         "update (0: no such row)")
+    parser.add_argument("--bn-aware", nargs="*", default=["certified:10", "power:1"],
+                        help="BN-aware rows 'method:k' (projection every k-th update), each "
+                        "with its kernel-only counterpart")
     args = parser.parse_args()
     c = args.max_norm
 
@@ -156,15 +174,15 @@ def main() -> None:
     def projection(**kwargs):
         return lambda specs: project_conv_operator_norm(c, specs, **kwargs)
 
-    configs = [("plain SGD", None, None, None)]
+    configs = [("plain SGD", None, None, None, False)]
     for m in args.methods:
         for r in args.rounds:
             label = f"{m}, {r} round{'s' * (r > 1)}, every step"
-            configs.append((label, projection(method=m, num_rounds=r), None, None))
+            configs.append((label, projection(method=m, num_rounds=r), None, None, False))
     for k in args.certify_every:
         label = f"power every step + {args.certify_method} every {k}"
         kw = dict(method="power", certify_every=k, certify_method=args.certify_method)
-        configs.append((label, projection(**kw), k, None))
+        configs.append((label, projection(**kw), k, None, False))
     if args.loop_certify_every:
         k = args.loop_certify_every
         config = TrainConfig(
@@ -173,16 +191,29 @@ def main() -> None:
             project_certify_method=args.certify_method,
         )
         label = f"train.make_optimizer: power + {args.certify_method} every {k}"
-        configs.append((label, None, k, lambda specs: make_optimizer(config, specs)))
+        configs.append((label, None, k, lambda specs: make_optimizer(config, specs), False))
+    for item in args.bn_aware:
+        m, k = item.split(":")
+        for bn in (False, True):
+            config = TrainConfig(
+                lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="constant",
+                project_max_norm=c, project_method=m, project_every=int(k), project_bn_aware=bn,
+            )
+            label = f"make_optimizer: {'BN-aware ' if bn else ''}{m}, every {k}"
+
+            def make(specs, folds=(), config=config):
+                return make_optimizer(config, specs, folds=folds)
+
+            configs.append((label, None, None, make, bn))
 
     print(f"# ResNet-20, 32x32x3, batch {args.batch}, float32, device "
           f"{jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs "
           f"visible, 1 BLAS thread (threadpoolctl); {args.steps} interleaved steps per variant "
           f"after {args.warmup} warm-up steps; c = {c}")
     runs = {}
-    for label, proj, k, make_tx in configs:
+    for label, proj, k, make_tx, folded in configs:
         t0 = time.perf_counter()
-        runs[label] = Variant(proj, batch, k, make_tx)
+        runs[label] = Variant(proj, batch, k, make_tx, folded)
         for _ in range(args.warmup):
             runs[label].step()
         print(f"  compiled {label} ({time.perf_counter() - t0:.0f} s)", flush=True)

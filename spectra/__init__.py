@@ -66,10 +66,7 @@ from spectra._project import clip_operator_norm
 from spectra._project import clip_operator_norm_power
 from spectra._spec import PADDING_MODES
 from spectra._spec import ConvSpec
-from spectra._spec import is_concrete
 from spectra._spec import normalize_padding
-from spectra._spec import normalize_pair
-from spectra._tt import normalize_modes
 from spectra._tt import tt_matrix_apply
 from spectra._tt import tt_matrix_contract
 from spectra._tt import tt_matrix_svd
@@ -117,15 +114,12 @@ __all__ = [
     "grid_points",
     "gram_iteration_bound",
     "half_plane_multiplicity",
-    "is_concrete",
     "kernel_from_frequency_matrices",
     "l1_matrix_bound",
     "l1_schur_bound",
     "lanczos_spectral_norm",
     "matricisation_bound",
-    "normalize_modes",
     "normalize_padding",
-    "normalize_pair",
     "singla_feizi_bound",
     "singular_values",
     "spectral_density",

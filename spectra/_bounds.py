@@ -33,6 +33,10 @@ Shared facts (the notation of the reference notes; ``T_pq`` is the ``c_out x c_i
 References: Sedghi et al. 2019; Yi 2020; Araujo et al. 2021 (LipBound); Singla & Feizi 2021
 (Fantastic Four); Delattre et al. 2023 (Gram iteration); Grishina et al. 2024 (tensor norm);
 Senderovich et al. 2022 (strided circular convs).
+
+Length: one concept, the twelve bounds of :data:`UPPER_BOUNDS`, which share facts 1-3 and
+their helpers (candidate kernels, polyphase reduction, per-group matrices); split, every bound
+module would import the same private helpers.
 """
 
 from __future__ import annotations

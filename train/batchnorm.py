@@ -7,6 +7,11 @@ every BatchNorm then normalises its new activations with the old statistics; the
 layer after layer. :func:`recalibrate_batch_stats` re-estimates the statistics of every
 ``nnx.BatchNorm`` from a few training batches (no gradient, no parameter changes), as
 ``torch.optim.swa_utils.update_bn`` does for SWA.
+
+:class:`BatchCentering` is the mean-only alternative to ``nnx.BatchNorm`` of the 1-Lipschitz
+literature (LiResNet, BRONet, jaxlip): ``x - mean (+ bias)``, no division by a standard
+deviation, so in evaluation mode it is a translation (Lipschitz constant exactly 1) and a
+network built from it has the certified bound of its convs alone.
 """
 
 from __future__ import annotations
@@ -25,15 +30,124 @@ from train import distributed
 from train.batches import unpack_batch
 
 
-def batch_norm_layers(model: nnx.Module) -> list[tuple[str, nnx.BatchNorm]]:
-    """``[(path, layer)]`` of every ``nnx.BatchNorm`` of ``model``, in graph order.
+class BatchCentering(nnx.Module):
+    """Mean-only batch normalisation: ``y = x - mean (+ bias)``, no variance scaling.
+
+    Training mode (``use_running_average=False``): ``mean`` is the batch mean of ``x`` over every
+    axis but ``axis`` (the features), and the running mean is updated as ``nnx.BatchNorm`` does,
+    ``running = momentum * running + (1 - momentum) * batch_mean``. Evaluation mode
+    (``use_running_average=True``, set by ``model.eval()``): ``mean`` is the running mean, so the
+    layer is the translation ``x -> x - running_mean + bias``, whose ℓ2 Lipschitz constant is
+    exactly 1 (exact, for any input). In training mode it is ``x -> (I - P) x + bias`` with ``P``
+    the per-channel averaging projection over the batch, also 1-Lipschitz (an orthogonal
+    projection's complement). Used instead of BatchNorm by LiResNet (Hu et al. 2023) and BRONet
+    (Lai et al. 2025): the eval network's certified bound is that of its other layers.
+
+    The running mean is an ``nnx.BatchStat`` named ``mean`` (like ``nnx.BatchNorm``'s), so
+    :func:`recalibrate_batch_stats` re-estimates it.
+
+    Args:
+      num_features: the size of the feature axis.
+      use_running_average: the default mode (``model.train()`` / ``model.eval()`` set it).
+      axis: the feature axis (default the last).
+      momentum: of the running mean, in ``[0, 1)``.
+      use_bias: add a learned per-feature bias (initialised by ``bias_init``).
+      bias_init: initialiser of the bias.
+      dtype: the computation dtype (default: the input's).
+      param_dtype: dtype of the bias and the running mean.
+      axis_name: a ``pmap``/``shard_map`` axis over which the batch mean is averaged.
+      rngs: ``nnx.Rngs`` (the bias initialiser's ``params`` stream).
+
+    Example:
+      >>> layer = BatchCentering(2, momentum=0.0, rngs=nnx.Rngs(0))
+      >>> x = jnp.asarray([[1.0, 2.0], [3.0, 6.0]])
+      >>> layer(x).tolist()  # Training mode: batch mean [2, 4] subtracted, and stored.
+      [[-1.0, -2.0], [1.0, 2.0]]
+      >>> layer.eval()
+      >>> layer(jnp.zeros((1, 2))).tolist()
+      [[-2.0, -4.0]]
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        use_running_average: bool = False,
+        axis: int = -1,
+        momentum: float = 0.99,
+        use_bias: bool = True,
+        bias_init: Callable[..., Any] = nnx.initializers.zeros,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        axis_name: str | None = None,
+        rngs: nnx.Rngs,
+    ):
+        if not (isinstance(num_features, (int, np.integer)) and num_features >= 1):
+            raise ValueError(f"num_features={num_features!r} must be an int >= 1")
+        if not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
+            raise ValueError(f"momentum={momentum!r} must be a float in [0, 1)")
+        self.num_features = int(num_features)
+        self.use_running_average = use_running_average
+        self.axis = axis
+        self.momentum = momentum
+        self.dtype = dtype
+        self.axis_name = axis_name
+        self.mean = nnx.BatchStat(jnp.zeros((self.num_features,), param_dtype))
+        if use_bias:
+            self.bias = nnx.Param(bias_init(rngs.params(), (self.num_features,), param_dtype))
+        else:
+            self.bias = nnx.data(None)
+
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        """``x - mean (+ bias)``; ``use_running_average`` overrides the layer's mode."""
+        ura = self.use_running_average if use_running_average is None else use_running_average
+        axis = self.axis % x.ndim
+        if x.shape[axis] != self.num_features:
+            raise ValueError(
+                f"x has {x.shape[axis]} features on axis {self.axis}; expected "
+                f"num_features={self.num_features}"
+            )
+        dtype = self.dtype or jnp.result_type(x, self.mean[...])
+        x = jnp.asarray(x, dtype)
+        shape = [1] * x.ndim
+        shape[axis] = self.num_features
+        if ura:
+            mean = self.mean[...]
+        else:
+            reduce = tuple(i for i in range(x.ndim) if i != axis)
+            mean = jnp.mean(x.astype(jnp.promote_types(dtype, jnp.float32)), axis=reduce)
+            if self.axis_name is not None:
+                mean = jax.lax.pmean(mean, self.axis_name)
+            self.mean[...] = jax.lax.stop_gradient(
+                self.momentum * self.mean[...] + (1 - self.momentum) * mean
+            ).astype(self.mean[...].dtype)
+        y = x - jnp.asarray(mean, dtype).reshape(shape)
+        if self.bias is not None:
+            y = y + jnp.asarray(self.bias[...], dtype).reshape(shape)
+        return y
+
+
+#: The running statistics that :func:`recalibrate_batch_stats` re-estimates, per layer type.
+_RUNNING_STATS = ((nnx.BatchNorm, ("mean", "var")), (BatchCentering, ("mean",)))
+
+
+def _stat_names(layer: nnx.Module) -> tuple[str, ...]:
+    for kind, names in _RUNNING_STATS:
+        if isinstance(layer, kind):
+            return names
+    return ()
+
+
+def batch_norm_layers(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
+    """``[(path, layer)]`` of every ``nnx.BatchNorm`` and :class:`BatchCentering` of ``model``
+    (the layers with running statistics), in graph order.
 
     ``path`` joins the attribute names / indices with ``'/'`` (``'blocks/0/bn1'``).
     """
     return [
         ("/".join(str(p) for p in path), module)
         for path, module in nnx.iter_modules(model)
-        if isinstance(module, nnx.BatchNorm)
+        if _stat_names(module)
     ]
 
 
@@ -131,7 +245,8 @@ def recalibrate_batch_stats(
     r"""A copy of ``model`` whose BatchNorm running statistics are re-estimated from ``data``.
 
     Every ``nnx.BatchNorm`` (:func:`batch_norm_layers`) gets new running ``mean`` and ``var``
-    measured on the batches ``x_1, ..., x_K`` (``K`` = ``num_batches``). Batch ``k`` runs one
+    (every :class:`BatchCentering` its ``mean``) measured on the batches ``x_1, ..., x_K``
+    (``K`` = ``num_batches``). Batch ``k`` runs one
     forward pass of a copy of ``model`` in **training mode** (``model.train()``: every
     BatchNorm normalises with the statistics of the batch itself, as during training; dropout,
     if any, is on), jitted, without gradient; it gives, per BatchNorm layer and channel, the
@@ -221,7 +336,7 @@ def recalibrate_batch_stats(
 
     batch_statistics = _batch_statistics_fn(graphdef)
 
-    names = [(path, name) for path, _ in layers for name in ("mean", "var")]
+    names = [(path, name) for path, layer in layers for name in _stat_names(layer)]
     estimate: dict[tuple[str, str], np.ndarray] = {}
     count = 0
     for inputs in batches:
@@ -250,10 +365,10 @@ def recalibrate_batch_stats(
             "unmasked example"
         )
     for path, layer in layers:
-        for name in ("mean", "var"):
+        for name in _stat_names(layer):
             variable = getattr(layer, name)
             variable[...] = jnp.asarray(estimate[(path, name)], variable[...].dtype)
     return new
 
 
-__all__ = ["recalibrate_batch_stats", "batch_norm_layers"]
+__all__ = ["BatchCentering", "recalibrate_batch_stats", "batch_norm_layers"]

@@ -54,6 +54,9 @@ class CertificationReport:
         ``σ_max`` of the circular operator; exact for circular layers).
       changed: whether each kernel was modified (``False``: returned bit-identical).
       tolerance: relative rounding allowance of :attr:`certified`.
+      folded_with: per layer, the BatchNorm module folded into it (its bound is that of the
+        folded operator, see :mod:`train.bn_aware`), ``'dense'`` for a dense weight, ``None``
+        for a conv alone; ``()``: all convs alone.
     """
 
     method: str
@@ -62,6 +65,7 @@ class CertificationReport:
     upper_bounds: tuple[float, ...]
     changed: tuple[bool, ...]
     tolerance: float
+    folded_with: tuple[str | None, ...] = ()
 
     @property
     def max_upper_bound(self) -> float:
@@ -93,9 +97,11 @@ class CertificationReport:
             "certify_tolerance": self.tolerance,
             "certify_changed_any": self.any_changed,
             "certified_layers": [
-                {"layer": name, "max_norm": c, "upper_bound": u, "changed": ch}
-                for name, c, u, ch in zip(
-                    self.layers, self.max_norms, self.upper_bounds, self.changed
+                {"layer": name, "max_norm": c, "upper_bound": u, "changed": ch,
+                 **({"folded_with": f} if self.folded_with else {})}
+                for name, c, u, ch, f in zip(
+                    self.layers, self.max_norms, self.upper_bounds, self.changed,
+                    self.folded_with or (None,) * len(self.layers),
                 )
             ],
         }
@@ -243,6 +249,8 @@ def certify_train_state(
     state: Any,
     mesh: Any,
     recalibrate: Callable[[Any, Any], Any],
+    folds: tuple = (),
+    dense: tuple = (),
 ) -> tuple[Any, Any, Any, dict[str, Any]]:
     """The model a checkpoint of the loop saves, evaluates and returns, and its certification.
 
@@ -260,6 +268,11 @@ def certify_train_state(
       state: a :class:`train.steps.TrainState` (``params`` and ``rest`` are read).
       mesh: the run's mesh (:func:`train.distributed.make_mesh`).
       recalibrate: ``(params, rest) -> rest``.
+      folds: BatchNorm-aware runs: the conv -> BatchNorm pairs
+        (:func:`train.bn_aware.find_batchnorm_folds`) whose *folded* operators are certified
+        instead, by :func:`train.bn_aware.certify_folded_train_state` (also when only ``dense``
+        is given).
+      dense: dense weights certified too (runs with ``lipschitz_target``).
 
     Returns:
       ``(params, rest, separate, meta)``: the model (certified when ``config.project_max_norm``
@@ -271,6 +284,10 @@ def certify_train_state(
     """
     if config.project_max_norm is None:
         return state.params, state.rest, None, {"certified": False}
+    if folds or dense:
+        from train.bn_aware import certify_folded_train_state
+
+        return certify_folded_train_state(config, specs, state, mesh, recalibrate, folds, dense)
     params, report = certify_conv_operator_norm(
         distributed.host_values(state.params), specs, config.project_max_norm,
         method=config.project_certify_method,

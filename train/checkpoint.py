@@ -12,11 +12,13 @@ and re-wrapped on restore (:func:`to_storable`, :func:`from_storable`).
 
 import dataclasses
 import pathlib
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 
 from train.config import TrainConfig
+from train.config import apply_overrides
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
@@ -24,13 +26,24 @@ CONFIG_FILE = "config.json"
 #: train state.
 CERTIFIED_ITEM = "certified_params"
 
-#: Config fields that may differ between a run and its resumption: bookkeeping, and the
-#: device set-up (a run written on N devices resumes on M; data-parallel runs differ only in
-#: the order of floating-point additions, see :mod:`train.distributed`).
+#: Config fields that may differ between a run and its resumption without changing what it
+#: trains: bookkeeping, the cadence of logs, σ_max, evaluations and checkpoints (they only read
+#: the state), and the device set-up (a run written on N devices resumes on M; data-parallel
+#: runs differ only in the order of floating-point additions, see :mod:`train.distributed`).
 RESUMABLE_CHANGES = frozenset({
-    "progress", "checkpoint_every", "max_to_keep", "data_dir", "num_devices", "fsdp",
-    "multi_host", "coordinator_address", "num_processes", "process_id",
+    "progress", "log_every", "sigma_every", "eval_every", "checkpoint_every", "max_to_keep",
+    "data_dir", "num_devices", "fsdp", "multi_host", "coordinator_address", "num_processes",
+    "process_id",
 })
+#: Config fields that may also change on resume, and change the run: ``num_steps`` (extend a
+#: run, or shorten one not yet past the new end). The learning-rate schedule is a function of
+#: the step and ``num_steps`` (:func:`train.optim.learning_rate_schedule`), rebuilt from the
+#: new value: the steps after the checkpoint follow the schedule of a ``num_steps`` run (a
+#: cosine is stretched to end at the new ``num_steps``; a run that had finished a cosine at
+#: learning rate 0 restarts at the stretched cosine's value at its step), so the continued run
+#: differs from a fresh run of the new length unless the schedule does not depend on
+#: ``num_steps`` (``'constant'``, warm-up included: then it is bit-identical).
+SCHEDULE_CHANGES = frozenset({"num_steps"})
 
 
 def make_run_dir(root: str | pathlib.Path, prefix: str = "run") -> pathlib.Path:
@@ -53,14 +66,19 @@ def has_checkpoint(run_dir: str | pathlib.Path) -> bool:
     return ckpt.exists() and any(p.name.isdigit() for p in ckpt.iterdir())
 
 
-def config_differences(saved: TrainConfig, given: TrainConfig, prefix: str = "") -> list[str]:
+def config_differences(
+    saved: TrainConfig,
+    given: TrainConfig,
+    prefix: str = "",
+    allowed: frozenset[str] = RESUMABLE_CHANGES,
+) -> list[str]:
     """``'<prefix><field>: saved <value>, given <value>'`` for every field that differs between
-    ``saved`` and ``given``, except :data:`RESUMABLE_CHANGES` (the one resume check of runs
-    and of :mod:`train.svd_pipeline`)."""
+    ``saved`` and ``given``, except the ``allowed`` ones (default :data:`RESUMABLE_CHANGES`;
+    the one resume check of runs and of :mod:`train.svd_pipeline`)."""
     return [
         f"{prefix}{f.name}: saved {getattr(saved, f.name)!r}, given {getattr(given, f.name)!r}"
         for f in dataclasses.fields(TrainConfig)
-        if f.name not in RESUMABLE_CHANGES and getattr(saved, f.name) != getattr(given, f.name)
+        if f.name not in allowed and getattr(saved, f.name) != getattr(given, f.name)
     ]
 
 
@@ -68,16 +86,47 @@ def check_resume_config(run_dir: str | pathlib.Path, config: TrainConfig) -> Non
     """Checks that ``config`` may continue the run in ``run_dir``.
 
     Raises:
-      ValueError: naming every field (except :data:`RESUMABLE_CHANGES`) whose value differs
-        from the one in ``run_dir/config.json``.
+      ValueError: naming every field whose value differs from the one in
+        ``run_dir/config.json`` (with both values), except :data:`RESUMABLE_CHANGES` and
+        :data:`SCHEDULE_CHANGES`.
     """
     run_dir = pathlib.Path(run_dir)
-    diffs = config_differences(TrainConfig.load(run_dir / CONFIG_FILE), config)
+    allowed = RESUMABLE_CHANGES | SCHEDULE_CHANGES
+    diffs = config_differences(TrainConfig.load(run_dir / CONFIG_FILE), config, allowed=allowed)
     if diffs:
         raise ValueError(
-            f"config differs from the one of the run in {run_dir} (only {sorted(RESUMABLE_CHANGES)}"
-            f" may change on resume): " + "; ".join(diffs)
+            f"config differs from the one of the run in {run_dir} (only {sorted(allowed)} may "
+            f"change on resume): " + "; ".join(diffs)
         )
+
+
+def resume_config(run_dir: str | pathlib.Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """The config that continues the run in ``run_dir``: its ``config.json`` with ``overrides``
+    (``key=value``, as :func:`train.config.apply_overrides`) applied on top.
+
+    What ``python -m train --run-dir DIR --resume [key=value ...]`` trains. Only
+    :data:`RESUMABLE_CHANGES` and :data:`SCHEDULE_CHANGES` (``num_steps``: the learning-rate
+    schedule is rebuilt for the new value, see there) may change; an override that repeats
+    the saved value is no change. Files written before a field existed load with its default.
+
+    Args:
+      run_dir: a run folder holding ``config.json``.
+      overrides: ``key=value`` or ``--config.key=value`` strings.
+
+    Returns:
+      The run's config with the overrides.
+
+    Raises:
+      FileNotFoundError: when ``run_dir`` holds no ``config.json``.
+      ValueError: naming every field that may not change and both its values, or a bad
+        override.
+    """
+    path = pathlib.Path(run_dir) / CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"run_dir={str(run_dir)!r} holds no {CONFIG_FILE}: not a run")
+    config = apply_overrides(TrainConfig.load(path), overrides)
+    check_resume_config(run_dir, config)
+    return config
 
 
 def to_storable(tree: Any) -> Any:

@@ -8,6 +8,7 @@ Overrides (``key=value`` or ``--config.key=value``) are parsed and type-checked 
 
 import dataclasses
 import json
+import math
 import pathlib
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -117,6 +118,25 @@ class TrainConfig:
         ``project_certify_every`` and of the certification of every checkpoint and of the final
         parameters by the loop (:func:`train.certify.certify_conv_operator_norm`, whenever
         ``project_max_norm`` is set).
+      project_bn_aware: project the **BatchNorm-folded** operator of every conv followed by an
+        ``nnx.BatchNorm`` (``K · diag(gamma / sqrt(running_var + eps))``, the operator of the
+        evaluation network) instead of the kernel alone, by rescaling gamma
+        (:func:`train.bn_aware.project_batchnorm_folded`; ``project_method`` one of
+        ``'certified'``, ``'rescale'``, ``'power'``), and certify the folded operators at every
+        checkpoint and at the end (:func:`train.bn_aware.certify_folded_train_state`: rescale,
+        re-estimate the statistics, repeat; what is saved is certified for its own statistics).
+        Convs without a BatchNorm are projected alone as usual. Needs ``project_max_norm`` (or
+        ``lipschitz_target``).
+      lipschitz_target: ``None``, or ``L > 0``: train under the constraint and certify at the
+        end that the evaluation network's certified Lipschitz bound
+        (:func:`train.report.network_report`'s ``network['lipschitz_upper']``) is ``<= L``
+        (rounding allowance ``1e-4`` relative), else raise
+        :class:`train.bn_aware.LipschitzTargetError` naming the blocking op or the largest
+        layer. Implies ``project_bn_aware`` and also projects the dense layers; the per-layer
+        radius is ``project_max_norm`` when given, else ``L^(1/n)`` for the ``n`` conv and
+        dense layers (:func:`train.bn_aware.radius_for_target`; residual sums make ResNets need
+        a smaller explicit radius). The bound, its kind and ``L`` go to ``lipschitz.json`` in
+        the run folder.
       decomposition: ``None`` (plain convs) or the SVD-training form of Yang et al. (2020) that
         :func:`train.models.registry.build_model` gives every layer: ``'channel'`` (a
         ``k x k`` conv with ``r`` outputs then a 1x1 conv) or ``'spatial'`` (a ``k x 1``
@@ -185,6 +205,8 @@ class TrainConfig:
     project_certify_every: int | None = None
     project_certify_method: str = "rescale"
     project_certify_recalibration_batches: int = 20
+    project_bn_aware: bool = False
+    lipschitz_target: float | None = None
     decomposition: str | None = None
     decompose_dense: bool = True
     orth_weight: float = 0.0
@@ -249,6 +271,30 @@ class TrainConfig:
             raise ValueError(
                 f"project_certify_recalibration_batches={batches!r} must be an int >= 0"
             )
+        if not isinstance(self.project_bn_aware, bool):
+            raise ValueError(f"project_bn_aware={self.project_bn_aware!r} must be a bool")
+        target = self.lipschitz_target
+        if target is not None and (
+            isinstance(target, bool) or not isinstance(target, (int, float))
+            or not math.isfinite(target) or not target > 0
+        ):
+            raise ValueError(
+                f"lipschitz_target={target!r} must be None or a finite number > 0"
+            )
+        if self.project_bn_aware or target is not None:
+            from train.bn_aware import FOLD_METHODS
+
+            name = "lipschitz_target" if target is not None else "project_bn_aware"
+            if self.project_method not in FOLD_METHODS:
+                raise ValueError(
+                    f"{name} needs project_method in {FOLD_METHODS} (the folded layers are "
+                    f"rescaled); got project_method={self.project_method!r}"
+                )
+            if target is None and self.project_max_norm is None:
+                raise ValueError(
+                    "project_bn_aware=True needs project_max_norm (the radius) or "
+                    "lipschitz_target"
+                )
         if not isinstance(self.project_every, int) or self.project_every < 1:
             raise ValueError(f"project_every={self.project_every!r} must be a positive int")
         if self.decomposition is not None and self.decomposition not in DECOMPOSITIONS:

@@ -60,8 +60,17 @@ Example::
     result = loop.train_and_evaluate(config, make_run_dir("runs"))
     result["test_error"], result["sigma_max"]
 
-Run folders outside the loop (:func:`restore_model`, :func:`save_model`,
-:func:`evaluate_model`, re-exported here) live in :mod:`train.model_io`.
+Run folders outside the loop (:func:`train.model_io.restore_model`,
+:func:`train.model_io.save_model`, :func:`train.model_io.evaluate_model`) live in
+:mod:`train.model_io`.
+
+Resuming: ``train_and_evaluate(config, run_dir, resume=True)`` continues from the latest
+checkpoint; ``config`` may differ from the saved one only in
+:data:`train.checkpoint.RESUMABLE_CHANGES` (bit-identical continuation) and ``num_steps``
+(:data:`train.checkpoint.SCHEDULE_CHANGES`: the learning-rate schedule is rebuilt for the new
+length, so the continued run differs from a fresh run of that length unless the schedule is
+``'constant'``). :func:`train.checkpoint.resume_config` gives the saved config with
+overrides on top.
 
 Command line: :mod:`train.cli` (``python -m train --out runs model=resnet8 ...``).
 """
@@ -76,6 +85,7 @@ import numpy as np
 from flax import nnx
 
 from train import batches
+from train import bn_aware
 from train import builders
 from train import checkpoint
 from train import distributed
@@ -86,10 +96,6 @@ from train.certify import batch_stats_recalibrator
 from train.certify import certify_train_state
 from train.config import TrainConfig
 from train.conv_norms import conv_layers
-from train.lapack_workaround import avoid_cpu_lapack_deadlock
-from train.model_io import evaluate_model
-from train.model_io import restore_model
-from train.model_io import save_model
 from train.models.registry import build_model
 from train.steps import Steps
 from train.steps import TrainState
@@ -169,8 +175,12 @@ def train_and_evaluate(
       run_dir: the run folder. Without ``resume`` it must not exist or be empty (a run is never
         overwritten; see :func:`train.checkpoint.make_run_dir` for a fresh one).
       resume: continue the run in ``run_dir`` from its latest checkpoint (its ``config.json``
-        must match ``config`` except for :data:`train.checkpoint.RESUMABLE_CHANGES`); the
-        continuation is bit-identical to an uninterrupted run.
+        must match ``config`` except for :data:`train.checkpoint.RESUMABLE_CHANGES`, after
+        which the continuation is bit-identical to an uninterrupted run, and ``num_steps``, at
+        least the checkpoint's step: the learning-rate schedule is rebuilt for it, see
+        :data:`train.checkpoint.SCHEDULE_CHANGES`); ``config.json`` is rewritten with
+        ``config``. :func:`train.checkpoint.resume_config` gives the saved config with
+        overrides.
       until_step: stop (with a checkpoint) after this many total steps, before
         ``config.num_steps`` (the schedule still spans ``num_steps``); for preemptible jobs and
         tests of resumption.
@@ -198,7 +208,8 @@ def train_and_evaluate(
     Raises:
       FileExistsError: when ``run_dir`` is not empty and ``resume`` is false.
       FileNotFoundError: when ``resume`` is true and ``run_dir`` holds no checkpoint.
-      ValueError: naming ``config`` fields that differ from the resumed run's.
+      ValueError: naming ``config`` fields that differ from the resumed run's and may not
+        change, or when ``num_steps`` is below the checkpoint's step.
     """
     run_dir = pathlib.Path(run_dir)
     distributed.initialize(config)
@@ -215,9 +226,15 @@ def train_and_evaluate(
     model.train()
     specs, graphdef_train, graphdef_eval, params, rest = split_model(model, example)
     layers = conv_layers(specs)
-    steps = make_steps(graphdef_train, graphdef_eval, specs, config, mesh)
+    # BatchNorm-aware projection / Lipschitz target (train.bn_aware): `user_config` is what
+    # config.json holds; `config` may carry the radius derived from lipschitz_target.
+    user_config = config
+    config, folds, dense = bn_aware.resolve_config(config, model, example, specs)
+    steps = make_steps(graphdef_train, graphdef_eval, specs, config, mesh, folds=folds,
+                       dense=dense)
     state = distributed.place_state(
-        init_train_state(config, specs, params, rest), mesh, config.fsdp
+        init_train_state(config, specs, params, rest, folds=folds, dense=dense), mesh,
+        config.fsdp,
     )
 
     main = distributed.is_main_process()
@@ -229,10 +246,15 @@ def train_and_evaluate(
             raise FileNotFoundError(
                 f"resume=True but {run_dir / checkpoint.CHECKPOINT_DIR} is empty"
             )
+        if manager.latest_step() > config.num_steps:
+            raise ValueError(
+                f"num_steps={config.num_steps} is below the step {manager.latest_step()} of the "
+                f"latest checkpoint in {run_dir}: a resumed run may end later, not earlier"
+            )
         state, meta = checkpoint.restore_checkpoint(manager, state)
         resume_step = int(meta["step"])
-    elif main:
-        (run_dir / checkpoint.CONFIG_FILE).write_text(config.to_json())
+    if main:  # On resume: the config that continues the run (e.g. a new num_steps).
+        (run_dir / checkpoint.CONFIG_FILE).write_text(user_config.to_json())
     if main:
         distributed.record_mesh(run_dir, mesh, config.fsdp, int(state.step))
 
@@ -246,7 +268,7 @@ def train_and_evaluate(
         state, out = _train(
             config, steps, state, train_data, test_data, stop, rows, progress, manager,
             layers, svd_cols, mesh, specs,
-            batch_stats_recalibrator(config, graphdef_train, train_data, mesh),
+            batch_stats_recalibrator(config, graphdef_train, train_data, mesh), (folds, dense),
         )
         manager.wait_until_finished()
     finally:
@@ -258,6 +280,9 @@ def train_and_evaluate(
 
     test = out["test"] if out["step"] == config.num_steps else None
     nnx.update(model, out["params"], out["rest"])
+    lipschitz = None
+    if config.lipschitz_target is not None and out["step"] == config.num_steps:
+        lipschitz = bn_aware.certify_run_target(config, model, example, run_dir, main)
     return {
         "run_dir": str(run_dir),
         "step": out["step"],
@@ -273,12 +298,14 @@ def train_and_evaluate(
         "model": model,
         "specs": specs,
         "certification": out["certification"],
+        "lipschitz": lipschitz,
     }
 
 
 def _train(
     config: TrainConfig, steps: Steps, state: TrainState, train_data, test_data, stop: int,
     rows: metrics.PendingRows, progress, manager, layers, svd_cols, mesh, specs, recalibrate,
+    folded=((), ()),
 ) -> tuple[TrainState, dict[str, Any]]:
     """The step loop of :func:`train_and_evaluate` from ``state.step`` to ``stop``."""
     certified_at: dict[int, tuple[Any, Any, Any, dict[str, Any]]] = {}
@@ -286,7 +313,9 @@ def _train(
     def certified(step: int) -> tuple[Any, Any, Any, dict[str, Any]]:  # Once per step.
         if step not in certified_at:
             certified_at.clear()
-            certified_at[step] = certify_train_state(config, specs, state, mesh, recalibrate)
+            certified_at[step] = certify_train_state(
+                config, specs, state, mesh, recalibrate, *folded
+            )
         return certified_at[step]
 
     def save(step: int) -> None:
@@ -365,21 +394,3 @@ def _train(
         "compile_s": compile_s,
         "step_time_s": float(np.median(interval_times)) if interval_times else math.nan,
     }
-
-
-__all__ = [
-    # Re-exported for callers that import them from here: avoid_cpu_lapack_deadlock
-    # (tests/conftest.py, experiments/__main__.py; its home is train.lapack_workaround) and the
-    # run-folder functions (their home is train.model_io).
-    "avoid_cpu_lapack_deadlock",
-    "evaluate_model",
-    "restore_model",
-    "save_model",
-    "train_and_evaluate",
-]
-
-
-if __name__ == "__main__":  # ``python -m train.loop ...`` is the CLI of :mod:`train.cli`.
-    from train.cli import main
-
-    main()

@@ -7,8 +7,8 @@
 * :func:`evaluate_model`: the loop's jitted, data-parallel test evaluation of any model.
 
 The run folder's format (``config.json``, orbax checkpoints, the certified item) is that of
-:mod:`train.checkpoint`. These functions are also importable from :mod:`train.loop` and
-:mod:`train`.
+:mod:`train.checkpoint`. These functions are also importable from :mod:`train` (and the report,
+:mod:`train.report`, imports :func:`restore_model` from here: it does not depend on the loop).
 """
 
 import pathlib
@@ -71,8 +71,12 @@ def restore_model(
     model.train()
     specs, _, _, params, rest = split_model(model, example_input)
     mesh = distributed.make_mesh(config.num_devices if mesh_devices is None else mesh_devices)
+    from train.bn_aware import resolve_config  # The run's optimiser state (folded projection).
+
+    run_config, folds, dense = resolve_config(config, model, example_input, specs)
     template = distributed.place_state(
-        init_train_state(config, specs, params, rest), mesh, config.fsdp
+        init_train_state(run_config, specs, params, rest, folds=folds, dense=dense), mesh,
+        config.fsdp,
     )
     manager = checkpoint.checkpoint_manager(run_dir, config)
     try:
@@ -145,8 +149,12 @@ def save_model(
         raise FileExistsError(f"run_dir={str(run_dir)!r} exists and is not empty")
     specs, _, _, params, rest = split_model(model, example_input)
     mesh = distributed.make_mesh(config.num_devices)
+    from train.bn_aware import resolve_config
+
+    run_config, folds, dense = resolve_config(config, model, example_input, specs)
     state = distributed.place_state(
-        init_train_state(config, specs, params, rest, step), mesh, config.fsdp
+        init_train_state(run_config, specs, params, rest, step, folds=folds, dense=dense),
+        mesh, config.fsdp,
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     if distributed.is_main_process():

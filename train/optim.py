@@ -28,7 +28,9 @@ def learning_rate_schedule(config: TrainConfig, peak: Any = None) -> optax.Sched
     """The learning rate as a function of the step: warm-up, then cosine / piecewise / constant.
 
     ``'cosine'`` decays from the peak to 0 at ``num_steps``; ``'piecewise'`` multiplies the peak
-    by ``decay_factor`` at each ``round(b * num_steps)`` for ``b`` in ``boundaries``.
+    by ``decay_factor`` at each ``round(b * num_steps)`` for ``b`` in ``boundaries``. A run
+    resumed with a new ``num_steps`` continues on the schedule of the new value (see
+    :data:`train.checkpoint.SCHEDULE_CHANGES`).
 
     Args:
       config: the run's configuration (schedule shape and ``lr``).
@@ -64,6 +66,8 @@ def _chain(
     config: TrainConfig,
     specs: Any,
     mesh: jax.sharding.Mesh | None = None,
+    folds: tuple = (),
+    dense: tuple = (),
 ) -> optax.GradientTransformation:
     """The inner transformation of :func:`make_optimizer` for given (traced) hyperparameters."""
     schedule = learning_rate_schedule(config, learning_rate)
@@ -80,7 +84,26 @@ def _chain(
         )
     else:
         parts.append(optax.adam(schedule))
-    if max_norm is not None:
+    if max_norm is not None and (folds or dense):
+        from train.bn_aware import project_batchnorm_folded
+        from train.bn_aware import unfolded_specs
+
+        specs_alone = unfolded_specs(specs, folds)
+        if any(s is not None for s in jax.tree.leaves(
+                specs_alone, is_leaf=lambda x: x is None or hasattr(x, "input_shape"))):
+            parts.append(project_conv_operator_norm(
+                max_norm, specs_alone, every_k_steps=config.project_every,
+                method=config.project_method, num_rounds=config.project_rounds,
+                certify_every=config.project_certify_every,
+                certify_method=config.project_certify_method, mesh=mesh, mesh_axis=DATA_AXIS,
+            ))
+        parts.append(project_batchnorm_folded(
+            max_norm, specs, folds, dense=dense, every_k_steps=config.project_every,
+            method=config.project_method, num_rounds=max(config.project_rounds, 1),
+            certify_every=config.project_certify_every,
+            certify_method=config.project_certify_method,
+        ))
+    elif max_norm is not None:
         parts.append(
             project_conv_operator_norm(
                 max_norm,
@@ -98,7 +121,12 @@ def _chain(
 
 
 def make_optimizer(
-    config: TrainConfig, specs: Any = None, mesh: jax.sharding.Mesh | None = None
+    config: TrainConfig,
+    specs: Any = None,
+    mesh: jax.sharding.Mesh | None = None,
+    *,
+    folds: tuple = (),
+    dense: tuple = (),
 ) -> optax.GradientTransformation:
     """``optax.chain(weight decay, SGD-momentum | Adam with the schedule[, projection])``.
 
@@ -120,9 +148,15 @@ def make_optimizer(
         :func:`train.project_conv_operator_norm`; same values, less work per device); ``None``:
         no sharding constraint. Only ``update`` uses it: the state of ``init`` does not depend
         on it.
+      folds: BatchNorm-aware projection (``config.project_bn_aware``): the conv -> BatchNorm
+        pairs (:func:`train.bn_aware.find_batchnorm_folds`) whose folded operators
+        :func:`train.bn_aware.project_batchnorm_folded` keeps at ``σ_max <= c`` (appended
+        last; the other convs keep :func:`train.project_conv_operator_norm`).
+      dense: dense weights projected too (``config.lipschitz_target``).
 
     Returns:
-      The transformation; its ``update`` needs ``params`` when the projection is on.
+      The transformation; its ``update`` needs ``params`` when the projection is on, and
+      ``batch_stats`` (the model's running statistics) with ``folds``.
 
     Raises:
       ValueError: when ``config.project_max_norm`` is set and ``specs`` is ``None``.
@@ -145,7 +179,8 @@ def make_optimizer(
     if config.project_max_norm is not None and specs is None:
         raise ValueError("specs are needed when config.project_max_norm is set")
     factory = optax.inject_hyperparams(
-        _chain, static_args=("config", "specs", "mesh"), hyperparam_dtype=jnp.float32
+        _chain, static_args=("config", "specs", "mesh", "folds", "dense"),
+        hyperparam_dtype=jnp.float32,
     )
     return factory(
         learning_rate=config.lr,
@@ -153,6 +188,8 @@ def make_optimizer(
         config=config,
         specs=specs,
         mesh=mesh,
+        folds=tuple(folds),
+        dense=tuple(dense),
     )
 
 

@@ -57,6 +57,7 @@ UNUSED_FIELDS = (
     "model_kwargs", "width", "padding", "shortcut", "decompose_dense", "seed", "log_every",
     "sigma_every", "eval_every", "checkpoint_every", "max_to_keep", "progress", "num_devices",
     "fsdp", "multi_host", "coordinator_address", "num_processes", "process_id",
+    "lipschitz_target",
 )
 #: The metric sums of every step, and those of the SVD-training terms.
 SUM_KEYS = ("loss", "penalty", "correct", "count", "steps")
@@ -143,15 +144,22 @@ def step_program(config: TrainConfig) -> TrainConfig:
 
 
 def init_train_state(
-    config: TrainConfig, specs: Any, params: Any, rest: Any, step: int = 0
+    config: TrainConfig,
+    specs: Any,
+    params: Any,
+    rest: Any,
+    step: int = 0,
+    *,
+    folds: tuple = (),
+    dense: tuple = (),
 ) -> TrainState:
     """A fresh :class:`TrainState`: ``params``, ``rest``, the optimiser state of
-    ``make_optimizer(config, specs)`` (its hyperparameters set from ``config``), ``step`` and
-    zero sums."""
+    ``make_optimizer(config, specs, folds=folds, dense=dense)`` (its hyperparameters set from
+    ``config``), ``step`` and zero sums."""
     return TrainState(
         params,
         rest,
-        make_optimizer(config, specs).init(params),
+        make_optimizer(config, specs, folds=folds, dense=dense).init(params),
         jnp.asarray(step, jnp.int32),
         zero_sums(config),
     )
@@ -179,8 +187,15 @@ def make_steps(
     specs: Any,
     config: TrainConfig,
     mesh: jax.sharding.Mesh | None = None,
+    *,
+    folds: tuple = (),
+    dense: tuple = (),
 ) -> Steps:
     """The jitted train / eval / σ_max functions for a model split by :func:`split_model`.
+
+    ``folds`` / ``dense`` (BatchNorm-aware projection, :mod:`train.bn_aware`): passed to
+    :func:`train.optim.make_optimizer`; the step then hands the running statistics its forward
+    pass produced to the projection (``batch_stats``).
 
     ``train_step(state, image, label, mask, hyper) -> (state, lr)`` does one optimiser step on
     the mask-weighted mean cross entropy (+ ``hyper['penalty_weight']`` times the spectral
@@ -210,7 +225,7 @@ def make_steps(
     fsdp = bool(config.fsdp) if mesh is not None else False
     return _build_steps(
         graphdef_train, graphdef_eval, spec_def, tuple(spec_leaves), step_program(config), mesh,
-        fsdp,
+        fsdp, tuple(folds), tuple(dense),
     )
 
 
@@ -222,7 +237,8 @@ def _cross_entropy_sums(logits, labels, mask):
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def _build_steps(
-    graphdef_train, graphdef_eval, spec_def, spec_leaves, program, mesh, fsdp
+    graphdef_train, graphdef_eval, spec_def, spec_leaves, program, mesh, fsdp, folds=(),
+    dense=(),
 ) -> Steps:
     specs = jax.tree.unflatten(spec_def, spec_leaves)
 
@@ -230,7 +246,12 @@ def _build_steps(
         return tree if mesh is None else distributed.constrain_state(tree, mesh, fsdp)
 
     # The projection's groups of kernels are spread over the devices of a mesh of several.
-    tx = make_optimizer(program, specs, mesh if mesh is not None and mesh.size > 1 else None)
+    tx = make_optimizer(
+        program, specs, mesh if mesh is not None and mesh.size > 1 else None, folds=folds,
+        dense=dense,
+    )
+    # The BatchNorm-aware projection reads the running statistics of this step's forward pass.
+    stats_arg = "batch_stats" if folds else None
     use_penalty = program.penalty_weight > 0
     use_svd_terms = svd_terms_on(program)
 
@@ -264,7 +285,8 @@ def _build_steps(
         grads, (rest, loss_sum, correct, count, penalty, terms) = jax.grad(
             loss_fn, has_aux=True
         )(state.params, state.rest, image, label, mask, hyper)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        extra = {stats_arg: rest} if stats_arg else {}
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
         params = optax.apply_updates(state.params, updates)
         sums = dict(state.sums)
         sums["loss"] = sums["loss"] + loss_sum.astype(jnp.float32)

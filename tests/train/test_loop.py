@@ -2,6 +2,7 @@
 
 import csv
 import dataclasses
+import json
 import pathlib
 import shutil
 import tempfile
@@ -237,6 +238,90 @@ class LoopTest(absltest.TestCase):
         self.assertEqual([r["step"] for r in metrics.read_history(run)], [4, 6, 8, 12])
         with self.assertRaisesRegex(ValueError, "not a TrainConfig field"):
             cli.main(["--run-dir", str(self.root / "bad"), "learning_rate=1"])
+
+    def test_command_line_resume_uses_the_saved_config(self):
+        from train import cli
+
+        # A run started with overrides (model, width, ... differ from the defaults), preempted
+        # after its step-8 checkpoint: the step-12 checkpoint and its metric rows are lost.
+        run = self.root / "cli"
+        overrides = ["dataset=digits", "model=resnet8", "width=8", "image_pad=2",
+                     "batch_size=64", "eval_batch_size=128", "num_steps=12", "lr=0.1",
+                     "log_every=4", "sigma_every=6", "progress=false", "checkpoint_every=4"]
+        cli.main(["--run-dir", str(run), *overrides])
+        example = np.zeros((1, 12, 12, 1), np.float32)
+        straight, _, _ = model_io.restore_model(run, example_input=example)
+        history = metrics.read_history(run)
+        shutil.rmtree(run / checkpoint.CHECKPOINT_DIR / "12")
+        # Resume without retyping the overrides: config.json, then bit-identical steps 9-12.
+        cli.main(["--run-dir", str(run), "--resume"])
+        resumed, saved, meta = model_io.restore_model(run, example_input=example)
+        self.assertEqual((saved, meta["step"]), (dataclasses.replace(CONFIG, checkpoint_every=4),
+                                                 12))
+        for a, b in zip(_params(straight), _params(resumed), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+        def strip(rows):
+            return [{k: v for k, v in r.items() if k != "step_time_s"} for r in rows]
+
+        self.assertEqual(strip(metrics.read_history(run)), strip(history))
+        # Extend the finished run: steps 13-16 follow the cosine rebuilt for num_steps=16.
+        cli.main(["--run-dir", str(run), "--resume", "num_steps=16", "eval_every=2"])
+        self.assertEqual(TrainConfig.load(run / checkpoint.CONFIG_FILE).num_steps, 16)
+        rows = {int(r["step"]): r for r in metrics.read_history(run)}
+        self.assertEqual(max(rows), 16)
+        self.assertIn("test_accuracy", rows[14])  # The new eval_every.
+        old = optim.learning_rate_schedule(CONFIG)
+        new = optim.learning_rate_schedule(dataclasses.replace(CONFIG, num_steps=16))
+        self.assertAlmostEqual(rows[12]["lr"], float(old(11)), places=6)
+        self.assertAlmostEqual(rows[16]["lr"], float(new(15)), places=6)
+        self.assertGreater(rows[16]["lr"], 0.0)  # Not the finished cosine's 0.
+        self.assertEqual(model_io.restore_model(run, example_input=example)[2]["step"], 16)
+        # Fields that change the run may not change; the message names field and values.
+        with self.assertRaisesRegex(ValueError, r"lr: saved 0\.1, given 0\.5"):
+            cli.main(["--run-dir", str(run), "--resume", "lr=0.5", "num_steps=20"])
+        with self.assertRaisesRegex(ValueError, "num_steps=12 is below the step 16"):
+            cli.main(["--run-dir", str(run), "--resume", "num_steps=12"])
+        with self.assertRaisesRegex(ValueError, "--resume needs --run-dir"):
+            cli.main(["--resume"])
+
+    def test_num_steps_extension_of_a_constant_schedule_is_a_longer_run(self):
+        # The schedule is rebuilt for the new num_steps: with one that does not depend on it,
+        # 8 steps extended to 12 are the 12-step run, bit for bit.
+        config = dataclasses.replace(CONFIG, schedule="constant", num_steps=8)
+        longer = dataclasses.replace(config, num_steps=12)
+        loop.train_and_evaluate(config, self.root / "run")
+        extended = loop.train_and_evaluate(longer, self.root / "run", resume=True)
+        straight = loop.train_and_evaluate(longer, self.root / "straight")
+        self.assertEqual(extended["step"], 12)
+        for a, b in zip(_params(straight["model"]), _params(extended["model"]), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        self.assertEqual(extended["test_accuracy"], straight["test_accuracy"])
+
+    def test_resume_config(self):
+        run = self.root / "run"
+        run.mkdir()
+        # A config.json written before some fields existed: they load with their defaults.
+        saved = dataclasses.replace(CONFIG, model="resnet8", width=8)
+        old = {k: v for k, v in saved.to_dict().items()
+               if k not in ("fsdp", "project_certify_every", "sparsity", "max_to_keep")}
+        (run / checkpoint.CONFIG_FILE).write_text(json.dumps(old))
+        self.assertEqual(checkpoint.resume_config(run), saved)
+        self.assertEqual(
+            checkpoint.resume_config(run, ["num_steps=40", "--config.log_every=2",
+                                           "progress=true", "model=resnet8"]),
+            dataclasses.replace(saved, num_steps=40, log_every=2, progress=True),
+        )
+        for override, message in (
+            ("model=resnet20", "model: saved 'resnet8', given 'resnet20'"),
+            ("width=16", "width: saved 8, given 16"),
+            ("schedule=constant", "schedule: saved 'cosine', given 'constant'"),
+            ("warmup_steps=5", "warmup_steps: saved 0, given 5"),
+        ):
+            with self.assertRaisesRegex(ValueError, message):
+                checkpoint.resume_config(run, [override])
+        with self.assertRaisesRegex(FileNotFoundError, "config.json"):
+            checkpoint.resume_config(self.root / "none")
 
 
 def _exact_sigmas(model, specs) -> list[float]:

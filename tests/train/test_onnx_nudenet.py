@@ -193,6 +193,22 @@ def test_fold_batch_norm_finds_nothing_to_fold_in_a_pytorch_export(imported):
     assert folds == () and folded is imported
 
 
+def test_to_onnx_round_trip_of_new_weights(imported, tmp_path):
+    """The way back on a real export: new weights written, onnxruntime equals apply_fn."""
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(
+        lambda a: (np.asarray(a) * (1 + 0.05 * rng.standard_normal(np.shape(a)))).astype(a.dtype),
+        imported.params,
+    )
+    path = tmp_path / "yolov8n_new.onnx"
+    imported.to_onnx(params, path)
+    x = np.random.default_rng(0).uniform(size=INPUT_SHAPE).astype(np.float32)
+    (got,) = jax.jit(imported.apply_fn)(params, x)
+    (want,) = run_ort(onnx.load(str(path)), {imported.input_names[0]: x})
+    scale = float(np.max(np.abs(want)))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5 * scale)
+
+
 if __name__ == "__main__":
     from train.lapack_workaround import avoid_cpu_lapack_deadlock
 

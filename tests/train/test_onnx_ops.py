@@ -431,6 +431,8 @@ CASES = {
         {"x": randn(1, 2, 3, 4)},
         {"s": np.array([1, 1, 2, 3], np.float32)},
     ),
+    "lrn": unary("LRN", randn(2, 7, 4, 5), size=5, alpha=1e-2, beta=0.75, bias=2.0),
+    "lrn_defaults": unary("LRN", randn(1, 6, 3, 3), size=3),
     "upsample_9_linear": (
         9,
         [node("Upsample", ["x", "s"], ["y"], mode="linear")],

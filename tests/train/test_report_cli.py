@@ -82,7 +82,7 @@ class WriteTest(absltest.TestCase):
         self.assertEqual(data["layers"][0]["sigma_max_method"], "fft")
         self.assertIsNone(data["layers"][1]["sigma_max_residual"])  # dense: exact
         self.assertAlmostEqual(
-            data["network"]["lipschitz_upper"], r.layers[0].sigma_max * r.layers[1].sigma_max
+            data["network"]["lipschitz_upper_naive"], r.layers[0].sigma_max * r.layers[1].sigma_max
         )
 
 

@@ -15,6 +15,9 @@ import spectra
 from tests.spectra.layers import layer_cases
 from tests.spectra.layers import random_kernel
 from train import report
+from train.report import _host
+from train.report import _host_spectra
+from train.report import _layers
 
 CASES = layer_cases() + [
     ("patchify_VALID", (2, 2, 3, 4), spectra.ConvSpec((6, 7), 2, "VALID")),
@@ -57,54 +60,54 @@ class HostOperatorTest(parameterized.TestCase):
     @parameterized.named_parameters(*_PARAMS)
     def test_operator_adjoint_and_dense(self, index):
         kernel, spec, dense, _ = _case(index)
-        op = report.ConvOperator(kernel, spec)
+        op = _host.ConvOperator(kernel, spec)
         rng = np.random.default_rng(index)
         x = rng.standard_normal((2, *op.input_shape))
         y = rng.standard_normal((2, *op.output_shape))
-        ax = report.conv_numpy(kernel, x, spec)
+        ax = _host.conv_numpy(kernel, x, spec)
         np.testing.assert_allclose(
             ax.reshape(2, -1), x.reshape(2, -1) @ dense.T, atol=1e-12 * np.abs(dense).sum()
         )
-        aty = report.conv_transpose_numpy(kernel, y, spec)
+        aty = _host.conv_transpose_numpy(kernel, y, spec)
         np.testing.assert_allclose(
             aty.reshape(2, -1), y.reshape(2, -1) @ dense, atol=1e-12 * np.abs(dense).sum()
         )
         # <A x, y> = <x, Aᵀ y> (the adjoint of the operator itself, not just of the matrix).
         self.assertAlmostEqual(np.vdot(ax, y) / np.vdot(x, aty), 1.0, delta=1e-12)
-        np.testing.assert_allclose(report.dense_operator_numpy(kernel, spec), dense, atol=1e-13)
+        np.testing.assert_allclose(_host.dense_operator_numpy(kernel, spec), dense, atol=1e-13)
 
     def test_bad_shapes(self):
         _, kshape, spec = CASES[0]
-        op = report.ConvOperator(random_kernel(kshape), spec)
+        op = _host.ConvOperator(random_kernel(kshape), spec)
         with self.assertRaisesRegex(ValueError, "x must have shape"):
             op.apply(np.zeros((3, 3, 1)))
         with self.assertRaisesRegex(ValueError, "y must have shape"):
             op.adjoint(np.zeros((3, 3, 1)))
         with self.assertRaisesRegex(ValueError, "initial_vector"):
-            report.lanczos_sigma_max_numpy(random_kernel(kshape), spec, initial_vector=np.ones(3))
+            _host.lanczos_sigma_max_numpy(random_kernel(kshape), spec, initial_vector=np.ones(3))
 
 
 class HostSpectraTest(parameterized.TestCase):
     @parameterized.named_parameters(*_PARAMS)
     def test_sigma_max_bounds_and_frobenius(self, index):
         kernel, spec, _, exact = _case(index)
-        lanczos = report.lanczos_sigma_max_numpy(kernel, spec, rtol=1e-10)
+        lanczos = _host.lanczos_sigma_max_numpy(kernel, spec, rtol=1e-10)
         self.assertAlmostEqual(lanczos.value / exact[0], 1.0, delta=1e-8)
         self.assertLessEqual(lanczos.residual, 1e-10)
         # The warm start from the circulant top gives the same value.
-        bound, start = report.circulant_top_numpy(kernel, spec)
-        warm = report.lanczos_sigma_max_numpy(kernel, spec, rtol=1e-4, initial_vector=start)
+        bound, start = _host_spectra.circulant_top_numpy(kernel, spec)
+        warm = _host.lanczos_sigma_max_numpy(kernel, spec, rtol=1e-4, initial_vector=start)
         self.assertLessEqual(warm.residual, 1e-4)
         self.assertAlmostEqual(warm.value / exact[0], 1.0, delta=1e-4)
         # Certified upper bounds: >= the exact value everywhere (to rounding).
         self.assertGreaterEqual(bound, exact[0] * (1 - 1e-12))
-        self.assertEqual(bound, report.circulant_sigma_max_numpy(kernel, spec))
-        self.assertGreaterEqual(report.tap_sum_bound_numpy(kernel, spec), exact[0] * (1 - 1e-12))
+        self.assertEqual(bound, _host_spectra.circulant_sigma_max_numpy(kernel, spec))
+        self.assertGreaterEqual(_host.tap_sum_bound_numpy(kernel, spec), exact[0] * (1 - 1e-12))
         if _fft_applies(spec):  # The circulant bound is then the exact value.
             self.assertAlmostEqual(bound / exact[0], 1.0, delta=1e-12)
         if kernel.shape[:2] == (1, 1):  # tap_sum is exact for 1x1 kernels.
-            self.assertAlmostEqual(report.tap_sum_bound_numpy(kernel, spec) / exact[0], 1, 12)
-        frob = report.frobenius_norm_numpy(kernel, spec)
+            self.assertAlmostEqual(_host.tap_sum_bound_numpy(kernel, spec) / exact[0], 1, 12)
+        frob = _host.frobenius_norm_numpy(kernel, spec)
         self.assertAlmostEqual(frob / np.sqrt(np.sum(exact**2)), 1.0, delta=1e-12)
 
     @parameterized.named_parameters(*_PARAMS)
@@ -112,11 +115,11 @@ class HostSpectraTest(parameterized.TestCase):
         kernel, spec, dense, exact = _case(index)
         atol = 1e-10 * exact[0]
         if _fft_applies(spec):
-            got = report.circular_singular_values_numpy(kernel, spec)
+            got = _host_spectra.circular_singular_values_numpy(kernel, spec)
             np.testing.assert_allclose(got, exact, atol=atol)
         else:
             with self.assertRaisesRegex(ValueError, "spec="):
-                report.circular_singular_values_numpy(kernel, spec)
+                _host_spectra.circular_singular_values_numpy(kernel, spec)
         # Disjoint windows <=> no input pixel is read twice, decided from the dense operator:
         # every column has its nonzeros (for a kernel without zeros) in one output pixel's rows.
         c_out = spec.channels(kernel.shape)[1]
@@ -124,20 +127,20 @@ class HostSpectraTest(parameterized.TestCase):
         read_twice = bool((reads.sum(axis=0) > 1).any())
         # (Circular layers are left to the FFT: disjoint_windows is False for them.)
         disjoint = not read_twice and not spec.is_circular
-        self.assertEqual(report.disjoint_windows(spec, kernel.shape), disjoint)
+        self.assertEqual(_host_spectra.disjoint_windows(spec, kernel.shape), disjoint)
         if disjoint:
-            got = report.block_singular_values(kernel, spec)
+            got = _host_spectra.block_singular_values(kernel, spec)
             np.testing.assert_allclose(got, exact, atol=atol)
         else:
             with self.assertRaisesRegex(ValueError, "spec="):
-                report.block_singular_values(kernel, spec)
+                _host_spectra.block_singular_values(kernel, spec)
 
     @parameterized.named_parameters(*_DENSITY_PARAMS)
     def test_spectral_density_matches_spectra(self, index):
         # An approximation has no ground truth but its definition: the host port must give the
         # values of spectra's (JAX) implementation, which is itself tested against its maths.
         kernel, spec, _, exact = _case(index)
-        got = report.spectral_density_values_numpy(kernel, spec)
+        got = _host_spectra.spectral_density_values_numpy(kernel, spec)
         want = np.asarray(spectra.spectral_density_singular_values(kernel, spec))
         self.assertEqual(got.shape, exact.shape)
         np.testing.assert_allclose(got, want, atol=1e-10 * want[0])
@@ -150,9 +153,9 @@ class BackendTest(parameterized.TestCase):
         for i, (name, kshape, spec) in enumerate(CASES):
             if name in names:
                 scale = np.random.default_rng(i).uniform(0.5, 2.0, kshape[3])
-                layers.append(report.ConvLayer(name, random_kernel(kshape, seed=i), spec, scale))
-        host = report.analyse_convs(layers, max_dense_dim=0, backend="numpy")
-        jax_ = report.analyse_convs(layers, max_dense_dim=0, backend="jax")
+                layers.append(_layers.ConvLayer(name, random_kernel(kshape, seed=i), spec, scale))
+        host = _layers.analyse_convs(layers, max_dense_dim=0, backend="numpy")
+        jax_ = _layers.analyse_convs(layers, max_dense_dim=0, backend="jax")
         for layer, h, j in zip(layers, host, jax_):
             exact = np.linalg.svd(
                 np.asarray(spectra.dense_operator(layer.kernel, layer.spec)), compute_uv=False
@@ -166,7 +169,7 @@ class BackendTest(parameterized.TestCase):
             self.assertAlmostEqual(h.bn_folded_sigma_max / j.bn_folded_sigma_max, 1.0, delta=1e-8)
             self.assertAlmostEqual(h.frobenius / j.frobenius, 1.0, delta=1e-12)
         with self.assertRaisesRegex(ValueError, "backend"):
-            report.analyse_convs(layers, backend="torch")
+            _layers.analyse_convs(layers, backend="torch")
 
 
 if __name__ == "__main__":

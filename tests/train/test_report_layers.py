@@ -8,7 +8,8 @@ import spectra
 from tests.spectra.layers import exact_singular_values
 from tests.spectra.layers import layer_cases
 from tests.spectra.layers import random_kernel
-from train import report
+from train.report import _host_spectra
+from train.report import _layers as report_layers
 
 # A subset of the shared grid: k 1/2/3/5, c_in != c_out, strides, dilation, groups, depthwise,
 # every padding mode (CIRCULAR with and without strides dividing the input), non-square inputs.
@@ -37,7 +38,7 @@ def _layers():
     layers = []
     for i, (name, kshape, spec) in enumerate(CASES):
         scale = np.random.default_rng(100 + i).uniform(0.2, 3.0, size=kshape[3])
-        layers.append(report.ConvLayer(name, random_kernel(kshape, seed=i), spec, scale))
+        layers.append(report_layers.ConvLayer(name, random_kernel(kshape, seed=i), spec, scale))
     return layers
 
 
@@ -48,8 +49,8 @@ class LayerReportTest(parameterized.TestCase):
         layers = _layers()
         cls.layers = layers
         # max_dense_dim=0: every zero-padded layer goes through Lanczos; 10**6: dense SVD.
-        cls.lanczos = report.analyse_convs(layers, max_dense_dim=0)
-        cls.dense = report.analyse_convs(layers, max_dense_dim=10**6)
+        cls.lanczos = report_layers.analyse_convs(layers, max_dense_dim=0)
+        cls.dense = report_layers.analyse_convs(layers, max_dense_dim=10**6)
 
     def _check(self, layer, r, exact):
         self.assertAlmostEqual(r.sigma_max / exact[0], 1.0, delta=1e-8)
@@ -90,7 +91,7 @@ class LayerReportTest(parameterized.TestCase):
         for r in (self.lanczos[index], self.dense[index]):
             self._check(layer, r, exact)
         expected = "fft" if _fft(layer.spec) else "lanczos"
-        if expected == "lanczos" and report.disjoint_windows(layer.spec, layer.kernel.shape):
+        if expected == "lanczos" and _host_spectra.disjoint_windows(layer.spec, layer.kernel.shape):
             expected = "matrix"  # No input pixel read twice (1x1): exact block SVD.
         self.assertEqual(self.lanczos[index].sigma_max_method, expected)
         self.assertEqual(self.dense[index].sigma_max_method, "fft" if _fft(layer.spec) else "dense")
@@ -103,7 +104,7 @@ class LayerReportTest(parameterized.TestCase):
 
     def test_dense_layer(self):
         w = random_kernel((5, 3), seed=3)
-        r = report.analyse_dense("head", w)
+        r = report_layers.analyse_dense("head", w)
         sv = np.linalg.svd(w, compute_uv=False)
         self.assertAlmostEqual(r.sigma_max, sv[0], delta=1e-12)
         self.assertAlmostEqual(r.sigma_min, sv[-1], delta=1e-12)
@@ -111,8 +112,8 @@ class LayerReportTest(parameterized.TestCase):
 
     def test_float32_lanczos_residual_within_1e4(self):
         name, kshape, spec = next(c for c in CASES if c[0] == "stride2_SAME")
-        layer = report.ConvLayer(name, random_kernel(kshape, dtype=np.float32), spec)
-        (r,) = report.analyse_convs([layer], max_dense_dim=0)
+        layer = report_layers.ConvLayer(name, random_kernel(kshape, dtype=np.float32), spec)
+        (r,) = report_layers.analyse_convs([layer], max_dense_dim=0)
         exact = exact_singular_values(layer.kernel, spec)[0]
         self.assertLessEqual(r.sigma_max_residual, 1e-4)
         self.assertAlmostEqual(r.sigma_max / exact, 1.0, delta=1e-4)

@@ -38,7 +38,7 @@ from flax import nnx
 from jax import lax
 
 from spectra import normalize_padding
-from spectra import normalize_pair
+from spectra._spec import normalize_pair
 
 #: Ways to view an HWIO kernel ``(kh, kw, c_in, c_out)`` as a matrix ``(a, b)``:
 #: ``'channel'``: ``(c_out, kh kw c_in)``; ``'spatial'``: ``(c_in kh, c_out kw)``.

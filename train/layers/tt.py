@@ -54,15 +54,15 @@ from flax import nnx
 from jax import lax
 
 from spectra import ConvSpec
-from spectra import normalize_modes
 from spectra import normalize_padding
-from spectra import normalize_pair
 from spectra import tt_matrix_apply
 from spectra import tt_matrix_contract
 from spectra import tt_matrix_svd
 from spectra import tt_matrix_to_full
 from spectra import tt_ranks
 from spectra import tt_svd
+from spectra._spec import normalize_pair
+from spectra._tt import normalize_modes
 
 #: ``TTConv(impl=...)`` values.
 TT_CONV_IMPLS = ("auto", "cores", "full")

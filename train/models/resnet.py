@@ -58,6 +58,10 @@ from flax import nnx
 PADDINGS = ("SAME", "CIRCULAR")
 #: Shortcut options of He et al. (2016): ``'A'`` zero-pad identity, ``'B'`` 1x1 projection.
 SHORTCUTS = ("A", "B")
+#: Normalisation after each conv of the ResNets: ``nnx.BatchNorm`` (the paper's), the mean-only
+#: :class:`train.batchnorm.BatchCentering` (a translation in evaluation mode: 1-Lipschitz), or
+#: none (the identity).
+NORMS = ("batchnorm", "centering", "none")
 
 #: He et al. (2015) initialisation, ``N(0, 2 / fan_in)`` (not truncated).
 conv_kernel_init = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
@@ -102,6 +106,27 @@ def batch_norm(features: int, param_dtype, rngs) -> nnx.BatchNorm:
     )
 
 
+def norm_layer(norm: str, features: int, param_dtype, rngs) -> nnx.Module | None:
+    """The normalisation after a conv: :func:`batch_norm` for ``'batchnorm'``, a
+    :class:`train.batchnorm.BatchCentering` (``momentum=0.9``, learned bias) for
+    ``'centering'``, ``None`` (nothing) for ``'none'``."""
+    if norm == "batchnorm":
+        return batch_norm(features, param_dtype, rngs)
+    if norm == "centering":
+        from train.batchnorm import BatchCentering
+
+        return BatchCentering(
+            features, momentum=_BN_MOMENTUM, param_dtype=param_dtype, rngs=rngs
+        )
+    if norm == "none":
+        return None
+    raise ValueError(f"norm={norm!r}: expected one of {NORMS}")
+
+
+def _apply_norm(layer: nnx.Module | None, x: jax.Array) -> jax.Array:
+    return x if layer is None else layer(x)
+
+
 def shortcut_option_a(x: jax.Array, out_channels: int, stride: int) -> jax.Array:
     """Parameter-free shortcut (option A): spatial subsampling and zero channels.
 
@@ -136,6 +161,8 @@ class BasicBlock(nnx.Module):
       stride: stride of ``conv1`` (and of the shortcut when it is not the identity).
       padding: ``'SAME'`` or ``'CIRCULAR'``, for every conv of the block.
       shortcut: ``'A'`` or ``'B'``; only used when ``stride != 1`` or the channels change.
+      norm: the normalisation after each conv, one of :data:`NORMS` (``bn1``, ``bn2`` and
+        ``proj_bn`` are ``None`` for ``'none'``).
       param_dtype: dtype of the parameters.
       rngs: ``nnx.Rngs`` with a ``params`` stream.
     """
@@ -148,35 +175,38 @@ class BasicBlock(nnx.Module):
         *,
         padding: str = "SAME",
         shortcut: str = "A",
+        norm: str = "batchnorm",
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
         _check_padding(padding)
         if shortcut not in SHORTCUTS:
             raise ValueError(f"shortcut={shortcut!r}: expected one of {SHORTCUTS}")
+        if norm not in NORMS:
+            raise ValueError(f"norm={norm!r}: expected one of {NORMS}")
         self.conv1 = he_conv(in_channels, out_channels, 3, stride, padding, param_dtype, rngs)
-        self.bn1 = batch_norm(out_channels, param_dtype, rngs)
+        self.bn1 = nnx.data(norm_layer(norm, out_channels, param_dtype, rngs))
         self.conv2 = he_conv(out_channels, out_channels, 3, 1, padding, param_dtype, rngs)
-        self.bn2 = batch_norm(out_channels, param_dtype, rngs)
+        self.bn2 = nnx.data(norm_layer(norm, out_channels, param_dtype, rngs))
         self.out_channels = out_channels
         self.stride = stride
         self.identity = stride == 1 and in_channels == out_channels
         self.shortcut = shortcut
         if not self.identity and shortcut == "B":
             self.proj = he_conv(in_channels, out_channels, 1, stride, padding, param_dtype, rngs)
-            self.proj_bn = batch_norm(out_channels, param_dtype, rngs)
+            self.proj_bn = nnx.data(norm_layer(norm, out_channels, param_dtype, rngs))
         else:
             self.proj = nnx.data(None)
             self.proj_bn = nnx.data(None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``(N, H, W, C_in) -> (N, H / stride, W / stride, C_out)`` (ceil for SAME)."""
-        out = nnx.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = nnx.relu(_apply_norm(self.bn1, self.conv1(x)))
+        out = _apply_norm(self.bn2, self.conv2(out))
         if self.identity:
             residual = x
         elif self.proj is not None:
-            residual = self.proj_bn(self.proj(x))
+            residual = _apply_norm(self.proj_bn, self.proj(x))
         else:
             residual = shortcut_option_a(x, self.out_channels, self.stride)
         return nnx.relu(out + residual)
@@ -204,6 +234,10 @@ class ResNet(nnx.Module):
       shortcut: ``'A'`` (zero-pad identity, parameter-free) or ``'B'`` (1x1 conv + BN projection).
       width: channels of the first stage (16 in the paper).
       stage_strides: strides of the first block of each of the 3 stages, each 1 or 2.
+      norm: the normalisation after every conv, one of :data:`NORMS`: ``'batchnorm'`` (the
+        paper's, default), ``'centering'`` (:class:`train.batchnorm.BatchCentering`, mean-only:
+        1-Lipschitz in evaluation mode, so the network's certified bound is that of its convs,
+        shortcuts and classifier) or ``'none'``.
       param_dtype: dtype of the parameters (float32 by default).
       rngs: ``nnx.Rngs`` with a ``params`` stream.
 
@@ -226,9 +260,12 @@ class ResNet(nnx.Module):
         shortcut: str = "A",
         width: int = 16,
         stage_strides: Sequence[int] = (1, 2, 2),
+        norm: str = "batchnorm",
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
+        if norm not in NORMS:
+            raise ValueError(f"norm={norm!r}: expected one of {NORMS}")
         stage_strides = tuple(stage_strides)
         if len(stage_strides) != 3 or any(s not in (1, 2) for s in stage_strides):
             raise ValueError(f"stage_strides={stage_strides}: expected 3 strides, each 1 or 2")
@@ -249,8 +286,9 @@ class ResNet(nnx.Module):
         self.padding = padding
         self.shortcut = shortcut
         self.stage_strides = stage_strides
+        self.norm = norm
         self.conv = he_conv(in_channels, width, 3, 1, padding, param_dtype, rngs)
-        self.bn = batch_norm(width, param_dtype, rngs)
+        self.bn = nnx.data(norm_layer(norm, width, param_dtype, rngs))
         blocks = []
         channels = width
         for stage, stage_width in enumerate((width, 2 * width, 4 * width)):
@@ -263,6 +301,7 @@ class ResNet(nnx.Module):
                         stride,
                         padding=padding,
                         shortcut=shortcut,
+                        norm=norm,
                         param_dtype=param_dtype,
                         rngs=rngs,
                     )
@@ -273,7 +312,7 @@ class ResNet(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``(N, H, W, in_channels)`` images -> ``(N, num_classes)`` logits."""
-        x = nnx.relu(self.bn(self.conv(x)))
+        x = nnx.relu(_apply_norm(self.bn, self.conv(x)))
         for block in self.blocks:
             x = block(x)
         return self.head(jnp.mean(x, axis=(1, 2)))

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-plots", action="store_true", help="skip the plots")
     args = parser.parse_args(argv)
 
-    from train.loop import avoid_cpu_lapack_deadlock
+    from train.lapack_workaround import avoid_cpu_lapack_deadlock
 
     avoid_cpu_lapack_deadlock()
     from train.report._sources import report_onnx

@@ -42,7 +42,7 @@ def report_run(run_dir, data=None, **kwargs):
     import numpy as np
 
     from train import data as train_data
-    from train import restore_model
+    from train.model_io import restore_model
     from train.report._api import network_report_nnx
 
     model, config, _ = restore_model(run_dir)

@@ -79,7 +79,13 @@ class NetworkReport:
     Attributes:
       layers: one :class:`LayerReport` per conv (and dense) layer, in the order the network
         applies them.
-      network: ``lipschitz_upper`` (certified ℓ2 bound by composition, or ``None``),
+      network: ``lipschitz_upper`` (the tightest sound ℓ2 upper bound: the smaller of the
+        composition ``lipschitz_upper_naive`` and the midpoint bound ``lipschitz_upper_tight``
+        of :mod:`train.report._network_bound`; ``lipschitz_upper_kind`` ``'proven'`` or
+        ``'probabilistic'`` with failure probability ``lipschitz_upper_delta``;
+        ``lipschitz_upper_factor`` = naive / upper; ``blocks``: per nonlinearity input, its
+        bound and the norms that gave it), ``lipschitz_upper_naive`` (certified ℓ2 bound by
+        composition, or ``None``),
         ``lipschitz_upper_note`` (how, or the first operation that blocks certification),
         ``lipschitz_lower`` (the largest realised ratio ``||f(x)-f(y)||/||x-y||`` or
         ``||J(x) v||/||v||`` the search found: a lower bound on the Lipschitz constant; ``None``

@@ -40,10 +40,29 @@ def report_markdown(report: NetworkReport, title: str = "Spectral report") -> st
         f"- gap (upper / lower): {_fmt(net.get('lipschitz_gap'))}",
         f"- lower bound witness: {_witness_line(net.get('lipschitz_lower_witness'))}",
         f"- soundness check: {_soundness_line(net.get('soundness'))}",
+        f"- upper bound kind: {net.get('lipschitz_upper_kind')} (failure probability δ = "
+        f"{_fmt(net.get('lipschitz_upper_delta'))}; method: {net.get('lipschitz_upper_method')})",
+        f"- naive upper bound (composition: product of the layer norms): "
+        f"{_fmt(net.get('lipschitz_upper_naive'))}; factor gained over it: "
+        f"{_fmt(net.get('lipschitz_upper_factor'))}",
         f"- same composition with the layers' σ_max ({net.get('lipschitz_upper_uncertified_note')}"
         f"): {_fmt(net.get('lipschitz_upper_uncertified'))}",
         f"- product of the layers' upper bounds: {_fmt(net.get('product_of_layer_upper_bounds'))}",
         "",
+    ]
+    blocks = net.get("blocks") or []
+    if blocks:
+        lines += [
+            "### Midpoint bound per nonlinearity input",
+            "",
+            "| target | bound | kind | rule |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {b['target']} | {_fmt(b['bound'])} | {b['kind']} | {b['rule']} |" for b in blocks
+        ]
+        lines.append("")
+    lines += [
         "## Layers",
         "",
     ]

@@ -5,6 +5,10 @@
   :func:`train.project_conv_operator_norm` work on it unchanged.
 * :func:`fold_batch_norm`: the same model with eval-mode BatchNormalization folded into the
   preceding convs, and the list of what was folded.
+* :meth:`OnnxModel.to_onnx`: the way back, the original graph with new weights (BatchNorm kept
+  or folded); ``convspectra-project`` (:mod:`train.models.onnx.project_cli`) projects every
+  conv of a file to ``σ_max <= c`` and writes it with a certificate
+  (:func:`train.models.onnx.project_cli.project_onnx` in Python).
 """
 
 from train.models.onnx._fold import FoldedBatchNorm

@@ -66,6 +66,7 @@ def fold_batch_norm(model: OnnxModel) -> tuple[OnnxModel, tuple[FoldedBatchNorm,
     program = model.program
     steps = list(program.steps)
     refs = dict(program.param_refs)
+    dtypes = dict(program.param_dtypes)
     params = {key: dict(entries) for key, entries in model.params.items()}
     producer = {out: i for i, step in enumerate(steps) for out in step.outputs if out}
     folds, removed = [], set()
@@ -101,6 +102,8 @@ def fold_batch_norm(model: OnnxModel) -> tuple[OnnxModel, tuple[FoldedBatchNorm,
         new_bias_name = f"{ref.node}/folded_bias"
         params[ref.node]["B"] = new_bias
         refs[new_bias_name] = ParamRef(ref.node, "B", "ONNX", 1)
+        if kernel_name in dtypes:
+            dtypes[new_bias_name] = dtypes[kernel_name]
         steps[conv_index] = Step(
             conv.info, (conv.inputs[0], kernel_name, new_bias_name), (bn.outputs[0],)
         )
@@ -122,5 +125,12 @@ def fold_batch_norm(model: OnnxModel) -> tuple[OnnxModel, tuple[FoldedBatchNorm,
         if name not in shapes:
             leaf = params[ref.node][ref.slot]
             shapes[name] = jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype)
-    new_program = dataclasses.replace(program, steps=tuple(steps), param_refs=refs, shapes=shapes)
+    new_program = dataclasses.replace(
+        program,
+        steps=tuple(steps),
+        param_refs=refs,
+        shapes=shapes,
+        param_dtypes={name: dtypes[name] for name in refs if name in dtypes},
+        folds=tuple(program.folds) + tuple((f.conv, f.batch_norm) for f in folds),
+    )
     return model_from_program(new_program, params), tuple(folds)

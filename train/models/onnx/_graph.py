@@ -65,6 +65,14 @@ class Program:
       output_names: graph outputs, in order.
       shapes: value name -> ``jax.ShapeDtypeStruct`` of every traced value.
       opset: the default-domain opset.
+      param_dtypes: parameter value name -> its dtype in the file (what
+        :meth:`~train.models.onnx.OnnxModel.to_onnx` writes back).
+      lifted: parameter value names that the file computes with ``Constant`` nodes (possibly
+        through ``Identity``, ``Cast`` and shape operators), not initializers.
+      lifted_nodes: keys of the nodes that computed them (not run; dropped by ``to_onnx``).
+      folds: ``(conv key, batch-norm key)`` of every BatchNormalization folded into its conv
+        (:func:`~train.models.onnx.fold_batch_norm`).
+      source: the imported ``onnx.ModelProto`` (what ``to_onnx`` rewrites).
     """
 
     steps: tuple[Step, ...]
@@ -76,6 +84,11 @@ class Program:
     output_names: tuple[str, ...]
     shapes: Mapping[str, jax.ShapeDtypeStruct]
     opset: int
+    param_dtypes: Mapping[str, np.dtype] = dataclasses.field(default_factory=dict)
+    lifted: tuple[str, ...] = ()
+    lifted_nodes: frozenset[str] = frozenset()
+    folds: tuple[tuple[str, str], ...] = ()
+    source: onnx.ModelProto | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -287,6 +300,162 @@ def _evaluate_constant(op, info, values):
         return tuple(np.asarray(v) for v in op.fn(info, jnp, *values))
 
 
+#: Inputs that hold weights, by operator: a float ``Constant`` feeding one of them (directly or
+#: through the operators of ``_CHAIN_OPS``) becomes a parameter, as an initializer would.
+WEIGHT_INPUTS = {
+    "Conv": (1, 2),
+    "ConvTranspose": (1, 2),
+    "Gemm": (0, 1, 2),
+    "MatMul": (0, 1),
+    "BatchNormalization": (1, 2, 3, 4),
+    "InstanceNormalization": (1, 2),
+    "LayerNormalization": (1, 2),
+    "PRelu": (1,),
+}
+#: Operators whose constant operand is a bias when the other operand is a linear layer's output.
+_BIAS_OPS = ("Add",)
+_LINEAR_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+#: Operators between a ``Constant`` and the weight input it feeds that import folds into the
+#: lifted value (their other inputs must be constants: ``Reshape`` targets, ``Unsqueeze`` axes).
+_CHAIN_OPS = ("Identity", "Cast", "Reshape", "Unsqueeze", "Squeeze", "Transpose", "Flatten")
+
+
+def _constant_size(name, producer) -> int:
+    """Number of entries of a ``Constant`` node's value (``-1`` when not a ``Constant``)."""
+    while name in producer and producer[name][0].op_type in _CHAIN_OPS:
+        name = producer[name][0].input[0]
+    if name not in producer or producer[name][0].op_type != "Constant":
+        return -1
+    for attr in producer[name][0].attribute:
+        if attr.name == "value":
+            return int(np.prod(attr.t.dims, dtype=np.int64))
+        if attr.name in ("value_floats", "value_ints"):
+            return len(attr.floats) + len(attr.ints)
+    return 1
+
+
+def _traced_values(nodes, input_names) -> set[str]:
+    """Values that depend on the graph inputs' values (``Shape`` / ``Size`` read only shapes)."""
+    traced = set(input_names)
+    for node in nodes:
+        if node.op_type in ("Shape", "Size"):
+            continue
+        if any(name in traced for name in node.input if name):
+            traced.update(o for o in node.output if o)
+    return traced
+
+
+def _lift_constants(nodes, keys, opset, input_names, static_needed, initializers):
+    """Float ``Constant`` values (through ``_CHAIN_OPS``) that feed weight inputs.
+
+    Returns ``(lifted, lifted_nodes)``: value name -> its array, and the keys of the nodes that
+    compute them and nothing else (the chain is then not run).
+    """
+    producer = {o: (node, key) for node, key in zip(nodes, keys) for o in node.output if o}
+    traced = _traced_values(nodes, input_names)
+
+    def side_value(name):
+        """A chain node's other input: an initializer or a ``Constant`` node's value."""
+        if not name:
+            return None
+        if name in initializers:
+            return initializers[name]
+        node, key = producer[name]
+        return _evaluate_constant(OPS["Constant"], _info(node, key, opset), [])[0]
+
+    def is_side(name):
+        return (
+            not name
+            or name in initializers
+            or (name in producer and producer[name][0].op_type == "Constant")
+        )
+
+    def chain(name):
+        """The nodes ``Constant -> (Identity | Cast | Reshape ...)*`` computing ``name``, last
+        first, and the ``Constant`` nodes of their other inputs."""
+        found, side = [], []
+        while name in producer and name not in initializers:
+            node, key = producer[name]
+            if node.domain not in ("", "ai.onnx"):
+                return None
+            if node.op_type == "Constant":
+                return [*found, (node, key)], side
+            if node.op_type not in _CHAIN_OPS or not node.input or not node.input[0]:
+                return None
+            if not all(is_side(other) for other in node.input[1:]):
+                return None
+            side.extend(producer[o] for o in node.input[1:] if o and o not in initializers)
+            found.append((node, key))
+            name = node.input[0]
+        return None
+
+    candidates = []
+    for node in nodes:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        slots = WEIGHT_INPUTS.get(node.op_type, ())
+        if node.op_type in _BIAS_OPS and len(node.input) == 2:
+            linear = [
+                i
+                for i, name in enumerate(node.input)
+                if name in producer and producer[name][0].op_type in _LINEAR_OPS
+            ]
+            # A bias has one value per channel: a scalar added to a layer's output (an offset
+            # such as YOLO's anchor 0.5) stays a constant.
+            slots = tuple(1 - i for i in linear)
+            if all(_constant_size(node.input[i], producer) <= 1 for i in slots):
+                slots = ()
+        if not any(name in traced for name in node.input if name):
+            continue  # All-constant: folded at import.
+        candidates.extend(
+            node.input[i]
+            for i in slots
+            if i < len(node.input) and node.input[i] and node.input[i] not in traced
+        )
+    lifted: dict[str, np.ndarray] = {}
+    chain_nodes: dict[str, onnx.NodeProto] = {}
+    for name in candidates:
+        if name in lifted or name in static_needed or name in initializers:
+            continue
+        result = chain(name)
+        if result is None:
+            continue
+        found, side = result
+        value = None
+        for node, key in reversed(found):
+            args = [] if node.op_type == "Constant" else [value]
+            args += [side_value(other) for other in node.input[1:]]
+            value = _evaluate_constant(OPS[node.op_type], _info(node, key, opset), args)[0]
+        if not np.issubdtype(value.dtype, np.floating):
+            continue
+        lifted[name] = value
+        chain_nodes.update((key, node) for node, key in found + side)
+    # A chain node is not run when every consumer of its outputs is a chain node or a lifted
+    # value's producer (its outputs are then params or feed only them).
+    consumers: dict[str, set[str]] = {}
+    for node, key in zip(nodes, keys):
+        for name in node.input:
+            consumers.setdefault(name, set()).add(key)
+    dropped: set[str] = set()
+    changed = True
+    while changed:
+        changed = False
+        for key, node in chain_nodes.items():
+            if key in dropped:
+                continue
+            used = [
+                c
+                for o in node.output
+                if o and o not in lifted
+                for c in consumers.get(o, ())
+                if c not in dropped
+            ]
+            if not used:
+                dropped.add(key)
+                changed = True
+    return lifted, frozenset(dropped)
+
+
 def build_program(model: onnx.ModelProto, input_shape: Any) -> tuple[Program, dict]:
     """The :class:`Program` of ``model`` for fixed input shapes, and its ``params``."""
     graph = model.graph
@@ -297,6 +466,19 @@ def build_program(model: onnx.ModelProto, input_shape: Any) -> tuple[Program, di
     shapes_in = resolve_input_shapes(inputs, input_shape)
     initializers = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     static_needed = _static_values(nodes, keys, opset)
+    for node, key in zip(nodes, keys):  # Before anything reads a node's attributes.
+        if node.domain not in ("", "ai.onnx") or node.op_type not in OPS:
+            raise _unsupported(node, key, opset)
+    output_names = tuple(o.name for o in graph.output)
+    lifted, lifted_nodes = _lift_constants(
+        nodes,
+        keys,
+        opset,
+        [i.name for i in inputs],
+        static_needed | set(output_names),
+        initializers,
+    )
+    initializers.update(lifted)
 
     constants: dict[str, np.ndarray] = {}
     traced: dict[str, jax.ShapeDtypeStruct] = {}
@@ -321,8 +503,8 @@ def build_program(model: onnx.ModelProto, input_shape: Any) -> tuple[Program, di
     stored_params: set[str] = set()
     steps = []
     for node, key in zip(nodes, keys):
-        if node.domain not in ("", "ai.onnx") or node.op_type not in OPS:
-            raise _unsupported(node, key, opset)
+        if key in lifted_nodes:
+            continue
         op = OPS[node.op_type]
         for name in node.input:
             if name in param_refs and name not in stored_params:
@@ -382,7 +564,6 @@ def build_program(model: onnx.ModelProto, input_shape: Any) -> tuple[Program, di
                 traced[name] = jax.ShapeDtypeStruct(struct.shape, struct.dtype)
         steps.append(Step(info, tuple(node.input), tuple(node.output)))
 
-    output_names = tuple(o.name for o in graph.output)
     for name in output_names:
         if name not in traced and name not in constants:
             raise ValueError(f"graph output {name!r} is never produced")
@@ -396,6 +577,10 @@ def build_program(model: onnx.ModelProto, input_shape: Any) -> tuple[Program, di
         output_names=output_names,
         shapes=traced,
         opset=opset,
+        param_dtypes={name: np.dtype(initializers[name].dtype) for name in param_refs},
+        lifted=tuple(name for name in lifted if name in param_refs),
+        lifted_nodes=lifted_nodes,
+        source=model,
     )
     return program, params
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -165,6 +166,23 @@ def _max_pool(node, xp, x):
     else:
         init = np.array(jnp.iinfo(x.dtype).min, x.dtype)
     padding = [(lo, hi + extra) for lo, hi, extra in geometry]
+    if any(d > 1 for d in dilations):
+        # JAX has no VJP for a max reduce_window with window dilation: the maximum over the
+        # window's strided slices of the padded input is the same function, and differentiable.
+        padded = lax.pad(x, init, [(0, 0, 0), (0, 0, 0), *[(lo, hi, 0) for lo, hi in padding]])
+        out_sizes = [
+            (size + lo + hi - ((k - 1) * d + 1)) // s + 1
+            for size, (lo, hi), k, d, s in zip(x.shape[2:], padding, ksize, dilations, strides)
+        ]
+        out = None
+        for offset in np.ndindex(*ksize):
+            start = [o * d for o, d in zip(offset, dilations)]
+            limit = [b + (n - 1) * s + 1 for b, n, s in zip(start, out_sizes, strides)]
+            window = lax.slice(
+                padded, (0, 0, *start), (*x.shape[:2], *limit), (1, 1, *strides)
+            )
+            out = window if out is None else jnp.maximum(out, window)
+        return (out,)
     return (_reduce_window(x, init, lax.max, ksize, strides, dilations, padding),)
 
 
@@ -172,10 +190,13 @@ def _max_pool(node, xp, x):
 def _average_pool(node, xp, x):
     ksize, strides, dilations, geometry = _pool_geometry(node, x)
     padding = [(lo, hi + extra) for lo, hi, extra in geometry]
-    zero = jnp.array(0, x.dtype)
+    # A NumPy init value (as for MaxPool): a jnp one is staged under jit, where reduce_window then
+    # loses its add monoid and has no transpose rule (jit(vjp) and linearize fail).
+    zero = np.array(0, x.dtype)
     total = _reduce_window(x, zero, lax.add, ksize, strides, dilations, padding)
     # The divisor counts the input and, with count_include_pad, the explicit pads (never the
-    # extra end padding of ceil_mode), as onnxruntime and PyTorch do.
+    # extra end padding of ceil_mode), as onnxruntime and PyTorch do. It depends on shapes only:
+    # computed at trace time, a constant of the program.
     include = node.attr("count_include_pad", 0)
     ones = np.ones(x.shape[2:], np.float64)
     if include:
@@ -183,9 +204,38 @@ def _average_pool(node, xp, x):
         count_padding = [(0, extra) for _, _, extra in geometry]
     else:
         count_padding = padding
-    with_batch = jnp.asarray(ones[None, None])
-    count = _reduce_window(with_batch, 0.0, lax.add, ksize, strides, dilations, count_padding)
-    return ((total / count.astype(x.dtype)).astype(x.dtype),)
+    with jax.ensure_compile_time_eval():
+        count = _reduce_window(
+            jnp.asarray(ones[None, None], jnp.float32),
+            np.array(0, np.float32),
+            lax.add,
+            ksize,
+            strides,
+            dilations,
+            count_padding,
+        )
+    count = np.asarray(count).astype(x.dtype)
+    return ((total / count).astype(x.dtype),)
+
+
+@register("LRN", numpy=False)
+def _lrn(node, xp, x):
+    """Local response normalisation across channels (AlexNet, GoogLeNet):
+    ``x / (bias + alpha / size * Σ_window x²) ** beta``, the window ``size`` channels wide
+    (``(size - 1) // 2`` before the channel, the rest after, clipped at the edges)."""
+    size = node.attr("size")
+    if size is None or size < 1:
+        raise node.error(f"size={size!r} must be a positive int")
+    alpha, beta, bias = node.attr("alpha", 1e-4), node.attr("beta", 0.75), node.attr("bias", 1.0)
+    lo = (size - 1) // 2
+    window = (1, size) + (1,) * (x.ndim - 2)
+    padding = ((0, 0), (lo, size - 1 - lo)) + ((0, 0),) * (x.ndim - 2)
+    # A NumPy init value: see _average_pool.
+    square_sum = lax.reduce_window(
+        jnp.square(x), np.array(0, x.dtype), lax.add, window, (1,) * x.ndim, padding
+    )
+    scale = (np.asarray(bias, x.dtype) + np.asarray(alpha / size, x.dtype) * square_sum) ** beta
+    return ((x / scale).astype(x.dtype),)
 
 
 @register("GlobalAveragePool")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -30,13 +31,17 @@ class OnnxModel:
         Inputs are taken exactly as onnxruntime takes them (NCHW images) with the shapes of
         ``input_shapes``. Pure: works under ``jax.jit``, ``jax.grad`` and ``jax.vmap``.
       params: ``{node_name: {input_name: array}}``: the graph's floating point initializers
-        (weights, biases, BatchNormalization statistics, constants multiplied into activations),
-        keyed by the node that reads them and the operator's input name (``'W'``, ``'B'``,
-        ``'scale'``...). Conv kernels are stored **HWIO** ``(kh, kw, c_in // group, c_out)``
-        (ONNX stores OIHW; a 1-D conv kernel ``(O, I, k)`` becomes ``(1, k, I, O)``), so that
-        :func:`train.find_convs` gives every conv's :class:`spectra.ConvSpec`. Initializers that
-        fix shapes (``Reshape`` targets, ``Resize`` scales) and integer ones are constants of
-        the program, not params.
+        (weights, biases, BatchNormalization statistics, constants multiplied into activations)
+        and the float ``Constant`` nodes that feed weight inputs (``Conv`` / ``ConvTranspose``
+        W and B, ``Gemm`` / ``MatMul`` operands, BatchNormalization / Instance- / LayerNorm
+        scale, bias, mean and var, ``PRelu`` slope, a per-channel ``Add`` after a linear layer;
+        also through ``Identity``, ``Cast``, ``Reshape``, ``Unsqueeze``, ``Squeeze``,
+        ``Transpose``, ``Flatten``), keyed by the node that reads them and the
+        operator's input name (``'W'``, ``'B'``, ``'scale'``...). Conv kernels are stored
+        **HWIO** ``(kh, kw, c_in // group, c_out)`` (ONNX stores OIHW; a 1-D conv kernel
+        ``(O, I, k)`` becomes ``(1, k, I, O)``), so that :func:`train.find_convs` gives every
+        conv's :class:`spectra.ConvSpec`. Initializers that fix shapes (``Reshape`` targets,
+        ``Resize`` scales) and integer ones are constants of the program, not params.
       input_names: graph inputs (initializers excluded), in order.
       input_shapes: their fixed shapes.
       input_dtypes: their dtypes (as JAX holds them: float64 is float32 without x64).
@@ -63,6 +68,66 @@ class OnnxModel:
                 "input_shapes"
             )
         return self.input_shapes[0]
+
+    def to_onnx(
+        self, params: Any, path: str | os.PathLike | None, *, fold_bn: bool = False
+    ) -> onnx.ModelProto:
+        """Writes the imported graph with ``params`` as its weights (the way back to ONNX).
+
+        The written file is the original graph (same nodes, attributes, inputs, outputs and
+        opset) with every parameter as an initializer under its original value name: conv
+        kernels go back from HWIO to ONNX's ``(O, I, kh, kw)`` (``(O, I, k)`` for 1-D convs),
+        dtypes back to the file's (float64 initializers included). Weights that the source
+        computed with ``Constant`` nodes (and ``Identity`` / ``Cast`` / shape operators) are
+        written as initializers and those nodes are dropped. Other constants (shape subgraphs,
+        integer initializers) are kept as they were. onnxruntime on the written file computes
+        ``apply_fn(params, ...)`` up to float rounding (tested to ~1e-5 relative in float32).
+
+        Args:
+          params: weights with the structure of ``self.params`` (e.g. fine-tuned, projected by
+            :func:`train.project_conv_operator_norm` or certified by
+            :func:`train.certify_conv_operator_norm`).
+          path: the ``.onnx`` file to write (weights over 1 GiB go to ``<file>.data`` beside
+            it); ``None``: only return the model.
+          fold_bn: fold every eval-mode BatchNormalization that follows a conv into it first
+            (:func:`train.models.onnx.fold_batch_norm` on ``params``: ``W' = W γ/√(var+ε)``,
+            ``b' = (b − mean) γ/√(var+ε) + β``) and write the graph without those nodes. A
+            model returned by ``fold_batch_norm`` is written folded whatever ``fold_bn``.
+
+        Returns:
+          The written ``onnx.ModelProto`` (checked with ``onnx.checker``).
+
+        Raises:
+          ValueError: ``params`` misses a parameter, has one this model does not, or has a
+            wrong shape or non-finite values; the model was not made by :func:`from_onnx`; the
+            folder of ``path`` does not exist.
+
+        Example:
+          >>> import numpy as np
+          >>> from onnx import TensorProto, helper, numpy_helper
+          >>> w = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), 'w')
+          >>> graph = helper.make_graph(
+          ...     [helper.make_node('Conv', ['x', 'w'], ['y'], name='conv', pads=[1, 1, 1, 1])],
+          ...     'g', [helper.make_tensor_value_info('x', TensorProto.FLOAT, [1, 3, 8, 8])],
+          ...     [helper.make_tensor_value_info('y', TensorProto.FLOAT, [1, 4, 8, 8])], [w])
+          >>> model = from_onnx(helper.make_model(graph))
+          >>> params = {'conv': {'W': model.params['conv']['W'] * 0.5}}
+          >>> written = model.to_onnx(params, None)
+          >>> float(numpy_helper.to_array(written.graph.initializer[0]).max())
+          0.5
+        """
+        from train.models.onnx import _export
+        from train.models.onnx._fold import fold_batch_norm
+
+        model = self
+        if fold_bn:
+            _export.param_arrays(self.program, params)  # Checks params before folding.
+            model, _ = fold_batch_norm(dataclasses.replace(self, params=params))
+            params = model.params
+        proto = _export.export_proto(model.program, params)
+        if path is not None:
+            _export.save(proto, path)
+        return proto
 
     def example_inputs(self) -> tuple[jax.ShapeDtypeStruct, ...]:
         """``jax.ShapeDtypeStruct`` of every input: what :func:`train.find_convs` needs."""
