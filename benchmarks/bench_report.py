@@ -14,12 +14,22 @@ init, BatchNorm in eval mode):
 * ``detector@320``: when the wheel cannot be fetched, a synthetic 43-conv detection-like
   backbone + neck at 320x320 (stride-2 stages 320 -> 10, 3x3 and 1x1 convs, SiLU, residuals,
   nearest upsampling) built here as an NNX model (``--quick``: at 160x160).
+* ``--large``: ``resnet50@224`` (torchvision's ResNet-50 layout, 53 convs) and ``wrn50-2@96``
+  (WideResNet-50-2), built here as NNX models (random init), cold calls only: issue 19's targets
+  (≤ 60 s and ≤ 30 s cold, the lower bound stage never longer than the layer stage).
+
+After each report, a soundness check (``--pairs``, default 256 random pairs plus the lower
+bound's own pairs): :func:`train.report.check_upper_bound` counts the pairs whose realised ratio
+exceeds the upper bound (column ``violations / pairs``). The ``lower`` column gives the value of
+each stage of the lower bound's search (``power``, ``ascent``, ``refine``) and the
+``lower bound / layers`` column the two stages' seconds.
 
 Per model it prints the cold time (first call in the process: tracing + compilation + run),
 the warm time (second call), the per-stage split of the cold call (``report.timings``; the
 ``lower_bound`` stage runs in a worker thread during ``compose_pass1`` / ``layers`` /
-``compose``, so the stages add up to more than the wall time), and the targets of issue 13
-(ResNet-20 @32² ≤ 3 s cold, detector @320² ≤ 30 s cold). The numbers are one run on whatever
+``compose``, so the stages add up to more than the wall time; the search stops when the layer
+stage ends), and the targets (ResNet-20 @32² ≤ 3 s cold in issue 13, ≤ 6 s in issue 20;
+detector @320² ≤ 30 s cold in issue 13, ≤ 60 s in issue 20). The numbers are one run on whatever
 machine runs it: on a shared machine they move with the load.
 """
 
@@ -103,20 +113,101 @@ def _detector(size: int):
 
 
 def _nnx_report(model, x):
-    from train.report import network_report_nnx
+    from flax import nnx
 
-    return lambda: network_report_nnx(model, x, **OPTIONS)
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    pure, rest = nnx.as_pure(params), nnx.as_pure(rest)
+
+    def apply(p, x):
+        return nnx.merge(graphdef, p, rest)(x)
+
+    return _Report(apply, pure, x)
+
+
+class _Report:
+    """A report call (timed) and what the soundness check after it needs."""
+
+    def __init__(self, apply_fn, params, x):
+        self.apply_fn, self.params, self.x = apply_fn, params, x
+
+    def __call__(self):
+        from train.report import network_report
+
+        return network_report(self.apply_fn, self.params, self.x, **OPTIONS)
+
+    def soundness(self, report, num_random: int = 256):
+        """``check_upper_bound`` on the lower bound's pairs and ``num_random`` random ones."""
+        from train.report import check_upper_bound
+        from train.report import soundness_pairs
+
+        upper = report.network["lipschitz_upper"]
+        if upper is None:
+            return None
+        pairs = soundness_pairs(report.witness, self.x[:1].shape, num_random)
+        return check_upper_bound(self.apply_fn, self.params, upper, pairs)
+
+
+def _bottleneck_resnet(size: int, width: int):
+    """ResNet-50 (``width=1``) / WideResNet-50-2 (``width=2``), torchvision's layout (53 convs:
+    7x7 stem, max pool, bottleneck stages 3-4-6-3), BatchNorm in eval mode, random init."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    class ConvBN(nnx.Module):
+        def __init__(self, cin, cout, k, stride, rngs):
+            pad = k // 2
+            self.conv = nnx.Conv(
+                cin, cout, (k, k), strides=stride, padding=pad, use_bias=False, rngs=rngs
+            )
+            self.bn = nnx.BatchNorm(cout, rngs=rngs)
+
+        def __call__(self, x):
+            return self.bn(self.conv(x))
+
+    class Bottleneck(nnx.Module):
+        def __init__(self, cin, mid, cout, stride, rngs):
+            self.a = ConvBN(cin, mid, 1, 1, rngs)
+            self.b = ConvBN(mid, mid, 3, stride, rngs)
+            self.c = ConvBN(mid, cout, 1, 1, rngs)
+            self.down = ConvBN(cin, cout, 1, stride, rngs) if (stride, cin) != (1, cout) else None
+
+        def __call__(self, x):
+            y = self.c(jax.nn.relu(self.b(jax.nn.relu(self.a(x)))))
+            return jax.nn.relu(y + (x if self.down is None else self.down(x)))
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.stem = ConvBN(3, 64, 7, 2, rngs)
+            self.blocks = nnx.List()
+            cin = 64
+            for i, n in enumerate((3, 4, 6, 3)):
+                mid, cout = 64 * 2**i * width, 256 * 2**i
+                for j in range(n):
+                    self.blocks.append(Bottleneck(cin, mid, cout, 2 if (j == 0 and i) else 1, rngs))
+                    cin = cout
+            self.fc = nnx.Linear(cin, 1000, rngs=rngs)
+
+        def __call__(self, x):
+            x = jax.nn.relu(self.stem(x))
+            x = nnx.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
+            for block in self.blocks:
+                x = block(x)
+            return self.fc(x.mean(axis=(1, 2)))
+
+    model = Net(nnx.Rngs(0))
+    model.eval()
+    return _nnx_report(model, jnp.zeros((1, size, size, 3), jnp.float32))
 
 
 def _yolo(path: str, size: int):
     import jax.numpy as jnp
 
     from train.models import from_onnx
-    from train.report import network_report
-
     model = from_onnx(path, input_shape=(1, 3, size, size))
     x = jnp.zeros((1, 3, size, size), jnp.float32)
-    return lambda: network_report(model.apply_fn, model.params, x, **OPTIONS)
+    return _Report(model.apply_fn, model.params, x)
 
 
 def _fetch_yolo() -> str | None:
@@ -171,6 +262,24 @@ def main() -> None:
         "--power-rtol", type=float, default=0.0, help="network_report(power_rtol=...)"
     )
     parser.add_argument("--onnx", help="path to nudenet's 320n.onnx (else pip download)")
+    parser.add_argument(
+        "--large",
+        action="store_true",
+        help="also ResNet-50 @224² and WideResNet-50-2 @96² (NNX, random init; cold only)",
+    )
+    parser.add_argument(
+        "--only", default="", help="comma-separated name prefixes of the models to run"
+    )
+    parser.add_argument(
+        "--no-warm", action="store_true", help="cold calls only (no second, warm call)"
+    )
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=256,
+        help="random pairs of the soundness check after each report (plus the lower bound's own "
+        "pairs; 0: no check)",
+    )
     args = parser.parse_args()
     OPTIONS.update(backend=args.backend, power_rtol=args.power_rtol)
     if args.threads:
@@ -193,15 +302,39 @@ def main() -> None:
             models.append((f"yolov8n@{size} (ONNX)", lambda: _yolo(onnx_path, size), 30.0))
         else:
             models.append((f"detector@{size}", lambda: _detector(size), 30.0))
+    if args.large:
+        models += [
+            ("resnet50@224", lambda: _bottleneck_resnet(224, 1), 60.0),
+            ("wrn50-2@96", lambda: _bottleneck_resnet(96, 2), 30.0),
+        ]
+    if args.only:
+        prefixes = tuple(p.strip() for p in args.only.split(",") if p.strip())
+        models = [m for m in models if m[0].startswith(prefixes)]
     rows = []
     for name, build, target in models:
         report_fn = build()
         times, reports = [], []
-        for _ in range(2):
+        warm = not (args.no_warm or name.startswith(("resnet50", "wrn50")))
+        for _ in range(2 if warm else 1):
             start = time.perf_counter()
             reports.append(report_fn())
             times.append(time.perf_counter() - start)
         r = reports[0]
+        if len(times) == 1:
+            times.append(float("nan"))
+        sound = report_fn.soundness(r, args.pairs) if args.pairs else None
+        net = r.network
+        lower_vs_layers = (
+            f"{r.timings.get('lower_bound', 0):.1f} / {r.timings.get('layers', 0):.1f}"
+        )
+        stages = net.get("lipschitz_lower_stages") or {}
+        lower_cell = (
+            "failed"
+            if net["lipschitz_lower"] is None
+            else f"{net['lipschitz_lower']:.3g} ("
+            + ", ".join(f"{k} {v:.3g}" for k, v in stages.items() if v is not None)
+            + ")"
+        )
         split = ", ".join(f"{k} {v:.1f}" for k, v in r.timings.items() if k != "total")
         methods = sorted({layer.sigma_max_method for layer in r.layers})
         upper = r.network["lipschitz_upper"]
@@ -218,13 +351,16 @@ def main() -> None:
                 _fmt3(r.network.get("lipschitz_upper_naive")),
                 _fmt3(r.network.get("lipschitz_upper_factor")),
                 f"{r.timings.get('tight_bound', 0.0):.1f} s",
-                f"{r.network['lipschitz_lower']:.3g}",
+                lower_cell,
+                lower_vs_layers,
+                "—" if sound is None else f"{sound['violations']} / {sound['num_pairs']}",
             ]
         )
         print(
             f"[bench_report] {name}: cold {times[0]:.1f} s, warm {times[1]:.1f} s, tight bound "
             f"{r.timings.get('tight_bound', 0.0):.1f} s "
-            f"({r.network.get('lipschitz_upper_tight_note')})",
+            f"({r.network.get('lipschitz_upper_tight_note')}), "
+            f"lower {lower_cell}, lower bound {lower_vs_layers} s of layers",
             flush=True,
         )
         jax.clear_caches()
@@ -250,7 +386,9 @@ def main() -> None:
                 "naive (composition)",
                 "factor gained",
                 "tight-bound time (cold)",
-                "lower",
+                "lower (search stages)",
+                "lower bound / layers (s)",
+                "violations / pairs",
             ],
             rows,
         )

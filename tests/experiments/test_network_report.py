@@ -19,9 +19,14 @@ class NetworkReportExperimentTest(absltest.TestCase):
         rows = {r[0]: r for r in tables.table_rows(text) if r[0] != "model"}
         self.assertEqual(set(rows), {"baseline", "projected c=1, every 10"})
         for row in rows.values():
-            upper, lower, gap = float(row[3]), float(row[4]), float(row[5])
+            naive, upper, lower, gap = (float(row[i]) for i in (3, 4, 7, 9))
+            self.assertGreaterEqual(naive, upper)
             self.assertGreaterEqual(upper, lower)
             self.assertAlmostEqual(gap, upper / lower, delta=1e-3 * gap)
+            self.assertRegex(row[8], r"^(pair|jacobian) \(power ")
+            violations, pairs = (int(v) for v in row[10].split(" / "))
+            self.assertEqual(violations, 0)
+            self.assertGreaterEqual(pairs, 256)
         self.assertFalse(any(out.glob("runs")))
 
 

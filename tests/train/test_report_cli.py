@@ -110,6 +110,11 @@ class CliTest(absltest.TestCase):
         )
         data = _check_files(self, root / "rep", 8)  # 7 convs + the classifier.
         self.assertIsNotNone(data["network"]["lipschitz_upper"])
+        # The witness beside report.json, the layer stage checkpointed in --out.
+        witness = data["network"]["lipschitz_lower_witness"]
+        self.assertTrue((root / "rep" / witness["file"]).exists())
+        self.assertTrue((root / "rep" / "stages" / "layers.partial.json").exists())
+        self.assertEqual(data["network"]["errors"], [])
         self.assertGreaterEqual(
             data["network"]["lipschitz_upper"], data["network"]["lipschitz_lower"]
         )

@@ -185,7 +185,12 @@ class NetworkBoundTest(absltest.TestCase):
             "b": jnp.asarray(rng.normal(size=(2, 2, 3, 2))),
         }
         r = report.network_report(
-            apply, p, jnp.zeros((1, 6, 6, 2)), num_points=2, power_iterations=200
+            apply,
+            p,
+            jnp.zeros((1, 6, 6, 2)),
+            num_points=2,
+            power_iterations=200,
+            lower_bound_budget=None,
         )
         product = r.layers[0].sigma_max * r.layers[1].sigma_max
         self.assertAlmostEqual(r.network["lipschitz_upper_naive"] / product, 1.0, delta=1e-9)
@@ -214,7 +219,11 @@ class NetworkBoundTest(absltest.TestCase):
         _randomise_batch_norms(model)
         model.eval()
         r = report.network_report_nnx(
-            model, jnp.zeros((1, 6, 8, 2)), num_points=2, power_iterations=300
+            model,
+            jnp.zeros((1, 6, 8, 2)),
+            num_points=2,
+            power_iterations=300,
+            lower_bound_budget=None,
         )
         (layer,) = r.layers
         self.assertEqual(layer.sigma_max_method, "fft")

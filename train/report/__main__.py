@@ -3,7 +3,11 @@
 * ``--onnx FILE --input-shape 1,3,H,W``: a model imported with ``train.models.from_onnx``.
 * ``--run RUN_DIR``: the latest checkpoint of a run of :func:`train.train_and_evaluate`.
 
-Writes ``OUT/report.json``, ``OUT/report.md``, ``OUT/spectra.png`` and ``OUT/norms.png``.
+Writes ``OUT/report.json``, ``OUT/report.md``, ``OUT/spectra.png``, ``OUT/norms.png`` and the
+lower bound's witness ``OUT/lower_bound_witness.npz``. Finished stages are checkpointed in
+``OUT/stages/`` (the layer rows as soon as the layer stage ends): a crash loses no layer work, and
+running the same command again reuses them. A stage that fails is recorded in ``report.json``
+(``network.errors``) and the other stages' numbers are still written.
 """
 
 from __future__ import annotations
@@ -47,6 +51,19 @@ def main(argv: list[str] | None = None) -> int:
         default=20,
         help="power iterations per point for the Jacobian lower bound (default 20)",
     )
+    parser.add_argument(
+        "--ascent-steps",
+        type=int,
+        default=100,
+        help="pair-ascent steps of the lower bound search, at most (default 100; the search "
+        "also stops when the layer stage is done)",
+    )
+    parser.add_argument(
+        "--check-pairs",
+        type=int,
+        default=0,
+        help="check the upper bound on the lower bound's pairs and this many random pairs",
+    )
     parser.add_argument("--no-plots", action="store_true", help="skip the plots")
     args = parser.parse_args(argv)
 
@@ -60,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     kwargs = dict(
         num_points=args.num_points,
         power_iterations=args.power_iterations,
+        ascent_steps=args.ascent_steps,
+        check_pairs=args.check_pairs,
+        checkpoint_dir=args.out,
         compute_spectra=not args.no_plots,  # the spectra are only plotted
         progress=True,
     )
@@ -74,8 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     net = report.network
     print(
         f"lipschitz upper {net['lipschitz_upper']} ({net['lipschitz_upper_note']}); "
-        f"lower {net['lipschitz_lower']:.4g}"
+        f"lower {net['lipschitz_lower']}"
     )
+    if net.get("soundness"):
+        s = net["soundness"]
+        print(f"soundness: {s['violations']} violations on {s['num_pairs']} pairs")
+    for e in net.get("errors") or []:
+        print(f"stage {e['stage']} failed: {e['type']}: {e['message']}")
     for kind, path in paths.items():
         print(f"wrote {kind}: {path}")
     return 0

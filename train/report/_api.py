@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -14,12 +15,14 @@ from flax import nnx
 
 from train import discovery
 from train.lapack_workaround import limit_blas_threads
-from train.report import _empirical
 from train.report import _layers
+from train.report import _lower
 from train.report import _network_bound
+from train.report import _stages
 from train.report._lipschitz import Composer
 from train.report._types import LayerReport
 from train.report._types import NetworkReport
+from train.report._write import WITNESS_NAME
 
 
 def _path_name(path) -> str:
@@ -50,6 +53,10 @@ def network_report(
     blas_threads: int | None = 1,
     backend: str = "numpy",
     overlap_lower_bound: bool = True,
+    ascent_steps: int = 100,
+    lower_bound_budget: float | str | None = "layers",
+    checkpoint_dir: Any = None,
+    check_pairs: int = 0,
     tight_bound: bool = True,
     tight_max_work: int | None = _network_bound.DEFAULT_MAX_WORK,
     **example_kwargs: Any,
@@ -70,8 +77,15 @@ def network_report(
       (``train.report._lipschitz``), built from the layers' certified ``upper_bound``s; ``None``
       with the blocking operation in ``lipschitz_upper_note`` when composition cannot certify.
       ``lipschitz_upper_uncertified`` is the same composition with ``sigma_max`` values.
-    * ``network['lipschitz_lower']``: ``max_x ||J(x) v||`` by power iteration on the Jacobian at
-      ``data`` (first ``num_points`` examples) or at standard normal inputs: a **lower bound**.
+    * ``network['lipschitz_lower']``: a **lower bound** found by search
+      (:func:`train.report.search_lower_bound`: power iteration on the Jacobian at ``data``
+      (first ``num_points`` examples) or at standard normal inputs, pair ascent from them,
+      power iteration at the best points): a realised ratio ``||f(x)-f(y)||/||x-y||`` or
+      ``||J(x) v||/||v||``, its witness in ``report.witness`` (``lipschitz_lower_witness``
+      names the file :func:`train.report.write_report` saves it to;
+      :func:`train.report.recompute_lower_bound` re-evaluates it).
+    * A stage that raises (``layers``, ``composition``, ``lower_bound``) is recorded in
+      ``network['errors']`` (stage, exception type and message); the others are still reported.
 
     Args:
       apply_fn: ``apply_fn(params, x, ...)``; BatchNorm must be in inference mode.
@@ -80,7 +94,8 @@ def network_report(
         arguments, held fixed.
       data: optional inputs ``(N, ...)`` like ``x`` at which the Jacobian is probed.
       num_points: points for the lower bound.
-      power_iterations: power iterations per point, at most.
+      power_iterations: power iterations per point of the lower bound's final stage (and of its
+        first stage when ``ascent_steps=0``; 5 otherwise), at most.
       power_rtol: a point's power iteration stops once its ``||JᵀJ v||`` changes by at most
         this (relative) in one step (default ``0``: always ``power_iterations``). Measured on a
         2-core CPU: one iteration of YOLOv8n @320² costs ~2 s per point, and ``1e-3`` stopped
@@ -104,6 +119,18 @@ def network_report(
         runs it, mostly outside Python's GIL) in a worker thread while the layers (NumPy /
         LAPACK, also outside the GIL) are analysed: on 2 cores the two stages overlap.
         ``timings['total']`` is then the wall time, less than the sum of the stages.
+      ascent_steps: pair-ascent steps of the lower bound search, at most.
+      lower_bound_budget: the lower bound search's time: ``'layers'`` (default: it stops when
+        the layer stage is done, or after as long as that took when not overlapping, but not
+        before 3 s: ``train.report._stages.MIN_SEARCH_SECONDS``; it ends within one step of
+        that), seconds, or ``None`` (only the step counts limit it: reproducible values).
+      checkpoint_dir: optional folder: the layer stage's results are saved there as soon as it
+        ends (``stages/layers.pkl`` and the readable ``stages/layers.partial.json``), the lower
+        bound's when it ends, and a later report of the same network, input and options
+        reuses them (``timings`` then has ``layers_reused`` / ``lower_bound_reused``).
+      check_pairs: when ``> 0`` and the upper bound is a number, a soundness check
+        (:func:`train.report.check_upper_bound`) on the lower bound's own pairs and this many
+        random ones: ``network['soundness']``.
       tight_bound: also compute the midpoint (LipLT) bound of
         :mod:`train.report._network_bound` (sound, proven or probabilistic with
         ``δ <= 1e-6``); ``network['lipschitz_upper']`` is then the smaller of the two and
@@ -146,6 +173,10 @@ def network_report(
             seed=seed,
             backend=backend,
             overlap_lower_bound=overlap_lower_bound,
+            ascent_steps=ascent_steps,
+            lower_bound_budget=lower_bound_budget,
+            checkpoint_dir=checkpoint_dir,
+            check_pairs=check_pairs,
             tight_bound=tight_bound,
             tight_max_work=tight_max_work,
         )
@@ -168,6 +199,10 @@ def _network_report(
     seed,
     backend,
     overlap_lower_bound,
+    ascent_steps,
+    lower_bound_budget,
+    checkpoint_dir,
+    check_pairs,
     tight_bound=True,
     tight_max_work=_network_bound.DEFAULT_MAX_WORK,
 ) -> NetworkReport:
@@ -192,45 +227,122 @@ def _network_report(
 
     points = _points(data, x1, num_points, seed)
     x64 = bool(jax.config.jax_enable_x64)
+    errors: list[dict[str, str]] = []
+    layer_key = lower_key = None
+    checkpoint = None
+    if checkpoint_dir is not None:
+        t0 = time.perf_counter()
+        network_key = _stages.fingerprint(str(closed), names, leaves, x1.shape, str(x1.dtype))
+        layer_key = _stages.fingerprint(
+            network_key, max_dense_dim, compute_spectra, include_dense, backend
+        )
+        lower_key = _stages.fingerprint(
+            network_key, points, power_iterations, power_rtol, ascent_steps, seed, x64
+        )
+        checkpoint = _stages.Checkpoint(checkpoint_dir, layer_key)
+        timings["fingerprint"] = time.perf_counter() - t0
+    cached_layers = checkpoint.load("layers") if checkpoint else None
+    cached_lower = None
+    if checkpoint is not None:
+        cached_lower = _stages.Checkpoint(checkpoint_dir, lower_key).load("lower_bound")
+    layers_done = threading.Event()
+    stop = _stages.budget_stop(
+        lower_bound_budget,
+        layers_done,
+        lambda: None if overlap_lower_bound else timings.get("layers"),
+    )
 
     def lower_bound():
         t = time.perf_counter()
-        with jax.enable_x64(x64):  # The caller's setting, also when it is a thread-local one.
-            result = _empirical.jacobian_lower_bound(
-                fn,
-                points,
-                leaves,
-                num_iterations=power_iterations,
-                seed=seed,
-                rtol=power_rtol,
-                return_iterations=True,
-            )
+        if cached_lower is not None:
+            return cached_lower, 0.0
+        try:
+            with jax.enable_x64(x64):  # The caller's setting, also when it is a thread-local one.
+                result = _lower.search_lower_bound(
+                    fn,
+                    points,
+                    leaves,
+                    power_iterations=power_iterations,
+                    power_rtol=power_rtol,
+                    ascent_steps=ascent_steps,
+                    seed=seed,
+                    stop=stop,
+                )
+        except Exception as e:  # Recorded; the other stages' numbers are still reported.
+            return e, time.perf_counter() - t
+        if checkpoint is not None:
+            _stages.Checkpoint(checkpoint_dir, lower_key).save("lower_bound", result)
         return result, time.perf_counter() - t
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        # On an exception the pool's exit waits for the worker, then the exception propagates.
         pending = pool.submit(lower_bound) if overlap_lower_bound else None
-        upper, note, uncertified, reports, layers = _layers_and_composition(
-            closed,
-            leaves,
-            leaf_specs,
-            names,
-            x1,
-            timings,
-            max_dense_dim=max_dense_dim,
-            compute_spectra=compute_spectra,
-            include_dense=include_dense,
-            progress=progress,
-            backend=backend,
-        )
+        try:
+            if cached_layers is not None:
+                stage = cached_layers
+                timings["layers_reused"] = 1.0
+            else:
+                stage = _layers_and_composition(
+                    closed,
+                    leaves,
+                    leaf_specs,
+                    names,
+                    x1,
+                    timings,
+                    max_dense_dim=max_dense_dim,
+                    compute_spectra=compute_spectra,
+                    include_dense=include_dense,
+                    progress=progress,
+                    backend=backend,
+                    on_layers_done=layers_done.set,
+                    errors=errors,
+                )
+                if checkpoint is not None and not errors:
+                    rows = [r.to_dict() for r in stage[4]]
+                    checkpoint.save("layers", stage, rows=rows)
+        except Exception as e:  # Recorded; the lower bound is still reported.
+            errors.append(_stages.error_record("layers", e))
+            stage = (
+                None,
+                f"not computed: the layer stage failed ({type(e).__name__})",
+                None,
+                [],
+                [],
+            )
+        finally:
+            layers_done.set()
+        upper, note, uncertified, reports, layers = stage
         tight = _network_bound.network_upper_fields(
             closed, leaves, x1.shape, upper, enabled=tight_bound, max_work=tight_max_work
         )
         timings["tight_bound"] = tight.pop("seconds")
         if pending is not None:
-            (lower, per_point, counts), timings["lower_bound"] = pending.result()
+            lower_result, timings["lower_bound"] = pending.result()
     if pending is None:
-        (lower, per_point, counts), timings["lower_bound"] = lower_bound()
+        lower_result, timings["lower_bound"] = lower_bound()
+    if cached_lower is not None:
+        timings["lower_bound_reused"] = 1.0
+    lower = witness = None
+    lower_method = None
+    if isinstance(lower_result, Exception):
+        errors.append(_stages.error_record("lower_bound", lower_result))
+        lower_method = f"failed: {type(lower_result).__name__}: {lower_result}"[:500]
+    else:
+        lower, witness = lower_result.value, lower_result.witness
+        lower_method = lower_result.method(
+            "data" if data is not None else "standard normal", power_iterations, power_rtol
+        )
+    soundness = None
+    if check_pairs > 0 and tight["lipschitz_upper"] is not None:
+        t0 = time.perf_counter()
+        try:
+            pairs = _lower.soundness_pairs(
+                witness, x1.shape, check_pairs, seed=seed, dtype=x1.dtype, centres=points
+            )
+            soundness = _lower.check_upper_bound(fn, leaves, tight["lipschitz_upper"], pairs)
+            soundness.pop("ratios")
+        except Exception as e:
+            errors.append(_stages.error_record("soundness", e))
+        timings["soundness"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
 
     all_certified = all(r.sigma_max_certified for r in reports)
@@ -253,17 +365,17 @@ def _network_report(
             )
         ),
         "lipschitz_lower": lower,
-        "lipschitz_lower_method": (
-            f"jacobian_power_iteration: max over {len(points)} "
-            f"{'data' if data is not None else 'standard normal'} points of ||J(x) v||, "
-            f"power iteration on J^T J (at most {power_iterations} iterations, stopped once "
-            f"||J^T J v|| changed by <= {power_rtol:g}; used {', '.join(map(str, counts))}) "
-            "(a lower bound)"
-        ),
-        "lipschitz_lower_per_point": per_point,
+        "lipschitz_lower_method": lower_method,
+        "lipschitz_lower_per_point": None if lower is None else lower_result.per_point,
+        "lipschitz_lower_stages": None if lower is None else lower_result.stages,
+        "lipschitz_lower_witness": None
+        if witness is None
+        else {"file": WITNESS_NAME, "kind": witness["kind"], "value": witness["value"]},
         "lipschitz_gap": (tight["lipschitz_upper"] / lower)
-        if (tight["lipschitz_upper"] is not None and lower > 0)
+        if (tight["lipschitz_upper"] is not None and lower)
         else None,
+        "soundness": soundness,
+        "errors": errors,
         "layer_backend": backend,
         "num_conv_layers": len(reports),
         "num_dense_layers": len(layers) - len(reports),
@@ -275,7 +387,7 @@ def _network_report(
     network["lipschitz_upper_naive_note"] = network["lipschitz_upper_note"]
     if network["lipschitz_upper_method"] == "midpoint":
         network["lipschitz_upper_note"] = network["lipschitz_upper_tight_note"]
-    return NetworkReport(layers, network, timings)
+    return NetworkReport(layers, network, timings, witness=witness)
 
 
 def _layers_and_composition(
@@ -291,6 +403,8 @@ def _layers_and_composition(
     include_dense,
     progress,
     backend,
+    on_layers_done=None,
+    errors=None,
 ):
     """Composition pass 1 (BatchNorm scales), the per-layer analysis, the certified composition."""
     # Pass 1: which convs are followed by per-channel scalings (BatchNorm), in network order.
@@ -321,14 +435,23 @@ def _layers_and_composition(
         backend=backend,
     )
     timings["layers"] = time.perf_counter() - t0
+    if on_layers_done is not None:
+        on_layers_done()  # The lower bound's time budget ends with the layer stage.
     by_leaf = dict(zip(order, reports))
 
     # Pass 2: the certified bound (layers' upper bounds); pass 3: the same with σ_max values.
     t0 = time.perf_counter()
     scales = {i: layer.bn_scale for i, layer in zip(order, conv_layers)}
     args = (closed, leaves, leaf_specs, x1.shape, by_leaf, scales, const_cache)
-    upper, note = _compose(*args, certified=True)
-    uncertified, _ = _compose(*args, certified=False)
+    try:
+        upper, note = _compose(*args, certified=True)
+        uncertified, _ = _compose(*args, certified=False)
+    except Exception as e:  # Recorded; the layers' numbers are still reported.
+        if errors is None:
+            raise
+        errors.append(_stages.error_record("composition", e))
+        upper, uncertified = None, None
+        note = f"not computed: the composition failed ({type(e).__name__}: {e})"[:500]
     timings["compose"] = time.perf_counter() - t0
 
     layers: list[LayerReport] = [by_leaf[i] for i in order]

@@ -40,7 +40,7 @@ def _power_step(flat, params, points, v, active):
     """One power-iteration step on ``JᵀJ`` at every point (one program for all points).
 
     Returns ``(v_next, ||J v||, ||JᵀJ v||)`` per point; ``v_next = JᵀJ v / ||JᵀJ v||`` where
-    ``active``, else ``v`` (a point that stopped keeps its vector).
+    ``active`` and ``JᵀJ v != 0``, else ``v`` (a point that stopped keeps its vector).
     """
 
     def one(x, v, active):
@@ -49,21 +49,67 @@ def _power_step(flat, params, points, v, active):
         (w,) = jax.linear_transpose(jvp, x)(jv)
         norm = jnp.linalg.norm(w)
         tiny = jnp.finfo(x.dtype).tiny
-        v_next = jnp.where(active, w / jnp.maximum(norm, tiny), v)
+        # Where JᵀJ v = 0 (e.g. every ReLU off) v is kept: a zero vector would give no value.
+        v_next = jnp.where(active & (norm > 0), w / jnp.maximum(norm, tiny), v)
         return v_next, jnp.linalg.norm(jv), norm
 
     return jax.vmap(one)(points, v, active)
 
 
-def _compiled_step(args):
-    """:func:`_power_step` compiled (with :data:`CPU_COMPILER_OPTIONS` on CPU)."""
-    lowered = _power_step.lower(*args)
+def compiled(jitted, args):
+    """``jitted`` lowered for ``args`` and compiled (with :data:`CPU_COMPILER_OPTIONS` on CPU)."""
+    lowered = jitted.lower(*args)
     if jax.default_backend() == "cpu":
         try:
             return lowered.compile(compiler_options=CPU_COMPILER_OPTIONS)
         except Exception:  # pragma: no cover - an XLA build without these options
             pass
     return lowered.compile()
+
+
+def _compiled_step(args):
+    """:func:`_power_step` compiled (with :data:`CPU_COMPILER_OPTIONS` on CPU)."""
+    return compiled(_power_step, args)
+
+
+def unit_vectors(rng: np.random.Generator, shape, dtype) -> np.ndarray:
+    """``shape[0]`` standard normal vectors of shape ``shape[1:]``, each scaled to norm 1."""
+    v = rng.standard_normal(shape).astype(dtype)
+    return v / np.linalg.norm(v.reshape(len(v), -1), axis=1).reshape((-1,) + (1,) * (v.ndim - 1))
+
+
+def power_iterate(
+    step, params, points, v0, *, num_iterations, rtol=0.0, stop=None, min_iterations=2
+):
+    """The power-iteration host loop of :func:`jacobian_lower_bound` over a compiled ``step``.
+
+    ``params``, ``points`` and ``v0`` are device arrays; ``stop()`` (optional) is asked before
+    each iteration after the first ``min_iterations``: ``True`` ends the iteration there (any
+    unit vector gives a lower bound). Returns ``(||J(x) v|| per point, v per point (device),
+    iteration counts)``, the norms those of the returned vectors (one last evaluation at them).
+    """
+    num_points = points.shape[0]
+    active = np.ones(num_points, bool)
+    v = v0
+    counts = np.zeros(num_points, np.int32)
+    previous = np.zeros(num_points)
+    current = np.zeros(num_points)
+    tiny = np.finfo(np.float64).tiny
+    while True:
+        # A point goes on while under num_iterations and (before 2 steps, or still moving).
+        moving = np.abs(current - previous) > float(rtol) * np.maximum(current, tiny)
+        active = (counts < int(num_iterations)) & ((counts < 2) | moving)
+        if stop is not None and counts.min(initial=0) >= min_iterations and stop():
+            active[:] = False
+        v_next, jv_norm, w_norm = step(params, points, v, active)
+        if not active.any():
+            break  # This last call only evaluated ||J v|| at the final vectors.
+        v = v_next
+        w_norm = np.asarray(jax.device_get(w_norm), np.float64)
+        previous = np.where(active, current, previous)
+        current = np.where(active, w_norm, current)
+        counts = counts + active
+    return np.asarray(jax.device_get(jv_norm), np.float64), v, counts
 
 
 def jacobian_lower_bound(
@@ -117,31 +163,17 @@ def jacobian_lower_bound(
     if points.shape[0] == 0:
         return (0.0, np.zeros(0)) + ((np.zeros(0, np.int32),) if return_iterations else ())
     flat = flat_outputs(fn)
-    rng = np.random.default_rng(seed)
-    v0 = rng.standard_normal(points.shape).astype(points.dtype)
-    v0 /= np.linalg.norm(v0.reshape(len(v0), -1), axis=1).reshape((-1,) + (1,) * (v0.ndim - 1))
-    num_points = points.shape[0]
-    active = np.ones(num_points, bool)
-    step = _compiled_step((flat, params, points, v0, active))
+    v0 = unit_vectors(np.random.default_rng(seed), points.shape, points.dtype)
+    step = _compiled_step((flat, params, points, v0, np.ones(points.shape[0], bool)))
     params = jax.device_put(params)  # Once: each step reuses the device copies.
-    points = jax.device_put(points)
-    v = jax.device_put(v0)
-    counts = np.zeros(num_points, np.int32)
-    previous = np.zeros(num_points)
-    current = np.zeros(num_points)
-    tiny = np.finfo(np.float64).tiny
-    while True:
-        # A point goes on while under num_iterations and (before 2 steps, or still moving).
-        moving = np.abs(current - previous) > float(rtol) * np.maximum(current, tiny)
-        active = (counts < int(num_iterations)) & ((counts < 2) | moving)
-        v, jv_norm, w_norm = step(params, points, v, active)
-        if not active.any():
-            break  # This last call only evaluated ||J v|| at the final vectors.
-        w_norm = np.asarray(jax.device_get(w_norm), np.float64)
-        previous = np.where(active, current, previous)
-        current = np.where(active, w_norm, current)
-        counts = counts + active
-    values = np.asarray(jax.device_get(jv_norm), np.float64)
+    values, _, counts = power_iterate(
+        step,
+        params,
+        jax.device_put(points),
+        jax.device_put(v0),
+        num_iterations=num_iterations,
+        rtol=rtol,
+    )
     if return_iterations:
         return float(values.max()), values, counts
     return float(values.max()), values

@@ -28,6 +28,8 @@ METHOD_KINDS = {
     "l1_schur": "bound",
     "spectral_density": "approximation",
     "jacobian_power_iteration": "estimate (lower bound)",
+    "pair_ascent": "lower bound (a realised ratio ||f(x)-f(y)||/||x-y||)",
+    "search": "lower bound (the largest realised ratio or ||J(x) v||/||v|| found; witness saved)",
     "composition": "bound",
 }
 
@@ -98,16 +100,24 @@ class NetworkReport:
         bound and the norms that gave it), ``lipschitz_upper_naive`` (certified ℓ2 bound by
         composition, or ``None``),
         ``lipschitz_upper_note`` (how, or the first operation that blocks certification),
-        ``lipschitz_lower`` (largest ``||J(x) v||`` found by power iteration: a lower bound on the
-        Lipschitz constant), ``lipschitz_lower_method``, ``lipschitz_gap`` (upper / lower),
+        ``lipschitz_lower`` (the largest realised ratio ``||f(x)-f(y)||/||x-y||`` or
+        ``||J(x) v||/||v||`` the search found: a lower bound on the Lipschitz constant; ``None``
+        if its stage failed), ``lipschitz_lower_method``, ``lipschitz_lower_stages``,
+        ``lipschitz_lower_witness`` (``{file, kind, value}``), ``soundness`` (``None`` unless
+        asked), ``errors`` (``{stage, type, message, where}`` per failed stage),
+        ``lipschitz_gap`` (upper / lower),
         ``lipschitz_upper_uncertified`` (the same composition with the layers' ``sigma_max``
         instead of their certified bounds: an estimate), ``num_points``.
       timings: seconds per stage.
+      witness: the lower bound's witness (``{'kind': 'pair', 'x', 'y', ...}`` or ``{'kind':
+        'jacobian', 'x', 'v', ...}``, see :func:`train.report.search_lower_bound`), or ``None``;
+        not in ``to_dict``: :func:`train.report.write_report` saves it as ``.npz``.
     """
 
     layers: list[LayerReport]
     network: dict[str, Any]
     timings: dict[str, float]
+    witness: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -7,6 +7,7 @@ import pathlib
 
 import numpy as np
 
+from train.report import _stages
 from train.report._types import METHOD_KINDS
 from train.report._types import NetworkReport
 
@@ -14,6 +15,9 @@ JSON_NAME = "report.json"
 MARKDOWN_NAME = "report.md"
 SPECTRA_PLOT = "spectra.png"
 NORMS_PLOT = "norms.png"
+#: The lower bound's witness (``np.savez``: ``kind``, ``value``, ``x`` and ``y`` or ``v``, the
+#: search's pairs ``pairs_x`` / ``pairs_y``); :func:`train.report.recompute_lower_bound` reads it.
+WITNESS_NAME = "lower_bound_witness.npz"
 
 
 def _fmt(v) -> str:
@@ -34,6 +38,8 @@ def report_markdown(report: NetworkReport, title: str = "Spectral report") -> st
         f"- lower bound: **{_fmt(net.get('lipschitz_lower'))}** — "
         f"{net.get('lipschitz_lower_method')}",
         f"- gap (upper / lower): {_fmt(net.get('lipschitz_gap'))}",
+        f"- lower bound witness: {_witness_line(net.get('lipschitz_lower_witness'))}",
+        f"- soundness check: {_soundness_line(net.get('soundness'))}",
         f"- upper bound kind: {net.get('lipschitz_upper_kind')} (failure probability δ = "
         f"{_fmt(net.get('lipschitz_upper_delta'))}; method: {net.get('lipschitz_upper_method')})",
         f"- naive upper bound (composition: product of the layer norms): "
@@ -101,6 +107,8 @@ def report_markdown(report: NetworkReport, title: str = "Spectral report") -> st
             r.bn_folded_sigma_max,
         ]
         lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+    for e in net.get("errors") or []:
+        lines.insert(4, f"- **stage `{e['stage']}` failed**: {e['type']}: {e['message']}")
     lines += [
         "",
         "Methods: " + "; ".join(f"`{k}`: {v}" for k, v in METHOD_KINDS.items()),
@@ -109,6 +117,21 @@ def report_markdown(report: NetworkReport, title: str = "Spectral report") -> st
         "",
     ]
     return "\n".join(lines)
+
+
+def _witness_line(w) -> str:
+    if not w:
+        return "—"
+    return f"`{w['file']}` (kind `{w['kind']}`; `train.report.recompute_lower_bound`)"
+
+
+def _soundness_line(s) -> str:
+    if not s:
+        return "not run"
+    return (
+        f"{s['violations']} violations on {s['num_pairs']} pairs (max ratio / upper "
+        f"{s['max_ratio_over_upper']:.4g}, rounding tolerance {s['rtol']:g})"
+    )
 
 
 def plot_spectra(report: NetworkReport, path: pathlib.Path) -> pathlib.Path:
@@ -171,9 +194,26 @@ def write_report(
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / JSON_NAME, "markdown": out_dir / MARKDOWN_NAME}
-    paths["json"].write_text(json.dumps(report.to_dict(), indent=2, allow_nan=False))
-    paths["markdown"].write_text(report_markdown(report, title))
+    if report.witness is not None:
+        paths["witness"] = out_dir / WITNESS_NAME
+        np.savez(paths["witness"], **{k: np.asarray(v) for k, v in report.witness.items()})
+
+    def write_text():
+        paths["json"].write_text(json.dumps(report.to_dict(), indent=2, allow_nan=False))
+        paths["markdown"].write_text(report_markdown(report, title))
+
+    write_text()  # Before the plots: a plot that fails loses no number.
     if plots:
-        paths["spectra_plot"] = plot_spectra(report, out_dir / SPECTRA_PLOT)
-        paths["norms_plot"] = plot_norms(report, out_dir / NORMS_PLOT)
+        errors = []
+        for kind, plot, name in (
+            ("spectra_plot", plot_spectra, SPECTRA_PLOT),
+            ("norms_plot", plot_norms, NORMS_PLOT),
+        ):
+            try:
+                paths[kind] = plot(report, out_dir / name)
+            except Exception as e:  # Recorded in report.json; the numbers are written.
+                errors.append(_stages.error_record(kind, e))
+        if errors:
+            report.network.setdefault("errors", []).extend(errors)
+            write_text()
     return paths
