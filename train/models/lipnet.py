@@ -10,7 +10,12 @@ stage 2: n₂ LipResidualBlocks -> flatten -> NormalizedDense``
 * convs: plain ``nnx.Conv`` kernels (the stem, the stride-2 transition) and the blocks' one
   kernel ``K = I + W`` (:class:`train.lipschitz_layers.LipResidualBlock`), every one a
   params leaf that :func:`train.find_convs` finds and the projection keeps at σ_max <= 1;
-* activations: 1-Lipschitz (:data:`train.lipschitz_layers.ACTIVATIONS`; MaxMin by default);
+* activations: 1-Lipschitz and gradient-norm preserving (:data:`train.lipschitz_layers.ACTIVATIONS`):
+  ``'abs'`` by default, the one whose constant :func:`train.report.network_report` certifies
+  as exactly 1 today (``'maxmin'`` is also exactly 1-Lipschitz, but the report's composition
+  charges it ``sqrt(2)``, see :mod:`train.lipschitz_layers`; MaxMin is ``abs`` between
+  orthogonal maps: ``MaxMin(a, b) = Qᵀ(u, |v|)`` with ``(u, v) = Q(a, b)``, ``Q`` the 45°
+  rotation of each pair);
 * flatten: a reshape, norm 1 (no average pooling, which would divide the constant by
   ``sqrt(H W)`` and the margins with it);
 * head: :class:`train.lipschitz_layers.NormalizedDense` (``'spectral'``: σ_max <= 1).
@@ -47,7 +52,7 @@ class LipResNet(nnx.Module):
       input_shape: ``(H, W)`` of the images (the head's input size depends on it).
       width: channels of stage 1 (stage 2 has ``2 width``; MaxMin needs them even).
       depths: residual blocks of stage 1 and stage 2.
-      activation: one of :data:`train.lipschitz_layers.ACTIVATIONS`.
+      activation: one of :data:`train.lipschitz_layers.ACTIVATIONS` (default ``'abs'``).
       head: ``'spectral'`` (1-Lipschitz logits) or ``'rows'`` (each logit 1-Lipschitz).
       padding: ``'SAME'`` (zeros) or ``'CIRCULAR'``, every conv.
       init_scale: scale of the residual kernels ``W`` at initialisation.
@@ -70,7 +75,7 @@ class LipResNet(nnx.Module):
         input_shape: Sequence[int] = (32, 32),
         width: int = 16,
         depths: Sequence[int] = (2, 2),
-        activation: str = "maxmin",
+        activation: str = "abs",
         head: str = "spectral",
         padding: str = "SAME",
         init_scale: float = 0.1,
