@@ -56,6 +56,11 @@ class LipResNet(nnx.Module):
       head: ``'spectral'`` (1-Lipschitz logits) or ``'rows'`` (each logit 1-Lipschitz).
       padding: ``'SAME'`` (zeros) or ``'CIRCULAR'``, every conv.
       init_scale: scale of the residual kernels ``W`` at initialisation.
+      lipschitz: ``L > 0``, a constant the logits are multiplied by: the network's constant
+        is then ``L`` by construction. A logit scale is the usual temperature of the
+        cross-entropy of 1-Lipschitz networks (the logits of a 1-Lipschitz map of normalised
+        images are too close for the loss to train them); it does not change the certified
+        radii ``margin / (sqrt(2) L)``, which scale with it.
       param_dtype: dtype of the parameters.
       rngs: ``nnx.Rngs`` with a ``params`` stream.
 
@@ -79,6 +84,7 @@ class LipResNet(nnx.Module):
         head: str = "spectral",
         padding: str = "SAME",
         init_scale: float = 0.1,
+        lipschitz: float = 1.0,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -96,7 +102,10 @@ class LipResNet(nnx.Module):
         if padding not in ("SAME", "CIRCULAR"):
             raise ValueError(f"padding={padding!r}: expected 'SAME' or 'CIRCULAR'")
         ll.activation_fn(activation)  # Checks the name.
+        if not lipschitz > 0:
+            raise ValueError(f"lipschitz={lipschitz!r}: expected > 0")
         self.activation = activation
+        self.lipschitz = float(lipschitz)
 
         def conv(c_in, c_out, stride):
             return nnx.Conv(
@@ -130,4 +139,5 @@ class LipResNet(nnx.Module):
         x = act(self.down(x))
         for block in self.stage2:
             x = block(x)
-        return self.head(x.reshape(x.shape[0], -1))
+        logits = self.head(x.reshape(x.shape[0], -1))
+        return logits if self.lipschitz == 1.0 else self.lipschitz * logits
