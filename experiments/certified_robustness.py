@@ -50,7 +50,9 @@ ANCHORS = (
 )
 
 
-def lipnet_changes(*, width, depths, lipschitz, lr, num_steps=None, **extra) -> dict[str, Any]:
+def lipnet_changes(
+    *, width, depths, lipschitz, lr, activation="maxmin", num_steps=None, **extra
+) -> dict[str, Any]:
     """Config changes that train :class:`train.models.LipResNet` (Adam, no weight decay,
     which would pull the blocks' ``K = I + W`` towards 0) with every conv kept at
     σ_max <= 1: the approximate ``'power'`` projection every step, and the loop's certified
@@ -63,7 +65,8 @@ def lipnet_changes(*, width, depths, lipschitz, lr, num_steps=None, **extra) -> 
         weight_decay=0.0,
         project_max_norm=1.0,
         project_method="power",
-        model_kwargs=FrozenDict(depths=tuple(depths), lipschitz=float(lipschitz)),
+        model_kwargs=FrozenDict(
+            depths=tuple(depths), lipschitz=float(lipschitz), activation=activation),
         **extra,
     )
     if num_steps is not None:
@@ -88,7 +91,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         base=common.QUICK_BASE,
         seed=0,
         variants=variants(
-            10, lipnet_changes(width=16, depths=(1, 1), lipschitz=16.0, lr=0.01)),
+            10,
+            lipnet_changes(width=16, depths=(1, 1), lipschitz=16.0, lr=3e-3, num_steps=600),
+        ),
         radii=(0.1, 0.3, 0.5),
         num_points=8,
     ),
@@ -109,7 +114,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         base=common.TEST_BASE,
         seed=0,
         variants=variants(
-            2, lipnet_changes(width=4, depths=(1, 1), lipschitz=4.0, lr=0.01, num_steps=4)),
+            2,
+            lipnet_changes(
+                width=4, depths=(1, 1), lipschitz=4.0, lr=0.01, num_steps=4, activation="abs"),
+        ),
         radii=(0.01, 0.05, 0.1),
         num_points=2,
     ),
