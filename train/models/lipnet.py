@@ -10,7 +10,8 @@ stage 2: n₂ LipResidualBlocks -> flatten -> NormalizedDense``
 * convs: plain ``nnx.Conv`` kernels (the stem, the stride-2 transition) and the blocks' one
   kernel ``K = I + W`` (:class:`train.lipschitz_layers.LipResidualBlock`), every one a
   params leaf that :func:`train.find_convs` finds and the projection keeps at σ_max <= 1;
-* activations: 1-Lipschitz and gradient-norm preserving (:data:`train.lipschitz_layers.ACTIVATIONS`):
+* activations: 1-Lipschitz and gradient-norm preserving
+  (:data:`train.lipschitz_layers.ACTIVATIONS`):
   ``'abs'`` by default, the one whose constant :func:`train.report.network_report` certifies
   as exactly 1 today (``'maxmin'`` is also exactly 1-Lipschitz, but the report's composition
   charges it ``sqrt(2)``, see :mod:`train.lipschitz_layers`; MaxMin is ``abs`` between
@@ -33,7 +34,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from train import lipschitz_layers as ll
-
 
 #: The stem and transition convs: He-normal (the first projected update brings them to
 #: σ_max <= 1). A centre-tap orthogonal start was tried and trained far worse: the stem's
