@@ -41,7 +41,6 @@ import numpy as np
 from flax.core import FrozenDict
 
 from experiments import _report
-from experiments import network_report as netrep
 from experiments import sedghi_training as common  # Sets the CPU deadlock workaround.
 from train import robustness
 
@@ -98,7 +97,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             10,
             lipnet_changes(width=16, depths=(1, 1), lipschitz=16.0, lr=3e-3, num_steps=600),
         ),
-        radii=(0.1, 0.3, 0.5),
+        radii=(0.02, 0.05, 0.1),
         num_points=8,
     ),
     "paper": dict(
@@ -128,6 +127,20 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def test_set(config) -> tuple[np.ndarray, np.ndarray]:
+    """The test images as the training pipeline feeds them (zero padded by
+    ``config.image_pad``, then normalised with the dataset's mean / std) and their labels."""
+    from train import datasets
+
+    images, labels = datasets.load_split(config.dataset, "test", data_dir=config.data_dir)
+    if config.image_pad:
+        pad = ((0, 0), (config.image_pad,) * 2, (config.image_pad,) * 2, (0, 0))
+        images = np.pad(images, pad)
+    info = datasets.dataset_info(config.dataset)
+    mean, std = np.asarray(info.mean, np.float32), np.asarray(info.std, np.float32)
+    return ((images - mean) / std).astype(np.float32), np.asarray(labels)
+
+
 def evaluate_variant(config, root: pathlib.Path, radii, num_points: int) -> dict[str, Any]:
     """Trains (or reuses) ``config``; its Lipschitz bracket, margins and certified accuracy."""
     from train import datasets
@@ -136,13 +149,11 @@ def evaluate_variant(config, root: pathlib.Path, radii, num_points: int) -> dict
     summary = common.train_once(config, root, f"cert_s{config.seed}")
     model = summary["model"]
     model.eval()
-    x = netrep.test_points(config, 10**9)  # Every test image, normalised.
-    _, labels = datasets.load_split(config.dataset, "test", data_dir=config.data_dir)
+    x, labels = test_set(config)
     r = report.network_report_nnx(
         model, x[:1], data=x[:num_points], num_points=num_points, compute_spectra=False)
     net = r.network
-    _, std = datasets.channel_stats(
-        datasets.load_split(config.dataset, "train", data_dir=config.data_dir)[0])
+    std = datasets.dataset_info(config.dataset).std
     scale = 1.0 / float(np.min(std))  # Pixel radius -> model-input radius (upper bound).
     upper = net["lipschitz_upper"]
     margins = robustness.margins(robustness.logits_of(model, x), labels)
