@@ -106,7 +106,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         variants=variants(
             100,
             lipnet_changes(
-                width=64, depths=(6, 6), lipschitz=16.0, lr=2e-3, num_steps=78000,
+                width=128, depths=(6, 6), lipschitz=16.0, lr=2e-3, num_steps=78000,
                 batch_size=256, project_certify_every=100,
             ),
         ),
