@@ -97,7 +97,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             10,
             lipnet_changes(width=16, depths=(1, 1), lipschitz=16.0, lr=3e-3, num_steps=600),
         ),
-        radii=(0.02, 0.05, 0.1),
+        radii=(0.002, 0.005, 0.01),
         num_points=8,
     ),
     "paper": dict(
