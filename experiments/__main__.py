@@ -41,6 +41,7 @@ EXPERIMENTS = [
     "svd_training",
     "tt_compression",
     "network_report",
+    "certified_robustness",
 ]
 
 REPORT_NAME = "REPORT.md"

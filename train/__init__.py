@@ -22,7 +22,9 @@
   :mod:`train.certify`, :mod:`train.model_io`,
   :mod:`train.checkpoint`, :mod:`train.metrics`, :mod:`train.builders`,
   :mod:`train.conv_norms`, :mod:`train.batches`, :mod:`train.cli`; :mod:`train.report` (the
-  spectral report of a whole network with its Lipschitz bracket, ``python -m train.report``).
+  spectral report of a whole network with its Lipschitz bracket, ``python -m train.report``);
+  :mod:`train.lipschitz_layers` (1-Lipschitz blocks) and :func:`certified_accuracy`
+  (:mod:`train.robustness`: the ℓ2 certificate margin > sqrt(2) ε L).
 """
 
 from train import certify
@@ -31,6 +33,7 @@ from train import datasets
 from train import layers
 from train import models
 from train import report
+from train import robustness
 from train.batchnorm import recalibrate_batch_stats
 from train.builders import build_data
 from train.certify import CertificationReport
@@ -58,6 +61,7 @@ from train.pruning import prune_by_energy
 from train.regularizers import orthogonality_loss
 from train.regularizers import sparsity_loss
 from train.regularizers import spectral_penalty
+from train.robustness import certified_accuracy
 from train.svd_pipeline import run_svd_pipeline
 from train.transforms import ProjectConvOperatorNormState
 from train.transforms import project_conv_operator_norm
@@ -73,6 +77,7 @@ __all__ = [
     "build_data",
     "build_model",
     "certify",
+    "certified_accuracy",
     "certify_conv_operator_norm",
     "count_flops",
     "data",
@@ -94,6 +99,7 @@ __all__ = [
     "recalibrate_batch_stats",
     "report",
     "restore_model",
+    "robustness",
     "run_svd_pipeline",
     "save_model",
     "sparsity_loss",

@@ -42,7 +42,8 @@ class RegistryTest(absltest.TestCase):
         self.addCleanup(shutil.rmtree, self.root, ignore_errors=True)
 
     def test_names_and_errors(self):
-        self.assertEqual(registry.model_names(), ("garipov", "resnet<int>", "simple_cnn"))
+        self.assertEqual(
+            registry.model_names(), ("garipov", "lipresnet", "resnet<int>", "simple_cnn"))
         with self.assertRaisesRegex(ValueError, "model='vgg16'"):
             registry.build_model(TrainConfig(model="vgg16"), 10, 1)
         with self.assertRaisesRegex(ValueError, "depth=9"):

@@ -8,6 +8,7 @@ from train.models.garipov import RELEASED_TT_CONV_TT_FC
 from train.models.garipov import GaripovNet
 from train.models.garipov import compression_ratio
 from train.models.garipov import decompose_tt
+from train.models.lipnet import LipResNet
 from train.models.onnx import FoldedBatchNorm
 from train.models.onnx import OnnxModel
 from train.models.onnx import fold_batch_norm
@@ -31,6 +32,7 @@ __all__ = [
     "NaiveTTConv",
     "compression_ratio",
     "decompose_tt",
+    "LipResNet",
     "FoldedBatchNorm",
     "OnnxModel",
     "fold_batch_norm",

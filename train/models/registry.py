@@ -149,3 +149,27 @@ def _garipov(config: TrainConfig, num_classes: int, in_channels: int, input_shap
         **unfreeze(config.model_kwargs),
     }
     return garipov.GaripovNet(**kwargs, rngs=nnx.Rngs(config.seed))
+
+
+@register_model("lipresnet")
+def _lipresnet(
+    config: TrainConfig, num_classes: int, in_channels: int, input_shape
+) -> nnx.Module:
+    """The 1-Lipschitz residual CNN :class:`train.models.lipnet.LipResNet` (``config.width``,
+    ``config.padding``; depths, activation, head in ``config.model_kwargs``); train it with
+    ``project_max_norm=1.0`` to keep every conv at σ_max <= 1."""
+    from train.models import lipnet
+
+    if input_shape is None:
+        from train.builders import input_shape as dataset_input_shape
+
+        input_shape = dataset_input_shape(config)[:2]
+    return lipnet.LipResNet(
+        num_classes,
+        in_channels=in_channels,
+        input_shape=tuple(input_shape),
+        width=config.width,
+        padding=config.padding,
+        rngs=nnx.Rngs(config.seed),
+        **unfreeze(config.model_kwargs),
+    )

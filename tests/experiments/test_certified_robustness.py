@@ -1,0 +1,40 @@
+"""experiments/certified_robustness.py on its tiny preset."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+from absl.testing import absltest  # noqa: E402
+
+from experiments import __main__ as experiments_main  # noqa: E402
+from experiments import certified_robustness  # noqa: E402
+from tests.experiments import tables  # noqa: E402
+
+
+class CertifiedRobustnessExperimentTest(absltest.TestCase):
+    def test_tiny_preset(self):
+        out = tables.tmpdir(self)
+        text = certified_robustness.run("test", out)
+        self.assertEqual((out / "certified_robustness.md").read_text(), text)
+        self.assertGreater((out / "certified_robustness.png").stat().st_size, 0)
+        rows = {r[0]: r for r in tables.table_rows(text) if r[0] != "model"}
+        self.assertEqual(
+            set(rows), {"baseline", "Sedghi clip c=1, every 2", "1-Lipschitz LipResNet"})
+        for row in rows.values():
+            clean, upper, lower, gap = (float(v) for v in row[1:5])
+            self.assertGreaterEqual(upper, lower)
+            self.assertAlmostEqual(gap, upper / lower, delta=1e-3 * gap)
+            certified = [float(v) for v in row[5:8]]
+            self.assertEqual(certified, sorted(certified, reverse=True))
+            self.assertLessEqual(certified[0], clean)
+        # The 1-Lipschitz net's certified bound is its logit scale (4 in the test preset).
+        self.assertLessEqual(float(rows["1-Lipschitz LipResNet"][2]), 4.0 * (1 + 1e-5))
+        self.assertIn("LiResNet++ 87.0 / 78.1", text)
+        self.assertFalse(any(out.glob("runs")))
+
+    def test_registered(self):
+        self.assertIn("certified_robustness", experiments_main.EXPERIMENTS)
+
+
+if __name__ == "__main__":
+    absltest.main()
