@@ -96,6 +96,16 @@ class SmallInputModelTest(parameterized.TestCase):
             spec = self.specs[name]["kernel"]
             self.assertLessEqual(_exact(certified[name]["kernel"], spec), 0.5 * (1 + 1e-5))
 
+    def test_circular_stride_not_dividing_a_small_input(self):
+        # Projected on the stride-1 circular layer (whose rows contain the strided layer's).
+        spec = spectra.ConvSpec((3, 3), strides=2, padding="CIRCULAR")
+        params = {"w": jnp.asarray(layers.random_kernel((5, 5, 2, 2), seed=3))}
+        for method in ("certified", "rescale"):
+            tx = train.project_conv_operator_norm(0.5, {"w": spec}, method=method)
+            updates, _ = tx.update({"w": jnp.zeros((5, 5, 2, 2))}, tx.init(params), params)
+            projected = optax.apply_updates(params, updates)["w"]
+            self.assertLessEqual(_exact(projected, spec), 0.5 * (1 + 1e-9), msg=method)
+
 
 class PowerProjectionGroupsTest(absltest.TestCase):
     """The carried power vectors must not lose a group (block-diagonal operator)."""
