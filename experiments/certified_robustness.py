@@ -284,4 +284,5 @@ def _plot(results, radii, out_dir: pathlib.Path) -> None:
 
 
 if __name__ == "__main__":
-    _report.cli(run, "Certified robustness: baseline, Sedghi clip, 1-Lipschitz network.")
+    _report.cli(
+        run, "Certified robustness: baseline, Sedghi and BN-aware clips, 1-Lipschitz network.")
