@@ -25,12 +25,12 @@ README section "Projection onto an operator-norm ball"):
   logit vector then has constant ``||W_n||_2 <= sqrt(num_classes)``), ``'spectral'`` divides
   the matrix by ``max(1, σ_max(W))`` (exact SVD: the logit vector is 1-Lipschitz).
 
-The activation constants that :func:`train.report.network_report` certifies today: ReLU and
+The activation constants that :func:`train.report.network_report` certifies: ReLU and
 ``abs`` exactly 1; :class:`MaxMin` (written as ``reduce_max`` / ``reduce_min`` over the pair
-axis, then a concatenation) ``sqrt(2)``, as the composition charges the concatenation of two
-1-Lipschitz values ``sqrt(1 + 1)``; :class:`GroupSort` with ``group_size > 2`` is a ``sort``
-that the composition does not certify. A network of MaxMin layers is 1-Lipschitz (this module's
-proofs), but the report's composition bound for it is ``sqrt(2)`` per MaxMin.
+axis, then a concatenation) and :class:`GroupSort` (a ``sort``) exactly 1, in both the
+composition and the midpoint bound: per-group sorting is 1-Lipschitz by the rearrangement
+inequality (:data:`train.report._lipschitz.SORTING_LIPSCHITZ`); a max and a min of different
+values or over different axes keep the concatenation's ``sqrt(1 + 1)``.
 
 References:
   C. Anil, J. Lucas, R. Grosse, "Sorting out Lipschitz function approximation", ICML 2019.

@@ -19,7 +19,9 @@ class CertifiedRobustnessExperimentTest(absltest.TestCase):
         self.assertGreater((out / "certified_robustness.png").stat().st_size, 0)
         rows = {r[0]: r for r in tables.table_rows(text) if r[0] != "model"}
         self.assertEqual(
-            set(rows), {"baseline", "Sedghi clip c=1, every 2", "1-Lipschitz LipResNet"})
+            set(rows),
+            {"baseline", "Sedghi clip c=1, every 2", "BN-aware clip c=3, every 2",
+             "1-Lipschitz LipResNet"})
         for row in rows.values():
             clean, upper, lower, gap = (float(v) for v in row[1:5])
             self.assertGreaterEqual(upper, lower)

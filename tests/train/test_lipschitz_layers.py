@@ -170,6 +170,26 @@ class LipResNetTest(absltest.TestCase):
         for layer in r.layers:  # Every conv's exact σ_max <= 1.
             self.assertLessEqual(layer.sigma_max, 1.0 + 1e-5)
 
+    def test_maxmin_network_certified_at_most_its_logit_scale(self):
+        # MaxMin is 1-Lipschitz (per-pair sorting), not sqrt(2): a projected MaxMin LipResNet
+        # with logit scale L is certified <= L by both the composition and the midpoint bound.
+        scale = 4.0
+        config = TrainConfig(dataset="digits", model="lipresnet", width=4,
+                             model_kwargs={"depths": (1, 1), "init_scale": 0.5,
+                                           "activation": "maxmin", "lipschitz": scale})
+        model = build_model(config, 10, 1, (8, 8))
+        x = jnp.zeros((1, 8, 8, 1))
+        _project(model, x)
+        r = train.report.network_report_nnx(model, x, num_points=2, power_iterations=10,
+                                            compute_spectra=False)
+        n = r.network
+        self.assertLessEqual(n["lipschitz_upper_naive"], scale * (1 + 1e-5))
+        self.assertLessEqual(n["lipschitz_upper"], scale * (1 + 1e-5))
+        self.assertIsNotNone(n["lipschitz_upper_tight"])
+        self.assertLessEqual(n["lipschitz_upper_tight"], scale * (1 + 1e-3))
+        self.assertLessEqual(n["lipschitz_lower"], n["lipschitz_upper"] * (1 + 1e-6))
+        self.assertGreater(n["lipschitz_lower"], 0.0)
+
     def test_bad_arguments(self):
         with self.assertRaisesRegex(ValueError, "width=3"):
             train.models.LipResNet(10, in_channels=1, input_shape=(8, 8), width=3,

@@ -12,9 +12,8 @@ stage 2: n₂ LipResidualBlocks -> flatten -> NormalizedDense``
   params leaf that :func:`train.find_convs` finds and the projection keeps at σ_max <= 1;
 * activations: 1-Lipschitz and gradient-norm preserving
   (:data:`train.lipschitz_layers.ACTIVATIONS`):
-  ``'abs'`` by default, the one whose constant :func:`train.report.network_report` certifies
-  as exactly 1 today (``'maxmin'`` is also exactly 1-Lipschitz, but the report's composition
-  charges it ``sqrt(2)``, see :mod:`train.lipschitz_layers`; MaxMin is ``abs`` between
+  ``'abs'`` by default; :func:`train.report.network_report` certifies ``'abs'``, ``'maxmin'``
+  and ``'groupsort<k>'`` as exactly 1 (see :mod:`train.lipschitz_layers`; MaxMin is ``abs`` between
   orthogonal maps: ``MaxMin(a, b) = Qᵀ(u, |v|)`` with ``(u, v) = Q(a, b)``, ``Q`` the 45°
   rotation of each pair);
 * flatten: a reshape, norm 1 (no average pooling, which would divide the constant by

@@ -19,6 +19,9 @@ operation, and a blocked value that reaches an output makes the network bound ``
   ``x·σ(x)`` (:data:`SILU_LIPSCHITZ`), hard-swish ``x·relu6(x + 3)/6`` (3/2);
 * max pools (:func:`~train.report._windows.max_pool_lipschitz`: ``sqrt`` of the largest
   number of windows that contain one pixel);
+* MaxMin / GroupSort (:data:`SORTING_LIPSCHITZ`): ``sort`` along an axis (1), and the
+  concatenation (or ``stack``) of ``reduce_max`` and ``reduce_min`` of the *same* value over
+  the *same* axes of size ``k >= 2`` (1 with respect to that value, not ``sqrt(2)``);
 * softmax over axes ``A`` (:func:`softmax_patterns`: ``exp(a - c) / sum_A exp(a - c)`` with
   ``c`` constant along ``A``, as ``jax.nn.softmax`` traces it): :data:`SOFTMAX_LIPSCHITZ`.
 
@@ -51,6 +54,16 @@ HARD_SWISH_LIPSCHITZ = 1.5
 #: is positive semi-definite with ``vᵀ J v = Var_p(v) <= (max v - min v)² / 4 <= 1/2`` for a
 #: unit ``v`` (Popoviciu's inequality), and block diagonal over the other axes.
 SOFTMAX_LIPSCHITZ = 0.5
+#: MaxMin / GroupSort: sorting ``s: R^k -> R^k`` is 1-Lipschitz in ℓ2. For ``x, y``,
+#: ``||s(x) - s(y)||² = ||x||² + ||y||² - 2 <s(x), s(y)>`` and ``<s(x), s(y)> >= <x, y>`` by the
+#: rearrangement inequality (similarly ordered sequences have the largest sum of products), so
+#: ``||s(x) - s(y)|| <= ||x - y||``; sorting every slice along an axis (``sort``, GroupSort)
+#: too, the squared differences adding over slices. For ``k >= 2``, ``(max, min)`` of a group
+#: is a sub-vector of ``s`` (its last and first entries), so the concatenation of
+#: ``reduce_max(u, A)`` and ``reduce_min(u, A)`` (each entry kept once) is 1-Lipschitz in ``u``
+#: (MaxMin, ``k = 2``). With ``k = 1`` (``max = min = u``) it costs ``sqrt(2)``, and a max and a
+#: min of different values or over different axes are no sorting: both keep ``sqrt(Σ L_i²)``.
+SORTING_LIPSCHITZ = 1.0
 #: The chain of scalar ops of ``jax.nn.hard_sigmoid``: ``relu6(x + 3) / 6``.
 _HARD_SIGMOID_CHAINS = (
     (("add", 3.0), ("max", 0.0), ("min", 6.0), ("div", 6.0)),
@@ -81,6 +94,20 @@ _UNIT = (_STRUCTURAL - {"concatenate", "convert_element_type"}) | {
     "reduce_max",
     "reduce_min",
 }
+#: Norm-preserving bijective re-indexings through which a ``reduce_max``/``reduce_min`` result
+#: keeps its identity for the MaxMin rule (each of its elements still appears exactly once).
+_BIJECTIVE = frozenset(
+    {
+        "reshape",
+        "squeeze",
+        "expand_dims",
+        "transpose",
+        "copy",
+        "copy_p",
+        "rev",
+        "reduce_precision",
+    }
+)
 _COMPARISONS = frozenset({"ge", "gt", "le", "lt"})
 _CALLS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 #: Dense layers whose operator is densified to compute an on-the-fly conv norm.
@@ -100,6 +127,9 @@ class Dep:
     fold: tuple | None = None
     # (base Dep, comparison, constant): a predicate ``base <cmp> constant``.
     cmp: tuple | None = None
+    # (base Dep, "max" | "min", axes): this value is a bijective re-indexing of
+    # ``reduce_<kind>(base, axes)`` (the MaxMin rule of :meth:`Composer._rule_concatenate`).
+    red: tuple | None = None
 
 
 def _blocked(shape, note) -> Dep:
@@ -299,7 +329,8 @@ class Composer:
             d = vals[0]
             if not isinstance(d, Dep) or any(isinstance(v, Dep) for v in vals[1:]):
                 return _blocked(shape, f"`{name}` with input-dependent indices or padding at {at}")
-            result = self.out(shape, self.lip(d))
+            red = d.red if name in _BIJECTIVE and math.prod(shape) == math.prod(d.shape) else None
+            result = self.out(shape, self.lip(d), red=red)
         elif name == "optimization_barrier":
             result = [self.out(v.shape, self.lip(v)) if isinstance(v, Dep) else v for v in vals]
             return result
@@ -332,17 +363,69 @@ class Composer:
 
     def _rule_convert_element_type(self, eqn, vals, shape, at):
         d = vals[0]
-        return self.out(shape, d.L, d.note, chain=d.chain, fold=d.fold)
+        return self.out(shape, d.L, d.note, chain=d.chain, fold=d.fold, red=d.red)
 
     def _rule_broadcast_in_dim(self, eqn, vals, shape, at):
         d = vals[0]
         if any(isinstance(v, Dep) for v in vals[1:]):
             return _blocked(shape, f"dynamic broadcast at {at}")
         factor = math.prod(shape) / max(math.prod(d.shape), 1)
-        return self.out(shape, self.lip(d) * math.sqrt(factor))
+        red = d.red if factor == 1 else None
+        return self.out(shape, self.lip(d) * math.sqrt(factor), red=red)
 
     def _rule_concatenate(self, eqn, vals, shape, at):
-        return self.out(shape, math.sqrt(sum(self.lip(d) ** 2 for d in vals if isinstance(d, Dep))))
+        """``sqrt(Σ L_i²)``, except that a ``reduce_max`` and a ``reduce_min`` of one value
+        ``u`` over the same axes (of ``k >= 2`` elements) count ``L_u`` together, once
+        (:data:`SORTING_LIPSCHITZ`: MaxMin)."""
+        deps = [d for d in vals if isinstance(d, Dep)]
+        used: set[int] = set()
+        total = 0.0
+        for i, d in enumerate(deps):
+            if i in used:
+                continue
+            used.add(i)
+            partner = None
+            if d.red is not None:
+                base, kind, axes = d.red
+                for k in range(i + 1, len(deps)):
+                    e = deps[k]
+                    if (
+                        k not in used
+                        and e.red is not None
+                        and e.red[0] is base
+                        and e.red[2] == axes
+                        and {kind, e.red[1]} == {"max", "min"}
+                    ):
+                        partner = k
+                        break
+            if partner is not None:
+                used.add(partner)
+                total += (SORTING_LIPSCHITZ * self.lip(d.red[0])) ** 2
+            else:
+                total += self.lip(d) ** 2
+        return self.out(shape, math.sqrt(total))
+
+    _rule_stack = _rule_concatenate
+
+    def _reduce_extreme(self, eqn, vals, shape, at):
+        d = vals[0]
+        axes = tuple(int(a) for a in eqn.params["axes"])
+        size = math.prod(d.shape[a] for a in axes)
+        kind = "max" if eqn.primitive.name == "reduce_max" else "min"
+        return self.out(shape, self.lip(d), red=(d, kind, axes) if size >= 2 else None)
+
+    _rule_reduce_max = _reduce_extreme
+    _rule_reduce_min = _reduce_extreme
+
+    def _rule_sort(self, eqn, vals, shape, at):
+        # Sorting each slice along one axis is 1-Lipschitz (SORTING_LIPSCHITZ); with
+        # several operands the others are permuted by the keys' order: not certifiable.
+        if len(vals) != 1:
+            return [
+                _blocked(o.aval.shape, f"`sort` of several operands (argsort) at {at}")
+                for o in eqn.outvars
+            ]
+        return [self.out(shape, SORTING_LIPSCHITZ * self.lip(vals[0]))]
 
     def _rule_split(self, eqn, vals, shape, at):
         # Each output is a slice of the input along one axis: constant 1 each.

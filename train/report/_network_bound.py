@@ -9,7 +9,12 @@ written ``φ_j(u) = m_j u + r_j ψ_j(u)`` with ``ψ_j`` 1-Lipschitz:
   ``s = SILU_LIPSCHITZ`` (its derivative ``d(u)`` satisfies ``d(u) + d(-u) = 1``, so
   ``inf d = 1 - sup d``);
 * max pools (``m = 0``, ``r`` = their Lipschitz constant, as in the composition) and
-  ``reduce_max`` (``m = 0``, ``r = 1``).
+  ``reduce_max`` (``m = 0``, ``r = 1``);
+* MaxMin / GroupSort (``m = 0``, ``r = 1``, :data:`~train.report._lipschitz.SORTING_LIPSCHITZ`:
+  per-group sorting is 1-Lipschitz by the rearrangement inequality): ``sort`` of one operand,
+  and the ``concatenate`` / ``stack`` of exactly a ``reduce_max`` and a ``reduce_min`` of the
+  same value ``u`` over the same axes (``k >= 2`` elements) as *one* node from ``u`` to the
+  concatenation (two separate nodes would charge ``2`` instead of ``1``).
 
 Replacing each ``φ_j(u_j)`` by ``m_j u_j + r_j e_j`` with a free input ``e_j`` (of ``φ_j``'s
 output shape) makes every value of the network an affine function of ``(x, e_1, …, e_n)``
@@ -52,6 +57,7 @@ from train.report import _windows
 from train.report._empirical import CPU_COMPILER_OPTIONS
 from train.report._lipschitz import SILU_LIPSCHITZ
 from train.report._lipschitz import SOFTMAX_LIPSCHITZ
+from train.report._lipschitz import SORTING_LIPSCHITZ
 from train.report._lipschitz import _evaluate
 from train.report._lipschitz import _is_var
 from train.report._lipschitz import _sub_jaxpr
@@ -100,6 +106,7 @@ _LINEAR = frozenset(
         "reduce_window_sum",
         "cumsum",
         "split",
+        "stack",
         "conv_general_dilated",
         "dot_general",
     }
@@ -150,7 +157,9 @@ class _Ref:
     id: int
     shape: tuple[int, ...]
     srcs: frozenset
-    pending: tuple | None = None  # ('logistic', base _Ref): a SiLU's sigmoid, not emitted.
+    # ('logistic', base _Ref): a SiLU's sigmoid; ('reduce_max' | 'reduce_min', base _Ref,
+    # axes, where): half of a MaxMin. Not emitted until a consumer needs it as a value.
+    pending: tuple | None = None
 
 
 class LinearisedNetwork:
@@ -171,6 +180,7 @@ class LinearisedNetwork:
         self.ops: list[tuple] = []
         self._next = 0
         self._const_cache: dict = {}
+        self._materialised: dict[int, _Ref] = {}
         jaxpr = closed.jaxpr
         n = len(leaf_values)
         self.x_ref = self._new(tuple(x_shape), frozenset({0}))
@@ -236,8 +246,33 @@ class LinearisedNetwork:
         return out
 
     def _materialise(self, ref: _Ref) -> _Ref:
-        kind, base = ref.pending
-        return self._node("logistic", _SLOPES["logistic"], base, ref.shape, "sigmoid")
+        if ref.id not in self._materialised:
+            kind, base = ref.pending[:2]
+            if kind == "logistic":
+                node = self._node("logistic", _SLOPES["logistic"], base, ref.shape, "sigmoid")
+            else:
+                node = self._node(kind, (-1.0, 1.0), base, ref.shape, ref.pending[3])
+            self._materialised[ref.id] = node
+        return self._materialised[ref.id]
+
+    def _maxmin(self, name, vals, out_shape, at) -> _Ref | None:
+        """The MaxMin node ``u -> concat(reduce_max(u, A), reduce_min(u, A))`` (``m = 0``,
+        ``r = 1``) when ``vals`` are exactly such a pair (either order), else ``None``."""
+        if name not in ("concatenate", "stack") or len(vals) != 2:
+            return None
+        a, b = vals
+        if not (isinstance(a, _Ref) and isinstance(b, _Ref)):
+            return None
+        pa, pb = a.pending, b.pending
+        if (
+            pa is None
+            or pb is None
+            or {pa[0], pb[0]} != {"reduce_max", "reduce_min"}
+            or pa[1] is not pb[1]
+            or pa[2] != pb[2]
+        ):
+            return None
+        return self._node("maxmin", (-SORTING_LIPSCHITZ, SORTING_LIPSCHITZ), pa[1], out_shape, at)
 
     def _walk(self, jaxpr, consts, invals, where) -> list:
         env: dict = dict(zip(jaxpr.constvars, [np.asarray(c) for c in consts]))
@@ -269,6 +304,8 @@ class LinearisedNetwork:
                 outs = self._node("softmax", SOFTMAX_SLOPES, u, eqn.outvars[0].aval.shape, at)
             elif blocked:
                 outs = [_Blocked(blocked[0].note) for _ in eqn.outvars]
+            elif (maxmin := self._maxmin(name, vals, eqn.outvars[0].aval.shape, at)) is not None:
+                outs = maxmin
             elif not deps:
                 key = (id(eqn), tuple(id(v) for v in vals))
                 if key not in self._const_cache:
@@ -301,8 +338,8 @@ class LinearisedNetwork:
             isinstance(a, _Ref)
             and isinstance(b, _Ref)
             and (
-                (b.pending is not None and b.pending[1] is a)
-                or (a.pending is not None and a.pending[1] is b)
+                (b.pending is not None and b.pending[0] == "logistic" and b.pending[1] is a)
+                or (a.pending is not None and a.pending[0] == "logistic" and a.pending[1] is b)
             )
         )
 
@@ -355,7 +392,16 @@ class LinearisedNetwork:
             )
             return self._node("max_pool", (-lip, lip), vals[0], shape, at)
         if name in ("reduce_max", "reduce_min"):
-            return self._node(name, (-1.0, 1.0), vals[0], shape, at)
+            (u,) = vals
+            axes = tuple(int(a) for a in eqn.params["axes"])
+            if math.prod(u.shape[a] for a in axes) >= 2:
+                # Deferred: a MaxMin concatenation reads it as half of one node (_maxmin).
+                return self._new(shape, srcs, pending=(name, u, axes, at))
+            return self._node(name, (-1.0, 1.0), u, shape, at)
+        if name == "sort":
+            if len(vals) != 1:
+                raise Unsupported(f"`sort` of several operands (argsort) at {at}")
+            return [self._node("sort", (-SORTING_LIPSCHITZ, SORTING_LIPSCHITZ), vals[0], shape, at)]
         if name not in _LINEAR:
             raise Unsupported(f"`{name}` of an input-dependent value at {at}")
         self._linear_ok(name, vals, at)
