@@ -111,7 +111,7 @@ class CirculantTop(NamedTuple):
 #: every frequency (cheap there).
 PRUNE_MIN_SIDE = 96
 #: Power-iteration steps per frequency that order the frequencies before pruning.
-PRUNE_POWER_STEPS = 6
+PRUNE_POWER_STEPS = 12
 
 
 def _gram(m: np.ndarray) -> np.ndarray:
@@ -189,12 +189,19 @@ def _circulant_pruned(kernel, emb, g):
         _, (u, v), mat = keep[gi]
         lam, vec = _top_eigenpair(_gram(mat), mat)
         group_best[gi], where[gi] = lam, (u, v, vec)
+    big1, big2 = (n // s for n, s in zip(emb.input_shape, emb.strides))
+    # A real kernel's matrices at -k are the conjugates of those at k (the same singular values):
+    # on the columns v = 0 and v = N2 / 2 of the half plane, row u repeats row (N1 - u) mod N1.
+    self_conjugate = {0, big2 / 2}
     start = 0
     for m in _frequency_chunks(kernel, emb):
         for gi in range(g):
             for r in range(m.shape[1]):
+                u = start + r
                 for v in range(m.shape[2]):
-                    if (start + r, v) == keep[gi][1]:  # Already computed exactly.
+                    if (u, v) == keep[gi][1]:  # Already computed exactly.
+                        continue
+                    if v in self_conjugate and (big1 - u) % big1 < u:  # A repeated frequency.
                         continue
                     gram = _gram(m[gi, r, v])
                     if _below(gram, group_best[gi]):
@@ -202,7 +209,7 @@ def _circulant_pruned(kernel, emb, g):
                     lam, vec = _top_eigenpair(gram, m[gi, r, v])
                     if lam > group_best[gi]:
                         group_best[gi] = lam
-                        where[gi] = (start + r, v, vec)
+                        where[gi] = (u, v, vec)
         start += m.shape[1]
     gi = int(np.argmax(group_best))
     tops = np.sqrt(group_best)
