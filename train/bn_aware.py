@@ -67,6 +67,7 @@ import spectra
 from spectra import ConvSpec
 from train import discovery
 from train.config import BN_AWARE_METHODS
+from train.transforms import every_k_steps_apply
 
 #: Methods of :func:`project_batchnorm_folded`: the bound ``u`` of the folded operator that sets
 #: the rescale ``min(1, c / u)``: ``'certified'`` (exact ``σ_max`` of the circular operator,
@@ -655,14 +656,9 @@ def _folded(max_norm, specs, folds, dense, every_k_steps, method, num_rounds):
         p = {i: flat_params[i] for i in touched}
         u = {i: flat_updates[i] for i in touched}
         operands = (p, u, tuple(state.vectors))
-        if touched and every_k_steps == 1:
-            new_u, ratio, vectors = project(operands)
-        elif touched:
-            new_u, ratio, vectors = lax.cond(
-                state.count % every_k_steps == 0, project, skip, operands
-            )
-        else:
-            new_u, ratio, vectors = u, state.max_ratio, state.vectors
+        new_u, ratio, vectors = every_k_steps_apply(
+            state.count, every_k_steps, project, skip, operands, active=bool(touched)
+        )
         for i, value in new_u.items():
             flat_updates[i] = value
         new_state = ProjectFoldedState(

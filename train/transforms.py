@@ -304,6 +304,17 @@ def project_conv_operator_norm(
     )
 
 
+
+def every_k_steps_apply(count, every_k_steps: int, project, skip, operands, *, active: bool):
+    """``project(operands)`` on the steps where ``count % every_k_steps == 0``, else
+    ``skip(operands)`` (a ``lax.cond`` inside ``jit``; no cond when ``every_k_steps == 1``, and
+    ``skip`` alone when nothing is ``active``): the schedule of the projection transforms."""
+    if not active:
+        return skip(operands)
+    if every_k_steps == 1:
+        return project(operands)
+    return lax.cond(count % every_k_steps == 0, project, skip, operands)
+
 def _projection(
     specs: Any,
     scalar_norm: Any,
@@ -468,14 +479,9 @@ def _projection(
         conv_params = {i: flat_params[i] for i, _, _ in convs}
         conv_updates = {i: flat_updates[i] for i, _, _ in convs}
         operands = (conv_params, conv_updates, tuple(state.vectors))
-        if convs and every_k_steps == 1:
-            new_conv_updates, gap, vectors = project(operands)
-        elif convs:
-            new_conv_updates, gap, vectors = lax.cond(
-                state.count % every_k_steps == 0, project, skip, operands
-            )
-        else:
-            new_conv_updates, gap, vectors = conv_updates, state.feasibility_gap, state.vectors
+        new_conv_updates, gap, vectors = every_k_steps_apply(
+            state.count, every_k_steps, project, skip, operands, active=bool(convs)
+        )
         for i, value in new_conv_updates.items():
             flat_updates[i] = value
         new_state = ProjectConvOperatorNormState(

@@ -12,6 +12,7 @@ from flax import nnx
 
 from train import report
 from train.config import TrainConfig
+from train.models.onnx.model import parse_input_shape
 from train.report import __main__ as cli
 
 _LAYER_FIELDS = {
@@ -240,7 +241,10 @@ class CliTest(absltest.TestCase):
 
     def test_bad_input_shape(self):
         with self.assertRaisesRegex(ValueError, "input-shape"):
-            cli._parse_shape("1,a,3")
+            parse_input_shape("1,a,3")
+        with self.assertRaisesRegex(ValueError, "input-shape"):
+            parse_input_shape("1,0,3")
+        self.assertEqual(parse_input_shape("1x3x8x8"), (1, 3, 8, 8))
 
 
 if __name__ == "__main__":

@@ -17,18 +17,6 @@ import pathlib
 import sys
 
 
-def _parse_shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
-    except ValueError as e:
-        raise ValueError(
-            f"--input-shape={text!r} must be comma-separated ints, e.g. 1,3,224,224"
-        ) from e
-    if not shape or any(v < 1 for v in shape):
-        raise ValueError(f"--input-shape={text!r} must be positive ints, e.g. 1,3,224,224")
-    return shape
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="convspectra-report",
@@ -70,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from train.lapack_workaround import avoid_cpu_lapack_deadlock
 
     avoid_cpu_lapack_deadlock()
+    from train.models.onnx.model import parse_input_shape
     from train.report._sources import report_onnx
     from train.report._sources import report_run
     from train.report._write import write_report
@@ -84,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         progress=True,
     )
     if args.onnx is not None:
-        shape = _parse_shape(args.input_shape) if args.input_shape else None
+        shape = parse_input_shape(args.input_shape) if args.input_shape else None
         report = report_onnx(args.onnx, shape, **kwargs)
         title = f"Spectral report: {args.onnx.name}"
     else:

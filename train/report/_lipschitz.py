@@ -96,18 +96,7 @@ _UNIT = (_STRUCTURAL - {"concatenate", "convert_element_type"}) | {
 }
 #: Norm-preserving bijective re-indexings through which a ``reduce_max``/``reduce_min`` result
 #: keeps its identity for the MaxMin rule (each of its elements still appears exactly once).
-_BIJECTIVE = frozenset(
-    {
-        "reshape",
-        "squeeze",
-        "expand_dims",
-        "transpose",
-        "copy",
-        "copy_p",
-        "rev",
-        "reduce_precision",
-    }
-)
+_BIJECTIVE = _STRUCTURAL - {"slice", "pad", "concatenate", "convert_element_type"}
 _COMPARISONS = frozenset({"ge", "gt", "le", "lt"})
 _CALLS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 #: Dense layers whose operator is densified to compute an on-the-fly conv norm.

@@ -206,3 +206,21 @@ def from_onnx(
     proto = load_model(path_or_model_proto)
     program, params = build_program(proto, input_shape)
     return model_from_program(program, params)
+
+
+def parse_input_shape(text: str) -> tuple[int, ...]:
+    """A command line's ``--input-shape`` (``1,3,224,224`` or ``1x3x224x224``) as positive ints
+    (what :func:`from_onnx`'s ``input_shape`` takes).
+
+    Raises:
+      ValueError: naming ``--input-shape`` when it is not comma-separated positive ints.
+    """
+    try:
+        shape = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError as e:
+        raise ValueError(
+            f"--input-shape={text!r} must be comma-separated ints, e.g. 1,3,224,224"
+        ) from e
+    if not shape or any(v < 1 for v in shape):
+        raise ValueError(f"--input-shape={text!r} must be positive ints, e.g. 1,3,224,224")
+    return shape

@@ -268,18 +268,6 @@ def project_onnx(
     return certificate
 
 
-def _parse_shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
-    except ValueError as e:
-        raise ValueError(
-            f"--input-shape={text!r} must be comma-separated ints, e.g. 1,3,224,224"
-        ) from e
-    if not shape or any(v < 1 for v in shape):
-        raise ValueError(f"--input-shape={text!r} must be positive ints, e.g. 1,3,224,224")
-    return shape
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``convspectra-project``; returns the exit status (1: not certified)."""
     parser = argparse.ArgumentParser(
@@ -313,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         help="skip the exact sigma_max before/after (only the certified bounds; faster)",
     )
     args = parser.parse_args(argv)
-    shape = _parse_shape(args.input_shape) if args.input_shape else None
+    from train.models.onnx.model import parse_input_shape
+
+    shape = parse_input_shape(args.input_shape) if args.input_shape else None
 
     from train.lapack_workaround import avoid_cpu_lapack_deadlock
 
