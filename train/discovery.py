@@ -23,13 +23,18 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.extend.core as jex
 import numpy as np
 import optax
 from flax import nnx
 from jax import lax
 
 from spectra import ConvSpec
+from train._jaxpr import Frame
+from train._jaxpr import Walker
+from train._jaxpr import bind_eqn
+from train._jaxpr import is_var
+from train._jaxpr import split_closed
+from train._jaxpr import sub_jaxprs
 
 #: Primitives through which a params leaf is still "the kernel" (same values, same layout).
 _VALUE_PRESERVING = frozenset(
@@ -39,133 +44,117 @@ _VALUE_PRESERVING = frozenset(
 _MAX_WRAP_SEARCH = 64
 
 
-class _Scope:
-    """One (possibly nested) jaxpr with what is known about its variables."""
-
-    def __init__(self, jaxpr, consts: Sequence[Any], alias: dict):
-        self.jaxpr = jaxpr
-        self.consts = dict(zip(jaxpr.constvars, consts))
-        # Inner invar -> (outer scope, outer var) when the inner invar is the same value.
-        self.alias = alias
-        self.producers = {}
-        for index, eqn in enumerate(jaxpr.eqns):
-            for var in eqn.outvars:
-                self.producers[var] = index
+def _propagate(origin, transform):
+    """The origin of a value computed from one of ``origin`` by a layout ``transform``."""
+    if origin is None:
+        return None
+    leaf, axes = origin
+    return (leaf, transform(axes))
 
 
-def _is_var(x) -> bool:
-    return not isinstance(x, jex.Literal)
+def _value_preserving(disc: _Discovery, frame: Frame, eqn, vals: list) -> list:
+    if len(eqn.invars) != 1:
+        return _generic(disc, frame, eqn, vals)
+    return [_propagate(vals[0], lambda axes: axes)]
 
 
-def _split_closed(jaxpr_like):
-    if isinstance(jaxpr_like, jex.ClosedJaxpr):
-        return jaxpr_like.jaxpr, jaxpr_like.consts
-    return jaxpr_like, ()
+def _reshape(disc: _Discovery, frame: Frame, eqn, vals: list) -> list:
+    same = tuple(eqn.invars[0].aval.shape) == tuple(eqn.outvars[0].aval.shape)
+    return [_propagate(vals[0], lambda axes: axes if same else None)]
 
 
-class _Discovery:
+def _transpose(disc: _Discovery, frame: Frame, eqn, vals: list) -> list:
+    perm = eqn.params["permutation"]
+    return [
+        _propagate(vals[0], lambda axes: None if axes is None else tuple(axes[i] for i in perm))
+    ]
+
+
+def _conv(disc: _Discovery, frame: Frame, eqn, vals: list) -> list:
+    disc.record_conv(frame, eqn, vals)
+    return [None]
+
+
+def _sub(disc: _Discovery, frame: Frame, sub, outer_vars, vals: list, mapped: int) -> list:
+    """Walks ``sub`` whose first ``mapped`` invars are exactly ``outer_vars[:mapped]``."""
+    jaxpr, _ = split_closed(sub)
+    invals = list(vals[:mapped]) + [None] * (len(jaxpr.invars) - mapped)
+    return disc.call(frame, split_closed(sub), outer_vars, invals, mapped=mapped)
+
+
+def _scan(disc: _Discovery, frame: Frame, eqn, vals: list) -> list:
+    # Loop bodies: only the constants are the same value at every iteration.
+    _sub(disc, frame, eqn.params["jaxpr"], eqn.invars, vals, eqn.params["num_consts"])
+    return [None] * len(eqn.outvars)
+
+
+def _while(disc: _Discovery, frame: Frame, eqn, vals: list) -> list:
+    cn, bn = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
+    _sub(disc, frame, eqn.params["cond_jaxpr"], eqn.invars, vals, cn)
+    _sub(disc, frame, eqn.params["body_jaxpr"], eqn.invars[cn:], vals[cn:], bn)
+    return [None] * len(eqn.outvars)
+
+
+def _cond(disc: _Discovery, frame: Frame, eqn, vals: list) -> list:
+    operands, results = eqn.invars[1:], []
+    for branch in eqn.params["branches"]:
+        results.append(_sub(disc, frame, branch, operands, vals[1:], len(operands)))
+    outs = []
+    for i in range(len(eqn.outvars)):
+        first = results[0][i] if results else None
+        outs.append(first if first is not None and all(r[i] == first for r in results) else None)
+    return outs
+
+
+def _generic(disc: _Discovery, frame: Frame, eqn, vals: list) -> list:
+    """Any other primitive: walks the jaxprs it nests, one to one when the shapes say so."""
+    outs = [None] * len(eqn.outvars)
+    for sub in sub_jaxprs(eqn):
+        jaxpr = sub[0]
+        one_to_one = len(jaxpr.invars) == len(eqn.invars) and all(
+            not is_var(o) or getattr(i.aval, "shape", None) == getattr(o.aval, "shape", 0)
+            for i, o in zip(jaxpr.invars, eqn.invars)
+        )
+        out = _sub(disc, frame, sub, eqn.invars, vals, len(eqn.invars) if one_to_one else 0)
+        if one_to_one and len(jaxpr.outvars) == len(eqn.outvars):
+            for i, value in enumerate(out):
+                if value is not None:
+                    outs[i] = value
+    return outs
+
+
+#: The discovery's rule table: environment values are ``(params leaf, axes)`` (the value is
+#: that leaf, its axes in that order; ``axes=None``: reshaped) or ``None``.
+RULES = {
+    "conv_general_dilated": _conv,
+    **{name: _value_preserving for name in _VALUE_PRESERVING},
+    "reshape": _reshape,
+    "transpose": _transpose,
+    "cond": _cond,
+    "scan": _scan,
+    "while": _while,
+}
+
+
+class _Discovery(Walker):
     """Walks a traced model and records one :class:`ConvSpec` per params leaf used as a kernel."""
 
     def __init__(self, leaf_shapes: Sequence[tuple[int, ...]], leaf_paths: Sequence[str]):
+        super().__init__(RULES, _generic, missing=None, literal=lambda lit: None)
         self.leaf_shapes = leaf_shapes
         self.leaf_paths = leaf_paths
         self.specs: dict[int, ConvSpec] = {}
 
-    # ----------------------------------------------------------------------------- walking
-    def walk(self, jaxpr, consts, origins: dict, alias: dict) -> dict:
-        """Walks ``jaxpr``; ``origins`` maps vars to ``(leaf, axes)``; returns outvar origins."""
-        scope = _Scope(jaxpr, consts, alias)
-        origins = dict(origins)
-        for eqn in jaxpr.eqns:
-            name = eqn.primitive.name
-            if name == "conv_general_dilated":
-                self._record_conv(scope, eqn, origins)
-            elif name in _VALUE_PRESERVING and len(eqn.invars) == 1:
-                self._propagate(origins, eqn.invars[0], eqn.outvars[0], lambda axes: axes)
-            elif name == "reshape":
-                same = tuple(eqn.invars[0].aval.shape) == tuple(eqn.outvars[0].aval.shape)
-                self._propagate(
-                    origins, eqn.invars[0], eqn.outvars[0], lambda axes, s=same: axes if s else None
-                )
-            elif name == "transpose":
-                perm = eqn.params["permutation"]
-                self._propagate(
-                    origins,
-                    eqn.invars[0],
-                    eqn.outvars[0],
-                    lambda axes, p=perm: None if axes is None else tuple(axes[i] for i in p),
-                )
-            elif name == "cond":
-                self._walk_cond(scope, eqn, origins)
-            elif name == "scan":
-                self._walk_body(
-                    scope, origins, eqn.params["jaxpr"], eqn.invars, eqn.params["num_consts"]
-                )
-            elif name == "while":
-                cn, bn = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
-                self._walk_body(scope, origins, eqn.params["cond_jaxpr"], eqn.invars, cn)
-                self._walk_body(scope, origins, eqn.params["body_jaxpr"], eqn.invars[cn:], bn)
-            else:
-                self._walk_generic(scope, eqn, origins)
-        return {v: origins[v] for v in jaxpr.outvars if _is_var(v) and v in origins}
-
-    @staticmethod
-    def _propagate(origins, src, dst, transform):
-        if _is_var(src) and src in origins:
-            leaf, axes = origins[src]
-            origins[dst] = (leaf, transform(axes))
-
-    def _walk_sub(self, scope, sub, outer_vars, origins, mapped: int) -> tuple[dict, Any]:
-        """Walks ``sub`` whose first ``mapped`` invars are exactly ``outer_vars[:mapped]``."""
-        jaxpr, consts = _split_closed(sub)
-        inner_origins, alias = {}, {}
-        for inner, outer in zip(jaxpr.invars[:mapped], outer_vars[:mapped]):
-            if _is_var(outer):
-                alias[inner] = (scope, outer)
-                if outer in origins:
-                    inner_origins[inner] = origins[outer]
-        return self.walk(jaxpr, consts, inner_origins, alias), jaxpr
-
-    def _walk_body(self, scope, origins, sub, outer_vars, num_consts):
-        # Loop bodies: only the constants are the same value at every iteration.
-        self._walk_sub(scope, sub, outer_vars, origins, num_consts)
-
-    def _walk_cond(self, scope, eqn, origins):
-        operands = eqn.invars[1:]
-        results = []
-        for branch in eqn.params["branches"]:
-            out, jaxpr = self._walk_sub(scope, branch, operands, origins, len(operands))
-            results.append([out.get(v) if _is_var(v) else None for v in jaxpr.outvars])
-        for i, outvar in enumerate(eqn.outvars):
-            first = results[0][i] if results else None
-            if first is not None and all(r[i] == first for r in results):
-                origins[outvar] = first
-
-    def _walk_generic(self, scope, eqn, origins):
-        for value in eqn.params.values():
-            subs = value if isinstance(value, (tuple, list)) else (value,)
-            for sub in subs:
-                if not isinstance(sub, (jex.ClosedJaxpr, jex.Jaxpr)):
-                    continue
-                jaxpr, _ = _split_closed(sub)
-                one_to_one = len(jaxpr.invars) == len(eqn.invars) and all(
-                    not _is_var(o) or getattr(i.aval, "shape", None) == getattr(o.aval, "shape", 0)
-                    for i, o in zip(jaxpr.invars, eqn.invars)
-                )
-                out, _ = self._walk_sub(
-                    scope, sub, eqn.invars, origins, len(eqn.invars) if one_to_one else 0
-                )
-                if one_to_one and len(jaxpr.outvars) == len(eqn.outvars):
-                    for inner, outer in zip(jaxpr.outvars, eqn.outvars):
-                        if _is_var(inner) and inner in out:
-                            origins[outer] = out[inner]
+    def run(self, jaxpr, invals, **kwargs) -> list:
+        # Constants are no params leaf.
+        return super().run(jaxpr, invals, **{**kwargs, "constvals": [None] * len(jaxpr.constvars)})
 
     # ---------------------------------------------------------------------------- one conv
-    def _record_conv(self, scope, eqn, origins):
-        rhs = eqn.invars[1]
-        if not _is_var(rhs) or rhs not in origins:
+    def record_conv(self, frame: Frame, eqn, vals: list) -> None:
+        """Records the spec of a conv whose kernel is a params leaf (``vals[1]`` its origin)."""
+        if vals[1] is None:
             return
-        leaf, axes = origins[rhs]
+        leaf, axes = vals[1]
         path = self.leaf_paths[leaf]
         kshape = tuple(self.leaf_shapes[leaf])
         params = eqn.params
@@ -207,7 +196,7 @@ class _Discovery:
         pads = tuple((int(lo), int(hi)) for lo, hi in params["padding"])
         padding: Any = None
         if all(p == 0 for pair in pads for p in pair):
-            source = _wrap_pad_source(scope, lhs, lhs_spec, keff) if _is_var(lhs) else None
+            source = _wrap_pad_source(frame, lhs, lhs_spec, keff) if is_var(lhs) else None
             if source is not None:
                 padding, spatial = "CIRCULAR", source
         if padding is None:
@@ -254,7 +243,7 @@ def _name_padding(pads, spatial, keff, strides):
     return pads
 
 
-def _wrap_pad_source(scope: _Scope, lhs, lhs_spec, keff) -> tuple[int, int] | None:
+def _wrap_pad_source(scope: Frame, lhs, lhs_spec, keff) -> tuple[int, int] | None:
     """Spatial size of ``x`` when ``lhs == jnp.pad(x, circular pads, mode='wrap')``, else None."""
     ndim = len(lhs.aval.shape)
     pad_widths = [(0, 0)] * ndim
@@ -272,7 +261,7 @@ def _wrap_pad_source(scope: _Scope, lhs, lhs_spec, keff) -> tuple[int, int] | No
     while queue and len(seen) < _MAX_WRAP_SEARCH:
         var = queue.pop(0)
         for invar in scope.jaxpr.eqns[scope.producers[var]].invars:
-            if not _is_var(invar) or invar in seen:
+            if not is_var(invar) or invar in seen:
                 continue
             seen.add(invar)
             if tuple(getattr(invar.aval, "shape", ())) == expected:
@@ -285,12 +274,12 @@ def _wrap_pad_source(scope: _Scope, lhs, lhs_spec, keff) -> tuple[int, int] | No
     return None
 
 
-def _evaluates_to_wrap_pad(scope: _Scope, target, source, pad_widths) -> bool:
+def _evaluates_to_wrap_pad(scope: Frame, target, source, pad_widths) -> bool:
     """Re-evaluates the traced ``source -> target`` computation on a probe: is it a wrap pad?"""
     needed, stack = set(), [target]
     while stack:
         var = stack.pop()
-        if var is source or not _is_var(var) or var in scope.consts:
+        if var is source or not is_var(var) or var in scope.const_map:
             continue
         index = scope.producers.get(var)
         if index is None:  # Depends on something other than `source`.
@@ -305,21 +294,14 @@ def _evaluates_to_wrap_pad(scope: _Scope, target, source, pad_widths) -> bool:
         return False
     shape = tuple(source.aval.shape)
     probe = (np.arange(math.prod(shape)).reshape(shape) + 1).astype(dtype)
-    env = dict(scope.consts)
+    env = dict(scope.const_map)
     env[source] = probe
     try:
         with jax.ensure_compile_time_eval():
             for index in sorted(needed):
                 eqn = scope.jaxpr.eqns[index]
-                values = [v.val if not _is_var(v) else env[v] for v in eqn.invars]
-                bind_params = eqn.primitive.get_bind_params(eqn.params)
-                subfuns = ()
-                if isinstance(bind_params, tuple):  # jax < 0.7: (subfuns, params).
-                    subfuns, bind_params = bind_params
-                out = eqn.primitive.bind(*subfuns, *values, **bind_params)
-                if not eqn.primitive.multiple_results:
-                    out = [out]
-                env.update(zip(eqn.outvars, out))
+                values = [v.val if not is_var(v) else env[v] for v in eqn.invars]
+                env.update(zip(eqn.outvars, bind_eqn(eqn, values)))
             result = np.asarray(env[target])
     except Exception:  # noqa: BLE001 - any failure means "not a recognisable wrap pad".
         return False
@@ -355,7 +337,9 @@ def _conv_leaf_specs(
         for i, (var, leaf) in enumerate(zip(jaxpr.invars[: len(leaves)], leaves))
     }
     discovery = _Discovery([tuple(np.shape(leaf)) for leaf in leaves], paths)
-    discovery.walk(jaxpr, closed.consts, origins, {})
+    discovery.run(
+        jaxpr, [origins.get(v) for v in jaxpr.invars], consts=closed.consts, where="the model"
+    )
     return [discovery.specs.get(i) for i in range(len(leaves))]
 
 

@@ -42,9 +42,12 @@ from typing import Any
 from typing import NamedTuple
 
 import jax
-import jax.extend.core as jex
 from flax import nnx
 
+from train._jaxpr import Frame
+from train._jaxpr import Walker
+from train._jaxpr import split_closed
+from train._jaxpr import sub_jaxprs
 from train.models.resnet import count_params
 
 __all__ = ["OpCount", "count_flops", "count_params", "flops_by_op"]
@@ -95,123 +98,117 @@ def _dot_macs(eqn) -> int:
     return math.prod(eqn.outvars[0].aval.shape) * contracted
 
 
-def _is_var(x) -> bool:
-    return not isinstance(x, jex.Literal)
+def _count(counter: _Counter, frame: Frame, eqn, ins: list) -> list[bool]:
+    """Records a conv / dot_general; its outputs depend on the input when an operand does."""
+    name = eqn.primitive.name
+    macs = _conv_macs(eqn) if name == "conv_general_dilated" else _dot_macs(eqn)
+    counter.ops.append(OpCount(
+        primitive=name,
+        name=str(eqn.source_info.name_stack),
+        lhs_shape=tuple(eqn.invars[0].aval.shape),
+        rhs_shape=tuple(eqn.invars[1].aval.shape),
+        out_shape=tuple(eqn.outvars[0].aval.shape),
+        repeats=counter.repeats,
+        macs=macs * counter.repeats,
+        input_dependent=any(ins),
+    ))
+    return [any(ins)] * len(eqn.outvars)
 
 
-def _split_closed(sub):
-    return sub.jaxpr if isinstance(sub, jex.ClosedJaxpr) else sub
+def _scan(counter: _Counter, frame: Frame, eqn, ins: list) -> list[bool]:
+    sub = split_closed(eqn.params["jaxpr"])
+    num_consts, num_carry = eqn.params["num_consts"], eqn.params["num_carry"]
+    ins = list(ins)
+    # A carry that becomes input dependent in one iteration is so in the next ones: iterate
+    # the taint to a fixed point on a scratch counter, then record the ops once.
+    while True:
+        outs = _Counter(counter.repeats).call(frame, sub, eqn.invars, ins)
+        carry = slice(num_consts, num_consts + num_carry)
+        merged = [a or b for a, b in zip(ins[carry], outs[:num_carry])]
+        if merged == ins[carry]:
+            break
+        ins[carry] = merged
+    inner = _Counter(counter.repeats * int(eqn.params["length"]))
+    outs = inner.call(frame, sub, eqn.invars, ins)
+    counter.ops.extend(inner.ops)
+    return outs
 
 
-def _sub_jaxprs(eqn) -> list[Any]:
-    subs = []
-    for value in eqn.params.values():
-        for item in value if isinstance(value, (tuple, list)) else (value,):
-            if isinstance(item, (jex.ClosedJaxpr, jex.Jaxpr)):
-                subs.append(_split_closed(item))
-    return subs
+def _while(counter: _Counter, frame: Frame, eqn, ins: list) -> list[bool]:
+    scratch = _Counter(1)
+    for key in ("cond_jaxpr", "body_jaxpr"):
+        jaxpr, consts = split_closed(eqn.params[key])
+        scratch.call(frame, (jaxpr, consts), (), [False] * len(jaxpr.invars), mapped=0)
+    if scratch.ops:
+        raise NotImplementedError(
+            "count_flops: a while_loop holds conv/dot_general ops but its trip count is not "
+            "known from the trace; use lax.scan or lax.fori_loop with Python-int bounds"
+        )
+    return [any(ins)] * len(eqn.outvars)
 
 
-class _Counter:
-    """Walks a jaxpr, tracking which variables depend on the input, and records the ops."""
+def _cond(counter: _Counter, frame: Frame, eqn, ins: list) -> list[bool]:
+    # The most expensive branch is recorded (an upper bound on what one call runs).
+    best, best_macs = None, -1
+    for branch in eqn.params["branches"]:
+        scratch = _Counter(counter.repeats)
+        scratch.call(frame, split_closed(branch), eqn.invars[1:], ins[1:])
+        macs = sum(op.macs for op in scratch.ops)
+        if macs > best_macs:
+            best, best_macs = scratch, macs
+    if best is not None:
+        counter.ops.extend(best.ops)
+    return [any(ins)] * len(eqn.outvars)
 
-    def __init__(self):
+
+def _generic(counter: _Counter, frame: Frame, eqn, ins: list) -> list[bool]:
+    """Any other primitive: walks the jaxprs it nests (``pjit``, ``custom_jvp``, ...)."""
+    subs = sub_jaxprs(eqn)
+    if not subs:
+        return [any(ins)] * len(eqn.outvars)
+    outs = [False] * len(eqn.outvars)
+    for sub in subs:
+        jaxpr = sub[0]
+        if len(jaxpr.invars) == len(eqn.invars):
+            sub_outs = counter.call(frame, sub, eqn.invars, ins)
+        else:  # Unknown calling convention: every invar as dependent as the most.
+            sub_outs = counter.call(frame, sub, (), [any(ins)] * len(jaxpr.invars), mapped=0)
+        if len(sub_outs) == len(outs):
+            outs = [a or b for a, b in zip(outs, sub_outs)]
+        else:
+            outs = [a or any(sub_outs) for a in outs]
+    return outs
+
+
+#: The MAC counter's rule table: environment values are "depends on the input" flags.
+RULES = {
+    "conv_general_dilated": _count,
+    "dot_general": _count,
+    "scan": _scan,
+    "while": _while,
+    "cond": _cond,
+}
+
+
+class _Counter(Walker):
+    """Walks a jaxpr, tracking which variables depend on the input, and records the ops.
+
+    Args:
+      repeats: how many times the walked jaxpr runs per forward pass (enclosing ``scan``s).
+    """
+
+    def __init__(self, repeats: int = 1):
+        super().__init__(RULES, _generic, missing=False, literal=lambda lit: False)
+        self.repeats = repeats
         self.ops: list[OpCount] = []
 
-    def walk(self, jaxpr, tainted: set, repeats: int) -> set:
-        """Records the ops of ``jaxpr``; ``tainted`` holds its input-dependent invars.
+    def run(self, jaxpr, invals, **kwargs) -> list:
+        # Constants never depend on the input.
+        return super().run(jaxpr, invals, **{**kwargs, "constvals": [False] * len(jaxpr.constvars)})
 
-        Returns the input-dependent outvars (as positions in ``jaxpr.outvars``).
-        """
-        tainted = set(tainted)
-        for eqn in jaxpr.eqns:
-            name = eqn.primitive.name
-            ins = [_is_var(v) and v in tainted for v in eqn.invars]
-            if name in COUNTED_PRIMITIVES:
-                macs = _conv_macs(eqn) if name == "conv_general_dilated" else _dot_macs(eqn)
-                self.ops.append(OpCount(
-                    primitive=name,
-                    name=str(eqn.source_info.name_stack),
-                    lhs_shape=tuple(eqn.invars[0].aval.shape),
-                    rhs_shape=tuple(eqn.invars[1].aval.shape),
-                    out_shape=tuple(eqn.outvars[0].aval.shape),
-                    repeats=repeats,
-                    macs=macs * repeats,
-                    input_dependent=any(ins),
-                ))
-                outs = [any(ins)] * len(eqn.outvars)
-            elif name == "scan":
-                outs = self._walk_scan(eqn, ins, repeats)
-            elif name == "while":
-                outs = self._walk_while(eqn, ins, repeats)
-            elif name == "cond":
-                outs = self._walk_cond(eqn, ins, repeats)
-            else:
-                outs = self._walk_generic(eqn, ins, repeats)
-            tainted.update(v for v, t in zip(eqn.outvars, outs) if t)
-        return {i for i, v in enumerate(jaxpr.outvars) if _is_var(v) and v in tainted}
-
-    def _walk_mapped(self, sub, ins: list[bool], repeats: int) -> list[bool]:
-        """Walks ``sub`` whose invars are the equation's invars, one to one."""
-        tainted = {v for v, t in zip(sub.invars, ins) if t}
-        out = self.walk(sub, tainted, repeats)
-        return [i in out for i in range(len(sub.outvars))]
-
-    def _walk_scan(self, eqn, ins, repeats):
-        sub = _split_closed(eqn.params["jaxpr"])
-        num_consts, num_carry = eqn.params["num_consts"], eqn.params["num_carry"]
-        ins = list(ins)
-        # A carry that becomes input dependent in one iteration is so in the next ones: iterate
-        # the taint to a fixed point on a scratch counter, then record the ops once.
-        while True:
-            scratch = _Counter()
-            outs = scratch._walk_mapped(sub, ins, 1)
-            carry = slice(num_consts, num_consts + num_carry)
-            merged = [a or b for a, b in zip(ins[carry], outs[:num_carry])]
-            if merged == ins[carry]:
-                break
-            ins[carry] = merged
-        return self._walk_mapped(sub, ins, repeats * int(eqn.params["length"]))
-
-    def _walk_while(self, eqn, ins, repeats):
-        scratch = _Counter()
-        for key in ("cond_jaxpr", "body_jaxpr"):
-            scratch.walk(_split_closed(eqn.params[key]), set(), 1)
-        if scratch.ops:
-            raise NotImplementedError(
-                "count_flops: a while_loop holds conv/dot_general ops but its trip count is not "
-                "known from the trace; use lax.scan or lax.fori_loop with Python-int bounds"
-            )
-        return [any(ins)] * len(eqn.outvars)
-
-    def _walk_cond(self, eqn, ins, repeats):
-        # The most expensive branch is recorded (an upper bound on what one call runs).
-        best, best_macs = None, -1
-        for branch in eqn.params["branches"]:
-            scratch = _Counter()
-            scratch._walk_mapped(_split_closed(branch), ins[1:], repeats)
-            macs = sum(op.macs for op in scratch.ops)
-            if macs > best_macs:
-                best, best_macs = scratch, macs
-        if best is not None:
-            self.ops.extend(best.ops)
-        return [any(ins)] * len(eqn.outvars)
-
-    def _walk_generic(self, eqn, ins, repeats):
-        subs = _sub_jaxprs(eqn)
-        if not subs:
-            return [any(ins)] * len(eqn.outvars)
-        outs = [False] * len(eqn.outvars)
-        for sub in subs:
-            if len(sub.invars) == len(eqn.invars):
-                sub_outs = self._walk_mapped(sub, ins, repeats)
-            else:  # Unknown calling convention: every invar as dependent as the most.
-                sub_outs = self._walk_mapped(sub, [any(ins)] * len(sub.invars), repeats)
-            if len(sub_outs) == len(outs):
-                outs = [a or b for a, b in zip(outs, sub_outs)]
-            else:
-                outs = [a or any(sub_outs) for a in outs]
-        return outs
+    def walk(self, jaxpr, inputs: set) -> None:
+        """Records the ops of ``jaxpr``; ``inputs`` holds its input-dependent invars."""
+        self.run(jaxpr, [v in inputs for v in jaxpr.invars])
 
 
 def _first_example(example_input: Any) -> Any:
@@ -287,7 +284,7 @@ def flops_by_op(
         example_input = _first_example(example_input)
     jaxpr, inputs = _trace(model_or_fn, example_input)
     counter = _Counter()
-    counter.walk(jaxpr, inputs, 1)
+    counter.walk(jaxpr, inputs)
     return counter.ops
 
 
