@@ -32,6 +32,7 @@ from spectra import ConvSpec
 from train._jaxpr import Frame
 from train._jaxpr import Walker
 from train._jaxpr import bind_eqn
+from train._jaxpr import is_jaxpr
 from train._jaxpr import is_var
 from train._jaxpr import split_closed
 from train._jaxpr import sub_jaxprs
@@ -77,9 +78,10 @@ def _conv(disc: _Discovery, frame: Frame, eqn, vals: list) -> list:
 
 def _sub(disc: _Discovery, frame: Frame, sub, outer_vars, vals: list, mapped: int) -> list:
     """Walks ``sub`` whose first ``mapped`` invars are exactly ``outer_vars[:mapped]``."""
-    jaxpr, _ = split_closed(sub)
-    invals = list(vals[:mapped]) + [None] * (len(jaxpr.invars) - mapped)
-    return disc.call(frame, split_closed(sub), outer_vars, invals, mapped=mapped)
+    if is_jaxpr(sub):
+        sub = split_closed(sub)
+    invals = list(vals[:mapped]) + [None] * (len(sub[0].invars) - mapped)
+    return disc.call(frame, sub, outer_vars, invals, mapped=mapped)
 
 
 def _scan(disc: _Discovery, frame: Frame, eqn, vals: list) -> list:
