@@ -294,7 +294,7 @@ class ConstantEvaluationTest(absltest.TestCase):
     give what JAX gives, in value, shape and dtype."""
 
     def test_numpy_evaluation_matches_jax(self):
-        from train.report import _lipschitz
+        from train.report import _evaluate
 
         rng = np.random.default_rng(0)
         var = rng.uniform(0.5, 2.0, (8,)).astype(np.float32)
@@ -326,8 +326,8 @@ class ConstantEvaluationTest(absltest.TestCase):
         by_numpy = 0
         for eqn in closed.jaxpr.eqns:
             vals = [v.val if hasattr(v, "val") else env[v] for v in eqn.invars]
-            got = _lipschitz._evaluate(eqn, vals)
-            by_numpy += _lipschitz._evaluate_numpy(eqn, vals) is not None
+            got = _evaluate._evaluate(eqn, vals)
+            by_numpy += _evaluate._evaluate_numpy(eqn, vals) is not None
             with jax.ensure_compile_time_eval():
                 want = eqn.primitive.bind(*vals, **eqn.params)
             want = want if eqn.primitive.multiple_results else [want]

@@ -36,9 +36,10 @@ Anything else that depends on the input nonlinearly (products of two input-depen
 softmax, ``exp``, leaky ReLU selects, ...) makes this bound unavailable (``None`` with a note);
 the composition bound (:mod:`train.report._lipschitz`) still applies.
 
-Length: the linearised-network replay of the jaxpr, the dynamic program over its
-nonlinearities and the window/cut scheduling for large nets share one graph structure; a
-split onto a shared jaxpr walker (issue: one walker) is pending.
+Length: the linearised network (a :class:`train._jaxpr.Walker` with the rule table
+:data:`RULES`), its replay, the dynamic program over its nonlinearities and the window/cut
+scheduling for large nets share one graph structure (the ``ops`` list of
+:class:`LinearisedNetwork` and its refs); the window/DP part is being reworked separately.
 """
 
 from __future__ import annotations
@@ -53,15 +54,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from spectra import _composite
+from train._jaxpr import Frame
+from train._jaxpr import Walker
+from train._jaxpr import bind_eqn
+from train._jaxpr import call_body
 from train.report import _windows
 from train.report._empirical import CPU_COMPILER_OPTIONS
+from train.report._evaluate import _evaluate
 from train.report._lipschitz import SILU_LIPSCHITZ
 from train.report._lipschitz import SOFTMAX_LIPSCHITZ
 from train.report._lipschitz import SORTING_LIPSCHITZ
-from train.report._lipschitz import _evaluate
-from train.report._lipschitz import _is_var
-from train.report._lipschitz import _sub_jaxpr
-from train.report._lipschitz import softmax_patterns
+from train.report._softmax import softmax_patterns
 
 #: Total failure probability allowed to the probabilistic norms of one network (union bound).
 DEFAULT_DELTA = 1e-6
@@ -162,8 +165,11 @@ class _Ref:
     pending: tuple | None = None
 
 
-class LinearisedNetwork:
+class LinearisedNetwork(Walker):
     """The network's jaxpr with every nonlinearity ``j`` replaced by ``m_j u_j + r_j e_j``.
+
+    A :class:`train._jaxpr.Walker` whose rule table is :data:`RULES` (the recognised
+    nonlinearities; every other primitive: :func:`_linear`).
 
     Args:
       closed: ``jax.make_jaxpr(fn)(leaves, x)``.
@@ -176,6 +182,7 @@ class LinearisedNetwork:
     """
 
     def __init__(self, closed, leaf_values, x_shape):
+        super().__init__(RULES, _linear)
         self.nodes: list[Node] = []
         self.ops: list[tuple] = []
         self._next = 0
@@ -274,140 +281,55 @@ class LinearisedNetwork:
             return None
         return self._node("maxmin", (-SORTING_LIPSCHITZ, SORTING_LIPSCHITZ), pa[1], out_shape, at)
 
-    def _walk(self, jaxpr, consts, invals, where) -> list:
-        env: dict = dict(zip(jaxpr.constvars, [np.asarray(c) for c in consts]))
-        env.update(zip(jaxpr.invars, invals))
-        uses: dict = {}
-        for eqn in jaxpr.eqns:
-            for v in eqn.invars:
-                if _is_var(v):
-                    uses.setdefault(v, []).append(eqn)
-
-        def read(v):
-            return v.val if not _is_var(v) else env[v]
-
-        key = ("softmax", id(jaxpr))
-        if key not in self._const_cache:
-            self._const_cache[key] = (jaxpr, softmax_patterns(jaxpr))
-        softmaxes = self._const_cache[key][1]
-        for index, eqn in enumerate(jaxpr.eqns):
-            vals = [read(v) for v in eqn.invars]
-            name = eqn.primitive.name
-            at = f"eqn {index} (`{name}`) in {where}"
-            blocked = [v for v in vals if isinstance(v, _Blocked)]
-            source = softmaxes.get(index)
-            deps = [v for v in vals if isinstance(v, _Ref)]
-            if source is not None and isinstance(read(source), _Ref):
-                u = read(source)
-                if u.pending is not None:
-                    u = self._materialise(u)
-                outs = self._node("softmax", SOFTMAX_SLOPES, u, eqn.outvars[0].aval.shape, at)
-            elif blocked:
-                outs = [_Blocked(blocked[0].note) for _ in eqn.outvars]
-            elif (maxmin := self._maxmin(name, vals, eqn.outvars[0].aval.shape, at)) is not None:
-                outs = maxmin
-            elif not deps:
-                key = (id(eqn), tuple(id(v) for v in vals))
-                if key not in self._const_cache:
-                    self._const_cache[key] = (vals, _evaluate(eqn, vals))
-                outs = self._const_cache[key][1]
-            else:
-                for i, d in enumerate(vals):
-                    if isinstance(d, _Ref) and d.pending is not None:
-                        if not (name == "mul" and self._is_silu(vals)):
-                            vals[i] = self._materialise(d)
-                sub = _sub_jaxpr(eqn)
-                if sub is not None:
-                    inner, inner_consts = sub
-                    label = eqn.params.get("name", name)
-                    outs = self._walk(inner, inner_consts, vals, f"{name}[{label}] at {at}")
-                else:
-                    try:
-                        outs = self._rule(eqn, vals, uses, jaxpr, at)
-                    except Unsupported as exc:
-                        outs = [_Blocked(str(exc)) for _ in eqn.outvars]
-            if not isinstance(outs, (list, tuple)):
-                outs = [outs]
-            env.update(zip(eqn.outvars, outs))
-        return [read(v) for v in jaxpr.outvars]
-
-    @staticmethod
-    def _is_silu(vals) -> bool:
-        a, b = vals
-        return (
-            isinstance(a, _Ref)
-            and isinstance(b, _Ref)
-            and (
-                (b.pending is not None and b.pending[0] == "logistic" and b.pending[1] is a)
-                or (a.pending is not None and a.pending[0] == "logistic" and a.pending[1] is b)
-            )
+    def _walk(self, jaxpr, consts, invals, where, parent: Frame | None = None) -> list:
+        constvals = [np.asarray(c) for c in consts]
+        return self.run(
+            jaxpr, invals, consts=consts, constvals=constvals, where=where, parent=parent
         )
 
-    def _rule(self, eqn, vals, uses, jaxpr, at):
+    def step(self, frame: Frame, eqn, vals: list):
+        """A softmax from its source, blocked values, MaxMin pairs, constants and nested calls
+        first; every other equation with an input-dependent operand through :data:`RULES`."""
         name = eqn.primitive.name
-        shape = tuple(eqn.outvars[0].aval.shape)
-        if not all(jnp.issubdtype(o.aval.dtype, jnp.floating) for o in eqn.outvars):
-            raise Unsupported(f"`{name}` gives a non-float, input-dependent value at {at}")
+        at = self.eqn_label(frame, eqn)
+        key = ("softmax", id(frame.jaxpr))
+        if key not in self._const_cache:
+            self._const_cache[key] = (frame.jaxpr, softmax_patterns(frame.jaxpr))
+        source = self._const_cache[key][1].get(frame.index)
+        blocked = [v for v in vals if isinstance(v, _Blocked)]
         deps = [v for v in vals if isinstance(v, _Ref)]
-        srcs = frozenset().union(*[d.srcs for d in deps])
-        if name == "mul" and len(deps) == 2:
-            if self._is_silu(vals):
-                a, b = vals
-                base = a if (b.pending is not None and b.pending[1] is a) else b
-                if base.shape == shape:
-                    return self._node("silu", SILU_SLOPES, base, shape, at)
-            raise Unsupported(f"mul of two input-dependent values at {at}")
-        if name == "logistic":
-            (u,) = vals
-            consumers = uses.get(eqn.outvars[0], [])
-            if (
-                consumers
-                and eqn.outvars[0] not in jaxpr.outvars
-                and all(c.primitive.name == "mul" and eqn.invars[0] in c.invars for c in consumers)
-            ):
-                return self._new(shape, srcs, pending=("logistic", u))
-        if name in _SLOPES:
-            if name == "clamp":
-                lo, u, hi = vals
-                if isinstance(lo, _Ref) or isinstance(hi, _Ref):
-                    raise Unsupported(f"clamp with input-dependent limits at {at}")
-            elif name in ("max", "min"):
-                if len(deps) != 1:
-                    raise Unsupported(f"`{name}` of two input-dependent values at {at}")
-                u = deps[0]
-            else:
-                u = vals[0]
-            if u.shape != shape:
-                raise Unsupported(f"`{name}` broadcasting its input-dependent operand at {at}")
-            return self._node(name, _SLOPES[name], u, shape, at)
-        if name in ("reduce_window_max", "reduce_window_min"):
-            p = eqn.params
-            lip = _windows.max_pool_lipschitz(
-                vals[0].shape,
-                p["window_dimensions"],
-                p["window_strides"],
-                p["padding"],
-                p["window_dilation"],
-                p["base_dilation"],
-            )
-            return self._node("max_pool", (-lip, lip), vals[0], shape, at)
-        if name in ("reduce_max", "reduce_min"):
-            (u,) = vals
-            axes = tuple(int(a) for a in eqn.params["axes"])
-            if math.prod(u.shape[a] for a in axes) >= 2:
-                # Deferred: a MaxMin concatenation reads it as half of one node (_maxmin).
-                return self._new(shape, srcs, pending=(name, u, axes, at))
-            return self._node(name, (-1.0, 1.0), u, shape, at)
-        if name == "sort":
-            if len(vals) != 1:
-                raise Unsupported(f"`sort` of several operands (argsort) at {at}")
-            return [self._node("sort", (-SORTING_LIPSCHITZ, SORTING_LIPSCHITZ), vals[0], shape, at)]
-        if name not in _LINEAR:
-            raise Unsupported(f"`{name}` of an input-dependent value at {at}")
-        self._linear_ok(name, vals, at)
-        outs = [self._new(o.aval.shape, srcs) for o in eqn.outvars]
-        self.ops.append(("lin", eqn, vals, outs))
-        return outs
+        if source is not None and isinstance(self.read(frame, source), _Ref):
+            u = self.read(frame, source)
+            if u.pending is not None:
+                u = self._materialise(u)
+            return self._node("softmax", SOFTMAX_SLOPES, u, eqn.outvars[0].aval.shape, at)
+        if blocked:
+            return [_Blocked(blocked[0].note) for _ in eqn.outvars]
+        if (maxmin := self._maxmin(name, vals, eqn.outvars[0].aval.shape, at)) is not None:
+            return maxmin
+        if not deps:
+            key = (id(eqn), tuple(id(v) for v in vals))
+            if key not in self._const_cache:
+                self._const_cache[key] = (vals, _evaluate(eqn, vals))
+            return self._const_cache[key][1]
+        for i, d in enumerate(vals):
+            if isinstance(d, _Ref) and d.pending is not None:
+                if not (name == "mul" and _is_silu(vals)):
+                    vals[i] = self._materialise(d)
+        body = call_body(eqn)
+        if body is not None:
+            inner, inner_consts = body
+            label = eqn.params.get("name", name)
+            return self._walk(inner, inner_consts, vals, f"{name}[{label}] at {at}", frame)
+        if not all(jnp.issubdtype(o.aval.dtype, jnp.floating) for o in eqn.outvars):
+            return [
+                _Blocked(f"`{name}` gives a non-float, input-dependent value at {at}")
+                for _ in eqn.outvars
+            ]
+        try:
+            return self.rules.get(name, self.default)(self, frame, eqn, vals, at)
+        except Unsupported as exc:
+            return [_Blocked(str(exc)) for _ in eqn.outvars]
 
     @staticmethod
     def _linear_ok(name, vals, at) -> None:
@@ -460,6 +382,126 @@ class LinearisedNetwork:
         return cuts
 
 
+def _is_silu(vals) -> bool:
+    a, b = vals
+    return (
+        isinstance(a, _Ref)
+        and isinstance(b, _Ref)
+        and (
+            (b.pending is not None and b.pending[0] == "logistic" and b.pending[1] is a)
+            or (a.pending is not None and a.pending[0] == "logistic" and a.pending[1] is b)
+        )
+    )
+
+
+def _srcs(vals) -> frozenset:
+    return frozenset().union(*[d.srcs for d in vals if isinstance(d, _Ref)])
+
+
+def _mul(net: LinearisedNetwork, frame: Frame, eqn, vals: list, at: str):
+    """SiLU ``u·logistic(u)`` as one node; a product with a constant is linear."""
+    shape = tuple(eqn.outvars[0].aval.shape)
+    if sum(isinstance(v, _Ref) for v in vals) == 2:
+        if _is_silu(vals):
+            a, b = vals
+            base = a if (b.pending is not None and b.pending[1] is a) else b
+            if base.shape == shape:
+                return net._node("silu", SILU_SLOPES, base, shape, at)
+        raise Unsupported(f"mul of two input-dependent values at {at}")
+    return _linear(net, frame, eqn, vals, at)
+
+
+def _logistic(net: LinearisedNetwork, frame: Frame, eqn, vals: list, at: str):
+    """Deferred when only SiLU products read it (:func:`_mul`), else an activation."""
+    shape = tuple(eqn.outvars[0].aval.shape)
+    (u,) = vals
+    consumers = frame.consumers.get(eqn.outvars[0], [])
+    if (
+        consumers
+        and eqn.outvars[0] not in frame.jaxpr.outvars
+        and all(c.primitive.name == "mul" and eqn.invars[0] in c.invars for c in consumers)
+    ):
+        return net._new(shape, _srcs(vals), pending=("logistic", u))
+    return _activation(net, frame, eqn, vals, at)
+
+
+def _activation(net: LinearisedNetwork, frame: Frame, eqn, vals: list, at: str):
+    """An elementwise activation with slopes :data:`_SLOPES` on its input-dependent operand."""
+    name = eqn.primitive.name
+    shape = tuple(eqn.outvars[0].aval.shape)
+    if name == "clamp":
+        lo, u, hi = vals
+        if isinstance(lo, _Ref) or isinstance(hi, _Ref):
+            raise Unsupported(f"clamp with input-dependent limits at {at}")
+    elif name in ("max", "min"):
+        deps = [v for v in vals if isinstance(v, _Ref)]
+        if len(deps) != 1:
+            raise Unsupported(f"`{name}` of two input-dependent values at {at}")
+        u = deps[0]
+    else:
+        u = vals[0]
+    if u.shape != shape:
+        raise Unsupported(f"`{name}` broadcasting its input-dependent operand at {at}")
+    return net._node(name, _SLOPES[name], u, shape, at)
+
+
+def _max_pool(net: LinearisedNetwork, frame: Frame, eqn, vals: list, at: str):
+    p = eqn.params
+    lip = _windows.max_pool_lipschitz(
+        vals[0].shape,
+        p["window_dimensions"],
+        p["window_strides"],
+        p["padding"],
+        p["window_dilation"],
+        p["base_dilation"],
+    )
+    return net._node("max_pool", (-lip, lip), vals[0], tuple(eqn.outvars[0].aval.shape), at)
+
+
+def _reduce_extreme(net: LinearisedNetwork, frame: Frame, eqn, vals: list, at: str):
+    name = eqn.primitive.name
+    shape = tuple(eqn.outvars[0].aval.shape)
+    (u,) = vals
+    axes = tuple(int(a) for a in eqn.params["axes"])
+    if math.prod(u.shape[a] for a in axes) >= 2:
+        # Deferred: a MaxMin concatenation reads it as half of one node (_maxmin).
+        return net._new(shape, _srcs(vals), pending=(name, u, axes, at))
+    return net._node(name, (-1.0, 1.0), u, shape, at)
+
+
+def _sort(net: LinearisedNetwork, frame: Frame, eqn, vals: list, at: str):
+    if len(vals) != 1:
+        raise Unsupported(f"`sort` of several operands (argsort) at {at}")
+    shape = tuple(eqn.outvars[0].aval.shape)
+    return [net._node("sort", (-SORTING_LIPSCHITZ, SORTING_LIPSCHITZ), vals[0], shape, at)]
+
+
+def _linear(net: LinearisedNetwork, frame: Frame, eqn, vals: list, at: str):
+    """Every other primitive: an affine op of :data:`_LINEAR` recorded for the replay."""
+    name = eqn.primitive.name
+    if name not in _LINEAR:
+        raise Unsupported(f"`{name}` of an input-dependent value at {at}")
+    net._linear_ok(name, vals, at)
+    outs = [net._new(o.aval.shape, _srcs(vals)) for o in eqn.outvars]
+    net.ops.append(("lin", eqn, vals, outs))
+    return outs
+
+
+#: The linearisation's rule table: ``rule(net, frame, eqn, vals, at)`` per recognised
+#: nonlinearity (raising :class:`Unsupported` where it does not apply); anything else goes to
+#: :func:`_linear`.
+RULES = {
+    "mul": _mul,
+    "logistic": _logistic,
+    **{name: _activation for name in _SLOPES if name != "logistic"},
+    "reduce_window_max": _max_pool,
+    "reduce_window_min": _max_pool,
+    "reduce_max": _reduce_extreme,
+    "reduce_min": _reduce_extreme,
+    "sort": _sort,
+}
+
+
 def _cast(v):
     a = np.asarray(v)
     if jnp.issubdtype(a.dtype, jnp.floating):
@@ -495,13 +537,7 @@ def _replay(ops, nodes, env, es, consts=None, stop_node=None) -> dict:
             params = dict(eqn.params)
             if "preferred_element_type" in params:
                 params["preferred_element_type"] = None
-            bind_params = eqn.primitive.get_bind_params(params)
-            subfuns = ()
-            if isinstance(bind_params, tuple):
-                subfuns, bind_params = bind_params
-            res = eqn.primitive.bind(*subfuns, *args, **bind_params)
-            if not eqn.primitive.multiple_results:
-                res = [res]
+            res = bind_eqn(eqn, args, params)
         for o, r in zip(outs, res):
             env[o.id] = r
     return us
