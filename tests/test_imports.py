@@ -44,9 +44,7 @@ MAX_LINES = 600
 #: A docstring line saying why a module is long: ``Length: ...`` or ``Length (~630 lines): ...``.
 LENGTH_LINE = re.compile(r"Length\b[^:]*:")
 #: Modules over :data:`MAX_LINES` whose split or ``Length:`` line is pending elsewhere.
-LENGTH_PENDING = frozenset({
-    "train.report._lipschitz",  # Being split (the report's Lipschitz composer).
-})
+LENGTH_PENDING: frozenset[str] = frozenset()
 
 
 def _module_name(path: pathlib.Path) -> str:

@@ -56,7 +56,6 @@ from typing import Any
 from typing import NamedTuple
 
 import jax
-import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -66,6 +65,7 @@ from jax import lax
 import spectra
 from spectra import ConvSpec
 from train import discovery
+from train._jaxpr import is_var
 from train.config import BN_AWARE_METHODS
 from train.transforms import every_k_steps_apply
 
@@ -163,16 +163,16 @@ def _analyse(model: nnx.Module, example_args: tuple, example_kwargs: dict):
     consumers: dict[Any, list] = collections.defaultdict(list)
     for eqn in jaxpr.eqns:
         ins = frozenset().union(
-            *(deps.get(v, frozenset()) for v in eqn.invars if not isinstance(v, jex.Literal))
+            *(deps.get(v, frozenset()) for v in eqn.invars if is_var(v))
         )
         for v in eqn.invars:
-            if not isinstance(v, jex.Literal):
+            if is_var(v):
                 consumers[v].append(eqn)
         for v in eqn.outvars:
             deps[v] = ins
             producer[v] = eqn
     for v in jaxpr.outvars:
-        if not isinstance(v, jex.Literal):
+        if is_var(v):
             consumers[v].append(None)  # A model output: used outside.
 
     def param_source(v) -> int | None:
@@ -191,7 +191,7 @@ def _analyse(model: nnx.Module, example_args: tuple, example_kwargs: dict):
         name = eqn.primitive.name
         if name == "dot_general":
             for operand in eqn.invars[:2]:
-                if isinstance(operand, jex.Literal):
+                if not is_var(operand):
                     continue
                 leaf = param_source(operand)
                 if leaf is not None and len(operand.aval.shape) == 2:
@@ -217,7 +217,7 @@ def _analyse(model: nnx.Module, example_args: tuple, example_kwargs: dict):
                 cur = user.outvars[0]
                 continue
             other_deps = frozenset().union(
-                *(deps.get(v, frozenset()) for v in other if not isinstance(v, jex.Literal))
+                *(deps.get(v, frozenset()) for v in other if is_var(v))
             )
             if user.primitive.name == "add" and all(k == "p" for k, _ in other_deps):
                 cur = user.outvars[0]  # A conv bias: a translation.
@@ -269,7 +269,7 @@ def _next_conv(var, consumers, deps, param_source, p_paths) -> str | None:
         name = user.primitive.name
         others = [v for v in user.invars if v is not cur]
         other_deps = frozenset().union(
-            *(deps.get(v, frozenset()) for v in others if not isinstance(v, jex.Literal))
+            *(deps.get(v, frozenset()) for v in others if is_var(v))
         )
         if name == "conv_general_dilated" and user.invars[0] is cur:
             leaf = param_source(user.invars[1])
@@ -280,7 +280,7 @@ def _next_conv(var, consumers, deps, param_source, p_paths) -> str | None:
         if name == "custom_jvp_call" and _is_relu(user.params.get("call_jaxpr")):
             cur = user.outvars[0]
             continue
-        if name == "max" and all(isinstance(v, jex.Literal) and float(v.val) == 0
+        if name == "max" and all(not is_var(v) and float(v.val) == 0
                                  for v in others):
             cur = user.outvars[0]
             continue
