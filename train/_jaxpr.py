@@ -36,6 +36,9 @@ import jax.extend.core as jex
 #: (``pjit``: ``jaxpr``; ``custom_jvp_call``/``closed_call``: ``call_jaxpr``;
 #: ``custom_vjp_call``: ``call_jaxpr`` or ``fun_jaxpr``; ``checkpoint``: ``jaxpr``).
 CALL_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+#: Loops: their body runs per slice / per iteration, so it is never a one-to-one call of the
+#: equation's operands (walking it on the stacked operands would be wrong).
+LOOP_PRIMITIVES = frozenset({"scan", "while"})
 
 
 def is_var(x: Any) -> bool:
@@ -71,8 +74,11 @@ def call_body(eqn: Any) -> tuple[Any, Sequence[Any]] | None:
 
     The first of the params :data:`CALL_PARAMS` holding a jaxpr with as many invars as ``eqn``
     has operands (``pjit``, ``custom_jvp_call``, ``custom_vjp_call``, ``checkpoint``,
-    ``closed_call``; also a ``scan``, whose body has one invar per operand).
+    ``closed_call``). Never a loop (:data:`LOOP_PRIMITIVES`): a ``scan`` body has one invar
+    per operand but runs on slices, so treating it as a call would be unsound.
     """
+    if eqn.primitive.name in LOOP_PRIMITIVES:
+        return None
     for key in CALL_PARAMS:
         sub = eqn.params.get(key)
         if not is_jaxpr(sub):

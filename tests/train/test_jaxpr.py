@@ -56,6 +56,9 @@ class HelpersTest(absltest.TestCase):
         add = jax.make_jaxpr(lambda x: x + 1)(1.0).jaxpr.eqns[0]
         self.assertEqual(_jaxpr.sub_jaxprs(add), [])
         self.assertIsNone(_jaxpr.call_body(add))
+        # A scan body has one invar per operand but runs per slice: never a call.
+        scan = jax.make_jaxpr(lambda x: lax.scan(lambda c, r: (c + r, c), 0.0, x))(jnp.ones(3))
+        self.assertIsNone(_jaxpr.call_body(scan.jaxpr.eqns[0]))
 
     def test_bind_eqn_matches_the_function(self):
         x = np.arange(6.0).reshape(2, 3)

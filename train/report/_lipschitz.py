@@ -109,11 +109,13 @@ def _optimization_barrier(comp: Composer, eqn, vals, shape, at):
 
 
 def _unsupported(comp: Composer, eqn, vals, shape, at):
-    return _blocked(
-        shape,
+    note = (
         f"`{eqn.primitive.name}` of an input-dependent value is not supported (not "
-        f"certifiable) at {at}",
+        f"certifiable) at {at}"
     )
+    if eqn.primitive.multiple_results:  # e.g. a scan or while loop: one per result.
+        return [_blocked(o.aval.shape, note) for o in eqn.outvars]
+    return _blocked(shape, note)
 
 
 #: The composition's rule table: primitive name -> ``rule(composer, eqn, vals, shape, at)``,
