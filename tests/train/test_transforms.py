@@ -22,6 +22,7 @@ import spectra
 import train
 from tests import xla_flags
 from tests.spectra import layers
+from train import transforms
 from train.transforms import CERTIFIED_METHODS
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -517,6 +518,75 @@ class ErrorTest(parameterized.TestCase):
     def test_bad_options(self, kwargs, name):
         with self.assertRaisesRegex(ValueError, name):
             train.project_conv_operator_norm(1.0, {"w": SPECS["same"]}, **kwargs)
+
+
+class HelpersTest(parameterized.TestCase):
+    """The module-level pieces of the transform, one at a time."""
+
+    def test_check_projection_args(self):
+        self.assertEqual(transforms.check_projection_args(2.0), (2.0, None))
+        self.assertEqual(transforms.check_projection_args(), (None, None))
+        specs = {"w": SPECS["same"], "b": None}
+        self.assertEqual(
+            transforms.check_projection_args({"w": 0.5, "b": None}, specs), (None, [None, 0.5])
+        )
+        with self.assertRaisesRegex(ValueError, "^project_method="):
+            transforms.check_projection_args(method="svd", prefix="project_")
+        with self.assertRaisesRegex(ValueError, "^project_max_norm="):
+            transforms.check_projection_args(-1.0, prefix="project_")
+        with self.assertRaisesRegex(ValueError, "^project_certify_every="):
+            transforms.check_projection_args(certify_every=0, prefix="project_")
+
+    def test_conv_leaves_and_groups(self):
+        params, specs = make_params(), make_specs()
+        per_leaf = {name: (float(i + 1) if spec else None) for i, (name, spec) in
+                    enumerate(specs.items())}
+        _, spec_norms = transforms.check_projection_args(per_leaf, specs)
+        convs = transforms._conv_leaves(params, specs, None, spec_norms)
+        names = sorted(params)  # dict leaves are flattened in sorted key order
+        self.assertEqual([names[i] for i, _, _ in convs], sorted(SPECS))
+        for i, spec, norm in convs:
+            self.assertIs(spec, SPECS[names[i]])
+            self.assertEqual(norm, per_leaf[names[i]])
+        # Two equal kernels with one spec form one group; a third shape another.
+        params = {"a": jnp.ones((3, 3, 2, 2)), "b": jnp.zeros((3, 3, 2, 2)),
+                  "c": jnp.ones((1, 1, 2, 2))}
+        spec = SPECS["same"]
+        convs = transforms._conv_leaves(params, dict.fromkeys(params, spec))
+        groups = transforms._group_convs(jax.tree.leaves(params), convs)
+        self.assertEqual([[i for i, _ in m] for m in groups.values()], [[0, 1], [2]])
+        self.assertEqual(list(groups)[0], ((3, 3, 2, 2), jnp.result_type(params["a"]), spec))
+
+    @parameterized.parameters("certified", "rescale", "power")
+    def test_project_group(self, method):
+        spec = SPECS["same"]
+        rng = np.random.default_rng(1)
+        kernels = [jnp.asarray(rng.normal(size=(3, 3, 3, 2)), jnp.float32) for _ in range(2)]
+        kernels.append(0.01 * kernels[0])  # Inside the ball: its update is kept.
+        updates = [jnp.full((3, 3, 3, 2), 0.01, jnp.float32) for _ in kernels]
+        updates[2] = 0.001 * updates[2]
+        vectors = None
+        if method == "power":
+            flat = kernels
+            groups = transforms._group_convs(flat, [(i, spec, 1.0) for i in range(3)])
+            (vectors,) = transforms._init_power_vectors(flat, groups)
+            self.assertEqual(vectors.shape, (3, 8, 8, 3))
+        new, gap, new_vectors = transforms._project_group(
+            spec, kernels, updates, [1.0] * 3, method=method, num_rounds=50, vectors=vectors
+        )
+        self.assertEqual(gap.dtype, jnp.float32)
+        self.assertEqual(new_vectors is None, method != "power")
+        np.testing.assert_array_equal(new[2], updates[2])
+        for k, u in zip(kernels[:2], new[:2]):
+            slack = 1e-4 if method != "power" else 1e-2
+            self.assertLessEqual(exact_norm(k + u, spec), 1.0 + slack)
+        # One kernel at a time gives the same result as the stacked group.
+        for j in range(3):
+            one, _, _ = transforms._project_group(
+                spec, kernels[j:j + 1], updates[j:j + 1], [1.0], method=method, num_rounds=50,
+                vectors=None if vectors is None else vectors[j:j + 1],
+            )
+            np.testing.assert_allclose(one[0], new[j], rtol=1e-5, atol=1e-6)
 
 
 if __name__ == "__main__":
