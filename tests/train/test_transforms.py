@@ -202,20 +202,28 @@ def hybrid_cases():
 class HybridTest(parameterized.TestCase):
     """``method='power', certify_every=k``: power every update, certified after every k-th."""
 
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        # The plain power transform, the reference of both parameterisations: compiled once.
+        cls.k, cls.max_norm = 3, 0.5
+        cases = hybrid_cases()
+        cls.specs = {name: spec for name, (_, spec) in cases.items()}
+        cls.params = {name: jnp.asarray(layers.random_kernel(kshape, seed=i))
+                      for i, (name, (kshape, _)) in enumerate(cases.items())}
+        power = train.project_conv_operator_norm(cls.max_norm, cls.specs, method="power")
+        cls.power_update = jax.jit(power.update)
+
     @parameterized.parameters(*CERTIFIED_METHODS)
     def test_certified_every_k_and_power_in_between(self, certify_method):
         chex.clear_trace_counter()  # Parameterised: the counters are per function name.
-        cases, k, max_norm = hybrid_cases(), 3, 0.5
-        specs = {name: spec for name, (_, spec) in cases.items()}
-        params = {name: jnp.asarray(layers.random_kernel(kshape, seed=i))
-                  for i, (name, (kshape, _)) in enumerate(cases.items())}
+        k, max_norm, specs, params = self.k, self.max_norm, self.specs, self.params
         hybrid = train.project_conv_operator_norm(
             max_norm, specs, method="power", certify_every=k, certify_method=certify_method
         )
-        power = train.project_conv_operator_norm(max_norm, specs, method="power")
         state = jax.jit(chex.assert_max_traces(hybrid.init, n=1))(params)
         update = jax.jit(chex.assert_max_traces(hybrid.update, n=1))
-        power_update = jax.jit(power.update)
+        power_update = self.power_update
         rng = np.random.default_rng(0)
         for t in range(2 * k):
             # Grow every kernel by 10% plus noise: each update leaves the ball.
