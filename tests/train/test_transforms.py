@@ -212,7 +212,7 @@ class HybridTest(parameterized.TestCase):
         cls.params = {name: jnp.asarray(layers.random_kernel(kshape, seed=i))
                       for i, (name, (kshape, _)) in enumerate(cases.items())}
         power = train.project_conv_operator_norm(cls.max_norm, cls.specs, method="power")
-        cls.power_update = jax.jit(power.update)
+        cls.power_update = staticmethod(jax.jit(power.update))  # Not bound to the test.
 
     @parameterized.parameters(*CERTIFIED_METHODS)
     def test_certified_every_k_and_power_in_between(self, certify_method):
