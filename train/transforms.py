@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+from collections.abc import Mapping
 from typing import Any
 from typing import NamedTuple
 
@@ -76,17 +77,17 @@ def _check_specs(specs: Any) -> None:
 
 
 def _max_norm_per_spec(
-    max_norm: Any, specs: Any, prefix: str = ""
+    max_norm: Any, specs: Any, name: str = "max_norm"
 ) -> tuple[Any, list[Any] | None]:
     """Validates ``max_norm``; returns it as a scalar, or as a list aligned with specs' leaves."""
 
     def check(value, where: str):
         if np.ndim(value) != 0:
             raise ValueError(
-                f"{prefix}max_norm{where} must be a scalar; got shape {np.shape(value)}"
+                f"{name}{where} must be a scalar; got shape {np.shape(value)}"
             )
         if not isinstance(value, jax.core.Tracer) and not float(value) > 0:
-            raise ValueError(f"{prefix}max_norm{where}={value!r} must be > 0")
+            raise ValueError(f"{name}{where}={value!r} must be > 0")
 
     if isinstance(max_norm, (int, float, np.number, np.ndarray, jax.Array)):
         check(max_norm, "")
@@ -97,7 +98,7 @@ def _max_norm_per_spec(
         norms = treedef.flatten_up_to(nnx.as_pure(max_norm))
     except (ValueError, TypeError) as e:
         raise ValueError(
-            f"{prefix}max_norm must be a scalar or a pytree with the structure of specs "
+            f"{name} must be a scalar or a pytree with the structure of specs "
             f"({treedef}); "
             f"got {jax.tree.structure(max_norm)}"
         ) from e
@@ -137,6 +138,14 @@ def _constrain(x: jax.Array, mesh: Mesh, spec: PartitionSpec) -> jax.Array:
 
 
 
+#: The arguments :func:`check_projection_args` names in its errors (by default their own names).
+_ARG_NAMES = {
+    name: name
+    for name in ("max_norm", "every_k_steps", "method", "num_rounds", "certify_every",
+                 "certify_method", "mesh", "mesh_axis")
+}
+
+
 def check_projection_args(
     max_norm: Any = None,
     specs: Any = None,
@@ -148,7 +157,7 @@ def check_projection_args(
     certify_method: str = "rescale",
     mesh: Mesh | None = None,
     mesh_axis: str = "data",
-    prefix: str = "",
+    names: Mapping[str, str] | None = None,
 ) -> tuple[Any, list[Any] | None]:
     """Checks the arguments of :func:`project_conv_operator_norm` (the one place they are checked).
 
@@ -163,8 +172,8 @@ def check_projection_args(
       certify_method: as in :func:`project_conv_operator_norm`.
       mesh: as in :func:`project_conv_operator_norm`.
       mesh_axis: as in :func:`project_conv_operator_norm`.
-      prefix: put before each argument's name in the error messages (e.g. ``'project_'`` for
-        the flat ``TrainConfig`` fields).
+      names: the name the error messages give each argument, e.g. ``{'every_k_steps':
+        'project_every'}`` for a config's fields; arguments not in it keep their own name.
 
     Returns:
       ``(scalar_norm, spec_norms)``: ``max_norm`` and ``None`` for a scalar ``max_norm``;
@@ -174,36 +183,36 @@ def check_projection_args(
     Raises:
       ValueError: naming the first argument that is not as expected.
     """
-    p = prefix
+    n = {**_ARG_NAMES, **(names or {})}
     if not isinstance(every_k_steps, (int, np.integer)) or every_k_steps < 1:
-        raise ValueError(f"{p}every_k_steps={every_k_steps!r} must be a positive int")
+        raise ValueError(f"{n['every_k_steps']}={every_k_steps!r} must be a positive int")
     if method not in PROJECT_METHODS:
-        raise ValueError(f"{p}method={method!r} is unknown; expected one of {PROJECT_METHODS}")
+        raise ValueError(f"{n['method']}={method!r} is unknown; expected one of {PROJECT_METHODS}")
     if not isinstance(num_rounds, (int, np.integer)) or num_rounds < 0:
-        raise ValueError(f"{p}num_rounds={num_rounds!r} must be a non-negative int")
+        raise ValueError(f"{n['num_rounds']}={num_rounds!r} must be a non-negative int")
     if certify_every is not None and (
         isinstance(certify_every, bool)
         or not isinstance(certify_every, (int, np.integer))
         or certify_every < 1
     ):
-        raise ValueError(f"{p}certify_every={certify_every!r} must be None or a positive int")
+        raise ValueError(f"{n['certify_every']}={certify_every!r} must be None or a positive int")
     if certify_method not in CERTIFIED_METHODS:
         raise ValueError(
-            f"{p}certify_method={certify_method!r} is unknown; expected one of "
+            f"{n['certify_method']}={certify_method!r} is unknown; expected one of "
             f"{CERTIFIED_METHODS}"
         )
     if mesh is not None:
         if not isinstance(mesh, Mesh):
-            raise ValueError(f"{p}mesh must be a jax.sharding.Mesh or None; got {mesh!r}")
+            raise ValueError(f"{n['mesh']} must be a jax.sharding.Mesh or None; got {mesh!r}")
         if mesh_axis not in mesh.axis_names:
             raise ValueError(
-                f"{p}mesh_axis={mesh_axis!r} is not an axis of mesh (axes {mesh.axis_names})"
+                f"{n['mesh_axis']}={mesh_axis!r} is not an axis of mesh (axes {mesh.axis_names})"
             )
     if specs is not None:
         _check_specs(specs)
     if max_norm is None:
         return None, None
-    return _max_norm_per_spec(max_norm, specs, p)
+    return _max_norm_per_spec(max_norm, specs, n["max_norm"])
 
 
 def project_conv_operator_norm(

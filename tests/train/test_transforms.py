@@ -538,12 +538,16 @@ class HelpersTest(parameterized.TestCase):
         self.assertEqual(
             transforms.check_projection_args({"w": 0.5, "b": None}, specs), (None, [None, 0.5])
         )
+        names = {"method": "project_method", "max_norm": "project_max_norm",
+                 "every_k_steps": "project_every"}
         with self.assertRaisesRegex(ValueError, "^project_method="):
-            transforms.check_projection_args(method="svd", prefix="project_")
+            transforms.check_projection_args(method="svd", names=names)
         with self.assertRaisesRegex(ValueError, "^project_max_norm="):
-            transforms.check_projection_args(-1.0, prefix="project_")
-        with self.assertRaisesRegex(ValueError, "^project_certify_every="):
-            transforms.check_projection_args(certify_every=0, prefix="project_")
+            transforms.check_projection_args(-1.0, names=names)
+        with self.assertRaisesRegex(ValueError, "^project_every="):
+            transforms.check_projection_args(every_k_steps=0, names=names)
+        with self.assertRaisesRegex(ValueError, "^certify_every="):  # Not renamed.
+            transforms.check_projection_args(certify_every=0, names=names)
 
     def test_conv_leaves_and_groups(self):
         params, specs = make_params(), make_specs()
