@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import pathlib
 import shutil
 import tempfile
 from collections.abc import Callable
 from collections.abc import Iterator
 from collections.abc import Sequence
+from typing import Any
 
 PRESETS = ("quick", "paper")
 DEFAULT_OUT = pathlib.Path("results")
@@ -36,6 +38,44 @@ def runs_folder(preset: str, out_dir: pathlib.Path) -> Iterator[pathlib.Path]:
     finally:
         if temporary:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def run_variants(
+    preset: str,
+    out_dir: pathlib.Path,
+    base: Any,
+    variants: Sequence[tuple[str, dict[str, Any]]],
+    seeds: Sequence[int],
+    run_one: Callable[[Any, pathlib.Path, int], Any],
+) -> list[tuple[str, dict[str, Any], list[Any]]]:
+    """The variants × seeds skeleton of the training experiments.
+
+    Args:
+      preset: the preset's name (``'paper'`` keeps the run folders, see :func:`runs_folder`).
+      out_dir: the experiment's output folder.
+      base: the preset's base ``TrainConfig``.
+      variants: ``(label, config changes)`` pairs, run in this order.
+      seeds: the seeds each variant is run with, in this order (inner loop).
+      run_one: ``run_one(config, root, seed)`` with ``config = dataclasses.replace(base,
+        seed=seed, **changes)`` and ``root`` the folder for run folders; returns one result.
+
+    Returns:
+      ``[(label, changes, [result per seed]), ...]`` in the order of ``variants``.
+    """
+    results = []
+    with runs_folder(preset, out_dir) as root:
+        for label, changes in variants:
+            per_seed = [
+                run_one(dataclasses.replace(base, seed=seed, **changes), root, seed)
+                for seed in seeds
+            ]
+            results.append((label, changes, per_seed))
+    return results
+
+
+def fmt_or_dash(value: float | None) -> str:
+    """``'—'`` for ``None``, else the value with 4 significant digits (table cells)."""
+    return "—" if value is None else f"{value:.4g}"
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

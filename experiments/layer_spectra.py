@@ -24,7 +24,6 @@ name (the forward order of the ResNets and SimpleCNN of :mod:`train.models`).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import pathlib
 from typing import Any
@@ -114,14 +113,17 @@ def layer_spectra(model, example_input, max_dense_dim: int = 4096) -> list[dict[
 def _train_models(preset: str, out_dir: pathlib.Path) -> list[tuple[str, Any, Any]]:
     """Trains (or reuses from :mod:`experiments.sedghi_training`'s memo) the preset's models."""
     setting = PRESETS[preset]
-    models = []
-    with _report.runs_folder(preset, out_dir) as root:
-        for label, changes in setting["variants"]:
-            config = dataclasses.replace(setting["base"], seed=0, **changes)
-            result = common.train_once(config, root, "spectra")
-            models.append((f"{label} (test error {100 * result['test_error']:.2f}%)",
-                           result["model"], example_input(config)))
-    return models
+
+    def run_one(config, root, seed):
+        return common.train_once(config, root, "spectra"), example_input(config)
+
+    runs = _report.run_variants(
+        preset, out_dir, setting["base"], setting["variants"], (0,), run_one
+    )
+    return [
+        (f"{label} (test error {100 * result['test_error']:.2f}%)", result["model"], example)
+        for label, _, [(result, example)] in runs
+    ]
 
 
 def run(preset: str, out_dir: pathlib.Path, run_dir: str | pathlib.Path | None = None) -> str:

@@ -21,7 +21,6 @@ operators projected and certified instead of the kernels);
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
 from typing import Any
 
@@ -131,8 +130,7 @@ def report_once(
     }
 
 
-def _fmt(v) -> str:
-    return "—" if v is None else f"{v:.4g}"
+_fmt = _report.fmt_or_dash
 
 
 def _lower_method(net) -> str:
@@ -153,24 +151,19 @@ def run(preset: str, out_dir: pathlib.Path) -> str:
     setting = _report.preset_config(PRESETS, preset)
     out_dir = pathlib.Path(out_dir)
     base, seeds = setting["base"], setting["seeds"]
-    results = []
-    with _report.runs_folder(preset, out_dir) as root:
-        for label, changes in setting["variants"]:
-            for seed in seeds:
-                config = dataclasses.replace(base, seed=seed, **changes)
-                results.append(
-                    (
-                        label,
-                        seed,
-                        report_once(
-                            config,
-                            root,
-                            f"report_s{seed}",
-                            setting["num_points"],
-                            setting["ascent_steps"],
-                        ),
-                    )
-                )
+
+    def run_one(config, root, seed):
+        return report_once(
+            config, root, f"report_s{seed}", setting["num_points"], setting["ascent_steps"]
+        )
+
+    results = [
+        (label, seed, r)
+        for label, _, per_seed in _report.run_variants(
+            preset, out_dir, base, setting["variants"], seeds, run_one
+        )
+        for seed, r in zip(seeds, per_seed)
+    ]
     rows = [
         [
             label,

@@ -221,14 +221,10 @@ def run(preset: str, out_dir: pathlib.Path) -> str:
     setting = _report.preset_config(PRESETS, preset)
     out_dir = pathlib.Path(out_dir)
     base, seeds = setting["base"], setting["seeds"]
-    results = []
-    with _report.runs_folder(preset, out_dir) as root:
-        for label, changes in setting["variants"]:
-            per_seed = [
-                train_once(dataclasses.replace(base, seed=s, **changes), root, f"sedghi_s{s}")
-                for s in seeds
-            ]
-            results.append((label, changes, per_seed))
+    results = _report.run_variants(
+        preset, out_dir, base, setting["variants"], seeds,
+        lambda config, root, seed: train_once(config, root, f"sedghi_s{seed}"),
+    )
 
     rows = []
     for label, changes, per_seed in results:

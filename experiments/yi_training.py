@@ -16,7 +16,6 @@ baseline runs are shared with it when both run in one process). Paper preset: CI
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
 import statistics
 from typing import Any
@@ -48,15 +47,17 @@ def run(preset: str, out_dir: pathlib.Path) -> str:
     out_dir = pathlib.Path(out_dir)
     base, seeds, bound = setting["base"], setting["seeds"], setting["bound"]
     weights = (0.0, *setting["weights"])
-    results = []
-    with _report.runs_folder(preset, out_dir) as root:
-        for weight in weights:
-            changes = dict(penalty_weight=weight, penalty_bound=bound) if weight else {}
-            per_seed = [
-                common.train_once(dataclasses.replace(base, seed=s, **changes), root, f"yi_s{s}")
-                for s in seeds
-            ]
-            results.append((weight, per_seed))
+    variants = [
+        (weight, dict(penalty_weight=weight, penalty_bound=bound) if weight else {})
+        for weight in weights
+    ]
+    results = [
+        (weight, per_seed)
+        for weight, _, per_seed in _report.run_variants(
+            preset, out_dir, base, variants, seeds,
+            lambda config, root, seed: common.train_once(config, root, f"yi_s{seed}"),
+        )
+    ]
 
     layer_names = results[0][1][0]["layers"]  # Depth order.
     rows, layer_rows = [], []

@@ -245,39 +245,11 @@ def recalibrate_batch_stats(
     r"""A copy of ``model`` whose BatchNorm running statistics are re-estimated from ``data``.
 
     Every ``nnx.BatchNorm`` (:func:`batch_norm_layers`) gets new running ``mean`` and ``var``
-    (every :class:`BatchCentering` its ``mean``) measured on the batches ``x_1, ..., x_K``
-    (``K`` = ``num_batches``). Batch ``k`` runs one
-    forward pass of a copy of ``model`` in **training mode** (``model.train()``: every
-    BatchNorm normalises with the statistics of the batch itself, as during training; dropout,
-    if any, is on), jitted, without gradient; it gives, per BatchNorm layer and channel, the
-    mean :math:`\mu_k` and the variance :math:`\sigma_k^2` of that layer's input over the
-    batch and spatial axes, computed as BatchNorm computes them in training mode (biased:
-    divided by the count; ``E[x^2] - E[x]^2`` with flax's default ``use_fast_variance``). The
-    layers before it are in training mode too, so these are the statistics that training
-    itself would feed to the running averages. The new statistics are then
-
-    * ``momentum=None`` (default): the **exact average over the batches** (not an exponential
-      moving average; the old statistics are discarded):
-
-      .. math:: \text{mean} = \frac{1}{K} \sum_{k=1}^{K} \mu_k, \qquad
-         \text{var} = \frac{1}{K} \sum_{k=1}^{K} \sigma_k^2,
-
-      i.e. the cumulative mean of the batch means and of the batch variances, every batch
-      weighted equally (also a smaller, partly padded last batch). For batches of equal size
-      ``var`` is the mean within-batch variance: the variance of the union of the batches
-      minus the variance of the batch means (a slight underestimate of it, as the running
-      variance of training also is);
-    * ``momentum=m`` in ``[0, 1)``: BatchNorm's exponential moving average
-      ``s_k = m s_{k-1} + (1 - m) b_k``, started from the first batch (``s_1 = b_1``; the old
-      statistics are discarded), for ``mean`` and ``var`` alike; ``m = 0`` keeps the last
-      batch's statistics.
-
-    Accumulated in float64 on the host, then stored in each statistic's dtype. Parameters, other
-    state (RNG counters included) and the train / eval mode flags of the result are those of
-    ``model``; ``model`` itself is left untouched. Assumes every BatchNorm is called once per
-    forward pass, in its module-level mode (a layer called with ``use_running_average=True``
-    at call time would not be re-estimated). A model without BatchNorm is returned as an
-    equal copy (no data read).
+    (every :class:`BatchCentering` its ``mean``): by default the exact average over ``K`` batches
+    of the per-batch statistics that a jitted **training-mode** forward pass (no gradient)
+    computes; with ``momentum``, BatchNorm's moving average. ``model`` is left untouched;
+    parameters, other state and mode flags are copied. The definition of the statistics and its
+    assumptions: ``docs/batchnorm_recalibration.md``.
 
     Args:
       model: an NNX model taking one batch of inputs ``(B, ...)``.
@@ -289,7 +261,8 @@ def recalibrate_batch_stats(
       num_batches: ``K``, the number of batches used; ``None``: every batch of epoch 0 of a
         source, every batch of an array. A source is read through epochs 0, 1, ... until
         ``K`` batches were used (its own order).
-      momentum: ``None`` for the exact average, or ``m`` in ``[0, 1)`` (see above).
+      momentum: ``None`` for the exact average, or ``m`` in ``[0, 1)``: the moving average
+        ``s_k = m s_{k-1} + (1 - m) b_k`` from ``s_1 = b_1`` (the old statistics discarded).
       batch_size: examples per batch when ``data`` is an array (default: the whole array in
         one batch); ignored for a source.
       mesh: a device mesh (:func:`train.distributed.make_mesh`): every batch whose size

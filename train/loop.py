@@ -5,49 +5,8 @@ The loop composes the parts of :mod:`train`: a config (:mod:`train.config`), its
 (:mod:`train.steps`, optimiser in :mod:`train.optim`), checkpoints and run folders
 (:mod:`train.checkpoint`) and metrics (:mod:`train.metrics`).
 
-Host synchronisation: none per step. Training metrics are summed on the device inside the
-state and read every ``log_every`` steps; the per-layer σ_max of the convs is computed by one
-jitted function (exact methods, see :func:`train.conv_norms.layer_spectral_norms`) every
-``sigma_every`` steps, dispatched asynchronously and read at the next log; evaluation sums on
-the device and reads once.
-
-A run folder is never overwritten: :func:`train_and_evaluate` raises when it exists and
-``resume`` is false (:func:`train.checkpoint.make_run_dir` gives a fresh numbered folder).
-Randomness: the model's RNG streams (e.g. dropout) live in the state and are checkpointed; the
-data order and augmentation of :class:`train.data.Pipeline` are functions of
-``(seed, epoch, batch)``, so the saved position restores them and a resumed run continues
-bit-identically.
-
-Certified checkpoints and final model (when ``config.project_max_norm`` is set): every
-checkpoint, and the final parameters, are certified by :func:`train.certify.certify_train_state`
-(:func:`train.certify.certify_conv_operator_norm`, ``config.project_certify_method``): every
-conv layer's exact σ_max is ``<= project_max_norm`` up to its relative tolerance (``1e-4``),
-whatever ``project_method`` (e.g. the approximate ``'power'``). The checkpoint's ``meta`` holds
-the report (:meth:`train.certify.CertificationReport.as_metadata`: ``"certified": true``,
-``"certified_max_upper_bound"``, ``"certify_method"``, ``"certify_tolerance"``, per-layer
-bounds) and ``"certified_params_separate"``; runs without the projection write ``"certified":
-false``. **The certification does not change the training trajectory**: the train state (what a
-resumed run continues from) keeps the training parameters, and when the certification changed
-them (``report.any_changed``) the certified model is saved beside it as the item
-:data:`train.checkpoint.CERTIFIED_ITEM` (``"certified_params_separate": true``): the certified
-parameters and, for a model with BatchNorm, running statistics re-estimated for them on
-``config.project_certify_recalibration_batches`` training batches (forward passes, no parameter
-change; ``"certified_batch_stats_recalibrated": true``). A rescaled kernel scales the input of
-the BatchNorm after it, so the training statistics no longer match it: evaluated with them, the
-certified ResNet-8 of ``experiments/sedghi_training.py`` had 12.8% test error instead of 2.4%
-(seed 1, ``'power'`` every step). So a run resumed from any checkpoint (a ``checkpoint_every``
-one or an ``until_step`` stop) continues bit-identically to the uninterrupted run, and
-``checkpoint_every`` and ``until_step`` stay bookkeeping (continuing from certified parameters
-would make the trajectory depend on where checkpoints were written). The model that
-:func:`train_and_evaluate` returns, evaluates at the end and reports σ_max of, and that
-:func:`train.model_io.restore_model` restores, is the certified one. With
-``project_certify_every=k`` and checkpoints at multiples of ``k`` the training parameters are
-already certified (``"certified_params_separate": false`` when nothing had to change).
-
-Devices: the loop is data-parallel over the mesh of :mod:`train.distributed` (every device by
-default, ``config.num_devices`` to choose; several hosts with ``jax.distributed``): the global
-batch is split over the devices, the state replicated (or FSDP-sharded), the run folder's
-``mesh.json`` records the mesh, and process 0 alone writes ``config.json`` and the metrics.
+Design notes (host synchronisation, run folders, certified checkpoints, devices,
+resuming): ``docs/training_loop.md``. Command line: :mod:`train.cli`.
 
 Example::
 
@@ -59,20 +18,6 @@ Example::
                          num_steps=300, project_max_norm=1.0, project_every=10)
     result = loop.train_and_evaluate(config, make_run_dir("runs"))
     result["test_error"], result["sigma_max"]
-
-Run folders outside the loop (:func:`train.model_io.restore_model`,
-:func:`train.model_io.save_model`, :func:`train.model_io.evaluate_model`) live in
-:mod:`train.model_io`.
-
-Resuming: ``train_and_evaluate(config, run_dir, resume=True)`` continues from the latest
-checkpoint; ``config`` may differ from the saved one only in
-:data:`train.checkpoint.RESUMABLE_CHANGES` (bit-identical continuation) and ``num_steps``
-(:data:`train.checkpoint.SCHEDULE_CHANGES`: the learning-rate schedule is rebuilt for the new
-length, so the continued run differs from a fresh run of that length unless the schedule is
-``'constant'``). :func:`train.checkpoint.resume_config` gives the saved config with
-overrides on top.
-
-Command line: :mod:`train.cli` (``python -m train --out runs model=resnet8 ...``).
 """
 
 import math

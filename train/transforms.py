@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+from collections.abc import Mapping
 from typing import Any
 from typing import NamedTuple
 
@@ -75,14 +76,18 @@ def _check_specs(specs: Any) -> None:
             )
 
 
-def _max_norm_per_spec(max_norm: Any, specs: Any) -> tuple[Any, list[Any] | None]:
+def _max_norm_per_spec(
+    max_norm: Any, specs: Any, name: str = "max_norm"
+) -> tuple[Any, list[Any] | None]:
     """Validates ``max_norm``; returns it as a scalar, or as a list aligned with specs' leaves."""
 
     def check(value, where: str):
         if np.ndim(value) != 0:
-            raise ValueError(f"max_norm{where} must be a scalar; got shape {np.shape(value)}")
+            raise ValueError(
+                f"{name}{where} must be a scalar; got shape {np.shape(value)}"
+            )
         if not isinstance(value, jax.core.Tracer) and not float(value) > 0:
-            raise ValueError(f"max_norm{where}={value!r} must be > 0")
+            raise ValueError(f"{name}{where}={value!r} must be > 0")
 
     if isinstance(max_norm, (int, float, np.number, np.ndarray, jax.Array)):
         check(max_norm, "")
@@ -93,7 +98,8 @@ def _max_norm_per_spec(max_norm: Any, specs: Any) -> tuple[Any, list[Any] | None
         norms = treedef.flatten_up_to(nnx.as_pure(max_norm))
     except (ValueError, TypeError) as e:
         raise ValueError(
-            f"max_norm must be a scalar or a pytree with the structure of specs ({treedef}); "
+            f"{name} must be a scalar or a pytree with the structure of specs "
+            f"({treedef}); "
             f"got {jax.tree.structure(max_norm)}"
         ) from e
     with_path, _ = jax.tree_util.tree_flatten_with_path(stripped_specs, is_leaf=_is_spec_or_none)
@@ -131,6 +137,84 @@ def _constrain(x: jax.Array, mesh: Mesh, spec: PartitionSpec) -> jax.Array:
     return lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+
+#: The arguments :func:`check_projection_args` names in its errors (by default their own names).
+_ARG_NAMES = {
+    name: name
+    for name in ("max_norm", "every_k_steps", "method", "num_rounds", "certify_every",
+                 "certify_method", "mesh", "mesh_axis")
+}
+
+
+def check_projection_args(
+    max_norm: Any = None,
+    specs: Any = None,
+    *,
+    every_k_steps: int = 1,
+    method: str = "certified",
+    num_rounds: int = 1,
+    certify_every: int | None = None,
+    certify_method: str = "rescale",
+    mesh: Mesh | None = None,
+    mesh_axis: str = "data",
+    names: Mapping[str, str] | None = None,
+) -> tuple[Any, list[Any] | None]:
+    """Checks the arguments of :func:`project_conv_operator_norm` (the one place they are checked).
+
+    Args:
+      max_norm: ``None`` (not checked), a scalar ``> 0``, or (with ``specs``) a pytree with the
+        structure of ``specs`` holding a scalar ``> 0`` for every conv leaf.
+      specs: ``None`` (not checked), or a pytree of :class:`spectra.ConvSpec` or ``None``.
+      every_k_steps: as in :func:`project_conv_operator_norm`.
+      method: as in :func:`project_conv_operator_norm`.
+      num_rounds: as in :func:`project_conv_operator_norm`.
+      certify_every: as in :func:`project_conv_operator_norm`.
+      certify_method: as in :func:`project_conv_operator_norm`.
+      mesh: as in :func:`project_conv_operator_norm`.
+      mesh_axis: as in :func:`project_conv_operator_norm`.
+      names: the name the error messages give each argument, e.g. ``{'every_k_steps':
+        'project_every'}`` for a config's fields; arguments not in it keep their own name.
+
+    Returns:
+      ``(scalar_norm, spec_norms)``: ``max_norm`` and ``None`` for a scalar ``max_norm``;
+      ``None`` and the list of ``max_norm``'s entries aligned with the leaves of ``specs`` for a
+      pytree; ``(None, None)`` when ``max_norm`` is ``None``.
+
+    Raises:
+      ValueError: naming the first argument that is not as expected.
+    """
+    n = {**_ARG_NAMES, **(names or {})}
+    if not isinstance(every_k_steps, (int, np.integer)) or every_k_steps < 1:
+        raise ValueError(f"{n['every_k_steps']}={every_k_steps!r} must be a positive int")
+    if method not in PROJECT_METHODS:
+        raise ValueError(f"{n['method']}={method!r} is unknown; expected one of {PROJECT_METHODS}")
+    if not isinstance(num_rounds, (int, np.integer)) or num_rounds < 0:
+        raise ValueError(f"{n['num_rounds']}={num_rounds!r} must be a non-negative int")
+    if certify_every is not None and (
+        isinstance(certify_every, bool)
+        or not isinstance(certify_every, (int, np.integer))
+        or certify_every < 1
+    ):
+        raise ValueError(f"{n['certify_every']}={certify_every!r} must be None or a positive int")
+    if certify_method not in CERTIFIED_METHODS:
+        raise ValueError(
+            f"{n['certify_method']}={certify_method!r} is unknown; expected one of "
+            f"{CERTIFIED_METHODS}"
+        )
+    if mesh is not None:
+        if not isinstance(mesh, Mesh):
+            raise ValueError(f"{n['mesh']} must be a jax.sharding.Mesh or None; got {mesh!r}")
+        if mesh_axis not in mesh.axis_names:
+            raise ValueError(
+                f"{n['mesh_axis']}={mesh_axis!r} is not an axis of mesh (axes {mesh.axis_names})"
+            )
+    if specs is not None:
+        _check_specs(specs)
+    if max_norm is None:
+        return None, None
+    return _max_norm_per_spec(max_norm, specs, n["max_norm"])
+
+
 def project_conv_operator_norm(
     max_norm: Any,
     specs: Any,
@@ -145,73 +229,16 @@ def project_conv_operator_norm(
 ) -> optax.GradientTransformation:
     r"""Keeps every conv layer's operator norm at most ``max_norm`` (Sedghi et al. 2019).
 
-    For each params leaf with a :class:`spectra.ConvSpec` in ``specs``, the updates are
-    rewritten so that ``params + updates`` is
-    ``spectra.clip_operator_norm(params + updates, spec, max_norm, method=method,
-    num_rounds=num_rounds).kernel``; other leaves' updates are returned untouched. Like
-    :func:`optax.keep_params_nonnegative`, it needs ``params`` and goes **last** in
-    :func:`optax.chain`.
-
-    .. math::
-
-       u \leftarrow \Pi_{\{\|K\|_{op} \le c\}}(p + u) - p
-
-    Only updates with ``count % every_k_steps == 0`` project (``count`` counts updates from 0),
-    so **the first update projects** (an initial kernel outside the ball is brought in at once),
-    then updates ``k, 2k, ...``; parameters after other updates may leave the ball. The choice
-    is made with :func:`jax.lax.cond` on the step counter (for ``every_k_steps > 1``): no host
-    synchronisation, and the projection is not computed on skipped steps.
-    This cond is written here rather than by wrapping the transform in
-    ``optax.conditionally_transform`` (optax 0.2.8; used below for ``certify_every``), because
-    the wrapper would change the state: it nests it as ``ConditionallyTransformState(
-    inner_state, step)`` with a second step counter, and the inner ``count`` would then count
-    projecting updates only, while :class:`ProjectConvOperatorNormState` documents ``count`` as
-    every update seen and keeps one layout whatever ``every_k_steps`` (the optimiser state that
-    checkpoints save and resumed runs restore bit-identically). ``optax.MultiSteps``
-    (gradient accumulation) and ``optax.conditionally_mask`` (zero updates on skipped steps)
-    do something else.
-
-    Guarantees, per projected kernel (``'certified'``, the default): the exact σ_max of the
-    layer described by the spec (zero padded or circular) is ``<= max_norm`` up to rounding.
-    ``'sedghi'``/``'dykstra'`` are approximate projections (see
-    ``state.feasibility_gap``), ``'rescale'`` is certified and the cheapest certified one.
-    ``'power'`` is the cheapest (measured: the only one within 25% of a plain ResNet-20 step on
-    CPU, ``benchmarks/bench_train_step.py``) and **approximate**: ``num_rounds`` power
-    iterations on the real layer per projecting update, warm-started from the vectors kept in
-    the state, then ``K * min(1, c / σ̂)`` with ``σ̂`` a lower estimate of σ_max
-    (:func:`spectra.clip_operator_norm_power`), so σ_max may exceed ``c`` by the estimate's
-    error. A kernel already inside
-    the ball of the circular operator the method works on is left bit-identical: its update is
-    returned unchanged. Kernels with equal ``(shape, dtype, spec)`` are stacked and projected
-    with one :func:`jax.vmap`.
-
-    **Cheap every step, certified every k steps** (``certify_every=k``): the transform is
-    ``optax.chain(P_method, optax.conditionally_transform(P_certify, every k-th update))`` with
-    ``P_certify`` the projection with ``method=certify_method`` (a pure certified rescale, see
-    :data:`CERTIFIED_METHODS`) applied to the output of ``P_method``, on the updates with
-    ``(count + 1) % k == 0``: the parameters **after** updates ``k, 2k, ...`` are certified
-    (every layer's exact σ_max ``<= max_norm`` up to rounding), so a checkpoint saved after a
-    multiple of ``k`` steps holds certified parameters. Every other update is exactly the one of
-    ``method`` alone (e.g. ``'power'``). Certify the final parameters with
-    :func:`train.certify.certify_conv_operator_norm` whatever ``k``.
-
-    **Sharded over devices** (``mesh``): each group's stacked kernels (and power vectors) are
-    padded to a multiple of ``mesh.shape[mesh_axis]`` and constrained
-    (:func:`jax.lax.with_sharding_constraint`) to be split over ``mesh_axis`` on the stack
-    dimension, so the projection's per-step cost per device falls as devices are added; the
-    results are gathered back (replicated). The values equal the single-device ones (same
-    per-kernel program). Use it under :func:`jax.jit` with params replicated on ``mesh``.
-
-    A traced radius (e.g. a sweep over ``c`` without recompiling): wrap the factory with
-    :func:`optax.inject_hyperparams`, giving the integer options as static arguments, e.g.
-    ``optax.inject_hyperparams(project_conv_operator_norm, static_args=('every_k_steps',
-    'num_rounds', 'certify_every'))(max_norm=1.0, specs=specs, method='power')``; the radius is
-    then ``state.hyperparams['max_norm']``.
-
-    Works under :func:`jax.jit`, inside :func:`optax.masked` / :func:`optax.multi_transform`
-    (``specs`` and a per-layer ``max_norm`` keep the structure of the full params tree) and with
-    ``flax.nnx.Optimizer(model, tx, wrt=nnx.Param)``: ``specs`` from
-    :func:`train.find_convs_nnx` (``nnx.Variable`` wrappers on either side are ignored).
+    Rewrites the updates of each params leaf with a :class:`spectra.ConvSpec` in ``specs`` so
+    that ``params + updates`` is ``spectra.clip_operator_norm(params + updates, spec, max_norm,
+    method=method, num_rounds=num_rounds).kernel`` (``'power'``:
+    :func:`spectra.clip_operator_norm_power` with the vectors carried in the state); other
+    leaves' updates are untouched. Needs ``params``: goes **last** in :func:`optax.chain`.
+    Projects on updates with ``count % every_k_steps == 0`` (the first update projects).
+    ``'certified'`` (default) and ``'rescale'``: the exact σ_max of each projected layer is
+    ``<= max_norm`` up to rounding (proven); ``'sedghi'``, ``'dykstra'`` and ``'power'`` are
+    approximations (see ``state.feasibility_gap``). A kernel already inside the ball is left
+    bit-identical. Design, costs and the options' rationale: ``docs/projection.md``.
 
     Args:
       max_norm: the radius ``c > 0``: a scalar, or a pytree with the structure of ``specs``
@@ -224,27 +251,24 @@ def project_conv_operator_norm(
       num_rounds: projection rounds per projecting update (``>= 0``; see
         ``spectra.clip_operator_norm``); for ``'power'``, power iterations per update.
       certify_every: ``None`` (no extra step), or ``k >= 1``: a certified rescale after the
-        projection on every ``k``-th update (``(count + 1) % k == 0``).
+        projection on every ``k``-th update (``(count + 1) % k == 0``), so the parameters after
+        updates ``k, 2k, ...`` are certified.
       certify_method: one of :data:`CERTIFIED_METHODS`, used when ``certify_every`` is set.
-      mesh: a :class:`jax.sharding.Mesh` to spread each group of kernels over; ``None``: no
-        sharding constraint.
+      mesh: a :class:`jax.sharding.Mesh` to spread each group of same-shaped kernels over;
+        ``None``: no sharding constraint (the values are the same either way).
       mesh_axis: the name of the ``mesh`` axis the groups are split over.
 
     Returns:
       An :class:`optax.GradientTransformation`. Its state is a
       :class:`ProjectConvOperatorNormState`; with ``certify_every``, the tuple
       ``(ProjectConvOperatorNormState, optax.ConditionallyTransformState)`` whose
-      ``[1].inner_state`` is the certifying projection's state (its ``feasibility_gap`` is the
-      certified bound's gap ``<= 0`` at the latest certified update, its ``count`` the number of
-      certified updates) and ``[1].step`` the update counter.
+      ``[1].inner_state`` is the certifying projection's state and ``[1].step`` the update
+      counter.
 
     Raises:
-      ValueError: naming ``max_norm`` (not positive, not a scalar, wrong structure),
-        ``specs`` (not ConvSpecs, wrong structure),
-        ``every_k_steps``, ``method``, ``num_rounds``, ``certify_every``,
-        ``certify_method``, ``mesh`` or ``mesh_axis``; at ``init``/``update``,
-        naming the params leaf when a spec is given for a leaf that is not a 4-D kernel
-        matching it, and naming ``params`` when they are missing.
+      ValueError: naming the argument that is not as expected (see
+        :func:`check_projection_args`); at ``init``/``update``, naming the params leaf whose
+        spec does not match it, or ``params`` when they are missing.
 
     Example:
       >>> import jax.numpy as jnp
@@ -260,39 +284,14 @@ def project_conv_operator_norm(
       >>> bool(spectra.spectral_norm(params['w'], specs['w'], 'dense') <= 1.0 + 1e-5)
       True
 
-      Power every step, a certified rescale after every 10th update:
-
-      >>> tx = project_conv_operator_norm(1.0, specs, method='power', certify_every=10)
-      >>> state = tx.init(params)
-
     References:
       H. Sedghi, V. Gupta, P. M. Long. The Singular Values of Convolutional Layers. ICLR 2019.
     """
-    if not isinstance(every_k_steps, (int, np.integer)) or every_k_steps < 1:
-        raise ValueError(f"every_k_steps={every_k_steps!r} must be a positive int")
-    if method not in PROJECT_METHODS:
-        raise ValueError(f"method={method!r} is unknown; expected one of {PROJECT_METHODS}")
-    if not isinstance(num_rounds, (int, np.integer)) or num_rounds < 0:
-        raise ValueError(f"num_rounds={num_rounds!r} must be a non-negative int")
-    if certify_every is not None and (
-        isinstance(certify_every, bool)
-        or not isinstance(certify_every, (int, np.integer))
-        or certify_every < 1
-    ):
-        raise ValueError(f"certify_every={certify_every!r} must be None or a positive int")
-    if certify_method not in CERTIFIED_METHODS:
-        raise ValueError(
-            f"certify_method={certify_method!r} is unknown; expected one of {CERTIFIED_METHODS}"
-        )
-    if mesh is not None:
-        if not isinstance(mesh, Mesh):
-            raise ValueError(f"mesh must be a jax.sharding.Mesh or None; got {mesh!r}")
-        if mesh_axis not in mesh.axis_names:
-            raise ValueError(
-                f"mesh_axis={mesh_axis!r} is not an axis of mesh (axes {mesh.axis_names})"
-            )
-    _check_specs(specs)
-    scalar_norm, spec_norms = _max_norm_per_spec(max_norm, specs)
+    scalar_norm, spec_norms = check_projection_args(
+        max_norm, specs, every_k_steps=every_k_steps, method=method, num_rounds=num_rounds,
+        certify_every=certify_every, certify_method=certify_method, mesh=mesh,
+        mesh_axis=mesh_axis,
+    )
     options = (specs, scalar_norm, spec_norms, mesh, mesh_axis)
     cheap = _projection(*options, int(every_k_steps), method, int(num_rounds))
     if certify_every is None:
@@ -302,7 +301,6 @@ def project_conv_operator_norm(
     return optax.chain(
         cheap, optax.conditionally_transform(certify, lambda step: (step + 1) % k == 0)
     )
-
 
 
 def every_k_steps_apply(count, every_k_steps: int, project, skip, operands, *, active: bool):
@@ -315,6 +313,210 @@ def every_k_steps_apply(count, every_k_steps: int, project, skip, operands, *, a
         return project(operands)
     return lax.cond(count % every_k_steps == 0, project, skip, operands)
 
+
+def _conv_leaves(
+    params: Any, specs: Any, scalar_norm: Any = 1.0, spec_norms: list[Any] | None = None
+) -> list[tuple[int, ConvSpec, Any]]:
+    """The conv leaves of ``params``, each checked against its spec.
+
+    Args:
+      params: the params pytree (``nnx.Variable`` wrappers allowed).
+      specs: a pytree of :class:`spectra.ConvSpec` or ``None`` aligned with ``params``.
+      scalar_norm: the radius of every conv leaf when ``spec_norms`` is ``None``.
+      spec_norms: ``None``, or one radius per leaf of ``specs`` (from
+        :func:`check_projection_args`).
+
+    Returns:
+      ``[(leaf index, spec, max_norm), ...]`` in the order of ``jax.tree.leaves(params)``.
+
+    Raises:
+      ValueError: naming the params leaf whose spec is not a ConvSpec or does not match it.
+    """
+    leaves = jax.tree.leaves(nnx.as_pure(params), is_leaf=discovery.is_leaf_or_hole)
+    aligned = discovery.align_with_params(params, specs, "specs")
+    if spec_norms is not None:
+        # Number the specs' leaves, then flatten the numbers like the params.
+        treedef = jax.tree.structure(nnx.as_pure(specs), is_leaf=_is_spec_or_none)
+        numbers = jax.tree.unflatten(treedef, list(range(treedef.num_leaves)))
+        aligned_numbers = discovery.align_with_params(params, numbers, "specs")
+    paths = discovery.leaf_paths(params)
+    out = []
+    for i, (leaf, spec) in enumerate(zip(leaves, aligned)):
+        if discovery.is_leaf_or_hole(leaf) or spec is None:
+            continue
+        if not isinstance(spec, ConvSpec):
+            raise ValueError(
+                f"specs at params leaf {paths[i]} must be a ConvSpec or None; got {spec!r}"
+            )
+        shape = np.shape(leaf)
+        if len(shape) != 4:
+            raise ValueError(
+                f"specs gives a ConvSpec for params leaf {paths[i]}, which is not a 4-D "
+                f"HWIO kernel (shape {shape})"
+            )
+        try:
+            spec.validate(np.broadcast_to(np.zeros((), np.float32), shape))
+        except ValueError as e:
+            raise ValueError(f"params leaf {paths[i]} does not match its spec: {e}") from e
+        norm = scalar_norm if spec_norms is None else spec_norms[aligned_numbers[i]]
+        out.append((i, spec, norm))
+    return out
+
+
+def _group_convs(
+    flat_params: list[Any], convs: list[tuple[int, ConvSpec, Any]]
+) -> dict[tuple, list[tuple[int, Any]]]:
+    """Groups conv leaves that can be projected with one :func:`jax.vmap`.
+
+    Args:
+      flat_params: the leaves of the params.
+      convs: ``(leaf index, spec, max_norm)`` triples, from :func:`_conv_leaves`.
+
+    Returns:
+      ``{(shape, dtype, spec): [(leaf index, max_norm), ...]}``, groups and members in order of
+      first appearance.
+    """
+    groups = collections.defaultdict(list)
+    for i, spec, norm in convs:
+        leaf = flat_params[i]
+        groups[(np.shape(leaf), jnp.result_type(leaf), spec)].append((i, norm))
+    return groups
+
+
+def _init_power_vectors(
+    flat_params: list[Any], groups: dict, mesh: Mesh | None = None, mesh_axis: str = "data"
+) -> tuple[jax.Array, ...]:
+    """Right-vector estimates for ``method='power'``, warmed on the initial kernels.
+
+    Args:
+      flat_params: the leaves of the params.
+      groups: from :func:`_group_convs`.
+      mesh: as in :func:`project_conv_operator_norm`.
+      mesh_axis: as in :func:`project_conv_operator_norm`.
+
+    Returns:
+      One ``(G, H, W, c_in)`` array per group: :data:`POWER_INIT_ITERATIONS` power iterations
+      from a fixed random start (``PRNGKey(0)`` folded with the group's index).
+    """
+    vectors = []
+    for g, ((shape, dtype, spec), members) in enumerate(groups.items()):
+        vshape = (len(members), *spec.input_shape, spec.channels(shape)[0])
+        start = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(0), g), vshape, dtype)
+        kernels = jnp.stack([flat_params[i] for i, _ in members])
+        if vectors:  # Chained like the groups of _project_groups (XLA:CPU LAPACK deadlock).
+            start = start + 0 * jnp.sum(vectors[-1]).astype(dtype)
+
+        def warm(kernel, vector, spec=spec):
+            return clip_operator_norm_power(
+                kernel, spec, 1.0, vector, num_iterations=POWER_INIT_ITERATIONS
+            ).vector
+
+        warmed = jax.vmap(warm)(*(_shard_stack(x, mesh, mesh_axis) for x in (kernels, start)))
+        vectors.append(_gather_stack(warmed, len(members), mesh))
+    return tuple(vectors)
+
+
+def _project_group(
+    spec: ConvSpec,
+    kernels: list[jax.Array],
+    updates: list[jax.Array],
+    norms: list[Any],
+    *,
+    method: str,
+    num_rounds: int,
+    vectors: jax.Array | None = None,
+    after: jax.Array | None = None,
+    mesh: Mesh | None = None,
+    mesh_axis: str = "data",
+) -> tuple[list[jax.Array], jax.Array, jax.Array | None]:
+    """Projects ``kernels + updates`` of one group of same-shaped kernels with one vmap.
+
+    Args:
+      spec: the group's spec.
+      kernels: the group's params, same shape and dtype.
+      updates: their updates.
+      norms: their radii.
+      method: one of :data:`PROJECT_METHODS`.
+      num_rounds: as in :func:`project_conv_operator_norm`.
+      vectors: for ``'power'``, the group's ``(G, H, W, c_in)`` vectors; else ``None``.
+      after: ``None``, or a float32 scalar the projection is made to depend on (it serialises
+        the groups: XLA:CPU can deadlock on several independent batched LAPACK
+        eigendecompositions in one program).
+      mesh: as in :func:`project_conv_operator_norm`.
+      mesh_axis: as in :func:`project_conv_operator_norm`.
+
+    Returns:
+      ``(new_updates, gap, new_vectors)``: one update per kernel (the old update wherever the
+      projection kept the value, so that ``kernel + update`` is bit-identical to the unprojected
+      step there), the group's largest gap as a float32 scalar (``feasibility_gap``; for
+      ``'power'``, ``σ̂ - max_norm``), and the new vectors (``None`` unless ``'power'``).
+    """
+    old = jnp.stack(kernels)
+    upd = jnp.stack(updates)
+    norms = jnp.stack([jnp.asarray(n, old.dtype) for n in norms])
+    target = (old + upd).astype(old.dtype)  # As optax.apply_updates.
+    if after is not None:
+        target = target + (0 * after).astype(target.dtype)
+
+    def shard(x):  # Spread the group over the mesh axis (identity without a mesh).
+        return _shard_stack(x, mesh, mesh_axis)
+
+    def gather(x):  # Back to the group's size, replicated.
+        return _gather_stack(x, len(kernels), mesh)
+
+    if method == "power":
+
+        def clip(kernel, norm, vector):
+            return clip_operator_norm_power(kernel, spec, norm, vector, num_iterations=num_rounds)
+
+        result = jax.tree.map(gather, jax.vmap(clip)(*map(shard, (target, norms, vectors))))
+        gap, new_vectors = result.sigma - norms, result.vector
+    else:
+
+        def clip(kernel, norm):
+            return clip_operator_norm(kernel, spec, norm, method=method, num_rounds=num_rounds)
+
+        result = jax.tree.map(gather, jax.vmap(clip)(*map(shard, (target, norms))))
+        gap, new_vectors = result.feasibility_gap, None
+    kept = result.kernel == target
+    new_updates = [
+        jnp.where(kept[j], u, (result.kernel[j] - k).astype(u.dtype))
+        for j, (k, u) in enumerate(zip(kernels, updates))
+    ]
+    return new_updates, jnp.max(gap).astype(jnp.float32), new_vectors
+
+
+def _project_groups(
+    groups: dict, conv_params: dict, conv_updates: dict, vectors: tuple, **options
+) -> tuple[dict, jax.Array, tuple]:
+    """:func:`_project_group` on every group, chained (see ``after`` there).
+
+    Args:
+      groups: from :func:`_group_convs`.
+      conv_params: ``{leaf index: kernel}``.
+      conv_updates: ``{leaf index: update}``.
+      vectors: for ``'power'``, one array per group; ``()`` otherwise.
+      **options: ``method``, ``num_rounds``, ``mesh``, ``mesh_axis`` of :func:`_project_group`.
+
+    Returns:
+      ``(new_updates, gap, new_vectors)``: ``{leaf index: update}``, the largest gap (float32
+      scalar) and the tuple of new vectors (``()`` unless ``'power'``).
+    """
+    new_updates, gaps, new_vectors = dict(conv_updates), [], []
+    for g, ((_, _, spec), members) in enumerate(groups.items()):
+        idx = [i for i, _ in members]
+        updates, gap, vector = _project_group(
+            spec, [conv_params[i] for i in idx], [conv_updates[i] for i in idx],
+            [n for _, n in members], vectors=vectors[g] if vectors else None,
+            after=gaps[-1] if gaps else None, **options,
+        )
+        new_updates.update(zip(idx, updates))
+        gaps.append(gap)
+        if vector is not None:
+            new_vectors.append(vector)
+    return new_updates, jnp.max(jnp.stack(gaps)), tuple(new_vectors)
+
+
 def _projection(
     specs: Any,
     scalar_norm: Any,
@@ -326,73 +528,18 @@ def _projection(
     num_rounds: int,
 ) -> optax.GradientTransformation:
     """The transform of :func:`project_conv_operator_norm` for one method (arguments checked)."""
+    options = dict(method=method, num_rounds=num_rounds, mesh=mesh, mesh_axis=mesh_axis)
 
-    def conv_leaves(params) -> list[tuple[int, ConvSpec, Any]]:
-        """``(leaf index, spec, max_norm)`` for the conv leaves of ``params``; checks shapes."""
-        leaves = jax.tree.leaves(nnx.as_pure(params), is_leaf=discovery.is_leaf_or_hole)
-        aligned = discovery.align_with_params(params, specs, "specs")
-        if spec_norms is not None:
-            # Number the specs' leaves, then flatten the numbers like the params.
-            treedef = jax.tree.structure(nnx.as_pure(specs), is_leaf=_is_spec_or_none)
-            numbers = jax.tree.unflatten(treedef, list(range(treedef.num_leaves)))
-            aligned_numbers = discovery.align_with_params(params, numbers, "specs")
-        paths = discovery.leaf_paths(params)
-        out = []
-        for i, (leaf, spec) in enumerate(zip(leaves, aligned)):
-            if discovery.is_leaf_or_hole(leaf) or spec is None:
-                continue
-            if not isinstance(spec, ConvSpec):
-                raise ValueError(
-                    f"specs at params leaf {paths[i]} must be a ConvSpec or None; got {spec!r}"
-                )
-            shape = np.shape(leaf)
-            if len(shape) != 4:
-                raise ValueError(
-                    f"specs gives a ConvSpec for params leaf {paths[i]}, which is not a 4-D "
-                    f"HWIO kernel (shape {shape})"
-                )
-            try:
-                spec.validate(np.broadcast_to(np.zeros((), np.float32), shape))
-            except ValueError as e:
-                raise ValueError(f"params leaf {paths[i]} does not match its spec: {e}") from e
-            norm = scalar_norm if spec_norms is None else spec_norms[aligned_numbers[i]]
-            out.append((i, spec, norm))
-        return out
-
-    def group_convs(flat_params, convs) -> dict[tuple, list[tuple[int, Any]]]:
-        """Conv leaves grouped by ``(shape, dtype, spec)``, in order of first appearance."""
-        groups = collections.defaultdict(list)
-        for i, spec, norm in convs:
-            leaf = flat_params[i]
-            groups[(np.shape(leaf), jnp.result_type(leaf), spec)].append((i, norm))
-        return groups
+    def groups_of(params):
+        flat_params = jax.tree.leaves(params, is_leaf=discovery.is_leaf_or_hole)
+        convs = _conv_leaves(params, specs, scalar_norm, spec_norms)
+        return flat_params, convs, _group_convs(flat_params, convs)
 
     def init_fn(params):
-        convs = conv_leaves(params)
+        flat_params, _, groups = groups_of(params)
         vectors = ()
         if method == "power":
-            flat_params = jax.tree.leaves(params, is_leaf=discovery.is_leaf_or_hole)
-            vectors = []
-            groups = group_convs(flat_params, convs)
-            for g, ((shape, dtype, spec), members) in enumerate(groups.items()):
-                vshape = (len(members), *spec.input_shape, spec.channels(shape)[0])
-                start = jax.random.normal(
-                    jax.random.fold_in(jax.random.PRNGKey(0), g), vshape, dtype
-                )
-                kernels = jnp.stack([flat_params[i] for i, _ in members])
-                if vectors:  # Chained like the groups of update_fn (XLA:CPU LAPACK deadlock).
-                    start = start + 0 * jnp.sum(vectors[-1]).astype(dtype)
-
-                def warm(kernel, vector, spec=spec):
-                    return clip_operator_norm_power(
-                        kernel, spec, 1.0, vector, num_iterations=POWER_INIT_ITERATIONS
-                    ).vector
-
-                warmed = jax.vmap(warm)(
-                    *(_shard_stack(x, mesh, mesh_axis) for x in (kernels, start))
-                )
-                vectors.append(_gather_stack(warmed, len(members), mesh))
-            vectors = tuple(vectors)
+            vectors = _init_power_vectors(flat_params, groups, mesh, mesh_axis)
         return ProjectConvOperatorNormState(
             count=jnp.zeros([], jnp.int32),
             feasibility_gap=jnp.zeros([], jnp.float32),
@@ -405,82 +552,25 @@ def _projection(
                 "project_conv_operator_norm needs `params` (tx.update(updates, state, params)) "
                 "to project params + updates"
             )
-        convs = conv_leaves(params)
-        flat_params = jax.tree.leaves(params, is_leaf=discovery.is_leaf_or_hole)
-        flat_updates, updates_def = jax.tree.flatten(updates, is_leaf=discovery.is_leaf_or_hole)
-        if len(flat_updates) != len(flat_params):
-            raise ValueError(
-                f"updates ({updates_def}) must have the structure of params "
-                f"({jax.tree.structure(params, is_leaf=discovery.is_leaf_or_hole)})"
-            )
-        groups = group_convs(flat_params, convs)
+        flat_params, convs, groups = groups_of(params)
+        flat_updates, updates_def = _flatten_like(updates, params)
         if method == "power" and len(state.vectors) != len(groups):
             raise ValueError(
                 f"state.vectors holds {len(state.vectors)} groups but params have {len(groups)}"
                 " groups of same-shaped conv kernels: init the state with these params"
             )
-
-        def project(operands):
-            conv_params, conv_updates, vectors = operands
-            new_updates = dict(conv_updates)
-            gaps, new_vectors = [], []
-            for g, ((_, _, spec), members) in enumerate(groups.items()):
-                idx = [i for i, _ in members]
-                old = jnp.stack([conv_params[i] for i in idx])
-                upd = jnp.stack([conv_updates[i] for i in idx])
-                norms = jnp.stack([jnp.asarray(n, old.dtype) for _, n in members])
-                target = (old + upd).astype(old.dtype)  # As optax.apply_updates.
-                if gaps:
-                    # A data dependency on the previous group: XLA:CPU (jaxlib 0.10) can
-                    # deadlock when one program runs several independent batched LAPACK
-                    # eigendecompositions at once; chaining the groups serialises them.
-                    target = target + (0 * gaps[-1]).astype(target.dtype)
-
-                def shard(x):  # Spread the group over the mesh axis (identity without a mesh).
-                    return _shard_stack(x, mesh, mesh_axis)
-
-                def gather(x, idx=idx):  # Back to the group's size, replicated.
-                    return _gather_stack(x, len(idx), mesh)
-
-                if method == "power":
-
-                    def clip(kernel, norm, vector, spec=spec):
-                        return clip_operator_norm_power(
-                            kernel, spec, norm, vector, num_iterations=num_rounds
-                        )
-
-                    result = jax.vmap(clip)(*map(shard, (target, norms, vectors[g])))
-                    result = jax.tree.map(gather, result)
-                    new_vectors.append(result.vector)
-                    gap = result.sigma - norms
-                else:
-
-                    def clip(kernel, norm, spec=spec):
-                        return clip_operator_norm(
-                            kernel, spec, norm, method=method, num_rounds=num_rounds
-                        )
-
-                    result = jax.tree.map(gather, jax.vmap(clip)(*map(shard, (target, norms))))
-                    gap = result.feasibility_gap
-                # Where the projection kept a value, keep the update: params + updates is then
-                # bit-identical to the unprojected step (all of it for a kernel inside the ball).
-                kept = result.kernel == target
-                for j, i in enumerate(idx):
-                    u = conv_updates[i]
-                    new_updates[i] = jnp.where(
-                        kept[j], u, (result.kernel[j] - conv_params[i]).astype(u.dtype)
-                    )
-                gaps.append(jnp.max(gap).astype(jnp.float32))
-            return new_updates, jnp.max(jnp.stack(gaps)), tuple(new_vectors)
-
-        def skip(operands):
-            return operands[1], state.feasibility_gap, operands[2]
-
-        conv_params = {i: flat_params[i] for i, _, _ in convs}
-        conv_updates = {i: flat_updates[i] for i, _, _ in convs}
-        operands = (conv_params, conv_updates, tuple(state.vectors))
+        operands = (
+            {i: flat_params[i] for i, _, _ in convs},
+            {i: flat_updates[i] for i, _, _ in convs},
+            tuple(state.vectors),
+        )
         new_conv_updates, gap, vectors = every_k_steps_apply(
-            state.count, every_k_steps, project, skip, operands, active=bool(convs)
+            state.count,
+            every_k_steps,
+            lambda ops: _project_groups(groups, *ops, **options),
+            lambda ops: (ops[1], state.feasibility_gap, ops[2]),
+            operands,
+            active=bool(convs),
         )
         for i, value in new_conv_updates.items():
             flat_updates[i] = value
@@ -490,3 +580,15 @@ def _projection(
         return jax.tree.unflatten(updates_def, flat_updates), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _flatten_like(updates: Any, params: Any) -> tuple[list[Any], Any]:
+    """``jax.tree.flatten(updates)``, checked to have as many leaves as ``params``."""
+    flat_updates, updates_def = jax.tree.flatten(updates, is_leaf=discovery.is_leaf_or_hole)
+    num_params = len(jax.tree.leaves(params, is_leaf=discovery.is_leaf_or_hole))
+    if len(flat_updates) != num_params:
+        raise ValueError(
+            f"updates ({updates_def}) must have the structure of params "
+            f"({jax.tree.structure(params, is_leaf=discovery.is_leaf_or_hole)})"
+        )
+    return flat_updates, updates_def

@@ -2,6 +2,8 @@
 
 import importlib
 import pathlib
+import shutil
+import tempfile
 from unittest import mock
 
 import matplotlib
@@ -11,12 +13,42 @@ matplotlib.use("Agg")
 from absl.testing import absltest  # noqa: E402
 from absl.testing import parameterized  # noqa: E402
 
+from experiments import _report  # noqa: E402
 from experiments import sedghi_timing  # noqa: E402
 from tests.experiments import tables  # noqa: E402
+from train.config import TrainConfig  # noqa: E402
 
 experiments_main = importlib.import_module("experiments.__main__")
 
 
+
+
+class RunVariantsTest(absltest.TestCase):
+    """The variants × seeds skeleton, with a recording stand-in for training."""
+
+    def test_order_configs_and_temporary_root(self):
+        base = TrainConfig(width=4, num_steps=2)
+        calls, roots = [], set()
+
+        def run_one(config, root, seed):
+            calls.append((config.project_max_norm, config.seed, seed))
+            roots.add(root)
+            self.assertTrue(root.is_dir())
+            return 10 * seed
+
+        variants = [("baseline", {}), ("c=1", dict(project_max_norm=1.0))]
+        out = pathlib.Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, out, ignore_errors=True)
+        results = _report.run_variants("test", out, base, variants, (3, 5), run_one)
+        self.assertEqual(calls, [(None, 3, 3), (None, 5, 5), (1.0, 3, 3), (1.0, 5, 5)])
+        self.assertEqual(
+            results, [("baseline", {}, [30, 50]), ("c=1", dict(project_max_norm=1.0), [30, 50])]
+        )
+        (root,) = roots
+        self.assertFalse(root.exists())  # Temporary for quick/test presets.
+        self.assertFalse((out / "runs").exists())
+        self.assertEqual(_report.fmt_or_dash(None), "—")
+        self.assertEqual(_report.fmt_or_dash(1.234567), "1.235")
 
 
 class SedghiTimingTest(absltest.TestCase):

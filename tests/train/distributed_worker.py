@@ -13,11 +13,7 @@ import pathlib
 import sys
 import tempfile
 
-# A ResNet-8 (BatchNorm) of width 4 on 12x12 digits, no augmentation, logged every step.
-CONFIG_FIELDS = dict(
-    dataset="digits", model="resnet8", width=4, image_pad=2, augment=False, batch_size=32,
-    eval_batch_size=128, num_steps=6, lr=0.1, log_every=1, progress=False,
-)
+from tests.train.fixtures import RESNET8_DISTRIBUTED_FIELDS as CONFIG_FIELDS
 
 
 def _losses(result):

@@ -13,6 +13,7 @@ from absl.testing import absltest
 from flax import nnx
 
 import spectra
+from tests.train import fixtures
 from train import builders
 from train import checkpoint
 from train import discovery
@@ -31,19 +32,7 @@ avoid_cpu_lapack_deadlock()  # Effective when this file runs first in its proces
 
 # A small ResNet-8 (BatchNorm: the state has running statistics) on 12x12 digits. Every test
 # uses the same step-relevant fields, so the jitted steps compile once per test process.
-CONFIG = TrainConfig(
-    dataset="digits",
-    model="resnet8",
-    width=8,
-    image_pad=2,
-    batch_size=64,
-    eval_batch_size=128,
-    num_steps=12,
-    lr=0.1,
-    log_every=4,
-    sigma_every=6,
-    progress=False,
-)
+CONFIG = fixtures.RESNET8
 
 
 def _params(model):

@@ -10,6 +10,7 @@ import numpy as np
 from absl.testing import absltest
 from flax import nnx
 
+from tests.train import fixtures
 from train import loop
 from train import model_io
 from train.config import TrainConfig
@@ -22,12 +23,7 @@ avoid_cpu_lapack_deadlock()  # Effective when this file runs first in its proces
 
 # A tiny Garipov conv net with TT conv layers 2-3 on 16x16 digits (image_pad=4), as the TT
 # experiment builds them.
-NET = dict(variant="conv", channels=(4, 4, 8, 8, 8, 8), fc_features=(16, 8))
-TT = {"tt_conv": {2: ((2, 2), (2, 2), (4, 4, 1)), 3: ((2, 2), (2, 4), (4, 4, 1))}}
-CONFIG = TrainConfig(
-    dataset="digits", image_pad=4, model="garipov", model_kwargs={**NET, **TT}, batch_size=32,
-    eval_batch_size=512, num_steps=2, log_every=1, progress=False, lr=0.01,
-)
+NET, TT, CONFIG = fixtures.GARIPOV_NET, fixtures.GARIPOV_TT, fixtures.GARIPOV_TT_CONFIG
 
 
 def _leaves(model):

@@ -10,8 +10,8 @@ import numpy as np
 from absl.testing import absltest
 from flax import nnx
 
+from tests.train import fixtures
 from train import report
-from train.config import TrainConfig
 from train.models.onnx.model import parse_input_shape
 from train.report import __main__ as cli
 
@@ -92,19 +92,7 @@ class CliTest(absltest.TestCase):
         from train import train_and_evaluate
 
         root = _tmpdir(self)
-        config = TrainConfig(
-            dataset="digits",
-            model="resnet8",
-            width=2,
-            image_pad=2,
-            batch_size=32,
-            eval_batch_size=128,
-            num_steps=2,
-            lr=0.05,
-            log_every=1,
-            progress=False,
-        )
-        train_and_evaluate(config, root / "run")
+        train_and_evaluate(fixtures.RESNET8_TWO_STEPS, root / "run")
         self.assertEqual(
             cli.main(["--run", str(root / "run"), "--out", str(root / "rep"), "--num-points", "2"]),
             0,

@@ -12,6 +12,7 @@ import numpy as np
 from absl.testing import absltest
 from flax import nnx
 
+from tests.train import fixtures
 from train import batchnorm
 from train import builders
 from train import checkpoint
@@ -31,22 +32,7 @@ avoid_cpu_lapack_deadlock()  # Effective when this file runs first in its proces
 
 # A channel-decomposed SimpleCNN (no BatchNorm, cheap) on the 8x8 digits; stages 1 and 2 have
 # the same length so that they share one compilation.
-CONFIG = TrainConfig(
-    dataset="digits",
-    model="simple_cnn",
-    width=4,
-    batch_size=64,
-    eval_batch_size=512,
-    optimizer="adam",
-    lr=1e-2,
-    weight_decay=0.0,
-    schedule="constant",
-    log_every=3,
-    decomposition="channel",
-    orth_weight=1.0,
-    sparsity="hoyer",
-    progress=False,
-)
+CONFIG = fixtures.SVD_SIMPLE_CNN
 STAGE_STEPS = (6, 6, 3)
 ENERGIES = (0.05, 0.3)
 SPARSITY_WEIGHT = 0.1

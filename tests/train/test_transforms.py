@@ -22,6 +22,7 @@ import spectra
 import train
 from tests import xla_flags
 from tests.spectra import layers
+from train import transforms
 from train.transforms import CERTIFIED_METHODS
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -201,20 +202,28 @@ def hybrid_cases():
 class HybridTest(parameterized.TestCase):
     """``method='power', certify_every=k``: power every update, certified after every k-th."""
 
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        # The plain power transform, the reference of both parameterisations: compiled once.
+        cls.k, cls.max_norm = 3, 0.5
+        cases = hybrid_cases()
+        cls.specs = {name: spec for name, (_, spec) in cases.items()}
+        cls.params = {name: jnp.asarray(layers.random_kernel(kshape, seed=i))
+                      for i, (name, (kshape, _)) in enumerate(cases.items())}
+        power = train.project_conv_operator_norm(cls.max_norm, cls.specs, method="power")
+        cls.power_update = staticmethod(jax.jit(power.update))  # Not bound to the test.
+
     @parameterized.parameters(*CERTIFIED_METHODS)
     def test_certified_every_k_and_power_in_between(self, certify_method):
         chex.clear_trace_counter()  # Parameterised: the counters are per function name.
-        cases, k, max_norm = hybrid_cases(), 3, 0.5
-        specs = {name: spec for name, (_, spec) in cases.items()}
-        params = {name: jnp.asarray(layers.random_kernel(kshape, seed=i))
-                  for i, (name, (kshape, _)) in enumerate(cases.items())}
+        k, max_norm, specs, params = self.k, self.max_norm, self.specs, self.params
         hybrid = train.project_conv_operator_norm(
             max_norm, specs, method="power", certify_every=k, certify_method=certify_method
         )
-        power = train.project_conv_operator_norm(max_norm, specs, method="power")
         state = jax.jit(chex.assert_max_traces(hybrid.init, n=1))(params)
         update = jax.jit(chex.assert_max_traces(hybrid.update, n=1))
-        power_update = jax.jit(power.update)
+        power_update = self.power_update
         rng = np.random.default_rng(0)
         for t in range(2 * k):
             # Grow every kernel by 10% plus noise: each update leaves the ball.
@@ -517,6 +526,79 @@ class ErrorTest(parameterized.TestCase):
     def test_bad_options(self, kwargs, name):
         with self.assertRaisesRegex(ValueError, name):
             train.project_conv_operator_norm(1.0, {"w": SPECS["same"]}, **kwargs)
+
+
+class HelpersTest(parameterized.TestCase):
+    """The module-level pieces of the transform, one at a time."""
+
+    def test_check_projection_args(self):
+        self.assertEqual(transforms.check_projection_args(2.0), (2.0, None))
+        self.assertEqual(transforms.check_projection_args(), (None, None))
+        specs = {"w": SPECS["same"], "b": None}
+        self.assertEqual(
+            transforms.check_projection_args({"w": 0.5, "b": None}, specs), (None, [None, 0.5])
+        )
+        names = {"method": "project_method", "max_norm": "project_max_norm",
+                 "every_k_steps": "project_every"}
+        with self.assertRaisesRegex(ValueError, "^project_method="):
+            transforms.check_projection_args(method="svd", names=names)
+        with self.assertRaisesRegex(ValueError, "^project_max_norm="):
+            transforms.check_projection_args(-1.0, names=names)
+        with self.assertRaisesRegex(ValueError, "^project_every="):
+            transforms.check_projection_args(every_k_steps=0, names=names)
+        with self.assertRaisesRegex(ValueError, "^certify_every="):  # Not renamed.
+            transforms.check_projection_args(certify_every=0, names=names)
+
+    def test_conv_leaves_and_groups(self):
+        params, specs = make_params(), make_specs()
+        per_leaf = {name: (float(i + 1) if spec else None) for i, (name, spec) in
+                    enumerate(specs.items())}
+        _, spec_norms = transforms.check_projection_args(per_leaf, specs)
+        convs = transforms._conv_leaves(params, specs, None, spec_norms)
+        names = sorted(params)  # dict leaves are flattened in sorted key order
+        self.assertEqual([names[i] for i, _, _ in convs], sorted(SPECS))
+        for i, spec, norm in convs:
+            self.assertIs(spec, SPECS[names[i]])
+            self.assertEqual(norm, per_leaf[names[i]])
+        # Two equal kernels with one spec form one group; a third shape another.
+        params = {"a": jnp.ones((3, 3, 2, 2)), "b": jnp.zeros((3, 3, 2, 2)),
+                  "c": jnp.ones((1, 1, 2, 2))}
+        spec = SPECS["same"]
+        convs = transforms._conv_leaves(params, dict.fromkeys(params, spec))
+        groups = transforms._group_convs(jax.tree.leaves(params), convs)
+        self.assertEqual([[i for i, _ in m] for m in groups.values()], [[0, 1], [2]])
+        self.assertEqual(list(groups)[0], ((3, 3, 2, 2), jnp.result_type(params["a"]), spec))
+
+    @parameterized.parameters("certified", "rescale", "power")
+    def test_project_group(self, method):
+        spec = SPECS["same"]
+        rng = np.random.default_rng(1)
+        kernels = [jnp.asarray(rng.normal(size=(3, 3, 3, 2)), jnp.float32) for _ in range(2)]
+        kernels.append(0.01 * kernels[0])  # Inside the ball: its update is kept.
+        updates = [jnp.full((3, 3, 3, 2), 0.01, jnp.float32) for _ in kernels]
+        updates[2] = 0.001 * updates[2]
+        vectors = None
+        if method == "power":
+            flat = kernels
+            groups = transforms._group_convs(flat, [(i, spec, 1.0) for i in range(3)])
+            (vectors,) = transforms._init_power_vectors(flat, groups)
+            self.assertEqual(vectors.shape, (3, 8, 8, 3))
+        new, gap, new_vectors = transforms._project_group(
+            spec, kernels, updates, [1.0] * 3, method=method, num_rounds=50, vectors=vectors
+        )
+        self.assertEqual(gap.dtype, jnp.float32)
+        self.assertEqual(new_vectors is None, method != "power")
+        np.testing.assert_array_equal(new[2], updates[2])
+        for k, u in zip(kernels[:2], new[:2]):
+            slack = 1e-4 if method != "power" else 1e-2
+            self.assertLessEqual(exact_norm(k + u, spec), 1.0 + slack)
+        # One kernel at a time gives the same result as the stacked group.
+        for j in range(3):
+            one, _, _ = transforms._project_group(
+                spec, kernels[j:j + 1], updates[j:j + 1], [1.0], method=method, num_rounds=50,
+                vectors=None if vectors is None else vectors[j:j + 1],
+            )
+            np.testing.assert_allclose(one[0], new[j], rtol=1e-5, atol=1e-6)
 
 
 if __name__ == "__main__":

@@ -242,19 +242,10 @@ class SVDConv(_SVDFactors):
       along H only), then a ``1 x kw`` conv with ``V diag(sqrt|s|)`` (stride ``(1, s2)``,
       dilation ``(1, d2)``, padding along W only) (+ bias).
 
-    Both forwards equal ``nnx.Conv`` / ``lax.conv_general_dilated`` with the kernel
-    :meth:`to_dense` up to float rounding, for every padding: ``'SAME'`` (XLA's possibly
-    asymmetric pads, resolved from the input size at call time), ``'VALID'``, ``'CIRCULAR'`` and
-    ``'REFLECT'`` (``nnx.Conv``'s: pads ``((k_eff - 1) // 2, k_eff // 2)`` in ``mode='wrap'`` /
-    ``'reflect'``, then VALID) and explicit zero padding. Grouped convs are not supported.
-
-    Parameters (``nnx.Param``): ``svd_u`` ``(a, r)``, ``svd_s`` ``(r,)``, ``svd_v`` ``(b, r)`` and,
-    when ``use_bias``, ``bias`` ``(c_out,)`` (zeros). ``r(a + b + 1)`` (+ ``c_out``) scalars.
-
-    Initialisation (the paper's code: PyTorch ``kaiming_normal_`` on its ``(a, r)`` factor ``N``
-    and its ``(r, b)`` factor ``C = V^T``, whose fan-in is their number of columns, and
-    ``normal_`` on ``s``): ``svd_u ~ N(0, 2 / r)``, ``svd_v ~ N(0, 2 / b)``, ``svd_s ~ N(0, 1)``,
-    untruncated. :meth:`from_dense` starts from a given kernel instead.
+    Both forwards equal ``nnx.Conv`` with the kernel :meth:`to_dense` up to float rounding, for
+    every padding but grouped convs. Parameters (``nnx.Param``): ``svd_u`` ``(a, r)``,
+    ``svd_s`` ``(r,)``, ``svd_v`` ``(b, r)`` (+ ``bias``). Paddings and initialisation:
+    ``docs/svd_layers.md``.
 
     Args:
       in_features: ``c_in``.

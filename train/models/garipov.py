@@ -16,52 +16,8 @@ Layer 1 (``c_in -> 64``) is never tensorised in the paper; layers 2-6 may be rep
 a :class:`train.layers.naive_tt.NaiveTTConv` (importable from here too), and the hidden FC
 layers of ``'conv_fc'`` by a :class:`train.layers.tt.TTDense` (TT-matrix, Novikov et al. 2015).
 
-Parameter counts (``nnx.Param``: kernels, TT cores, BatchNorm scale and bias, the last FC's
-bias; BatchNorm statistics excluded), 3 input channels, 10 classes, 32x32 inputs, exact:
-
-=====================================  ============  ============================
-network                                 parameters    baseline / network
-=====================================  ============  ============================
-conv, ``head_pool='avg4'`` (baseline)      561,098    1
-conv + :data:`RELEASED_TT_CONV`            176,368    3.18
-conv, ``head_pool='global'``               557,258    1
-  + :data:`RELEASED_TT_CONV`               172,528    3.23
-conv_fc (baseline)                      13,934,538    1
-conv_fc + :data:`RELEASED_TT_CONV_TT_FC`   334,554    41.65
-=====================================  ============  ============================
-
-The conv_fc count fixes the sizes the notes leave implicit: 13,934,538 is reached exactly with
-8192 = 8x8x128 features into FC-1536 (so the two max-pools halve 32 -> 16 -> 8, ``'SAME'``),
-hidden FC layers without bias but with BatchNorm, and a biased FC-10; 334,554 then follows for
-the released TT-conv-TT-fc config, ratio 41.65, the poster's row. For the conv-only network the
-notes' reading of the code (average pool 4/4 -> 2x2x128) gives 561,098 parameters and 3.18 for
-the released TT-conv config, while the poster's "~557k" and its 3.23 row are reproduced exactly
-by a global average pool (128 features): 557,258 and 557,258 / 172,528 = 3.2300. We keep the
-notes' ``'avg4'`` as the default and offer ``'global'``; which one the poster's runs used is not
-known [NR].
-
-"TT-conv (naive)" (the poster's baseline): our reading is a TT decomposition of the 4-D kernel
-tensor itself with the modes ``(kh, kw, c_in, c_out)`` in that order (4 cores, inner ranks
-``(r1, r2, r3)``), the forward pass being a conv with the reconstructed kernel; the poster says
-that with 1x1 filters the naive format collapses to an ordinary low-rank matrix factorisation,
-which this reading satisfies (``kh = kw = 1``: ``W = G3 G4``).
-
-:func:`decompose_tt` turns a trained dense network into a TT one by TT-SVD of its layers (the
-"decompose, then fine-tune" protocol); :func:`compression_ratio` is the poster's compression.
-
-Input size: the flatten size is computed from ``input_shape``, so the network also builds for
-small inputs (the 8x8 digits padded to 16x16: 16 -> 8 -> 4, then ``'avg4'`` -> 1x1, or
-``'global'`` for any size).
-
-Initialisation: dense conv kernels ``N(0, 2 / fan_in)`` (He), BatchNorm scale 1 / bias 0,
-dense FC layers Flax's default (LeCun normal), TT layers as their classes document (Garipov
-et al. used Xavier-normal cores). BatchNorm ``momentum=0.9``, ``epsilon=1e-5``, as the ResNets
-of :mod:`train.models.resnet`; call ``model.eval()`` for inference.
-
-Spectra: :func:`train.find_convs_nnx` describes the dense convs (their kernel is a parameter).
-A TT or naive-TT layer has no kernel parameter: its operator is ``layer.kernel()`` applied as a
-``'SAME'`` conv on the input size given by :meth:`GaripovNet.conv_specs`, whose
-:class:`spectra.ConvSpec` goes to :func:`spectra.spectral_norm` with that kernel.
+Parameter counts (and how they fix the sizes the notes leave implicit), the naive TT-conv
+reading, input sizes, initialisation and spectra: ``docs/garipov.md``.
 
 Reference: T. Garipov, D. Podoprikhin, A. Novikov, D. Vetrov, "Ultimate tensorization:
 compressing convolutional and FC layers alike", NIPS 2016 workshop, arXiv 1611.03214.
