@@ -134,10 +134,6 @@ def certified_upper_bound(kernel: Any, spec: spectra.ConvSpec) -> float:
         return float(spectra.spectral_norm(jnp.asarray(kernel, jnp.float64), cspec, "fft"))
 
 
-def _is_spec_or_none(x) -> bool:
-    return x is None or isinstance(x, spectra.ConvSpec)
-
-
 def _project(params: Any, tx: optax.GradientTransformation) -> Any:
     """``params`` after one update of ``tx`` (a projection) with zero updates."""
     zeros = jax.tree.map(jnp.zeros_like, params)
@@ -210,7 +206,9 @@ def certify_conv_operator_norm(
     tx = project_conv_operator_norm(max_norm, specs, method=method, num_rounds=0)  # Checks.
     if np.ndim(max_norm) == 0 and not isinstance(max_norm, (dict, list, tuple)):
         # A scalar radius: one compiled projection per (specs, method), reused across calls.
-        spec_leaves, spec_def = jax.tree.flatten(nnx.as_pure(specs), is_leaf=_is_spec_or_none)
+        spec_leaves, spec_def = jax.tree.flatten(
+            nnx.as_pure(specs), is_leaf=discovery.is_spec_or_none
+        )
         project = _scalar_projection(spec_def, tuple(spec_leaves), method)
         new_params = project(params, jnp.asarray(max_norm, jnp.float32))
     else:

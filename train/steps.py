@@ -36,7 +36,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-from spectra import ConvSpec
 from train import discovery
 from train import distributed
 from train.batches import unpack_batch
@@ -177,10 +176,6 @@ def split_model(model: nnx.Module, example_input: Any) -> tuple[Any, ...]:
     return specs, graphdef_train, graphdef_eval, nnx.as_pure(params), nnx.as_pure(rest)
 
 
-def _is_spec_or_none(x) -> bool:
-    return x is None or isinstance(x, ConvSpec)
-
-
 def make_steps(
     graphdef_train: nnx.GraphDef,
     graphdef_eval: nnx.GraphDef,
@@ -221,7 +216,7 @@ def make_steps(
     learning rate share one compilation. The functions see only :func:`step_program`
     ``(config)``.
     """
-    spec_leaves, spec_def = jax.tree.flatten(nnx.as_pure(specs), is_leaf=_is_spec_or_none)
+    spec_leaves, spec_def = jax.tree.flatten(nnx.as_pure(specs), is_leaf=discovery.is_spec_or_none)
     fsdp = bool(config.fsdp) if mesh is not None else False
     return _build_steps(
         graphdef_train, graphdef_eval, spec_def, tuple(spec_leaves), step_program(config), mesh,

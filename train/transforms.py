@@ -59,8 +59,7 @@ class ProjectConvOperatorNormState(NamedTuple):
     vectors: tuple = ()
 
 
-def _is_spec_or_none(x) -> bool:
-    return x is None or isinstance(x, ConvSpec)
+_is_spec_or_none = discovery.is_spec_or_none
 
 
 def _check_specs(specs: Any) -> None:
@@ -268,22 +267,7 @@ def project_conv_operator_norm(
     References:
       H. Sedghi, V. Gupta, P. M. Long. The Singular Values of Convolutional Layers. ICLR 2019.
     """
-    if not isinstance(every_k_steps, (int, np.integer)) or every_k_steps < 1:
-        raise ValueError(f"every_k_steps={every_k_steps!r} must be a positive int")
-    if method not in PROJECT_METHODS:
-        raise ValueError(f"method={method!r} is unknown; expected one of {PROJECT_METHODS}")
-    if not isinstance(num_rounds, (int, np.integer)) or num_rounds < 0:
-        raise ValueError(f"num_rounds={num_rounds!r} must be a non-negative int")
-    if certify_every is not None and (
-        isinstance(certify_every, bool)
-        or not isinstance(certify_every, (int, np.integer))
-        or certify_every < 1
-    ):
-        raise ValueError(f"certify_every={certify_every!r} must be None or a positive int")
-    if certify_method not in CERTIFIED_METHODS:
-        raise ValueError(
-            f"certify_method={certify_method!r} is unknown; expected one of {CERTIFIED_METHODS}"
-        )
+    check_projection_options(every_k_steps, method, num_rounds, certify_every, certify_method)
     if mesh is not None:
         if not isinstance(mesh, Mesh):
             raise ValueError(f"mesh must be a jax.sharding.Mesh or None; got {mesh!r}")
@@ -302,6 +286,58 @@ def project_conv_operator_norm(
     return optax.chain(
         cheap, optax.conditionally_transform(certify, lambda step: (step + 1) % k == 0)
     )
+
+
+
+def check_projection_options(
+    every_k_steps: Any,
+    method: Any,
+    num_rounds: Any,
+    certify_every: Any,
+    certify_method: Any,
+    names: dict[str, str] | None = None,
+) -> None:
+    """Checks the schedule and method options of :func:`project_conv_operator_norm` (the one
+    check of them, also used by ``train.config.ProjectionConfig``).
+
+    Args:
+      every_k_steps: a positive int.
+      method: one of :data:`PROJECT_METHODS`.
+      num_rounds: a non-negative int.
+      certify_every: ``None`` or a positive int (not a bool).
+      certify_method: one of :data:`CERTIFIED_METHODS`.
+      names: the name each argument has in the error messages (default: its own name), e.g.
+        ``{'every_k_steps': 'project.every'}``.
+
+    Raises:
+      ValueError: naming the first invalid argument and what was expected.
+    """
+    names = names or {}
+
+    def name(arg: str) -> str:
+        return names.get(arg, arg)
+
+    if not isinstance(every_k_steps, (int, np.integer)) or every_k_steps < 1:
+        raise ValueError(f"{name('every_k_steps')}={every_k_steps!r} must be a positive int")
+    if method not in PROJECT_METHODS:
+        raise ValueError(
+            f"{name('method')}={method!r} is unknown; expected one of {PROJECT_METHODS}"
+        )
+    if not isinstance(num_rounds, (int, np.integer)) or num_rounds < 0:
+        raise ValueError(f"{name('num_rounds')}={num_rounds!r} must be a non-negative int")
+    if certify_every is not None and (
+        isinstance(certify_every, bool)
+        or not isinstance(certify_every, (int, np.integer))
+        or certify_every < 1
+    ):
+        raise ValueError(
+            f"{name('certify_every')}={certify_every!r} must be None or a positive int"
+        )
+    if certify_method not in CERTIFIED_METHODS:
+        raise ValueError(
+            f"{name('certify_method')}={certify_method!r} is unknown; expected one of "
+            f"{CERTIFIED_METHODS}"
+        )
 
 
 
