@@ -164,7 +164,7 @@ def _pipeline_record(
     recalibration_batches: int | None = None,
 ) -> dict[str, Any]:
     fields = {
-        k: v for k, v in config.to_dict().items() if k not in checkpoint.RESUMABLE_CHANGES
+        k: v for k, v in config.to_flat_dict().items() if k not in checkpoint.RESUMABLE_CHANGES
     }
     return {
         "config": fields,
@@ -185,7 +185,7 @@ def _check_or_write_record(
             if saved.get(key) != record[key]:
                 diffs.append(f"{key}: saved {saved.get(key)!r}, given {record[key]!r}")
         saved_config = TrainConfig.from_json(
-            json.dumps({**config.to_dict(), **saved.get("config", {})})
+            json.dumps({**config.to_flat_dict(), **saved.get("config", {})})
         )
         diffs += checkpoint.config_differences(saved_config, config, prefix="config.")
         if diffs:
