@@ -154,7 +154,7 @@ def from_storable(restored: Any, template: Any) -> Any:
 
 def checkpoint_manager(run_dir: str | pathlib.Path, config: TrainConfig):
     """The ``orbax.checkpoint.CheckpointManager`` of ``run_dir/checkpoints`` (created if
-    missing; keeps ``config.max_to_keep`` steps). Close it after use."""
+    missing; keeps ``config.checkpoint.max_to_keep`` steps). Close it after use."""
     import orbax.checkpoint as ocp
 
     options = ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.max_to_keep, create=True)

@@ -542,7 +542,11 @@ class TrainConfig:
             section, name = FLAT_NAMES[flat]
             changes.setdefault(section, {})[name] = value
         for section, fields in changes.items():
-            sections[section] = dataclasses.replace(sections[section], **fields)
+            try:
+                sections[section] = dataclasses.replace(sections[section], **fields)
+            except ValueError as e:
+                given = [flat for flat in kwargs if FLAT_NAMES[flat][0] == section]
+                raise ValueError(f"{e} (given by the flat names {given})") from e
         for name, value in {**sections, **top}.items():
             object.__setattr__(self, name, value)
         _check_int("", "num_steps", self.num_steps, 1)

@@ -18,9 +18,9 @@ data order and augmentation of :class:`train.data.Pipeline` are functions of
 ``(seed, epoch, batch)``, so the saved position restores them and a resumed run continues
 bit-identically.
 
-Certified checkpoints and final model (when ``config.project_max_norm`` is set): every
+Certified checkpoints and final model (when ``config.project.max_norm`` is set): every
 checkpoint, and the final parameters, are certified by :func:`train.certify.certify_train_state`
-(:func:`train.certify.certify_conv_operator_norm`, ``config.project_certify_method``): every
+(:func:`train.certify.certify_conv_operator_norm`, ``config.project.certify_method``): every
 conv layer's exact σ_max is ``<= project_max_norm`` up to its relative tolerance (``1e-4``),
 whatever ``project_method`` (e.g. the approximate ``'power'``). The checkpoint's ``meta`` holds
 the report (:meth:`train.certify.CertificationReport.as_metadata`: ``"certified": true``,
@@ -31,7 +31,7 @@ resumed run continues from) keeps the training parameters, and when the certific
 them (``report.any_changed``) the certified model is saved beside it as the item
 :data:`train.checkpoint.CERTIFIED_ITEM` (``"certified_params_separate": true``): the certified
 parameters and, for a model with BatchNorm, running statistics re-estimated for them on
-``config.project_certify_recalibration_batches`` training batches (forward passes, no parameter
+``config.project.certify_recalibration_batches`` training batches (forward passes, no parameter
 change; ``"certified_batch_stats_recalibrated": true``). A rescaled kernel scales the input of
 the BatchNorm after it, so the training statistics no longer match it: evaluated with them, the
 certified ResNet-8 of ``experiments/sedghi_training.py`` had 12.8% test error instead of 2.4%
@@ -45,8 +45,8 @@ would make the trajectory depend on where checkpoints were written). The model t
 already certified (``"certified_params_separate": false`` when nothing had to change).
 
 Devices: the loop is data-parallel over the mesh of :mod:`train.distributed` (every device by
-default, ``config.num_devices`` to choose; several hosts with ``jax.distributed``): the global
-batch is split over the devices, the state replicated (or FSDP-sharded), the run folder's
+default, ``config.distributed.num_devices`` to choose; several hosts with ``jax.distributed``):
+the global batch is split over the devices, the state replicated (or FSDP-sharded), the run folder's
 ``mesh.json`` records the mesh, and process 0 alone writes ``config.json`` and the metrics.
 
 Example::
@@ -152,7 +152,7 @@ def _meta(step: int, steps_per_epoch: int, config: TrainConfig) -> dict[str, Any
 
 
 def _progress_bar(config: TrainConfig, initial: int, total: int):
-    if not config.progress:
+    if not config.log.progress:
         return None
     from tqdm.auto import tqdm
 
@@ -216,9 +216,9 @@ def train_and_evaluate(
     distributed.initialize(config)
     _check_run_dir(run_dir, config, resume, until_step)
     distributed.barrier("train_and_evaluate: run folder checked")  # Before any process writes.
-    mesh = distributed.make_mesh(config.num_devices)
+    mesh = distributed.make_mesh(config.distributed.num_devices)
     distributed.check_batch_sizes(
-        mesh, batch_size=config.batch_size, eval_batch_size=config.eval_batch_size
+        mesh, batch_size=config.data.batch_size, eval_batch_size=config.data.eval_batch_size
     )
     stop = config.num_steps if until_step is None else until_step
     model, train_data, test_data, example = _data_and_model(config, model, train_data, test_data)
@@ -235,7 +235,7 @@ def train_and_evaluate(
                        dense=dense)
     state = distributed.place_state(
         init_train_state(config, specs, params, rest, folds=folds, dense=dense), mesh,
-        config.fsdp,
+        config.distributed.fsdp,
     )
 
     main = distributed.is_main_process()
@@ -257,7 +257,7 @@ def train_and_evaluate(
     if main:  # On resume: the config that continues the run (e.g. a new num_steps).
         (run_dir / checkpoint.CONFIG_FILE).write_text(user_config.to_json())
     if main:
-        distributed.record_mesh(run_dir, mesh, config.fsdp, int(state.step))
+        distributed.record_mesh(run_dir, mesh, config.distributed.fsdp, int(state.step))
 
     columns, svd_cols, sigma_cols = metrics.columns(svd_terms_on(config), layers)
     writer = None
@@ -282,7 +282,7 @@ def train_and_evaluate(
     test = out["test"] if out["step"] == config.num_steps else None
     nnx.update(model, out["params"], out["rest"])
     lipschitz = None
-    if config.lipschitz_target is not None and out["step"] == config.num_steps:
+    if config.project.lipschitz_target is not None and out["step"] == config.num_steps:
         lipschitz = lipschitz_target.certify_run_target(config, model, example, run_dir, main)
     return {
         "run_dir": str(run_dir),
@@ -315,7 +315,7 @@ def _train(
         if step not in certified_at:
             certified_at.clear()
             certify = (bn_aware.certify_folded_train_state
-                       if any(folded) and config.project_max_norm is not None
+                       if any(folded) and config.project.max_norm is not None
                        else certify_train_state)
             certified_at[step] = certify(config, specs, state, mesh, recalibrate, *folded)
         return certified_at[step]
@@ -352,9 +352,9 @@ def _train(
             jax.block_until_ready(state.step)
             compile_s = time.perf_counter() - t_last
             t_last, steps_since = time.perf_counter(), 0
-        if config.sigma_every and step % config.sigma_every == 0:
+        if config.log.sigma_every and step % config.log.sigma_every == 0:
             rows.at(step)["_sigmas"] = steps.sigmas(state.params)  # Read at the next flush.
-        if step % config.log_every == 0 or step == config.num_steps:
+        if step % config.log.every == 0 or step == config.num_steps:
             now = time.perf_counter()
             step_time = (now - t_last) / steps_since if steps_since else math.nan
             if steps_since:
@@ -367,15 +367,15 @@ def _train(
         final = step == config.num_steps
         # The final evaluation and σ_max are those of the final (certified) parameters.
         params, rest = certified(step)[:2] if final else (state.params, state.rest)
-        if (config.eval_every and step % config.eval_every == 0) or final:
+        if (config.log.eval_every and step % config.log.eval_every == 0) or final:
             test = evaluate(steps, params, rest, test_data, mesh)
             rows.at(step).update(test_loss=test["loss"], test_accuracy=test["accuracy"])
         if final:
             final_sigmas = metrics.sigma_dict(layers, steps.sigmas(params))
             rows.at(step).update({f"sigma/{name}": v for name, v in final_sigmas.items()})
-        if step % config.log_every == 0 or step == stop:
+        if step % config.log.every == 0 or step == stop:
             rows.flush()
-        if config.checkpoint_every and step % config.checkpoint_every == 0:
+        if config.checkpoint.every and step % config.checkpoint.every == 0:
             rows.flush()
             save(step)
     rows.flush()

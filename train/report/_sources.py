@@ -46,7 +46,7 @@ def report_run(run_dir, data=None, **kwargs):
     from train.report._api import network_report_nnx
 
     model, config, _ = restore_model(run_dir)
-    h, w, c = train_data.dataset_info(config.dataset).image_shape
-    pad = getattr(config, "image_pad", 0)
+    h, w, c = train_data.dataset_info(config.data.dataset).image_shape
+    pad = config.data.image_pad
     x = np.zeros((1, h + 2 * pad, w + 2 * pad, c), np.float32)
     return network_report_nnx(model, x, data=data, **kwargs)
