@@ -690,8 +690,11 @@ def apply_overrides(config: TrainConfig, overrides: Sequence[str]) -> TrainConfi
     except (flags.Error, KeyError, TypeError) as e:
         raise ValueError(f"overrides {list(overrides)!r}: {e}") from e
     parsed = flag_values.config
-    changes = {name: getattr(parsed, name) for name in types}
-    changes.update({name: None for name in to_none})
+    values = {name: getattr(parsed, name) for name in types}
+    values.update({name: None for name in to_none})
+    changes: dict[str, Any] = {name: values[name] for name in TOP_LEVEL}
+    for flat, (section, name) in FLAT_NAMES.items():
+        changes.setdefault(section, {})[name] = values[flat]
     try:
         return dataclasses.replace(config, **changes)
     except ValueError as e:
