@@ -16,6 +16,9 @@ one alias table :data:`FLAT_NAMES`. Flat names work everywhere the old config di
 Overrides (``key=value`` or ``--config.key=value``) are parsed and type-checked by
 ``ml_collections.config_flags`` against the field types (:func:`apply_overrides`), then
 validated by the sections.
+
+Length: nine small section dataclasses whose attribute docs are the reference of every training
+option, the alias table, JSON and overrides; splitting them would scatter one concept.
 """
 
 
