@@ -843,7 +843,7 @@ def certify_folded_train_state(
     """:func:`train.certify.certify_train_state` for a BatchNorm-aware run.
 
     1. Convs without fold: :func:`train.certify.certify_conv_operator_norm`
-       (``config.project_certify_method``); if it changed a kernel, the running statistics are
+       (``config.project.certify_method``); if it changed a kernel, the running statistics are
        re-estimated (``recalibrate``).
     2. Up to :data:`BN_CERTIFY_ROUNDS` rounds of :func:`certify_folded` with the current
        statistics, each followed, when it rescaled something, by a re-estimation of the
@@ -867,15 +867,15 @@ def certify_folded_train_state(
     from train import distributed
     from train.certify import certify_conv_operator_norm
 
-    c = config.project_max_norm
+    c = config.project.max_norm
     params = distributed.host_values(state.params)
     params, rep_u = certify_conv_operator_norm(
-        params, unfolded_specs(specs, folds), c, method=config.project_certify_method
+        params, unfolded_specs(specs, folds), c, method=config.project.certify_method
     )
     rest = state.rest
     recalibrated = False
     if rep_u.any_changed:
-        new_rest = recalibrate(distributed.place_state(params, mesh, config.fsdp), rest)
+        new_rest = recalibrate(distributed.place_state(params, mesh, config.distributed.fsdp), rest)
         recalibrated = new_rest is not rest
         rest = new_rest
     rounds, match, any_folded, ratio = 0, True, False, 0.0
@@ -889,7 +889,7 @@ def certify_folded_train_state(
         if rounds == BN_CERTIFY_ROUNDS:
             match = False
             break
-        new_rest = recalibrate(distributed.place_state(params, mesh, config.fsdp), rest)
+        new_rest = recalibrate(distributed.place_state(params, mesh, config.distributed.fsdp), rest)
         if new_rest is rest:  # No re-estimation (no batches): certified for these statistics.
             match = False
             break
@@ -906,7 +906,7 @@ def certify_folded_train_state(
     }
     if not changed:
         return state.params, state.rest, None, meta
-    params = distributed.place_state(params, mesh, config.fsdp)
+    params = distributed.place_state(params, mesh, config.distributed.fsdp)
     meta["certified_batch_stats_recalibrated"] = recalibrated
     return params, rest, {"params": params, "rest": rest}, meta
 
@@ -931,15 +931,15 @@ def resolve_config(config: Any, model: nnx.Module, example: Any, specs: Any):
     is not BatchNorm-aware)."""
     from train.conv_norms import conv_layers
 
-    if not config.project_bn_aware and config.lipschitz_target is None:
+    if not config.project.bn_aware and config.project.lipschitz_target is None:
         return config, (), ()
     folds, dense = _analyse(model, (example,), {})
-    if config.lipschitz_target is None:
+    if config.project.lipschitz_target is None:
         dense = ()
-    if config.project_max_norm is None:
+    if config.project.max_norm is None:
         n = len(conv_layers(specs)) + len(dense)
         config = dataclasses.replace(
-            config, project_max_norm=radius_for_target(config.lipschitz_target, n)
+            config, project_max_norm=radius_for_target(config.project.lipschitz_target, n)
         )
     return config, folds, dense
 

@@ -11,26 +11,29 @@ from train.config import TrainConfig
 def build_data(
     config: TrainConfig, *, process_index: int = 0, process_count: int = 1
 ) -> tuple[data.Pipeline, data.Pipeline, datasets.DatasetInfo]:
-    """``(train pipeline, test pipeline, info)`` for ``config.dataset`` (:mod:`train.data`).
+    """``(train pipeline, test pipeline, info)`` for ``config.data.dataset`` (:mod:`train.data`).
 
     Training: shuffled per epoch with ``config.seed``, normalised with the dataset's train
-    statistics, full batches only; with ``config.augment``, random crops with 1 pixel of zero
+    statistics, full batches only; with ``config.data.augment``, random crops with 1 pixel of zero
     padding for inputs of at most 16 px (digits) and 4 otherwise (CIFAR), and horizontal flips
     except for digits. Test: the same normalisation, no augmentation, the last batch padded and
-    masked (every example counts once). ``info`` is ``train.datasets.dataset_info(config.dataset)``.
+    masked (every example counts once). ``info`` is
+    ``train.datasets.dataset_info(config.data.dataset)``.
 
     Args:
       config: the run's configuration.
       process_index: this process's index in a multi-host run (its disjoint shard of every
         batch, see :class:`train.data.Pipeline`).
-      process_count: the number of processes; ``config.batch_size`` and
-        ``config.eval_batch_size`` are global (split over the processes).
+      process_count: the number of processes; ``config.data.batch_size`` and
+        ``config.data.eval_batch_size`` are global (split over the processes).
     """
-    info = datasets.dataset_info(config.dataset)
-    x_train, y_train = datasets.load_split(config.dataset, "train", data_dir=config.data_dir)
-    x_test, y_test = datasets.load_split(config.dataset, "test", data_dir=config.data_dir)
-    if config.image_pad:
-        pad = ((0, 0), (config.image_pad,) * 2, (config.image_pad,) * 2, (0, 0))
+    info = datasets.dataset_info(config.data.dataset)
+    x_train, y_train = datasets.load_split(
+        config.data.dataset, "train", data_dir=config.data.data_dir
+    )
+    x_test, y_test = datasets.load_split(config.data.dataset, "test", data_dir=config.data.data_dir)
+    if config.data.image_pad:
+        pad = ((0, 0), (config.data.image_pad,) * 2, (config.data.image_pad,) * 2, (0, 0))
         x_train, x_test = np.pad(x_train, pad), np.pad(x_test, pad)
     small = info.image_shape[0] <= 16
     for name in ("batch_size", "eval_batch_size"):
@@ -45,27 +48,27 @@ def build_data(
     train = data.Pipeline(
         x_train,
         y_train,
-        config.batch_size // process_count,
+        config.data.batch_size // process_count,
         shuffle=True,
         seed=config.seed,
-        crop_pad=(1 if small else 4) if config.augment else 0,
-        flip=config.augment and config.dataset != "digits",
+        crop_pad=(1 if small else 4) if config.data.augment else 0,
+        flip=config.data.augment and config.data.dataset != "digits",
         mean=info.mean,
         std=info.std,
         drop_remainder=True,
         **shard,
     )
     test = data.Pipeline(
-        x_test, y_test, config.eval_batch_size // process_count, mean=info.mean, std=info.std,
+        x_test, y_test, config.data.eval_batch_size // process_count, mean=info.mean, std=info.std,
         drop_remainder=False, **shard,
     )
     return train, test, info
 
 
 def input_shape(config: TrainConfig) -> tuple[int, int, int]:
-    """``(H, W, C)`` of the model's input: the dataset's images with ``config.image_pad``."""
-    h, w, c = datasets.dataset_info(config.dataset).image_shape
-    return h + 2 * config.image_pad, w + 2 * config.image_pad, c
+    """``(H, W, C)`` of the model's input: the dataset's images with ``config.data.image_pad``."""
+    h, w, c = datasets.dataset_info(config.data.dataset).image_shape
+    return h + 2 * config.data.image_pad, w + 2 * config.data.image_pad, c
 
 
 def example_input(config: TrainConfig) -> np.ndarray:
@@ -74,6 +77,6 @@ def example_input(config: TrainConfig) -> np.ndarray:
 
 
 def num_classes(config: TrainConfig) -> int:
-    """The number of labels of ``config.dataset``."""
-    return datasets.dataset_info(config.dataset).num_classes
+    """The number of labels of ``config.data.dataset``."""
+    return datasets.dataset_info(config.data.dataset).num_classes
 

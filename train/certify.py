@@ -134,10 +134,6 @@ def certified_upper_bound(kernel: Any, spec: spectra.ConvSpec) -> float:
         return float(spectra.spectral_norm(jnp.asarray(kernel, jnp.float64), cspec, "fft"))
 
 
-def _is_spec_or_none(x) -> bool:
-    return x is None or isinstance(x, spectra.ConvSpec)
-
-
 def _project(params: Any, tx: optax.GradientTransformation) -> Any:
     """``params`` after one update of ``tx`` (a projection) with zero updates."""
     zeros = jax.tree.map(jnp.zeros_like, params)
@@ -210,7 +206,9 @@ def certify_conv_operator_norm(
     tx = project_conv_operator_norm(max_norm, specs, method=method, num_rounds=0)  # Checks.
     if np.ndim(max_norm) == 0 and not isinstance(max_norm, (dict, list, tuple)):
         # A scalar radius: one compiled projection per (specs, method), reused across calls.
-        spec_leaves, spec_def = jax.tree.flatten(nnx.as_pure(specs), is_leaf=_is_spec_or_none)
+        spec_leaves, spec_def = jax.tree.flatten(
+            nnx.as_pure(specs), is_leaf=discovery.is_spec_or_none
+        )
         project = _scalar_projection(spec_def, tuple(spec_leaves), method)
         new_params = project(params, jnp.asarray(max_norm, jnp.float32))
     else:
@@ -254,8 +252,8 @@ def certify_train_state(
 ) -> tuple[Any, Any, Any, dict[str, Any]]:
     """The model a checkpoint of the loop saves, evaluates and returns, and its certification.
 
-    With ``config.project_max_norm`` set, :func:`certify_conv_operator_norm` (method
-    ``config.project_certify_method``) runs on the host values of ``state.params``; when it
+    With ``config.project.max_norm`` set, :func:`certify_conv_operator_norm` (method
+    ``config.project.certify_method``) runs on the host values of ``state.params``; when it
     changed a kernel, the certified params are placed on ``mesh`` and the rest of the model
     (BatchNorm statistics) is re-estimated for them by ``recalibrate(params, state.rest)``
     (see :func:`batch_stats_recalibrator`). ``state`` itself is never changed (the training
@@ -273,14 +271,14 @@ def certify_train_state(
         :func:`train.bn_aware.certify_folded_train_state`, which the loop calls instead.
 
     Returns:
-      ``(params, rest, separate, meta)``: the model (certified when ``config.project_max_norm``
+      ``(params, rest, separate, meta)``: the model (certified when ``config.project.max_norm``
       is set; else ``state``'s own), what to save beside the state (``{'params', 'rest'}``;
       ``None`` when it is the state's own model) and the certification's checkpoint metadata
       (:meth:`CertificationReport.as_metadata` plus ``"certified_params_separate"`` and, when
       separate, ``"certified_batch_stats_recalibrated"``; ``{"certified": False}`` without the
       projection).
     """
-    if config.project_max_norm is None:
+    if config.project.max_norm is None:
         return state.params, state.rest, None, {"certified": False}
     if folds or dense:
         raise ValueError(
@@ -288,13 +286,13 @@ def certify_train_state(
             "train.bn_aware.certify_folded_train_state (the loop dispatches there)"
         )
     params, report = certify_conv_operator_norm(
-        distributed.host_values(state.params), specs, config.project_max_norm,
-        method=config.project_certify_method,
+        distributed.host_values(state.params), specs, config.project.max_norm,
+        method=config.project.certify_method,
     )
     meta = {**report.as_metadata(), "certified_params_separate": report.any_changed}
     if not report.any_changed:
         return state.params, state.rest, None, meta
-    params = distributed.place_state(params, mesh, config.fsdp)
+    params = distributed.place_state(params, mesh, config.distributed.fsdp)
     rest = recalibrate(params, state.rest)
     meta["certified_batch_stats_recalibrated"] = rest is not state.rest
     return params, rest, {"params": params, "rest": rest}, meta
@@ -307,7 +305,7 @@ def batch_stats_recalibrator(
 
     The returned function merges ``(params, rest)`` into the training-mode model
     ``graphdef_train`` and re-estimates its BatchNorm running statistics on
-    ``config.project_certify_recalibration_batches`` batches of ``train_data``
+    ``config.project.certify_recalibration_batches`` batches of ``train_data``
     (:func:`train.recalibrate_batch_stats`: forward passes, no parameter change); it returns
     ``rest`` itself (the same object) when that count is 0 or the model has no BatchNorm.
 
@@ -323,15 +321,15 @@ def batch_stats_recalibrator(
     """
 
     def recalibrate(params: Any, rest: Any) -> Any:
-        if config.project_certify_recalibration_batches == 0:
+        if config.project.certify_recalibration_batches == 0:
             return rest
         model = nnx.merge(graphdef_train, params, rest)
         if not batch_norm_layers(model):
             return rest
         model = recalibrate_batch_stats(
-            model, train_data, config.project_certify_recalibration_batches, mesh=mesh
+            model, train_data, config.project.certify_recalibration_batches, mesh=mesh
         )
         _, _, new_rest = nnx.split(model, nnx.Param, ...)
-        return distributed.place_state(nnx.as_pure(new_rest), mesh, config.fsdp)
+        return distributed.place_state(nnx.as_pure(new_rest), mesh, config.distributed.fsdp)
 
     return recalibrate

@@ -10,7 +10,6 @@ state's training parameters, see
 and re-wrapped on restore (:func:`to_storable`, :func:`from_storable`).
 """
 
-import dataclasses
 import pathlib
 from collections.abc import Sequence
 from typing import Any
@@ -72,13 +71,15 @@ def config_differences(
     prefix: str = "",
     allowed: frozenset[str] = RESUMABLE_CHANGES,
 ) -> list[str]:
-    """``'<prefix><field>: saved <value>, given <value>'`` for every field that differs between
-    ``saved`` and ``given``, except the ``allowed`` ones (default :data:`RESUMABLE_CHANGES`;
-    the one resume check of runs and of :mod:`train.svd_pipeline`)."""
+    """``'<prefix><field>: saved <value>, given <value>'`` for every field (by its flat name,
+    :data:`train.config.FLAT_NAMES`) that differs between ``saved`` and ``given``, except the
+    ``allowed`` ones (flat names; default :data:`RESUMABLE_CHANGES`; the one resume check of
+    runs and of :mod:`train.svd_pipeline`)."""
+    old, new = saved.flat(), given.flat()
     return [
-        f"{prefix}{f.name}: saved {getattr(saved, f.name)!r}, given {getattr(given, f.name)!r}"
-        for f in dataclasses.fields(TrainConfig)
-        if f.name not in allowed and getattr(saved, f.name) != getattr(given, f.name)
+        f"{prefix}{name}: saved {old[name]!r}, given {new[name]!r}"
+        for name in old
+        if name not in allowed and old[name] != new[name]
     ]
 
 
@@ -153,10 +154,10 @@ def from_storable(restored: Any, template: Any) -> Any:
 
 def checkpoint_manager(run_dir: str | pathlib.Path, config: TrainConfig):
     """The ``orbax.checkpoint.CheckpointManager`` of ``run_dir/checkpoints`` (created if
-    missing; keeps ``config.max_to_keep`` steps). Close it after use."""
+    missing; keeps ``config.checkpoint.max_to_keep`` steps). Close it after use."""
     import orbax.checkpoint as ocp
 
-    options = ocp.CheckpointManagerOptions(max_to_keep=config.max_to_keep, create=True)
+    options = ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.max_to_keep, create=True)
     handlers = {
         "state": ocp.StandardCheckpointHandler(),
         "meta": ocp.JsonCheckpointHandler(),

@@ -19,10 +19,6 @@ from train import discovery
 MAX_DENSE_SIGMA_DIM = 1024
 
 
-def _is_spec_or_none(x) -> bool:
-    return x is None or isinstance(x, ConvSpec)
-
-
 def conv_layers(specs: Any) -> list[tuple[str, ConvSpec]]:
     """``(name, spec)`` of the conv leaves of ``specs``, in params-leaf order.
 
@@ -34,7 +30,7 @@ def conv_layers(specs: Any) -> list[tuple[str, ConvSpec]]:
       'conv.kernel'
     """
     with_path, _ = jax.tree_util.tree_flatten_with_path(
-        nnx.as_pure(specs), is_leaf=_is_spec_or_none
+        nnx.as_pure(specs), is_leaf=discovery.is_spec_or_none
     )
     return [
         (jax.tree_util.keystr(path, simple=True, separator="."), spec)

@@ -437,6 +437,11 @@ feature_group_count=1, in_features=2)
 
 # ------------------------------------------------------------------ aligning specs with params
 
+def is_spec_or_none(x) -> bool:
+    """``is_leaf`` of a specs tree: a :class:`spectra.ConvSpec` or ``None`` (a hole)."""
+    return x is None or isinstance(x, ConvSpec)
+
+
 def is_leaf_or_hole(x) -> bool:
     """Leaves of a params tree for alignment: ``None`` and ``optax.MaskedNode`` count as leaves."""
     return x is None or isinstance(x, optax.MaskedNode)

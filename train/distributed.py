@@ -2,15 +2,15 @@
 
 The loop (:func:`train.loop.train_and_evaluate`) runs on a one-axis mesh ``('data',)`` over
 every device JAX sees (all local devices; all devices of all processes in a multi-host run),
-or the first ``config.num_devices``:
+or the first ``config.distributed.num_devices``:
 
 * every batch is one **global** array split over ``'data'`` (:func:`shard_batch`: each
   process contributes its own rows, from its shard of :class:`train.data.Pipeline`); the batch
   size must divide by the number of devices (:func:`check_batch_sizes`);
 * params, optimiser state, BatchNorm statistics and metric sums are replicated
-  (:func:`state_sharding`), or, with ``config.fsdp``, every array with an axis that divides by
-  the device count is split over ``'data'`` along its last such axis (FSDP-style: memory per
-  device falls, XLA gathers what a step needs);
+  (:func:`state_sharding`), or, with ``config.distributed.fsdp``, every array with an axis that
+  divides by the device count is split over ``'data'`` along its last such axis (FSDP-style: memory
+  per device falls, XLA gathers what a step needs);
 * the step is one ``jax.jit`` program over the global arrays, so XLA inserts the cross-device
   sums: gradients are averaged over the global batch and BatchNorm reduces over the global
   batch axis, i.e. 1 and N devices train the same model (up to the order of floating-point
@@ -20,8 +20,8 @@ or the first ``config.num_devices``:
 
 Multi-host: :func:`initialize` calls ``jax.distributed.initialize`` when the config gives a
 coordinator (``coordinator_address``, ``num_processes``, ``process_id``), when
-``config.multi_host`` is set (JAX auto-detects Slurm, Open MPI, Kubernetes and Cloud TPU
-clusters), or when the environment is a Slurm job of more than one task
+``config.distributed.multi_host`` is set (JAX auto-detects Slurm, Open MPI, Kubernetes and Cloud
+TPU clusters), or when the environment is a Slurm job of more than one task
 (``SLURM_NTASKS > 1``) or sets ``JAX_COORDINATOR_ADDRESS``. On CPU it selects the ``gloo``
 cross-process collectives. Metrics and ``config.json`` are written by process 0 only.
 """

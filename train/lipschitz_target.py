@@ -118,15 +118,15 @@ LIPSCHITZ_FILE = "lipschitz.json"
 def certify_run_target(
     config: Any, model: nnx.Module, example: Any, run_dir: Any, write: bool
 ) -> dict[str, Any]:
-    """The loop's end-of-run check of ``config.lipschitz_target`` on the returned (certified)
-    model: :func:`lipschitz_certificate`, written (with the per-layer radius) to
+    """The loop's end-of-run check of ``config.project.lipschitz_target`` on the returned
+    (certified) model: :func:`lipschitz_certificate`, written (with the per-layer radius) to
     ``run_dir / LIPSCHITZ_FILE`` when ``write``; raises :class:`LipschitzTargetError` after
     writing when it is not certified."""
     import json
     import pathlib
 
-    info = lipschitz_certificate(model, example, config.lipschitz_target)
-    info["per_layer_radius"] = float(config.project_max_norm)
+    info = lipschitz_certificate(model, example, config.project.lipschitz_target)
+    info["per_layer_radius"] = float(config.project.max_norm)
     if write:
         (pathlib.Path(run_dir) / LIPSCHITZ_FILE).write_text(json.dumps(info, indent=2))
     if info["error"] is not None:

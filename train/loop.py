@@ -97,7 +97,7 @@ def _meta(step: int, steps_per_epoch: int, config: TrainConfig) -> dict[str, Any
 
 
 def _progress_bar(config: TrainConfig, initial: int, total: int):
-    if not config.progress:
+    if not config.log.progress:
         return None
     from tqdm.auto import tqdm
 
@@ -161,9 +161,9 @@ def train_and_evaluate(
     distributed.initialize(config)
     _check_run_dir(run_dir, config, resume, until_step)
     distributed.barrier("train_and_evaluate: run folder checked")  # Before any process writes.
-    mesh = distributed.make_mesh(config.num_devices)
+    mesh = distributed.make_mesh(config.distributed.num_devices)
     distributed.check_batch_sizes(
-        mesh, batch_size=config.batch_size, eval_batch_size=config.eval_batch_size
+        mesh, batch_size=config.data.batch_size, eval_batch_size=config.data.eval_batch_size
     )
     stop = config.num_steps if until_step is None else until_step
     model, train_data, test_data, example = _data_and_model(config, model, train_data, test_data)
@@ -180,7 +180,7 @@ def train_and_evaluate(
                        dense=dense)
     state = distributed.place_state(
         init_train_state(config, specs, params, rest, folds=folds, dense=dense), mesh,
-        config.fsdp,
+        config.distributed.fsdp,
     )
 
     main = distributed.is_main_process()
@@ -202,7 +202,7 @@ def train_and_evaluate(
     if main:  # On resume: the config that continues the run (e.g. a new num_steps).
         (run_dir / checkpoint.CONFIG_FILE).write_text(user_config.to_json())
     if main:
-        distributed.record_mesh(run_dir, mesh, config.fsdp, int(state.step))
+        distributed.record_mesh(run_dir, mesh, config.distributed.fsdp, int(state.step))
 
     columns, svd_cols, sigma_cols = metrics.columns(svd_terms_on(config), layers)
     writer = None
@@ -227,7 +227,7 @@ def train_and_evaluate(
     test = out["test"] if out["step"] == config.num_steps else None
     nnx.update(model, out["params"], out["rest"])
     lipschitz = None
-    if config.lipschitz_target is not None and out["step"] == config.num_steps:
+    if config.project.lipschitz_target is not None and out["step"] == config.num_steps:
         lipschitz = lipschitz_target.certify_run_target(config, model, example, run_dir, main)
     return {
         "run_dir": str(run_dir),
@@ -260,7 +260,7 @@ def _train(
         if step not in certified_at:
             certified_at.clear()
             certify = (bn_aware.certify_folded_train_state
-                       if any(folded) and config.project_max_norm is not None
+                       if any(folded) and config.project.max_norm is not None
                        else certify_train_state)
             certified_at[step] = certify(config, specs, state, mesh, recalibrate, *folded)
         return certified_at[step]
@@ -297,9 +297,9 @@ def _train(
             jax.block_until_ready(state.step)
             compile_s = time.perf_counter() - t_last
             t_last, steps_since = time.perf_counter(), 0
-        if config.sigma_every and step % config.sigma_every == 0:
+        if config.log.sigma_every and step % config.log.sigma_every == 0:
             rows.at(step)["_sigmas"] = steps.sigmas(state.params)  # Read at the next flush.
-        if step % config.log_every == 0 or step == config.num_steps:
+        if step % config.log.every == 0 or step == config.num_steps:
             now = time.perf_counter()
             step_time = (now - t_last) / steps_since if steps_since else math.nan
             if steps_since:
@@ -312,15 +312,15 @@ def _train(
         final = step == config.num_steps
         # The final evaluation and σ_max are those of the final (certified) parameters.
         params, rest = certified(step)[:2] if final else (state.params, state.rest)
-        if (config.eval_every and step % config.eval_every == 0) or final:
+        if (config.log.eval_every and step % config.log.eval_every == 0) or final:
             test = evaluate(steps, params, rest, test_data, mesh)
             rows.at(step).update(test_loss=test["loss"], test_accuracy=test["accuracy"])
         if final:
             final_sigmas = metrics.sigma_dict(layers, steps.sigmas(params))
             rows.at(step).update({f"sigma/{name}": v for name, v in final_sigmas.items()})
-        if step % config.log_every == 0 or step == stop:
+        if step % config.log.every == 0 or step == stop:
             rows.flush()
-        if config.checkpoint_every and step % config.checkpoint_every == 0:
+        if config.checkpoint.every and step % config.checkpoint.every == 0:
             rows.flush()
             save(step)
     rows.flush()

@@ -70,13 +70,15 @@ def restore_model(
         )
     model.train()
     specs, _, _, params, rest = split_model(model, example_input)
-    mesh = distributed.make_mesh(config.num_devices if mesh_devices is None else mesh_devices)
+    mesh = distributed.make_mesh(
+        config.distributed.num_devices if mesh_devices is None else mesh_devices
+    )
     from train.bn_aware import resolve_config  # The run's optimiser state (folded projection).
 
     run_config, folds, dense = resolve_config(config, model, example_input, specs)
     template = distributed.place_state(
         init_train_state(run_config, specs, params, rest, folds=folds, dense=dense), mesh,
-        config.fsdp,
+        config.distributed.fsdp,
     )
     manager = checkpoint.checkpoint_manager(run_dir, config)
     try:
@@ -104,8 +106,8 @@ def evaluate_model(
 
     The same jitted evaluation as the end of :func:`train.loop.train_and_evaluate` (BatchNorm
     running averages, every masked-in example counted once), for a model that was not trained
-    by the loop (e.g. a pruned one). Data-parallel over the mesh of ``config.num_devices``
-    (``test_data`` batches must divide by its device count).
+    by the loop (e.g. a pruned one). Data-parallel over the mesh of
+    ``config.distributed.num_devices`` (``test_data`` batches must divide by its device count).
 
     Args:
       model: the model (left in training mode afterwards, as the loop leaves it).
@@ -118,9 +120,9 @@ def evaluate_model(
     """
     example = batches.example_input(test_data) if example_input is None else example_input
     specs, graphdef_train, graphdef_eval, params, rest = split_model(model, example)
-    mesh = distributed.make_mesh(config.num_devices)
+    mesh = distributed.make_mesh(config.distributed.num_devices)
     steps = make_steps(graphdef_train, graphdef_eval, specs, config, mesh)
-    params, rest = distributed.place_state((params, rest), mesh, config.fsdp)
+    params, rest = distributed.place_state((params, rest), mesh, config.distributed.fsdp)
     return evaluate(steps, params, rest, test_data, mesh)
 
 
@@ -148,13 +150,13 @@ def save_model(
     if run_dir.exists() and any(run_dir.iterdir()):
         raise FileExistsError(f"run_dir={str(run_dir)!r} exists and is not empty")
     specs, _, _, params, rest = split_model(model, example_input)
-    mesh = distributed.make_mesh(config.num_devices)
+    mesh = distributed.make_mesh(config.distributed.num_devices)
     from train.bn_aware import resolve_config
 
     run_config, folds, dense = resolve_config(config, model, example_input, specs)
     state = distributed.place_state(
         init_train_state(run_config, specs, params, rest, step, folds=folds, dense=dense),
-        mesh, config.fsdp,
+        mesh, config.distributed.fsdp,
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     if distributed.is_main_process():

@@ -1,8 +1,8 @@
 """The optimiser of a run: learning-rate schedule, weight decay, SGD / Adam, the projection.
 
 :func:`make_optimizer` wraps the whole ``optax.chain`` in ``optax.inject_hyperparams``: the peak
-learning rate (``config.lr``) and, when the projection is on, its radius
-(``config.project_max_norm``) live in the optimiser state (``opt_state.hyperparams``) as
+learning rate (``config.optim.lr``) and, when the projection is on, its radius
+(``config.project.max_norm``) live in the optimiser state (``opt_state.hyperparams``) as
 float32 arrays instead of being constants of the compiled step, so runs that differ only in them
 share one compilation (and a restored state carries them). The projection's other options
 (method, rounds, ``project_certify_every`` / ``project_certify_method``, the device mesh) are
@@ -34,29 +34,30 @@ def learning_rate_schedule(config: TrainConfig, peak: Any = None) -> optax.Sched
 
     Args:
       config: the run's configuration (schedule shape and ``lr``).
-      peak: the peak learning rate, e.g. a traced scalar (default ``config.lr``).
+      peak: the peak learning rate, e.g. a traced scalar (default ``config.optim.lr``).
 
     Example:
       >>> schedule = learning_rate_schedule(TrainConfig(num_steps=100, schedule='constant'))
       >>> float(schedule(50))
       0.1
     """
-    lr = config.lr if peak is None else peak
-    decay_steps = max(config.num_steps - config.warmup_steps, 1)
-    if config.schedule == "cosine":
+    lr = config.optim.lr if peak is None else peak
+    decay_steps = max(config.num_steps - config.optim.warmup_steps, 1)
+    if config.optim.schedule == "cosine":
         main = optax.cosine_decay_schedule(lr, decay_steps)
-    elif config.schedule == "piecewise":
+    elif config.optim.schedule == "piecewise":
         bounds = {
-            max(int(round(b * config.num_steps)) - config.warmup_steps, 1): config.decay_factor
-            for b in config.boundaries
+            max(int(round(b * config.num_steps)) - config.optim.warmup_steps, 1):
+                config.optim.decay_factor
+            for b in config.optim.boundaries
         }
         main = optax.piecewise_constant_schedule(lr, bounds)
     else:
         main = optax.constant_schedule(lr)
-    if config.warmup_steps == 0:
+    if config.optim.warmup_steps == 0:
         return main
-    warmup = optax.linear_schedule(0.0, lr, config.warmup_steps)
-    return optax.join_schedules([warmup, main], [config.warmup_steps])
+    warmup = optax.linear_schedule(0.0, lr, config.optim.warmup_steps)
+    return optax.join_schedules([warmup, main], [config.optim.warmup_steps])
 
 
 def _chain(
@@ -72,15 +73,18 @@ def _chain(
     """The inner transformation of :func:`make_optimizer` for given (traced) hyperparameters."""
     schedule = learning_rate_schedule(config, learning_rate)
     parts = []
-    if config.weight_decay:
+    if config.optim.weight_decay:
         parts.append(
             optax.add_decayed_weights(
-                config.weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)
+                config.optim.weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)
             )
         )
-    if config.optimizer == "sgd":
+    if config.optim.name == "sgd":
         parts.append(
-            optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov)
+            optax.sgd(
+                schedule, momentum=config.optim.momentum or None,
+                nesterov=config.optim.nesterov,
+            )
         )
     else:
         parts.append(optax.adam(schedule))
@@ -92,27 +96,27 @@ def _chain(
         if any(s is not None for s in jax.tree.leaves(
                 specs_alone, is_leaf=lambda x: x is None or hasattr(x, "input_shape"))):
             parts.append(project_conv_operator_norm(
-                max_norm, specs_alone, every_k_steps=config.project_every,
-                method=config.project_method, num_rounds=config.project_rounds,
-                certify_every=config.project_certify_every,
-                certify_method=config.project_certify_method, mesh=mesh, mesh_axis=DATA_AXIS,
+                max_norm, specs_alone, every_k_steps=config.project.every,
+                method=config.project.method, num_rounds=config.project.rounds,
+                certify_every=config.project.certify_every,
+                certify_method=config.project.certify_method, mesh=mesh, mesh_axis=DATA_AXIS,
             ))
         parts.append(project_batchnorm_folded(
-            max_norm, specs, folds, dense=dense, every_k_steps=config.project_every,
-            method=config.project_method, num_rounds=max(config.project_rounds, 1),
-            certify_every=config.project_certify_every,
-            certify_method=config.project_certify_method,
+            max_norm, specs, folds, dense=dense, every_k_steps=config.project.every,
+            method=config.project.method, num_rounds=max(config.project.rounds, 1),
+            certify_every=config.project.certify_every,
+            certify_method=config.project.certify_method,
         ))
     elif max_norm is not None:
         parts.append(
             project_conv_operator_norm(
                 max_norm,
                 specs,
-                every_k_steps=config.project_every,
-                method=config.project_method,
-                num_rounds=config.project_rounds,
-                certify_every=config.project_certify_every,
-                certify_method=config.project_certify_method,
+                every_k_steps=config.project.every,
+                method=config.project.method,
+                num_rounds=config.project.rounds,
+                certify_every=config.project.certify_every,
+                certify_method=config.project.certify_method,
                 mesh=mesh,
                 mesh_axis=DATA_AXIS,
             )
@@ -132,34 +136,34 @@ def make_optimizer(
 
     The chain is built by ``optax.inject_hyperparams`` with the hyperparameters
     :data:`LEARNING_RATE` (the peak of :func:`learning_rate_schedule`) and, when
-    ``config.project_max_norm`` is set, :data:`MAX_NORM` (the radius of
+    ``config.project.max_norm`` is set, :data:`MAX_NORM` (the radius of
     :func:`train.project_conv_operator_norm`, last in the chain): both are float32 arrays of
     ``opt_state.hyperparams``, set by ``init`` from ``config``. The projection uses
-    ``config.project_method``, ``project_every``, ``project_rounds`` and, when
-    ``config.project_certify_every`` is set, a certified rescale
-    (``config.project_certify_method``) after every ``project_certify_every``-th update.
+    ``config.project.method``, ``project_every``, ``project_rounds`` and, when
+    ``config.project.certify_every`` is set, a certified rescale
+    (``config.project.certify_method``) after every ``project_certify_every``-th update.
 
     Args:
       config: the run's configuration.
       specs: conv specs with the structure of the params (from :func:`train.find_convs_nnx`);
-        needed when ``config.project_max_norm`` is set.
+        needed when ``config.project.max_norm`` is set.
       mesh: a device mesh with the axis :data:`train.distributed.DATA_AXIS` to spread the
         projection's groups of kernels over (``mesh`` of
         :func:`train.project_conv_operator_norm`; same values, less work per device); ``None``:
         no sharding constraint. Only ``update`` uses it: the state of ``init`` does not depend
         on it.
-      folds: BatchNorm-aware projection (``config.project_bn_aware``): the conv -> BatchNorm
+      folds: BatchNorm-aware projection (``config.project.bn_aware``): the conv -> BatchNorm
         pairs (:func:`train.bn_aware.find_batchnorm_folds`) whose folded operators
         :func:`train.bn_aware.project_batchnorm_folded` keeps at ``σ_max <= c`` (appended
         last; the other convs keep :func:`train.project_conv_operator_norm`).
-      dense: dense weights projected too (``config.lipschitz_target``).
+      dense: dense weights projected too (``config.project.lipschitz_target``).
 
     Returns:
       The transformation; its ``update`` needs ``params`` when the projection is on, and
       ``batch_stats`` (the model's running statistics) with ``folds``.
 
     Raises:
-      ValueError: when ``config.project_max_norm`` is set and ``specs`` is ``None``.
+      ValueError: when ``config.project.max_norm`` is set and ``specs`` is ``None``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -176,15 +180,15 @@ def make_optimizer(
       >>> bool(spectra.spectral_norm(params['w'], specs['w'], 'fft') <= 1.0 + 1e-5)
       True
     """
-    if config.project_max_norm is not None and specs is None:
-        raise ValueError("specs are needed when config.project_max_norm is set")
+    if config.project.max_norm is not None and specs is None:
+        raise ValueError("specs are needed when config.project.max_norm is set")
     factory = optax.inject_hyperparams(
         _chain, static_args=("config", "specs", "mesh", "folds", "dense"),
         hyperparam_dtype=jnp.float32,
     )
     return factory(
-        learning_rate=config.lr,
-        max_norm=config.project_max_norm,
+        learning_rate=config.optim.lr,
+        max_norm=config.project.max_norm,
         config=config,
         specs=specs,
         mesh=mesh,

@@ -36,7 +36,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-from spectra import ConvSpec
 from train import discovery
 from train import distributed
 from train.batches import unpack_batch
@@ -97,9 +96,11 @@ class Steps(NamedTuple):
 
 def svd_terms_on(config: TrainConfig) -> bool:
     """Whether the step computes (and logs) the SVD-training terms ``orth`` and ``sparsity``:
-    for a decomposed model (``config.decomposition`` set) or a positive λ_o or λ_s."""
+    for a decomposed model (``config.svd.decomposition`` set) or a positive λ_o or λ_s."""
     return (
-        config.decomposition is not None or config.orth_weight > 0 or config.sparsity_weight > 0
+        config.svd.decomposition is not None
+        or config.svd.orth_weight > 0
+        or config.svd.sparsity_weight > 0
     )
 
 
@@ -117,9 +118,9 @@ def step_hyperparameters(config: TrainConfig) -> dict[str, jax.Array]:
     (λ), ``orth_weight`` (λ_o) and ``sparsity_weight`` (λ_s), float32 scalars. (The peak
     learning rate and the projection radius are in the optimiser state.)"""
     return {
-        "penalty_weight": jnp.asarray(config.penalty_weight, jnp.float32),
-        "orth_weight": jnp.asarray(config.orth_weight, jnp.float32),
-        "sparsity_weight": jnp.asarray(config.sparsity_weight, jnp.float32),
+        "penalty_weight": jnp.asarray(config.penalty.weight, jnp.float32),
+        "orth_weight": jnp.asarray(config.svd.orth_weight, jnp.float32),
+        "sparsity_weight": jnp.asarray(config.svd.sparsity_weight, jnp.float32),
     }
 
 
@@ -136,8 +137,8 @@ def step_program(config: TrainConfig) -> TrainConfig:
         config,
         **{name: getattr(defaults, name) for name in UNUSED_FIELDS},
         lr=1.0,
-        penalty_weight=1.0 if config.penalty_weight > 0 else 0.0,
-        project_max_norm=None if config.project_max_norm is None else 1.0,
+        penalty_weight=1.0 if config.penalty.weight > 0 else 0.0,
+        project_max_norm=None if config.project.max_norm is None else 1.0,
         orth_weight=svd,
         sparsity_weight=svd,
     )
@@ -177,10 +178,6 @@ def split_model(model: nnx.Module, example_input: Any) -> tuple[Any, ...]:
     return specs, graphdef_train, graphdef_eval, nnx.as_pure(params), nnx.as_pure(rest)
 
 
-def _is_spec_or_none(x) -> bool:
-    return x is None or isinstance(x, ConvSpec)
-
-
 def make_steps(
     graphdef_train: nnx.GraphDef,
     graphdef_eval: nnx.GraphDef,
@@ -200,29 +197,29 @@ def make_steps(
     ``train_step(state, image, label, mask, hyper) -> (state, lr)`` does one optimiser step on
     the mask-weighted mean cross entropy (+ ``hyper['penalty_weight']`` times the spectral
     penalty, + ``hyper['orth_weight']`` times the orthogonality term and
-    ``hyper['sparsity_weight']`` times the ``config.sparsity`` term of the SVD layers when
+    ``hyper['sparsity_weight']`` times the ``config.svd.sparsity`` term of the SVD layers when
     :func:`svd_terms_on`; ``hyper`` from :func:`step_hyperparameters`) with the model in
     training mode (BatchNorm on batch statistics, running averages updated in ``state.rest``),
     adds its metrics to ``state.sums`` and returns the learning rate it applied.
     ``eval_step(params, rest, image, label, mask, sums) -> sums`` adds the masked loss /
     correct / count of a batch in evaluation mode. ``sigmas(params)`` is
-    :func:`train.conv_norms.layer_spectral_norms` with ``config.sigma_method``.
+    :func:`train.conv_norms.layer_spectral_norms` with ``config.log.sigma_method``.
 
     With a ``mesh`` (:mod:`train.distributed`) the functions take global arrays (batches split
     over ``'data'``) and their output state and sums keep the sharding of
-    :func:`train.distributed.state_sharding` (replicated, or ``config.fsdp``); XLA inserts the
-    cross-device reductions (mean gradient, BatchNorm statistics and metric sums over the
-    global batch); with more than one device, the projection (``config.project_max_norm``)
+    :func:`train.distributed.state_sharding` (replicated, or ``config.distributed.fsdp``); XLA
+    inserts the cross-device reductions (mean gradient, BatchNorm statistics and metric sums over
+    the global batch); with more than one device, the projection (``config.project.max_norm``)
     spreads its groups of kernels over the mesh (``mesh`` of
     :func:`train.optim.make_optimizer`; the same values as on one device).
 
     Cached (LRU, 16 entries) on ``(graphdefs, specs, step_program(config), mesh,
-    config.fsdp)``: runs that differ only in the seed, the data, λ, c, λ_o, λ_s or the peak
-    learning rate share one compilation. The functions see only :func:`step_program`
+    config.distributed.fsdp)``: runs that differ only in the seed, the data, λ, c, λ_o, λ_s or
+    the peak learning rate share one compilation. The functions see only :func:`step_program`
     ``(config)``.
     """
-    spec_leaves, spec_def = jax.tree.flatten(nnx.as_pure(specs), is_leaf=_is_spec_or_none)
-    fsdp = bool(config.fsdp) if mesh is not None else False
+    spec_leaves, spec_def = jax.tree.flatten(nnx.as_pure(specs), is_leaf=discovery.is_spec_or_none)
+    fsdp = bool(config.distributed.fsdp) if mesh is not None else False
     return _build_steps(
         graphdef_train, graphdef_eval, spec_def, tuple(spec_leaves), step_program(config), mesh,
         fsdp, tuple(folds), tuple(dense),

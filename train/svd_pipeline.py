@@ -2,12 +2,12 @@
 
 The stages of the paper's protocol (reference notes §3), each a run folder under one ``root``:
 
-1. ``stage1_decomposed/``: train the decomposed network (``config.decomposition``: every layer
+1. ``stage1_decomposed/``: train the decomposed network (``config.svd.decomposition``: every layer
    in SVD form ``U diag(|s|) V^T``, :func:`train.layers.svd_decompose.decompose`) from its random
-   initialisation, with the orthogonality term ``λ_o`` (``config.orth_weight``) and **no**
+   initialisation, with the orthogonality term ``λ_o`` (``config.svd.orth_weight``) and **no**
    sparsity term (``λ_s = 0``);
 2. ``stage2_sparse/``: continue from stage 1's final parameters (and BatchNorm statistics) with
-   the sparsity term ``λ_s = sparsity_weight`` (``config.sparsity``: L1 / Hoyer /
+   the sparsity term ``λ_s = sparsity_weight`` (``config.svd.sparsity``: L1 / Hoyer /
    Hoyer-square) and ``λ_o`` kept;
 3. ``stage3_prune_e<e>/`` for every energy ``e``: prune stage 2's network by energy
    (:func:`train.pruning.prune_by_energy`: per layer keep the shortest prefix of the sorted
@@ -164,7 +164,7 @@ def _pipeline_record(
     recalibration_batches: int | None = None,
 ) -> dict[str, Any]:
     fields = {
-        k: v for k, v in config.to_dict().items() if k not in checkpoint.RESUMABLE_CHANGES
+        k: v for k, v in config.to_flat_dict().items() if k not in checkpoint.RESUMABLE_CHANGES
     }
     return {
         "config": fields,
@@ -185,7 +185,7 @@ def _check_or_write_record(
             if saved.get(key) != record[key]:
                 diffs.append(f"{key}: saved {saved.get(key)!r}, given {record[key]!r}")
         saved_config = TrainConfig.from_json(
-            json.dumps({**config.to_dict(), **saved.get("config", {})})
+            json.dumps({**config.to_flat_dict(), **saved.get("config", {})})
         )
         diffs += checkpoint.config_differences(saved_config, config, prefix="config.")
         if diffs:
@@ -278,7 +278,7 @@ def _check_arguments(
     stage_steps: tuple[int, int, int] | None,
     recalibration_batches: int | None = None,
 ) -> tuple[tuple[float, ...], tuple[int, int, int]]:
-    if config.decomposition is None:
+    if config.svd.decomposition is None:
         raise ValueError(
             "config.decomposition=None: the SVD pipeline needs a decomposed model "
             "('channel' or 'spatial')"
@@ -326,10 +326,10 @@ def run_svd_pipeline(
     See the module docstring for the stages, the folders and the resumption rules.
 
     Args:
-      config: the training configuration of every stage; ``config.decomposition`` must be
-        set (``'channel'`` or ``'spatial'``); ``config.orth_weight`` (λ_o) is used in every
-        training stage, ``config.sparsity`` is the sparsity term of stage 2 and
-        ``config.sparsity_weight`` is ignored (stages 1 and 4 use 0, stage 2
+      config: the training configuration of every stage; ``config.svd.decomposition`` must be
+        set (``'channel'`` or ``'spatial'``); ``config.svd.orth_weight`` (λ_o) is used in every
+        training stage, ``config.svd.sparsity`` is the sparsity term of stage 2 and
+        ``config.svd.sparsity_weight`` is ignored (stages 1 and 4 use 0, stage 2
         ``sparsity_weight``).
       root: the pipeline folder (new, or one written by this function with the same set-up).
       sparsity_weight: λ_s of stage 2 (> 0).
@@ -360,7 +360,7 @@ def run_svd_pipeline(
       ``recalibration_batches=0``).
 
     Raises:
-      ValueError: naming the argument: ``config.decomposition`` unset, ``sparsity_weight``
+      ValueError: naming the argument: ``config.svd.decomposition`` unset, ``sparsity_weight``
         not > 0, ``energies`` empty / outside ``[0, 1)``, ``stage_steps`` not three positive
         ints, ``recalibration_batches`` not ``None`` or an int ``>= 0``, or ``root`` holding a
         pipeline with a different set-up (or foreign files).
@@ -439,7 +439,7 @@ def run_svd_pipeline(
             if recalibrate:
                 compact = batchnorm.recalibrate_batch_stats(
                     compact, train_data, recalibration_batches,
-                    mesh=distributed.make_mesh(config.num_devices),
+                    mesh=distributed.make_mesh(config.distributed.num_devices),
                 )
                 test = model_io.evaluate_model(compact, configs["stage4"], test_data, example)
             model_io.save_model(dir3, compact, configs["stage4"], example)

@@ -60,8 +60,7 @@ class ProjectConvOperatorNormState(NamedTuple):
     vectors: tuple = ()
 
 
-def _is_spec_or_none(x) -> bool:
-    return x is None or isinstance(x, ConvSpec)
+_is_spec_or_none = discovery.is_spec_or_none
 
 
 def _check_specs(specs: Any) -> None:

@@ -316,7 +316,7 @@ class LoopTest(absltest.TestCase):
         self.assertEqual(saved["lipschitz_target"], 0.5)
         self.assertIn(saved["lipschitz_upper_kind"], ("proven", "probabilistic"))
         self.assertEqual(json.loads((self.root / "ok" / "config.json").read_text())[
-            "project_max_norm"], None)  # The user's config; the radius is derived.
+            "project"]["max_norm"], None)  # The user's config; the radius is derived.
         # A radius too large for the target: an error naming the largest layer.
         too_small = dataclasses.replace(config, project_max_norm=1.0, lipschitz_target=1e-3)
         with self.assertRaisesRegex(lipschitz_target.LipschitzTargetError, "largest layer"):

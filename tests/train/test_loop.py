@@ -205,7 +205,7 @@ class LoopTest(absltest.TestCase):
         for change in (dict(momentum=0.5), dict(num_steps=13), dict(weight_decay=0.0),
                        dict(sigma_method="dense"), dict(penalty_reduce="max")):
             self.assertIsNot(steps(), steps(**change), change)
-        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        names = set(CONFIG.flat())  # Flat names (train.config.FLAT_NAMES) and top-level ones.
         self.assertContainsSubset(steps_lib.TRACED_FIELDS + steps_lib.UNUSED_FIELDS, names)
         # The traced peak learning rate lives in the optimiser state.
         state = steps_lib.init_train_state(
@@ -290,9 +290,9 @@ class LoopTest(absltest.TestCase):
     def test_resume_config(self):
         run = self.root / "run"
         run.mkdir()
-        # A config.json written before some fields existed: they load with their defaults.
+        # A flat config.json written before some fields existed: they load with their defaults.
         saved = dataclasses.replace(CONFIG, model="resnet8", width=8)
-        old = {k: v for k, v in saved.to_dict().items()
+        old = {k: v for k, v in saved.to_flat_dict().items()
                if k not in ("fsdp", "project_certify_every", "sparsity", "max_to_keep")}
         (run / checkpoint.CONFIG_FILE).write_text(json.dumps(old))
         self.assertEqual(checkpoint.resume_config(run), saved)

@@ -1,11 +1,11 @@
 """One registry of every model the training code builds from a :class:`TrainConfig`.
 
-A model is named by ``config.model``: an exact name (``'simple_cnn'``, ``'garipov'``) or a
+A model is named by ``config.network.name``: an exact name (``'simple_cnn'``, ``'garipov'``) or a
 family prefix followed by a number (``'resnet<depth>'``). Its builder receives the config, the
 number of classes, the input channels and the input size ``(H, W)`` (or ``None``: the
 dataset's) and returns a freshly initialised NNX
-model seeded by ``config.seed``; ``config.model_kwargs`` holds further constructor arguments.
-:func:`build_model` then applies ``config.decomposition`` (SVD training). Register a new model
+model seeded by ``config.seed``; ``config.network.kwargs`` holds further constructor arguments.
+:func:`build_model` then applies ``config.svd.decomposition`` (SVD training). Register a new model
 with :func:`register_model`; :func:`train.model_io.restore_model` rebuilds any registered model from
 a run's ``config.json``.
 """
@@ -27,7 +27,7 @@ _FAMILIES: dict[str, ModelBuilder] = {}
 
 def register_model(name: str, *, family: bool = False) -> Callable[[ModelBuilder], ModelBuilder]:
     """Decorator registering ``builder`` under ``name`` (or, with ``family``, every
-    ``name<int>``; the builder reads the number from ``config.model``).
+    ``name<int>``; the builder reads the number from ``config.network.name``).
 
     Raises:
       ValueError: when ``name`` is already registered.
@@ -61,22 +61,22 @@ def _builder(model: str) -> ModelBuilder:
 def build_model(
     config: TrainConfig, num_classes: int, in_channels: int, input_shape: Any = None
 ) -> nnx.Module:
-    """The model named by ``config.model``, seeded by ``config.seed``.
+    """The model named by ``config.network.name``, seeded by ``config.seed``.
 
-    With ``config.decomposition`` set, every conv (and, with ``config.decompose_dense``, every
-    dense layer) is replaced by its full-rank SVD form (Yang et al. 2020) with the paper's random
-    initialisation: ``train.layers.svd_decompose.decompose(model, config.decomposition,
-    init='random', dense=config.decompose_dense, rngs=nnx.Rngs(config.seed + 1))``.
+    With ``config.svd.decomposition`` set, every conv (and, with ``config.svd.decompose_dense``,
+    every dense layer) is replaced by its full-rank SVD form (Yang et al. 2020) with the paper's
+    random initialisation: ``train.layers.svd_decompose.decompose(model, config.svd.decomposition,
+    init='random', dense=config.svd.decompose_dense, rngs=nnx.Rngs(config.seed + 1))``.
 
     Args:
       config: the configuration (``model``, ``model_kwargs``, ``width``, ``padding``, ...).
       num_classes: outputs of the classifier.
       in_channels: channels of the input images.
       input_shape: ``(H, W)`` of the input images (default: the dataset's, with
-        ``config.image_pad``); only models with a size-dependent head use it.
+        ``config.data.image_pad``); only models with a size-dependent head use it.
 
     Raises:
-      ValueError: naming ``config.model`` when it is not registered (or a resnet depth is
+      ValueError: naming ``config.network.name`` when it is not registered (or a resnet depth is
         not ``6n + 2``).
 
     Example:
@@ -84,15 +84,15 @@ def build_model(
       >>> type(model).__name__
       'ResNet'
     """
-    model = _builder(config.model)(config, num_classes, in_channels, input_shape)
-    if config.decomposition is None:
+    model = _builder(config.network.name)(config, num_classes, in_channels, input_shape)
+    if config.svd.decomposition is None:
         return model
     from train.layers import svd_decompose
 
     return svd_decompose.decompose(
         model,
-        config.decomposition,
-        dense=config.decompose_dense,
+        config.svd.decomposition,
+        dense=config.svd.decompose_dense,
         init="random",
         rngs=nnx.Rngs(config.seed + 1),
     )
@@ -102,16 +102,16 @@ def build_model(
 def _resnet(config: TrainConfig, num_classes: int, in_channels: int, input_shape) -> nnx.Module:
     from train.models import resnet
 
-    depth = int(config.model.lower()[len("resnet"):])
+    depth = int(config.network.name.lower()[len("resnet"):])
     return resnet.ResNet(
         depth,
         num_classes,
         in_channels=in_channels,
-        padding=config.padding,
-        shortcut=config.shortcut,
-        width=config.width,
+        padding=config.network.padding,
+        shortcut=config.network.shortcut,
+        width=config.network.width,
         rngs=nnx.Rngs(config.seed),
-        **unfreeze(config.model_kwargs),
+        **unfreeze(config.network.kwargs),
     )
 
 
@@ -121,12 +121,12 @@ def _simple_cnn(
 ) -> nnx.Module:
     from train.models import resnet
 
-    w = config.width
-    kwargs = {"features": (w, 2 * w, 2 * w), **unfreeze(config.model_kwargs)}
+    w = config.network.width
+    kwargs = {"features": (w, 2 * w, 2 * w), **unfreeze(config.network.kwargs)}
     return resnet.SimpleCNN(
         num_classes,
         in_channels=in_channels,
-        padding=config.padding,
+        padding=config.network.padding,
         rngs=nnx.Rngs(config.seed),
         **kwargs,
     )
@@ -134,7 +134,7 @@ def _simple_cnn(
 
 @register_model("garipov")
 def _garipov(config: TrainConfig, num_classes: int, in_channels: int, input_shape) -> nnx.Module:
-    """Garipov et al.'s conv / conv-fc network; ``config.model_kwargs`` holds its variant,
+    """Garipov et al.'s conv / conv-fc network; ``config.network.kwargs`` holds its variant,
     channels, FC sizes and TT layers (:class:`train.models.garipov.GaripovNet`)."""
     from train.models import garipov
 
@@ -146,7 +146,7 @@ def _garipov(config: TrainConfig, num_classes: int, in_channels: int, input_shap
         "in_channels": in_channels,
         "num_classes": num_classes,
         "input_shape": tuple(input_shape),
-        **unfreeze(config.model_kwargs),
+        **unfreeze(config.network.kwargs),
     }
     return garipov.GaripovNet(**kwargs, rngs=nnx.Rngs(config.seed))
 
@@ -155,9 +155,10 @@ def _garipov(config: TrainConfig, num_classes: int, in_channels: int, input_shap
 def _lipresnet(
     config: TrainConfig, num_classes: int, in_channels: int, input_shape
 ) -> nnx.Module:
-    """The 1-Lipschitz residual CNN :class:`train.models.lipnet.LipResNet` (``config.width``,
-    ``config.padding``; depths, activation, head in ``config.model_kwargs``); train it with
-    ``project_max_norm=1.0`` to keep every conv at σ_max <= 1."""
+    """The 1-Lipschitz residual CNN :class:`train.models.lipnet.LipResNet`
+    (``config.network.width``, ``config.network.padding``; depths, activation, head in
+    ``config.network.kwargs``); train it with ``project_max_norm=1.0``
+    to keep every conv at σ_max <= 1."""
     from train.models import lipnet
 
     if input_shape is None:
@@ -168,8 +169,8 @@ def _lipresnet(
         num_classes,
         in_channels=in_channels,
         input_shape=tuple(input_shape),
-        width=config.width,
-        padding=config.padding,
+        width=config.network.width,
+        padding=config.network.padding,
         rngs=nnx.Rngs(config.seed),
-        **unfreeze(config.model_kwargs),
+        **unfreeze(config.network.kwargs),
     )

@@ -6,6 +6,8 @@
   lower bound below: :func:`search_lower_bound`, its witness re-evaluated by
   :func:`recompute_lower_bound`; :func:`check_upper_bound` counts pairs that violate a bound).
 * :func:`report_onnx` / :func:`report_run`: the report of an ONNX file or of a training run.
+* :class:`ReportOptions`: how a report is computed, one frozen object (every entry point also
+  takes its fields as keyword arguments).
 * :func:`write_report`: ``report.json``, ``report.md`` and the plots;
   :func:`report_markdown`: the Markdown alone.
 * :class:`NetworkReport`, :class:`LayerReport`: what they return; :data:`METHOD_KINDS`: what
@@ -27,6 +29,7 @@ from train.report._lower import random_pairs
 from train.report._lower import recompute_lower_bound
 from train.report._lower import search_lower_bound
 from train.report._lower import soundness_pairs
+from train.report._options import ReportOptions
 from train.report._sources import report_onnx
 from train.report._sources import report_run
 from train.report._types import METHOD_KINDS
@@ -43,6 +46,7 @@ __all__ = [
     "LayerReport",
     "LowerBound",
     "NetworkReport",
+    "ReportOptions",
     "check_upper_bound",
     "jacobian_lower_bound",
     "network_report",

@@ -59,11 +59,12 @@ def main(argv: list[str] | None = None) -> int:
 
     avoid_cpu_lapack_deadlock()
     from train.models.onnx.model import parse_input_shape
+    from train.report._options import ReportOptions
     from train.report._sources import report_onnx
     from train.report._sources import report_run
     from train.report._write import write_report
 
-    kwargs = dict(
+    options = ReportOptions(
         num_points=args.num_points,
         power_iterations=args.power_iterations,
         ascent_steps=args.ascent_steps,
@@ -74,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.onnx is not None:
         shape = parse_input_shape(args.input_shape) if args.input_shape else None
-        report = report_onnx(args.onnx, shape, **kwargs)
+        report = report_onnx(args.onnx, shape, options=options)
         title = f"Spectral report: {args.onnx.name}"
     else:
-        report = report_run(args.run, **kwargs)
+        report = report_run(args.run, options=options)
         title = f"Spectral report: {args.run}"
     paths = write_report(report, args.out, title=title, plots=not args.no_plots)
     net = report.network

@@ -20,6 +20,8 @@ from train.report import _lower
 from train.report import _network_bound
 from train.report import _stages
 from train.report._lipschitz import Composer
+from train.report._options import ReportOptions
+from train.report._options import split_options
 from train.report._types import LayerReport
 from train.report._types import NetworkReport
 from train.report._write import WITNESS_NAME
@@ -42,24 +44,8 @@ def network_report(
     params: Any,
     *example_args: Any,
     data: Any = None,
-    num_points: int = 4,
-    power_iterations: int = 20,
-    power_rtol: float = 0.0,
-    max_dense_dim: int = _layers.DEFAULT_MAX_DENSE_DIM,
-    compute_spectra: bool = True,
-    include_dense: bool = True,
-    progress: bool = False,
-    seed: int = 0,
-    blas_threads: int | None = 1,
-    backend: str = "numpy",
-    overlap_lower_bound: bool = True,
-    ascent_steps: int = 100,
-    lower_bound_budget: float | str | None = "layers",
-    checkpoint_dir: Any = None,
-    check_pairs: int = 0,
-    tight_bound: bool = True,
-    tight_max_work: int | None = _network_bound.DEFAULT_MAX_WORK,
-    **example_kwargs: Any,
+    options: ReportOptions | None = None,
+    **kwargs: Any,
 ) -> NetworkReport:
     """The spectral report of a network: per-layer exact σ_max and bounds, Lipschitz bracket.
 
@@ -93,52 +79,11 @@ def network_report(
       *example_args: ``x`` (any batch size; only its shape and dtype are used) then the other
         arguments, held fixed.
       data: optional inputs ``(N, ...)`` like ``x`` at which the Jacobian is probed.
-      num_points: points for the lower bound.
-      power_iterations: power iterations per point of the lower bound's final stage (and of its
-        first stage when ``ascent_steps=0``; 5 otherwise), at most.
-      power_rtol: a point's power iteration stops once its ``||JᵀJ v||`` changes by at most
-        this (relative) in one step (default ``0``: always ``power_iterations``). Measured on a
-        2-core CPU: one iteration of YOLOv8n @320² costs ~2 s per point, and ``1e-3`` stopped
-        its points after a few iterations; on slowly converging linear maps it stops before
-        the 1e-6 agreement with the exact norm that 200 iterations reach.
-      max_dense_dim: layers with both dims at most this use a dense SVD.
-      compute_spectra: compute the per-layer spectra (for the plots).
-      include_dense: add dense layers to ``layers``.
-      progress: tqdm bar over layers.
-      seed: for random inputs and start vectors.
-      blas_threads: limit of BLAS/LAPACK threads while the report runs (``threadpoolctl``;
-        ``None``: unchanged). Measured on a shared 2-core machine: multi-threaded OpenBLAS made
-        the batched SVDs of the 64-channel ResNet layers ~10x slower (26 s vs 2.5 s).
-      backend: how the per-layer numbers are computed (:func:`train.report.analyse_convs`):
-        ``'numpy'`` (default: host NumPy / SciPy in float64, no compilation; a report runs each
-        layer once, so compiling a program per layer shape, as ``'jax'`` does, dominated the
-        whole report: ResNet-20 @32² layers ~25 s cold with ``'jax'`` on a 2-core CPU) or
-        ``'jax'`` (compiled, on the default JAX device; for very large layers on an
-        accelerator).
-      overlap_lower_bound: compute the lower bound (a compiled JAX program: XLA compiles and
-        runs it, mostly outside Python's GIL) in a worker thread while the layers (NumPy /
-        LAPACK, also outside the GIL) are analysed: on 2 cores the two stages overlap.
-        ``timings['total']`` is then the wall time, less than the sum of the stages.
-      ascent_steps: pair-ascent steps of the lower bound search, at most.
-      lower_bound_budget: the lower bound search's time: ``'layers'`` (default: it stops when
-        the layer stage is done, or after as long as that took when not overlapping, but not
-        before 3 s: ``train.report._stages.MIN_SEARCH_SECONDS``; it ends within one step of
-        that), seconds, or ``None`` (only the step counts limit it: reproducible values).
-      checkpoint_dir: optional folder: the layer stage's results are saved there as soon as it
-        ends (``stages/layers.pkl`` and the readable ``stages/layers.partial.json``), the lower
-        bound's when it ends, and a later report of the same network, input and options
-        reuses them (``timings`` then has ``layers_reused`` / ``lower_bound_reused``).
-      check_pairs: when ``> 0`` and the upper bound is a number, a soundness check
-        (:func:`train.report.check_upper_bound`) on the lower bound's own pairs and this many
-        random ones: ``network['soundness']``.
-      tight_bound: also compute the midpoint (LipLT) bound of
-        :mod:`train.report._network_bound` (sound, proven or probabilistic with
-        ``δ <= 1e-6``); ``network['lipschitz_upper']`` is then the smaller of the two and
-        ``lipschitz_upper_naive`` the composition (product of the layer norms).
-      tight_max_work: the midpoint bound is skipped when its Lanczos norms would need more
-        than this many steps (big networks; the composition is kept); ``None``: 1000 on CPU
-        (ResNet-20 @32² needs 1680: ~1 min on a shared 2-core CPU), 20000 on accelerators.
-      **example_kwargs: keyword arguments of ``apply_fn``, held fixed.
+      options: how the report is computed (:class:`train.report.ReportOptions`; default: its
+        defaults).
+      **kwargs: options by name (the fields of :class:`train.report.ReportOptions`, e.g.
+        ``num_points=2``), applied on top of ``options``; the other keyword arguments are
+        ``apply_fn``'s, held fixed.
 
     Returns:
       :class:`NetworkReport`.
@@ -156,56 +101,16 @@ def network_report(
     """
     if not example_args:
         raise ValueError("example_args must hold at least the input x")
-    with limit_blas_threads(blas_threads):
-        return _network_report(
-            apply_fn,
-            params,
-            example_args,
-            example_kwargs,
-            data=data,
-            num_points=num_points,
-            power_iterations=power_iterations,
-            power_rtol=power_rtol,
-            max_dense_dim=max_dense_dim,
-            compute_spectra=compute_spectra,
-            include_dense=include_dense,
-            progress=progress,
-            seed=seed,
-            backend=backend,
-            overlap_lower_bound=overlap_lower_bound,
-            ascent_steps=ascent_steps,
-            lower_bound_budget=lower_bound_budget,
-            checkpoint_dir=checkpoint_dir,
-            check_pairs=check_pairs,
-            tight_bound=tight_bound,
-            tight_max_work=tight_max_work,
-        )
+    changes, example_kwargs = split_options(kwargs)
+    options = ReportOptions.merged(options, **changes)
+    with limit_blas_threads(options.blas_threads):
+        return _network_report(apply_fn, params, example_args, example_kwargs, data, options)
 
 
 def _network_report(
-    apply_fn,
-    params,
-    example_args,
-    example_kwargs,
-    *,
-    data,
-    num_points,
-    power_iterations,
-    power_rtol,
-    max_dense_dim,
-    compute_spectra,
-    include_dense,
-    progress,
-    seed,
-    backend,
-    overlap_lower_bound,
-    ascent_steps,
-    lower_bound_budget,
-    checkpoint_dir,
-    check_pairs,
-    tight_bound=True,
-    tight_max_work=_network_bound.DEFAULT_MAX_WORK,
+    apply_fn, params, example_args, example_kwargs, data, options: ReportOptions
 ) -> NetworkReport:
+    o = options
     timings: dict[str, float] = {}
     start = t0 = time.perf_counter()
     x_example = jnp.asarray(example_args[0])
@@ -225,31 +130,31 @@ def _network_report(
     closed = jax.make_jaxpr(fn)(leaves, x1)
     timings["trace"] = time.perf_counter() - t0
 
-    points = _points(data, x1, num_points, seed)
+    points = _points(data, x1, o.num_points, o.seed)
     x64 = bool(jax.config.jax_enable_x64)
     errors: list[dict[str, str]] = []
     layer_key = lower_key = None
     checkpoint = None
-    if checkpoint_dir is not None:
+    if o.checkpoint_dir is not None:
         t0 = time.perf_counter()
         network_key = _stages.fingerprint(str(closed), names, leaves, x1.shape, str(x1.dtype))
         layer_key = _stages.fingerprint(
-            network_key, max_dense_dim, compute_spectra, include_dense, backend
+            network_key, o.max_dense_dim, o.compute_spectra, o.include_dense, o.backend
         )
         lower_key = _stages.fingerprint(
-            network_key, points, power_iterations, power_rtol, ascent_steps, seed, x64
+            network_key, points, o.power_iterations, o.power_rtol, o.ascent_steps, o.seed, x64
         )
-        checkpoint = _stages.Checkpoint(checkpoint_dir, layer_key)
+        checkpoint = _stages.Checkpoint(o.checkpoint_dir, layer_key)
         timings["fingerprint"] = time.perf_counter() - t0
     cached_layers = checkpoint.load("layers") if checkpoint else None
     cached_lower = None
     if checkpoint is not None:
-        cached_lower = _stages.Checkpoint(checkpoint_dir, lower_key).load("lower_bound")
+        cached_lower = _stages.Checkpoint(o.checkpoint_dir, lower_key).load("lower_bound")
     layers_done = threading.Event()
     stop = _stages.budget_stop(
-        lower_bound_budget,
+        o.lower_bound_budget,
         layers_done,
-        lambda: None if overlap_lower_bound else timings.get("layers"),
+        lambda: None if o.overlap_lower_bound else timings.get("layers"),
     )
 
     def lower_bound():
@@ -262,20 +167,20 @@ def _network_report(
                     fn,
                     points,
                     leaves,
-                    power_iterations=power_iterations,
-                    power_rtol=power_rtol,
-                    ascent_steps=ascent_steps,
-                    seed=seed,
+                    power_iterations=o.power_iterations,
+                    power_rtol=o.power_rtol,
+                    ascent_steps=o.ascent_steps,
+                    seed=o.seed,
                     stop=stop,
                 )
         except Exception as e:  # Recorded; the other stages' numbers are still reported.
             return e, time.perf_counter() - t
         if checkpoint is not None:
-            _stages.Checkpoint(checkpoint_dir, lower_key).save("lower_bound", result)
+            _stages.Checkpoint(o.checkpoint_dir, lower_key).save("lower_bound", result)
         return result, time.perf_counter() - t
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(lower_bound) if overlap_lower_bound else None
+        pending = pool.submit(lower_bound) if o.overlap_lower_bound else None
         try:
             if cached_layers is not None:
                 stage = cached_layers
@@ -288,11 +193,7 @@ def _network_report(
                     names,
                     x1,
                     timings,
-                    max_dense_dim=max_dense_dim,
-                    compute_spectra=compute_spectra,
-                    include_dense=include_dense,
-                    progress=progress,
-                    backend=backend,
+                    o,
                     on_layers_done=layers_done.set,
                     errors=errors,
                 )
@@ -312,9 +213,9 @@ def _network_report(
             layers_done.set()
         upper, note, uncertified, reports, layers = stage
         tight = _network_bound.network_upper_fields(
-            closed, leaves, x1.shape, upper, enabled=tight_bound, max_work=tight_max_work
+            closed, leaves, x1.shape, upper, enabled=o.tight_bound, max_work=o.tight_max_work
         )
-        timings["tight_bound"] = tight.pop("seconds")
+        timings["o.tight_bound"] = tight.pop("seconds")
         if pending is not None:
             lower_result, timings["lower_bound"] = pending.result()
     if pending is None:
@@ -329,14 +230,14 @@ def _network_report(
     else:
         lower, witness = lower_result.value, lower_result.witness
         lower_method = lower_result.method(
-            "data" if data is not None else "standard normal", power_iterations, power_rtol
+            "data" if data is not None else "standard normal", o.power_iterations, o.power_rtol
         )
     soundness = None
-    if check_pairs > 0 and tight["lipschitz_upper"] is not None:
+    if o.check_pairs > 0 and tight["lipschitz_upper"] is not None:
         t0 = time.perf_counter()
         try:
             pairs = _lower.soundness_pairs(
-                witness, x1.shape, check_pairs, seed=seed, dtype=x1.dtype, centres=points
+                witness, x1.shape, o.check_pairs, seed=o.seed, dtype=x1.dtype, centres=points
             )
             soundness = _lower.check_upper_bound(fn, leaves, tight["lipschitz_upper"], pairs)
             soundness.pop("ratios")
@@ -376,7 +277,7 @@ def _network_report(
         else None,
         "soundness": soundness,
         "errors": errors,
-        "layer_backend": backend,
+        "layer_backend": o.backend,
         "num_conv_layers": len(reports),
         "num_dense_layers": len(layers) - len(reports),
         "max_layer_sigma_max": max((r.sigma_max for r in layers), default=None),
@@ -397,12 +298,8 @@ def _layers_and_composition(
     names,
     x1,
     timings,
+    options: ReportOptions,
     *,
-    max_dense_dim,
-    compute_spectra,
-    include_dense,
-    progress,
-    backend,
     on_layers_done=None,
     errors=None,
 ):
@@ -429,10 +326,10 @@ def _layers_and_composition(
     t0 = time.perf_counter()
     reports = _layers.analyse_convs(
         conv_layers,
-        max_dense_dim=max_dense_dim,
-        compute_spectra=compute_spectra,
-        progress=progress,
-        backend=backend,
+        max_dense_dim=options.max_dense_dim,
+        compute_spectra=options.compute_spectra,
+        progress=options.progress,
+        backend=options.backend,
     )
     timings["layers"] = time.perf_counter() - t0
     if on_layers_done is not None:
@@ -455,7 +352,7 @@ def _layers_and_composition(
     timings["compose"] = time.perf_counter() - t0
 
     layers: list[LayerReport] = [by_leaf[i] for i in order]
-    if include_dense:
+    if options.include_dense:
         for leaf, mat in composer.dense_uses.items():
             layers.append(_layers.analyse_dense(names[leaf], mat))
 

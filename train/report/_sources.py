@@ -9,7 +9,8 @@ def report_onnx(path, input_shape=None, **kwargs):
     Args:
       path: the ``.onnx`` file.
       input_shape: ``(1, C, H, W)``; the model's own input shape when ``None``.
-      **kwargs: passed to :func:`network_report`.
+      **kwargs: passed to :func:`network_report`: ``options`` (a
+        :class:`train.report.ReportOptions`) and / or options by name.
 
     Raises:
       ImportError: when ``train.models.from_onnx`` is not available.
@@ -37,7 +38,8 @@ def report_run(run_dir, data=None, **kwargs):
     Args:
       run_dir: a folder written by :func:`train.train_and_evaluate`.
       data: optional inputs ``(N, H, W, C)`` for the Jacobian lower bound.
-      **kwargs: passed to :func:`network_report_nnx`.
+      **kwargs: passed to :func:`network_report_nnx`: ``options`` (a
+        :class:`train.report.ReportOptions`) and / or options by name.
     """
     import numpy as np
 
@@ -46,7 +48,7 @@ def report_run(run_dir, data=None, **kwargs):
     from train.report._api import network_report_nnx
 
     model, config, _ = restore_model(run_dir)
-    h, w, c = train_data.dataset_info(config.dataset).image_shape
-    pad = getattr(config, "image_pad", 0)
+    h, w, c = train_data.dataset_info(config.data.dataset).image_shape
+    pad = config.data.image_pad
     x = np.zeros((1, h + 2 * pad, w + 2 * pad, c), np.float32)
     return network_report_nnx(model, x, data=data, **kwargs)
