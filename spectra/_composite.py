@@ -209,8 +209,11 @@ def grouped_norm_upper(blocks, radii, *, iterations: int = 6, seed: int = 0) -> 
         p = p / p.sum()
     p = best_p
     scale = c / np.sqrt(p)
-    bound = dense_norm_upper(np.concatenate([s * a for s, a in zip(scale, mats)], axis=1))
-    return dataclasses.replace(bound, method="grouped")
+    b = np.concatenate([s * a for s, a in zip(scale, mats)], axis=1)
+    bound = dense_norm_upper(b)
+    # The scaling's rounding: |B - B̂| <= u |B̂| elementwise, so ||B|| <= ||B̂|| + u ||B̂||_F.
+    upper = bound.upper + _U * float(np.linalg.norm(b)) * (1 + 4 * _U)
+    return dataclasses.replace(bound, upper=upper, method="grouped")
 
 
 def _top_eigenvalue(g: np.ndarray, steps: int = 40) -> float:
