@@ -32,6 +32,11 @@ identities and sums of branches are inside the linear maps). For ``x + W₂ relu
 Kuczyński–Woźniakowski bound, :func:`spectra._composite.lanczos_norm_upper`; the failure
 probabilities add up, union bound).
 
+Where all the maps into one target ``u_k`` are dense, the sum is also bounded by one norm: with
+``Δu_k = Σ_j A_j Δe_j`` (``e_0 = x``) and ``||Δe_j|| <= L(u_j) ||Δx||``, Cauchy–Schwarz over the
+blocks gives ``||Δu_k|| <= ||[L(u_j) A_j / sqrt(p_j)]_j|| ||Δx||`` for any ``p_j > 0`` summing to
+1 (:func:`spectra._composite.grouped_norm_upper`, proven); the smaller of the two is kept.
+
 Anything else that depends on the input nonlinearly (products of two input-dependent values,
 softmax, ``exp``, leaky ReLU selects, ...) makes this bound unavailable (``None`` with a note);
 the composition bound (:mod:`train.report._lipschitz`) still applies.
