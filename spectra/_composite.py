@@ -153,8 +153,8 @@ def grouped_norm_upper(blocks, radii, *, iterations: int = 6, seed: int = 0) -> 
     iteration towards ``p_j ∝ c_j ||A_jᵀ v||`` (``v``: ``B``'s top left singular vector, by power
     iteration; damped, the weights with the smallest power-iteration estimate kept). The best
     weights give ``max_V Σ_j c_j sqrt(tr(V A_j A_jᵀ))`` over density matrices ``V`` (minimax): at
-    most ``Σ_j c_j ||A_j||`` (the triangle inequality; equal when the blocks' ranges are orthogonal)
-    and below it when the blocks share their range but not their top directions. Whatever the
+    most ``Σ_j c_j ||A_j||`` (the triangle inequality, equal when the blocks share their top left
+    singular vector), ``sqrt(Σ_j c_j² ||A_j||²)`` when their ranges are orthogonal. Whatever the
     iteration reached, the value is a proven bound.
 
     Args:
@@ -169,7 +169,7 @@ def grouped_norm_upper(blocks, radii, *, iterations: int = 6, seed: int = 0) -> 
     Example:
       >>> import numpy as np
       >>> a, b = np.diag([1.0, 0.0]), np.diag([0.0, 1.0])
-      >>> round(grouped_norm_upper([a, b], [1.0, 1.0]).upper, 6)  # Not 1 + 1.
+      >>> round(float(grouped_norm_upper([a, b], [1.0, 1.0]).upper), 6)  # Not 1 + 1.
       1.414214
     """
     mats = [np.asarray(a, np.float64) for a in blocks]

@@ -373,6 +373,14 @@ def test_grouped_norm_upper_exact_cases():
     g = _composite.grouped_norm_upper([a, a, a], [1.0, 2.0, 0.5])
     assert g.upper == pytest.approx(3.5 * np.linalg.norm(a, 2), rel=1e-6)
     assert g.upper >= 3.5 * np.linalg.norm(a, 2)
+    # Blocks with orthogonal ranges: sqrt(Σ c_j² ||A_j||²), not the triangle's sum.
+    b1 = np.zeros((4, 2))
+    b1[:2] = rng.standard_normal((2, 2))
+    b2 = np.zeros((4, 3))
+    b2[2:] = rng.standard_normal((2, 3))
+    exact = math.hypot(2 * np.linalg.norm(b1, 2), 3 * np.linalg.norm(b2, 2))
+    g = _composite.grouped_norm_upper([b1, b2], [2.0, 3.0])
+    assert exact <= g.upper <= exact * 1.02  # 6 damped weight updates: within 2 %.
     # Blocks with one range and different top directions: the supremum is
     # max_u Σ_j ||A_jᵀ u|| = 2 sqrt(0.505) at u = (1, 1)/sqrt(2), not the triangle's 2.
     d1, d2 = np.diag([1.0, 0.1]), np.diag([0.1, 1.0])
