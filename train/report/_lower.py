@@ -50,6 +50,7 @@ class LowerBound:
       counts: the power stage's iteration count per start point.
       ascent_steps: ascent steps run (``0``: skipped, e.g. out of time).
       refine_counts: the refine stage's iteration counts (empty if it did not run).
+      rounds: ascent rounds started (each after a power iteration at the last round's pairs).
     """
 
     value: float
@@ -60,6 +61,7 @@ class LowerBound:
     counts: np.ndarray
     ascent_steps: int
     refine_counts: np.ndarray
+    rounds: int = 1
 
     def method(self, source: str, power_iterations: int, power_rtol: float) -> str:
         """A one-line description of how the value was found (for ``lipschitz_lower_method``)."""
@@ -73,7 +75,8 @@ class LowerBound:
             "): max of jacobian_power_iteration at "
             f"{len(self.per_point)} {source} points (iterations "
             f"{', '.join(map(str, self.counts))}), pair_ascent (adam, {len(self.per_point)} "
-            f"restarts, {self.ascent_steps} steps) and jacobian_power_iteration at the ascent's "
+            f"restarts, {self.ascent_steps} steps in {self.rounds} rounds) and "
+            "jacobian_power_iteration at the ascent's "
             f"best points (at most {power_iterations} iterations, rtol {power_rtol:g}; used "
             f"{', '.join(map(str, self.refine_counts)) or 'none'}); stages: {stages}"
         )
@@ -260,6 +263,7 @@ def search_lower_bound(
         "refine": None,
     }
     steps_run = 0
+    rounds_run = 0
     refine_counts = np.zeros(0, np.int32)
     if ascent_steps > 0 and not stop_fn():
         lo, hi = (float(e) for e in eps)
@@ -284,6 +288,7 @@ def search_lower_bound(
         for r in range(rounds):
             if stop_fn():
                 break
+            rounds_run = r + 1
             # Variables scaled by each point's RMS: adam's step is relative to the input's size.
             scale = np.sqrt(np.mean(starts.astype(np.float64) ** 2, axis=axes))
             scale = np.where(scale > 0, scale, 1.0).astype(dtype)
@@ -373,6 +378,7 @@ def search_lower_bound(
         counts=counts,
         ascent_steps=steps_run,
         refine_counts=refine_counts,
+        rounds=rounds_run,
     )
 
 
