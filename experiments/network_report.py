@@ -43,7 +43,7 @@ _VARIANTS = (
 
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(
-        base=common.QUICK_BASE, seeds=(0,), variants=_VARIANTS, num_points=8, ascent_steps=200
+        base=common.QUICK_BASE, seeds=(0,), variants=_VARIANTS, num_points=8, ascent_steps=400
     ),
     "paper": dict(
         base=common.PAPER_BASE, seeds=(0, 1, 2), variants=_VARIANTS, num_points=64, ascent_steps=500

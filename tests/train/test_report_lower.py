@@ -125,6 +125,24 @@ class SearchTest(absltest.TestCase):
         v64 = report.recompute_lower_bound(f, p32, lb.witness, dtype=np.float64)
         self.assertAlmostEqual(v64 / lb.value, 1.0, delta=1e-4)  # float32 rounding only.
 
+    def test_rounds_stay_below_exact_and_their_witness_recomputes(self):
+        for seed in range(3):
+            f, p = _relu_net(seed, d_in=3, hidden=8)
+            exact = _exact_relu_constant(p)
+            points = np.random.default_rng(seed).normal(size=(4, 1, 3))
+            lb = report.search_lower_bound(f, points, p, ascent_steps=60, round_steps=10)
+            for stage in lb.stages.values():
+                self.assertLessEqual(stage, exact * (1 + 1e-9))
+            self.assertGreater(lb.value, 0.5 * exact)
+            value = report.recompute_lower_bound(f, p, lb.witness)
+            self.assertAlmostEqual(value / lb.value, 1.0, delta=1e-9)
+            xs, ys = lb.witness["pairs_x"], lb.witness["pairs_y"]
+            self.assertTrue(np.all(np.linalg.norm((xs - ys).reshape(len(xs), -1), axis=1) > 0))
+        with self.assertRaisesRegex(ValueError, "round_steps"):
+            report.search_lower_bound(f, points, p, ascent_steps=5, round_steps=0)
+        with self.assertRaisesRegex(ValueError, "shrink"):
+            report.search_lower_bound(f, points, p, ascent_steps=5, shrink=0.0)
+
     def test_bad_points(self):
         f, p = _relu_net()
         with self.assertRaisesRegex(ValueError, "points"):

@@ -115,13 +115,21 @@ def test_residual_block_formula():
     def f(p, x):
         return x + jax.nn.relu(x @ p[0]) @ p[1]
 
-    r = _bound(f, [w1, w2], (1, 5))
+    r = _bound(f, [w1, w2], (1, 5), grouped_norms=False)
     a, b = w1.astype(np.float64).T, w2.astype(np.float64).T  # Row-vector convention.
     n2 = lambda m: np.linalg.norm(m, 2)  # noqa: E731
     expected = n2(np.eye(5) + 0.5 * b @ a) + 0.5 * n2(b) * n2(a)
     assert r.upper == pytest.approx(expected, rel=1.5e-3)
     assert r.upper >= expected
     assert r.upper < 1 + n2(a) * n2(b)  # Strictly better than the composition here.
+    # Grouped: ||[I + ½BA, ½B ||A|| / sqrt(p)]||-type bound over the two terms, never looser.
+    grouped = _bound(f, [w1, w2], (1, 5))
+    assert grouped.upper <= r.upper
+    xs = np.random.default_rng(0).standard_normal((4096, 1, 5)).astype(np.float32)
+    ys = xs + 0.3 * np.random.default_rng(1).standard_normal(xs.shape).astype(np.float32)
+    diff = np.asarray(jax.vmap(lambda u, v: f([w1, w2], u) - f([w1, w2], v))(xs, ys))
+    ratios = np.linalg.norm(diff, axis=(1, 2)) / np.linalg.norm(xs - ys, axis=(1, 2))
+    assert ratios.max() <= grouped.upper
 
 
 def _tiny_relu_net(seed):
@@ -328,3 +336,85 @@ def test_lanczos_path_on_a_linear_network_brackets_its_norm():
     eps = _composite.kw_epsilon(1e-6, 40, 60)
     assert r.kind == "probabilistic"
     assert exact <= r.upper <= exact / math.sqrt(1 - eps) * (1 + 1e-9)
+
+
+# ------------------------------------------------------------------------ grouped norms
+def _sup_sum_brute_force(mats, radii, restarts=20, steps=300):
+    """A lower estimate of ``sup ||Σ A_j z_j||`` over ``||z_j|| <= c_j`` (projected ascent)."""
+    rng = np.random.default_rng(0)
+    best = 0.0
+    for _ in range(restarts):
+        zs = [rng.standard_normal(a.shape[1]) for a in mats]
+        for _ in range(steps):
+            zs = [c * z / max(np.linalg.norm(z), 1e-300) for z, c in zip(zs, radii)]
+            s = sum(a @ z for a, z in zip(mats, zs))
+            best = max(best, float(np.linalg.norm(s)))
+            zs = [a.T @ s for a in mats]  # The maximiser of <s, Σ A_j z_j> on the spheres.
+    return best
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_grouped_norm_upper_against_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    mats = [rng.standard_normal((6, n)) for n in (3, 5, 8)]
+    radii = rng.uniform(0.2, 3.0, 3)
+    g = _composite.grouped_norm_upper(mats, radii)
+    triangle = sum(c * np.linalg.norm(a, 2) for a, c in zip(mats, radii))
+    brute = _sup_sum_brute_force(mats, radii)
+    assert g.kind == "proven" and g.method == "grouped"
+    assert brute <= g.upper <= triangle * (1 + 1e-9)
+    assert g.upper <= 1.25 * brute  # Near the true supremum on these.
+
+
+def test_grouped_norm_upper_exact_cases():
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((5, 4))
+    # Equal blocks: the supremum is the triangle inequality's Σ c_j ||A||.
+    g = _composite.grouped_norm_upper([a, a, a], [1.0, 2.0, 0.5])
+    assert g.upper == pytest.approx(3.5 * np.linalg.norm(a, 2), rel=1e-6)
+    assert g.upper >= 3.5 * np.linalg.norm(a, 2)
+    # Blocks with orthogonal ranges: sqrt(Σ c_j² ||A_j||²), not the triangle's sum.
+    b1 = np.zeros((4, 2))
+    b1[:2] = rng.standard_normal((2, 2))
+    b2 = np.zeros((4, 3))
+    b2[2:] = rng.standard_normal((2, 3))
+    exact = math.hypot(2 * np.linalg.norm(b1, 2), 3 * np.linalg.norm(b2, 2))
+    g = _composite.grouped_norm_upper([b1, b2], [2.0, 3.0])
+    assert exact <= g.upper <= exact * 1.02  # 6 damped weight updates: within 2 %.
+    # Blocks with one range and different top directions: the supremum is
+    # max_u Σ_j ||A_jᵀ u|| = 2 sqrt(0.505) at u = (1, 1)/sqrt(2), not the triangle's 2.
+    d1, d2 = np.diag([1.0, 0.1]), np.diag([0.1, 1.0])
+    exact = 2 * math.sqrt(0.505)
+    g = _composite.grouped_norm_upper([d1, d2], [1.0, 1.0])
+    assert exact <= g.upper <= exact * 1.001
+    assert _sup_sum_brute_force([d1, d2], [1.0, 1.0]) == pytest.approx(exact, rel=1e-6)
+    assert _composite.grouped_norm_upper([a, np.zeros((5, 2))], [0.0, 1.0]).upper == 0.0
+    with pytest.raises(ValueError, match="radii"):
+        _composite.grouped_norm_upper([a], [-1.0])
+    with pytest.raises(ValueError, match="blocks"):
+        _composite.grouped_norm_upper([a, np.zeros((3, 2))], [1.0, 1.0])
+
+
+def test_grouped_norm_without_the_weights_would_be_caught(monkeypatch):
+    # The same blocks scaled by c_j alone (no 1/sqrt(p_j)): below the supremum, so the
+    # brute-force test above would fail.
+    rng = np.random.default_rng(1)
+    mats = [rng.standard_normal((4, 3)) for _ in range(3)]
+    radii = [1.0, 1.0, 1.0]
+    wrong = np.linalg.norm(np.concatenate(mats, axis=1), 2)
+    assert wrong < _sup_sum_brute_force(mats, radii)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_grouped_dp_is_sound_and_not_looser(seed):
+    p = _tiny_relu_net(seed)
+
+    def f(p, x):
+        h = jax.nn.relu(x @ p[0] + p[1])
+        return jax.nn.relu(h @ p[2] + p[3]) @ p[4]
+
+    exact = _exact_relu_lipschitz(p)
+    p32 = [np.asarray(v, np.float32) for v in p]
+    grouped = _bound(f, p32, (1, 2))
+    summed = _bound(f, p32, (1, 2), grouped_norms=False)
+    assert exact <= grouped.upper <= summed.upper
