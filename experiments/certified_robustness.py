@@ -5,8 +5,10 @@ Each variant is trained with :func:`train.train_and_evaluate` (through
 process are reused), its final certified model (BatchNorm in eval mode) is reported by
 :func:`train.report.network_report_nnx` and evaluated with :func:`train.certified_accuracy`.
 Per variant: clean test accuracy; the **certified** ℓ2 Lipschitz upper bound ``L`` of the logit
-map (``network['lipschitz_upper']``, composition over the jaxpr); the **empirical lower**
-bound (``network['lipschitz_lower']``, Jacobian power iteration at test images); their gap;
+map (``network['lipschitz_upper']``: the midpoint bound over the jaxpr where it applies, else
+the composition); the **empirical lower** bound (``network['lipschitz_lower']``: the search of
+:func:`train.report.search_lower_bound` from test images, power iteration and pair ascent, with
+the preset's step budget ``lower``); their gap;
 and the certified robust accuracy at three radii: the fraction of test images classified
 correctly with margin ``> sqrt(2) ε L`` (Tsuzuku et al. 2018), a proven robust accuracy.
 
@@ -246,6 +248,8 @@ def run(preset: str, out_dir: pathlib.Path) -> str:
            else f"{100 * base_result['certified'][middle]:.2f}%")
         + ".\n"
     )
+    lower_opts = setting.get("lower") or {}
+    lower_text = ", ".join(f"{k} {v}" for k, v in sorted(lower_opts.items())) or "defaults"
     text = (
         "## Certified robustness: baseline, Sedghi and BN-aware clips, 1-Lipschitz network\n\n"
         f"Set-up ({preset} preset): {base.dataset} ({base.num_steps} steps for the ResNets: "
@@ -254,8 +258,10 @@ def run(preset: str, out_dir: pathlib.Path) -> str:
         f"{lip_config.optimizer} lr {lip_config.lr:g}, convs projected to σ_max ≤ 1 "
         f"('{lip_config.project_method}' every step, certified rescale of the final model); "
         f"seed {setting['seed']}. Upper: certified ℓ2 Lipschitz bound of the logit map "
-        "(`network_report`, composition over the jaxpr, BatchNorm folded in). Lower: max over "
-        f"{setting['num_points']} test images of ||J(x) v|| (power iteration, a true lower "
+        "(`network_report`: the midpoint (LipLT) bound over the jaxpr where it applies, else "
+        "the composition; BatchNorm folded in). Lower: the largest realised "
+        "||J(x) v|| or ||f(x) - f(y)|| / ||x - y|| of `train.report.search_lower_bound` "
+        f"started at {setting['num_points']} test images ({lower_text}; a true lower "
         "bound). Certified accuracy: test images classified correctly with margin > √2·ε·L "
         "(Tsuzuku et al. 2018), ε in pixel units (images in [0, 1]; the model-input radius "
         "is ε / std), L the certified upper bound: a proven robust accuracy.\n\n"
