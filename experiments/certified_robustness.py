@@ -145,6 +145,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             2,
             lipnet_changes(
                 width=4, depths=(1, 1), lipschitz=4.0, lr=0.01, num_steps=4, activation="abs"),
+            bn_extra=dict(project_certify_recalibration_batches=2),
         ),
         radii=(0.01, 0.05, 0.1),
         num_points=2,
