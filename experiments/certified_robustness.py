@@ -18,21 +18,21 @@ bounds it for several). The middle radius is one where the baseline certifies no
 
 Variants (:func:`variants`): the ``sedghi_training`` ResNet baseline; the Sedghi clip (the
 certified projection of every conv to σ_max <= c, c = 1 and c = 3, every 10 steps, BatchNorm
-kept: eval-mode BatchNorm rescales the clipped convs, so the network bound stays large); the BN-aware clip
-(:mod:`train.bn_aware`: the BatchNorm-folded operator of every conv projected to σ_max <= 3,
-every 10 steps; c = 3 was the README's best accuracy / bound trade-off, c = 1 trains to
-chance level; the table compares it with the plain clip at the same c); the 1-Lipschitz
-:class:`train.models.LipResNet` (convs kept at σ_max <= 1 by the projection, residual blocks
-``I + W`` bounded as one conv, MaxMin activations, an orthogonal head (the polar factor of its
+kept: eval-mode BatchNorm rescales the clipped convs, so the network bound stays large); the
+BN-aware clip (:mod:`train.bn_aware`: the BatchNorm-folded operator of every conv projected to
+σ_max <= 3, every 10 steps; c = 3 was the README's best accuracy / bound trade-off, c = 1 trains
+to chance level; the table compares it with the plain clip at the same c); the 1-Lipschitz
+:class:`train.models.LipResNet` (convs kept at σ_max <= 1 by the projection, residual blocks ``I
++ W`` bounded as one conv, MaxMin activations, an orthogonal head (the polar factor of its
 weight: every singular value 1), no BatchNorm; its logits scaled by ``L``, so its constant is
 ``L`` by construction). MaxMin is exactly 1-Lipschitz and the report recognises it (per-pair
-sorting, :data:`train.report._lipschitz.SORTING_LIPSCHITZ`), so the certified upper column is
-at most ``L``.
+sorting, :data:`train.report._lipschitz.SORTING_LIPSCHITZ`), so the certified upper column is at
+most ``L``.
 
 The logit scale ``L`` is also the cross-entropy's temperature, and it trades clean accuracy
-against the gap upper / lower (the scale itself cancels in both the gap and the certified
-radii; what changes is the function training finds). Measured on the quick preset (seed 0, 600
-steps, lower bound from 16-32 test images, 200-300 ascent steps): spectral head, L = 16: clean 89.42%,
+against the gap upper / lower (the scale itself cancels in both the gap and the certified radii;
+what changes is the function training finds). Measured on the quick preset (seed 0, 600 steps,
+lower bound from 16-32 test images, 200-300 ascent steps): spectral head, L = 16: clean 89.42%,
 gap 2.48; L = 64: 94.71%, gap 7.86; L = 128: 94.71%, gap 12.3; orthogonal head, L = 32: 94.71%,
 gap 4.51 (the orthogonal head trains faster and shrinks no logit direction). A larger
 temperature lets the cross-entropy be satisfied with a network that uses a small part of its
