@@ -127,7 +127,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         seed=0,
         variants=variants(
             10,
-            lipnet_changes(width=16, depths=(1, 1), lipschitz=16.0, lr=3e-3, num_steps=600),
+            lipnet_changes(width=16, depths=(1, 1), lipschitz=32.0, lr=3e-3, num_steps=800),
         ),
         radii=(0.002, 0.005, 0.01),
         num_points=8,
