@@ -51,7 +51,7 @@ from flax import nnx
 #: ``'maxmin'``, ``'groupsort<k>'`` (e.g. ``'groupsort4'``), ``'abs'``, ``'relu'``.
 ACTIVATIONS = ("maxmin", "groupsort<k>", "abs", "relu")
 #: Normalisations of :class:`NormalizedDense`.
-NORMALIZATIONS = ("rows", "spectral")
+NORMALIZATIONS = ("rows", "spectral", "orthogonal")
 
 
 def _check_channels(x: jax.Array, group_size: int, name: str) -> int:
@@ -249,7 +249,9 @@ def normalized_weight(kernel: jax.Array, normalize: str) -> jax.Array:
     """The weight :class:`NormalizedDense` applies (flax ``(in, out)`` layout).
 
     ``'rows'``: each output's weight vector (a column of ``kernel``) divided by its ℓ2 norm;
-    ``'spectral'``: ``kernel / max(1, σ_max(kernel))`` (exact largest singular value).
+    ``'spectral'``: ``kernel / max(1, σ_max(kernel))`` (exact largest singular value);
+    ``'orthogonal'``: the polar factor ``U Vᵀ`` of ``kernel = U S Vᵀ`` (thin SVD; every singular
+    value 1: gradient-norm preserving on its row space, σ_max exactly 1 up to rounding).
     """
     if normalize == "rows":
         norms = jnp.sqrt(jnp.sum(jnp.square(kernel), axis=0, keepdims=True))
@@ -257,6 +259,11 @@ def normalized_weight(kernel: jax.Array, normalize: str) -> jax.Array:
     if normalize == "spectral":
         sigma = jnp.linalg.svd(kernel, compute_uv=False)[0]
         return kernel / jnp.maximum(sigma, 1.0)
+    if normalize == "orthogonal":
+        # The polar factor U Vᵀ of kernel = U S Vᵀ: every singular value 1 (orthonormal
+        # columns for in >= out), the nearest such matrix to ``kernel`` in Frobenius norm.
+        u, _, vt = jnp.linalg.svd(kernel, full_matrices=False)
+        return u @ vt
     raise ValueError(f"normalize={normalize!r}: expected one of {NORMALIZATIONS}")
 
 
@@ -272,6 +279,10 @@ class NormalizedDense(nnx.Module):
     * ``normalize='spectral'``: ``W_n = W / max(1, σ_max(W))`` (exact SVD, differentiable):
       the logit vector is 1-Lipschitz, so a network of 1-Lipschitz layers ending with it has
       ``L <= 1``.
+    * ``normalize='orthogonal'``: ``W_n = U Vᵀ``, the polar factor of ``W = U S Vᵀ`` (all
+      singular values 1): 1-Lipschitz like ``'spectral'`` (up to the SVD's rounding, which the
+      report's exact norm of the applied weight accounts for), and no logit direction is
+      shrunk, so the realised Jacobian norm can reach the bound.
 
     Args:
       in_features: inputs.

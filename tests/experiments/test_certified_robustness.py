@@ -20,8 +20,8 @@ class CertifiedRobustnessExperimentTest(absltest.TestCase):
         rows = {r[0]: r for r in tables.table_rows(text) if r[0] != "model"}
         self.assertEqual(
             set(rows),
-            {"baseline", "Sedghi clip c=1, every 2", "BN-aware clip c=3, every 2",
-             "1-Lipschitz LipResNet"})
+            {"baseline", "Sedghi clip c=1, every 2", "Sedghi clip c=3, every 2",
+             "BN-aware clip c=3, every 2", "1-Lipschitz LipResNet"})
         for row in rows.values():
             clean, upper, lower, gap = (float(v) for v in row[1:5])
             self.assertGreaterEqual(upper, lower)
@@ -32,6 +32,8 @@ class CertifiedRobustnessExperimentTest(absltest.TestCase):
         # The 1-Lipschitz net's certified bound is its logit scale (4 in the test preset).
         self.assertLessEqual(float(rows["1-Lipschitz LipResNet"][2]), 4.0 * (1 + 1e-5))
         self.assertIn("LiResNet++ 87.0 / 78.1", text)
+        # The plain and the BN-aware clip compared at the same c (3).
+        self.assertIn("At c = 3: the BN-aware clip's certified network bound is", text)
         self.assertFalse(any(out.glob("runs")))
 
     def test_registered(self):

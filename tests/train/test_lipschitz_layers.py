@@ -150,6 +150,18 @@ class NormalizedDenseTest(absltest.TestCase):
         with self.assertRaisesRegex(ValueError, "normalize='frobenius'"):
             ll.NormalizedDense(6, 4, normalize="frobenius", rngs=nnx.Rngs(0))
 
+    def test_orthogonal(self):
+        kernel = jnp.asarray(_rng(5).standard_normal((6, 4)), jnp.float32)
+        w = np.asarray(ll.normalized_weight(kernel, "orthogonal"), np.float64)
+        # All singular values 1 (float64 SVD of the applied weight), the polar factor U Vᵀ.
+        np.testing.assert_allclose(np.linalg.svd(w, compute_uv=False), 1.0, rtol=1e-5)
+        u, _, vt = np.linalg.svd(np.asarray(kernel, np.float64), full_matrices=False)
+        np.testing.assert_allclose(w, u @ vt, atol=1e-5)
+        # Norm preserving on the row space: ||v W|| = ||v|| for every v in span(W's rows).
+        v = _rng(6).standard_normal((3, 4)) @ w.T
+        np.testing.assert_allclose(
+            np.linalg.norm(v @ w, axis=1), np.linalg.norm(v, axis=1), rtol=1e-5)
+
 
 class LipResNetTest(absltest.TestCase):
 
