@@ -313,12 +313,13 @@ def main() -> None:
     rows = []
     for name, build, target in models:
         report_fn = build()
-        times, reports = [], []
+        times, reports, cpu = [], [], []
         warm = not (args.no_warm or name.startswith(("resnet50", "wrn50")))
         for _ in range(2 if warm else 1):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             reports.append(report_fn())
             times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - cpu_start)  # All threads: ~2x wall when both busy.
         r = reports[0]
         if len(times) == 1:
             times.append(float("nan"))
@@ -357,7 +358,8 @@ def main() -> None:
             ]
         )
         print(
-            f"[bench_report] {name}: cold {times[0]:.1f} s, warm {times[1]:.1f} s, tight bound "
+            f"[bench_report] {name}: cold {times[0]:.1f} s (CPU {cpu[0]:.1f} s, load average "
+            f"{os.getloadavg()[0]:.1f}), warm {times[1]:.1f} s, tight bound "
             f"{r.timings.get('tight_bound', 0.0):.1f} s "
             f"({r.network.get('lipschitz_upper_tight_note')}), "
             f"lower {lower_cell}, lower bound {lower_vs_layers} s of layers",

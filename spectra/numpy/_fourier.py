@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 import scipy.linalg
+import scipy.linalg.blas
 import scipy.linalg.lapack
 
 from spectra._bounds import exact_circular_spec
@@ -115,15 +116,16 @@ PRUNE_POWER_STEPS = 12
 
 
 def _gram(m: np.ndarray) -> np.ndarray:
-    """The smaller Gram ``M M^H`` or ``M^H M`` of each matrix of a stack ``(..., r, c)``."""
-    r, c = m.shape[-2:]
-    mh = np.conj(np.swapaxes(m, -1, -2))
-    return m @ mh if r <= c else mh @ m
+    """The smaller Gram ``M M^H`` or ``M^H M`` of one complex matrix ``(r, c)``: its **upper
+    triangle** only (BLAS ``zherk``, half the flops of a product; the lower triangle is not
+    set). Read it with ``lower=False`` (:func:`_below`, :func:`_top_eigenpair`)."""
+    r, c = m.shape
+    return scipy.linalg.blas.zherk(1.0, m, trans=0 if r <= c else 2, lower=0)
 
 
 def _top_eigenpair(gram: np.ndarray, m: np.ndarray) -> tuple[float, np.ndarray]:
     """λ_max of a Gram (LAPACK ``eigh``, the top eigenpair only) and ``m``'s top right vector."""
-    lam, vec = scipy.linalg.eigh(gram, subset_by_index=[gram.shape[0] - 1] * 2)
+    lam, vec = scipy.linalg.eigh(gram, lower=False, subset_by_index=[gram.shape[0] - 1] * 2)
     lam, vec = max(float(lam[0]), 0.0), vec[:, 0]
     if m.shape[0] <= m.shape[1]:  # vec is the left singular vector: w = M^H u / σ.
         vec = np.conj(m.T) @ vec

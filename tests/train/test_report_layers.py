@@ -111,6 +111,21 @@ class LayerReportTest(parameterized.TestCase):
         elif expected == "fft":  # Circular, strides dividing the input: the bound is exact.
             self.assertAlmostEqual(self.lanczos[index].upper_bound, exact[0], delta=1e-9)
 
+    @parameterized.named_parameters((n, n) for n in ("stride2_SAME", "groups2_SAME", "k1_SAME"))
+    def test_uniform_scale_reuses_the_layer(self, name):
+        # A per-channel scale of one magnitude (signs flipped): the folded layer's numbers are
+        # |c| times the layer's, checked against the folded kernel's dense operator.
+        _, kshape, spec = next(c for c in CASES if c[0] == name)
+        signs = np.where(np.random.default_rng(1).random(kshape[3]) < 0.5, -1.0, 1.0)
+        layer = layers_mod.ConvLayer(name, random_kernel(kshape, seed=5), spec, 0.7 * signs)
+        (r,) = layers_mod.analyse_convs([layer], max_dense_dim=0)
+        folded = exact_singular_values(layer.kernel * layer.bn_scale, spec)[0]
+        self.assertAlmostEqual(r.bn_folded_sigma_max / folded, 1.0, delta=1e-8)
+        self.assertAlmostEqual(r.bn_folded_sigma_max, 0.7 * r.sigma_max, delta=1e-12)
+        self.assertGreaterEqual(r.bn_folded_upper_bound, folded * (1 - 1e-10))
+        self.assertIsNone(layers_mod.uniform_scale(np.array([1.0, -2.0])))
+        self.assertEqual(layers_mod.uniform_scale(np.array([-2.0, 2.0])), 2.0)
+
     def test_dense_layer(self):
         w = random_kernel((5, 3), seed=3)
         r = layers_mod.analyse_dense("head", w)

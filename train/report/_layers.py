@@ -205,8 +205,29 @@ def _analyse_kernel_numpy(
     return float(sigma), residual, spectrum, [bounds[name] for name in bound_names]
 
 
+def uniform_scale(scale) -> float | None:
+    """``|c|`` when every entry of a per-channel scale has the same magnitude ``|c|``, else None.
+
+    Then the conv followed by the scaling is ``c D A`` with ``D`` diagonal ``±1`` (orthogonal):
+    its singular values are exactly ``|c|`` times ``A``'s, and so are the certified bounds
+    (positively homogeneous). E.g. a randomly initialised BatchNorm in eval mode.
+    """
+    if scale is None:
+        return None
+    a = np.abs(np.asarray(scale, np.float64)).reshape(-1)
+    return float(a[0]) if a.size and np.all(a == a[0]) else None
+
+
 def _analyse_group_numpy(
-    kernels, folded, spec, sigma_method, bound_names, spectrum_method, rtol, bracket_rtol
+    kernels,
+    folded,
+    spec,
+    sigma_method,
+    bound_names,
+    spectrum_method,
+    rtol,
+    bracket_rtol,
+    scales=None,
 ):
     """:func:`_analyse_group` on the host (NumPy / SciPy, float64), :data:`HOST_THREADS` kernels
     at a time.
@@ -214,9 +235,17 @@ def _analyse_group_numpy(
     Lanczos starts from a random vector plus the top of the circulant embedding (computed for
     the ``symbol_grid`` bound anyway; per group for grouped layers), windowed by the lowest sine
     mode: measured 3x fewer products than a random start on an 80x80, 32-channel layer.
+
+    ``scales``: the per-channel scale of each layer (folded into ``folded``), or ``None``. A
+    folded layer whose scale has a uniform magnitude ``|c|`` (:func:`uniform_scale`) is not
+    analysed again: its σ_max and bounds are ``|c|`` times the layer's (exact, see there).
     """
-    both = list(kernels) + (list(folded) if folded is not None else [])
     n = len(kernels)
+    factors = [None] * n
+    if folded is not None and scales is not None:
+        factors = [uniform_scale(s) for s in scales]
+    todo = [j for j in range(n) if folded is not None and factors[j] is None]
+    both = list(kernels) + [folded[j] for j in todo]
 
     def one(j):
         args = (spec, sigma_method, bound_names, spectrum_method, rtol, bracket_rtol)
@@ -227,13 +256,26 @@ def _analyse_group_numpy(
             results = list(pool.map(one, range(len(both))))
     else:
         results = [one(j) for j in range(len(both))]
+    if folded is not None:  # The folded layers in order: computed, or scaled from the layer's.
+        computed = dict(zip(todo, results[n:]))
+        results = results[:n] + [
+            computed[j]
+            if factors[j] is None
+            else (
+                factors[j] * results[j][0],
+                results[j][1],
+                None,
+                [factors[j] * b for b in results[j][3]],
+            )
+            for j in range(n)
+        ]
     out: dict = {
         "sigma": [r[0] for r in results],
         "residual": [r[1] for r in results if r[1] is not None],
         "spectrum": [r[2] for r in results[:n]] if spectrum_method is not None else [],
     }
     out["bounds"] = np.array([r[3] for r in results], np.float64).reshape(
-        len(both), len(bound_names)
+        len(results), len(bound_names)
     )
     out["frobenius_sq"] = np.array([snp.frobenius_norm(k, spec) ** 2 for k in kernels])
     return out
@@ -279,9 +321,13 @@ def _analyse_group(kernels, folded, spec, sigma_method, bound_names, spectrum_me
 
 def reshaped_sigma_max(kernel: np.ndarray) -> float:
     """σ_max of the HWIO kernel reshaped to ``(kh kw c_in/g, c_out)`` (Miyato et al. 2018; Flax
-    ``SpectralNorm``): exact for that matrix (NumPy SVD, float64), not the layer's norm."""
-    kernel = np.asarray(kernel, np.float64)
-    return float(np.linalg.svd(kernel.reshape(-1, kernel.shape[-1]), compute_uv=False)[0])
+    ``SpectralNorm``): exact for that matrix (float64, to rounding), not the layer's norm.
+
+    The square root of the top eigenvalue of the smaller Gram matrix (LAPACK ``eigvalsh``):
+    measured 3x faster than the SVD of a ``9216 x 1024`` matrix (WideResNet-50-2's last 3x3)."""
+    m = np.asarray(kernel, np.float64).reshape(-1, np.shape(kernel)[-1])
+    gram = m.T @ m if m.shape[0] >= m.shape[1] else m @ m.T
+    return math.sqrt(max(float(np.linalg.eigvalsh(gram)[-1]), 0.0))
 
 
 def _subsample(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -392,6 +438,7 @@ def analyse_convs(
                 spectrum_method,
                 tol,
                 bracket_rtol,
+                [layers[i].bn_scale for i in members] if has_bn else None,
             )
         else:
             out = _analyse_group_jax(
