@@ -132,6 +132,11 @@ def test_residual_block_formula():
     assert ratios.max() <= grouped.upper
 
 
+def _tiny_relu_apply(p, x):
+    h = jax.nn.relu(x @ p[0] + p[1])
+    return jax.nn.relu(h @ p[2] + p[3]) @ p[4]
+
+
 def _tiny_relu_net(seed):
     rng = np.random.default_rng(seed)
     return [
@@ -173,12 +178,8 @@ def _exact_relu_lipschitz(p):
 def test_tiny_relu_network_against_region_enumeration(seed):
     p = _tiny_relu_net(seed)
 
-    def f(p, x):
-        h = jax.nn.relu(x @ p[0] + p[1])
-        return jax.nn.relu(h @ p[2] + p[3]) @ p[4]
-
     exact = _exact_relu_lipschitz(p)
-    r = _bound(f, [np.asarray(v, np.float32) for v in p], (1, 2))
+    r = _bound(_tiny_relu_apply, [np.asarray(v, np.float32) for v in p], (1, 2))
     naive = np.prod(
         [
             np.linalg.norm(np.asarray(w, np.float32).astype(np.float64), 2)
@@ -409,12 +410,8 @@ def test_grouped_norm_without_the_weights_would_be_caught(monkeypatch):
 def test_grouped_dp_is_sound_and_not_looser(seed):
     p = _tiny_relu_net(seed)
 
-    def f(p, x):
-        h = jax.nn.relu(x @ p[0] + p[1])
-        return jax.nn.relu(h @ p[2] + p[3]) @ p[4]
-
     exact = _exact_relu_lipschitz(p)
     p32 = [np.asarray(v, np.float32) for v in p]
-    grouped = _bound(f, p32, (1, 2))
-    summed = _bound(f, p32, (1, 2), grouped_norms=False)
+    grouped = _bound(_tiny_relu_apply, p32, (1, 2))
+    summed = _bound(_tiny_relu_apply, p32, (1, 2), grouped_norms=False)
     assert exact <= grouped.upper <= summed.upper

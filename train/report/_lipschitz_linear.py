@@ -120,20 +120,26 @@ def _mul(comp, eqn, vals, shape, at):
     if d.shape != shape:
         return comp.out(shape, comp.broadcast_lip(d, shape) * _max_abs(c))
     s = _scalar(c)
-    fold = None
-    if d.fold is not None and d.L is not None:
-        leaf, l_in, scale, axis = d.fold
-        per_channel = _channel_vector(c, len(shape), axis, scale.shape[0])
-        if per_channel is not None:
-            fold = (leaf, l_in, scale * per_channel, axis)
-    if fold is None:
-        comp.materialise(d)
+    fold = _scaled_fold(comp, d, c, shape, np.multiply)
     return Dep(
         shape,
         d.L * _max_abs(c),
         chain=comp.extend(d, ("mul", s)) if s is not None else None,
         fold=fold,
     )
+
+
+def _scaled_fold(comp, d: Dep, c, shape, combine) -> tuple | None:
+    """``d``'s pending conv fold with its per-channel scale combined with the constant ``c``
+    (``combine(scale, per_channel)``), or ``None`` after materialising ``d``'s fold when ``c``
+    is not a per-channel vector on the folded axis (or ``d`` has no fold)."""
+    if d.fold is not None and d.L is not None:
+        leaf, l_in, scale, axis = d.fold
+        per_channel = _channel_vector(c, len(shape), axis, scale.shape[0])
+        if per_channel is not None:
+            return (leaf, l_in, combine(scale, per_channel), axis)
+    comp.materialise(d)
+    return None
 
 
 def _div(comp, eqn, vals, shape, at):
@@ -146,14 +152,7 @@ def _div(comp, eqn, vals, shape, at):
     if a.shape != shape:
         return comp.out(shape, comp.broadcast_lip(a, shape) / np.min(np.abs(c)))
     s = _scalar(c)
-    fold = None
-    if a.fold is not None and a.L is not None:
-        leaf, l_in, scale, axis = a.fold
-        per_channel = _channel_vector(c, len(shape), axis, scale.shape[0])
-        if per_channel is not None:
-            fold = (leaf, l_in, scale / per_channel, axis)
-    if fold is None:
-        comp.materialise(a)
+    fold = _scaled_fold(comp, a, c, shape, np.divide)
     return Dep(
         shape,
         a.L / float(np.min(np.abs(c))),
