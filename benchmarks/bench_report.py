@@ -148,9 +148,13 @@ class _Report:
         return check_upper_bound(self.apply_fn, self.params, upper, pairs)
 
 
-def _bottleneck_resnet(size: int, width: int):
+def _bottleneck_resnet(size: int, width: int, trained_bn: bool = False):
     """ResNet-50 (``width=1``) / WideResNet-50-2 (``width=2``), torchvision's layout (53 convs:
-    7x7 stem, max pool, bottleneck stages 3-4-6-3), BatchNorm in eval mode, random init."""
+    7x7 stem, max pool, bottleneck stages 3-4-6-3), BatchNorm in eval mode, random init.
+
+    ``trained_bn``: BatchNorm scales and running statistics drawn per channel, as a trained
+    net has them (random init has one scale magnitude, which the report's layer stage reuses).
+    """
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -198,6 +202,16 @@ def _bottleneck_resnet(size: int, width: int):
 
     model = Net(nnx.Rngs(0))
     model.eval()
+    if trained_bn:
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        for _, m in nnx.iter_graph(model):
+            if isinstance(m, nnx.BatchNorm):
+                c = m.scale.shape
+                m.scale[...] = jnp.asarray(rng.uniform(0.3, 1.5, size=c), jnp.float32)
+                m.var[...] = jnp.asarray(rng.uniform(0.5, 2.0, size=c), jnp.float32)
+                m.mean[...] = jnp.asarray(rng.normal(size=c), jnp.float32)
     return _nnx_report(model, jnp.zeros((1, size, size, 3), jnp.float32))
 
 
@@ -268,6 +282,11 @@ def main() -> None:
         help="also ResNet-50 @224² and WideResNet-50-2 @96² (NNX, random init; cold only)",
     )
     parser.add_argument(
+        "--trained-bn",
+        action="store_true",
+        help="--large nets with per-channel BatchNorm scales and statistics (as trained nets)",
+    )
+    parser.add_argument(
         "--only", default="", help="comma-separated name prefixes of the models to run"
     )
     parser.add_argument(
@@ -304,8 +323,8 @@ def main() -> None:
             models.append((f"detector@{size}", lambda: _detector(size), 30.0))
     if args.large:
         models += [
-            ("resnet50@224", lambda: _bottleneck_resnet(224, 1), 60.0),
-            ("wrn50-2@96", lambda: _bottleneck_resnet(96, 2), 30.0),
+            ("resnet50@224", lambda: _bottleneck_resnet(224, 1, args.trained_bn), 60.0),
+            ("wrn50-2@96", lambda: _bottleneck_resnet(96, 2, args.trained_bn), 30.0),
         ]
     if args.only:
         prefixes = tuple(p.strip() for p in args.only.split(",") if p.strip())
