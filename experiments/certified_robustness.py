@@ -120,7 +120,7 @@ def variants(
 #: :func:`train.report.network_report_nnx`): a step budget, not a time budget (the default
 #: ``lower_bound_budget='layers'`` stops the search when the layer stage ends, which on a
 #: loaded machine cut it short and made the lower bound, and the gap, depend on the load).
-QUICK_LOWER = dict(ascent_steps=200, power_iterations=30, lower_bound_budget=None)
+LOWER_SEARCH = dict(ascent_steps=200, power_iterations=30, lower_bound_budget=None)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(
@@ -132,7 +132,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         ),
         radii=(0.002, 0.005, 0.01),
         num_points=8,
-        lower=QUICK_LOWER,
+        lower=LOWER_SEARCH,
     ),
     "paper": dict(
         base=common.PAPER_BASE,
@@ -146,7 +146,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         ),
         radii=(36 / 255, 72 / 255, 108 / 255),
         num_points=64,
-        lower=QUICK_LOWER,
+        lower=LOWER_SEARCH,
     ),
     "test": dict(
         base=common.TEST_BASE,

@@ -341,6 +341,15 @@ def _bisect(fn, lo, hi, iterations: int = 64):
     return 0.5 * (a + b)
 
 
+def _correction_weights(count: int, correction: str) -> np.ndarray:
+    """The weights ``w`` of the ``'shift'`` (``w = 1``) and ``'taper'`` (``w_j = min(1, (j + 1) /
+    (τ N))``, τ = :data:`TAPER_FRACTION`) corrections ``σ_j -> max(σ_j - c w_j, 0)``, for both
+    backends (a static NumPy array of shape ``(count,)``)."""
+    if correction == "shift":
+        return np.ones(count)
+    return np.minimum(1.0, (np.arange(count) + 1) / max(TAPER_FRACTION * count, 1.0))
+
+
 @functools.partial(jax.jit, static_argnames="correction")
 def _correct(values: jax.Array, target: jax.Array, correction: str) -> jax.Array:
     """Matches ``Σ values^2`` to ``target`` (the exact ``||A||_F^2``); ``values`` sorted desc."""
@@ -357,12 +366,7 @@ def _correct(values: jax.Array, target: jax.Array, correction: str) -> jax.Array
         lam = _bisect(excess_stretch, jnp.zeros_like(top), jnp.full_like(top, 1024.0))
         return jnp.maximum(top - lam * gaps, 0.0)
     # σ_j -> max(σ_j - c w_j, 0) with w = 1 ('shift') or w_j = min(1, (j + 1) / (τ N)).
-    count = values.shape[0]
-    if correction == "shift":
-        weights = np.ones(count)
-    else:
-        weights = np.minimum(1.0, (np.arange(count) + 1) / max(TAPER_FRACTION * count, 1.0))
-    weights = jnp.asarray(weights, values.dtype)
+    weights = jnp.asarray(_correction_weights(values.shape[0], correction), values.dtype)
 
     def excess(c):
         return jnp.sum(jnp.maximum(values - c * weights, 0.0) ** 2) - target

@@ -15,7 +15,7 @@ import numpy as np
 from spectra._density import DEFAULT_CORRECTION
 from spectra._density import DEFAULT_GRID
 from spectra._density import GRIDS
-from spectra._density import TAPER_FRACTION
+from spectra._density import _correction_weights
 from spectra._density import grid_points
 from spectra._spec import ConvSpec
 from spectra.numpy._fourier import FREQUENCY_CHUNK_ENTRIES
@@ -107,11 +107,7 @@ def _correct(values: np.ndarray, target: float, correction: str) -> np.ndarray:
         gaps = top - values
         lam = _bisect(lambda t: np.sum(np.maximum(top - t * gaps, 0.0) ** 2) - target, 0.0, 1024.0)
         return np.maximum(top - lam * gaps, 0.0)
-    count = values.shape[0]
-    if correction == "shift":
-        weights = np.ones(count)
-    else:
-        weights = np.minimum(1.0, (np.arange(count) + 1) / max(TAPER_FRACTION * count, 1.0))
+    weights = _correction_weights(values.shape[0], correction)
 
     def excess(c):
         return np.sum(np.maximum(values - c * weights, 0.0) ** 2) - target
