@@ -265,7 +265,8 @@ def _analyse_group_numpy(
                 factors[j] * results[j][0],
                 results[j][1],
                 None,
-                [factors[j] * b for b in results[j][3]],
+                # Rounded up: |c| b in floating point may round below the real product.
+                [float(np.nextafter(factors[j] * b, np.inf)) for b in results[j][3]],
             )
             for j in range(n)
         ]
