@@ -1,8 +1,8 @@
 """The training configuration: frozen sections, JSON in the run folder, command-line overrides.
 
 :class:`TrainConfig` holds one frozen, hashable section per concern (:class:`DataConfig`,
-:class:`NetworkConfig`, :class:`OptimConfig`, :class:`PenaltyConfig`, :class:`SVDConfig`,
-:class:`ProjectionConfig`, :class:`LogConfig`, :class:`CheckpointConfig`,
+:class:`NetworkConfig`, :class:`OptimConfig`, :class:`LossConfig`, :class:`PenaltyConfig`,
+:class:`SVDConfig`, :class:`ProjectionConfig`, :class:`LogConfig`, :class:`CheckpointConfig`,
 :class:`DistributedConfig`) plus ``num_steps`` and ``seed``; each section validates its own
 fields once, in its ``__post_init__``.
 
@@ -17,7 +17,7 @@ Overrides (``key=value`` or ``--config.key=value``) are parsed and type-checked 
 ``ml_collections.config_flags`` against the field types (:func:`apply_overrides`), then
 validated by the sections.
 
-Length: nine small section dataclasses whose attribute docs are the reference of every training
+Length: ten small section dataclasses whose attribute docs are the reference of every training
 option, the alias table, JSON and overrides; splitting them would scatter one concept.
 """
 
@@ -197,6 +197,43 @@ class OptimConfig:
         _check_choice(self.SECTION, "name", self.name, OPTIMIZERS)
         _check_choice(self.SECTION, "schedule", self.schedule, SCHEDULES)
         _check_int(self.SECTION, "warmup_steps", self.warmup_steps, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The training loss (section ``loss``): cross entropy of scaled, offset logits.
+
+    The loss of a batch is ``CE(temperature * (logits - margin * onehot(label)))``: the
+    Lipschitz-margin cross entropy (Tsuzuku et al. 2018) with a temperature. Both act in the
+    loss only: the model, its logits, its accuracy, its certified Lipschitz constant and the
+    certified radii ``margin(x) / (sqrt(2) L)`` of :func:`train.certified_accuracy` do not
+    change. A 1-Lipschitz (or small-constant) network has logits too close together for the
+    plain cross entropy to train it: a temperature ``T`` trains it as the network ``T f``
+    would be trained, and an offset ``margin = sqrt(2) eps L`` asks for margins certified at
+    radius ``eps`` (the defaults, 1 and 0, are the plain cross entropy).
+
+    Attributes:
+      temperature: ``T > 0``, the factor of the logits in the loss (flat name
+        ``loss_temperature``).
+      margin: ``m >= 0``, subtracted from the true class's logit before the temperature (flat
+        name ``loss_margin``).
+    """
+
+    SECTION: ClassVar[str] = "loss"
+    temperature: float = 1.0
+    margin: float = 0.0
+
+    def __post_init__(self):
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (
+            math.isfinite(t) and t > 0
+        ):
+            raise ValueError(f"loss.temperature={t!r} must be a finite number > 0")
+        m = self.margin
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not (
+            math.isfinite(m) and m >= 0
+        ):
+            raise ValueError(f"loss.margin={m!r} must be a finite number >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -446,8 +483,8 @@ class DistributedConfig:
 SECTIONS: dict[str, type] = {
     cls.SECTION: cls
     for cls in (
-        DataConfig, NetworkConfig, OptimConfig, PenaltyConfig, SVDConfig, ProjectionConfig,
-        LogConfig, CheckpointConfig, DistributedConfig,
+        DataConfig, NetworkConfig, OptimConfig, LossConfig, PenaltyConfig, SVDConfig,
+        ProjectionConfig, LogConfig, CheckpointConfig, DistributedConfig,
     )
 }
 #: The fields of :class:`TrainConfig` outside the sections.
@@ -456,6 +493,8 @@ _RENAMED = {
     "model": ("network", "name"),
     "model_kwargs": ("network", "kwargs"),
     "optimizer": ("optim", "name"),
+    "loss_temperature": ("loss", "temperature"),
+    "loss_margin": ("loss", "margin"),
     "penalty_weight": ("penalty", "weight"),
     "penalty_bound": ("penalty", "bound"),
     "penalty_reduce": ("penalty", "reduce"),
@@ -498,6 +537,7 @@ class TrainConfig:
       data: :class:`DataConfig`.
       network: :class:`NetworkConfig`.
       optim: :class:`OptimConfig`.
+      loss: :class:`LossConfig`.
       penalty: :class:`PenaltyConfig`.
       svd: :class:`SVDConfig`.
       project: :class:`ProjectionConfig`.
@@ -515,6 +555,7 @@ class TrainConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     network: NetworkConfig = dataclasses.field(default_factory=NetworkConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     penalty: PenaltyConfig = dataclasses.field(default_factory=PenaltyConfig)
     svd: SVDConfig = dataclasses.field(default_factory=SVDConfig)
     project: ProjectionConfig = dataclasses.field(default_factory=ProjectionConfig)

@@ -10,10 +10,10 @@ bit-identically. ``nnx.Optimizer`` is not used because its Python-object state w
 split again for every checkpoint; the update it performs (``tx.update`` then
 ``optax.apply_updates``) is the same.
 
-The loss is the (masked) cross entropy plus ``penalty_weight * train.spectral_penalty``
-(Yi 2020), and, for SVD training (Yang et al. 2020), ``orth_weight * orthogonality_loss +
-sparsity_weight * sparsity_loss`` (logged as ``orth`` and ``sparsity`` whenever computed, see
-:func:`svd_terms_on`).
+The loss is the (masked) cross entropy (of scaled, offset logits: ``config.loss``) plus
+``penalty_weight * train.spectral_penalty`` (Yi 2020), and, for SVD training (Yang et al. 2020),
+``orth_weight * orthogonality_loss + sparsity_weight * sparsity_loss`` (logged as ``orth`` and
+``sparsity`` whenever computed, see :func:`svd_terms_on`).
 
 Compilation is shared across runs: the traced hyperparameters (:data:`TRACED_FIELDS`: the
 peak learning rate and the projection radius live in the optimiser state, see
@@ -226,9 +226,17 @@ def make_steps(
     )
 
 
-def _cross_entropy_sums(logits, labels, mask):
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+def _cross_entropy_sums(logits, labels, mask, temperature=1.0, margin=0.0):
+    """Masked sums of ``CE(temperature * (logits - margin * onehot(labels)))`` (the loss of
+    :class:`train.config.LossConfig`), of correct argmax predictions (of ``logits`` themselves)
+    and of the mask."""
+    logits = logits.astype(jnp.float32)
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    if margin:
+        logits = logits - margin * jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+    if temperature != 1.0:
+        logits = temperature * logits
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     return jnp.sum(ce * mask), jnp.sum(correct * mask), jnp.sum(mask)
 
 
@@ -256,7 +264,9 @@ def _build_steps(
         model = nnx.merge(graphdef_train, params, rest)
         logits = model(image)
         _, _, new_rest = nnx.split(model, nnx.Param, ...)
-        loss_sum, correct, count = _cross_entropy_sums(logits, label, mask)
+        loss_sum, correct, count = _cross_entropy_sums(
+            logits, label, mask, program.loss.temperature, program.loss.margin
+        )
         loss = loss_sum / jnp.maximum(count, 1.0)
         penalty = (
             spectral_penalty(params, specs, program.penalty_bound, program.penalty_reduce)
@@ -302,7 +312,8 @@ def _build_steps(
         model = nnx.merge(graphdef_eval, params, rest)
         logits = model(jnp.asarray(image, jnp.float32))
         loss_sum, correct, count = _cross_entropy_sums(
-            logits, label, jnp.asarray(mask, jnp.float32)
+            logits, label, jnp.asarray(mask, jnp.float32), program.loss.temperature,
+            program.loss.margin,
         )
         return constrain({
             "loss": sums["loss"] + loss_sum,

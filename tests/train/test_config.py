@@ -18,6 +18,7 @@ from train.config import CheckpointConfig
 from train.config import DataConfig
 from train.config import DistributedConfig
 from train.config import LogConfig
+from train.config import LossConfig
 from train.config import NetworkConfig
 from train.config import OptimConfig
 from train.config import PenaltyConfig
@@ -39,6 +40,9 @@ class SectionsTest(parameterized.TestCase):
         (NetworkConfig, dict(kwargs=3), "network.kwargs=3"),
         (OptimConfig, dict(name="lion"), "optim.name='lion'"),
         (OptimConfig, dict(schedule="linear"), "optim.schedule='linear'"),
+        (LossConfig, dict(temperature=0.0), "loss.temperature=0.0"),
+        (LossConfig, dict(margin=-0.1), "loss.margin=-0.1"),
+        (LossConfig, dict(margin=float("nan")), "loss.margin=nan"),
         (PenaltyConfig, dict(weight=-1.0), "penalty.weight=-1.0"),
         (SVDConfig, dict(decomposition="tucker"), "svd.decomposition='tucker'"),
         (SVDConfig, dict(sparsity_weight=-1), "svd.sparsity_weight=-1"),
@@ -186,7 +190,11 @@ class JsonTest(absltest.TestCase):
         config = TrainConfig.load(FLAT_FIXTURE)
         old = json.loads(FLAT_FIXTURE.read_text())
         self.assertNotIn("project", old)  # Written by the flat TrainConfig.
-        self.assertEqual(config.to_flat_dict(), old)
+        # Every old field reads back; fields added since take their defaults.
+        flat = config.to_flat_dict()
+        self.assertEqual({k: flat[k] for k in old}, old)
+        self.assertEqual({k: flat[k] for k in set(flat) - set(old)},
+                         {"loss_temperature": 1.0, "loss_margin": 0.0})
         self.assertEqual(
             (config.network.name, config.network.kwargs["tt"]["ranks"],
              config.network.kwargs["variant"], config.optim.name, config.optim.boundaries,
