@@ -69,7 +69,7 @@ ANCHORS = (
 
 def lipnet_changes(
     *, width, depths, lipschitz, lr, activation="maxmin", head="orthogonal", num_steps=None,
-    **extra,
+    orthogonal=False, **extra,
 ) -> dict[str, Any]:
     """Config changes that train :class:`train.models.LipResNet` (Adam, no weight decay,
     which would pull the blocks' ``K = I + W`` towards 0) with every conv kept at
@@ -85,7 +85,7 @@ def lipnet_changes(
         project_method="power",
         model_kwargs=FrozenDict(
             depths=tuple(depths), lipschitz=float(lipschitz), activation=activation,
-            head=head),
+            head=head, **({"orthogonal": True} if orthogonal else {})),
         **extra,
     )
     if num_steps is not None:

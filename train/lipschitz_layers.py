@@ -20,6 +20,13 @@ README section "Projection onto an operator-norm ball"):
   certified projection keeps ≤ 1. The kernel parameter *is* ``K`` (initialised at the identity
   tap plus a small residual ``W``), so :func:`train.find_convs` sees the operator that the
   block applies, not ``W`` alone (for which ``1 + σ_max(W)`` would be the only bound).
+* :class:`OrthogonalConv`: a conv whose kernel is computed in the forward pass from a params
+  matrix ``M`` (``k² C_in x C_out``): its polar factor ``U Vᵀ`` (every singular value 1) over
+  ``ceil(k / stride)``. Its σ_max is at most 1 (proven: see the class), and it is
+  gradient-norm preserving where the bound is tight: a non-overlapping stride ``= k``
+  (space-to-depth then an orthogonal ``1x1``: every singular value of the operator is 1), or
+  stride 1 with ``C_out >= k² C_in`` (an isometry on inputs zero within ``k // 2`` pixels of
+  the border).
 * :class:`NormalizedDense`: a dense layer whose weight is normalised in the forward pass:
   ``'rows'`` divides each logit's weight vector by its ℓ2 norm (each logit 1-Lipschitz; the
   logit vector then has constant ``||W_n||_2 <= sqrt(num_classes)``), ``'spectral'`` divides
@@ -265,6 +272,93 @@ def normalized_weight(kernel: jax.Array, normalize: str) -> jax.Array:
         u, _, vt = jnp.linalg.svd(kernel, full_matrices=False)
         return u @ vt
     raise ValueError(f"normalize={normalize!r}: expected one of {NORMALIZATIONS}")
+
+
+class OrthogonalConv(nnx.Module):
+    r"""A norm-1 conv whose kernel is an orthogonal matrix, reshaped: gradient-norm preserving.
+
+    The parameter is a matrix ``M`` of shape ``(k² C_in, C_out)`` (taps and input channels ×
+    output channels); the conv applies the HWIO kernel ``K = polar(M) / n`` reshaped to
+    ``(k, k, C_in, C_out)``, with ``polar(M) = U Vᵀ`` (``M = U S Vᵀ``, thin SVD: every singular
+    value 1) and ``n = ceil(k / stride)``, zero (``'SAME'``) padding. Each output pixel is
+    ``Kᵀ`` applied to its input patch, and each input pixel lies in at most ``n²`` patches, so
+    ``||conv(x)||² <= ||polar(M)||² / n² · n² ||x||² = ||x||²``: **σ_max <= 1** (proven;
+    :func:`train.report.network_report` computes the exact norm of the applied kernel, the SVD's
+    rounding included). Where every pixel lies in exactly ``n²`` patches the bound is reached
+    on the row space of ``polar(M)``:
+
+    * ``stride = k`` (non-overlapping patches, ``n = 1``; image sides divisible by ``k``): the
+      operator is block diagonal with blocks ``polar(M)ᵀ``, every nonzero singular value is
+      exactly 1 (space-to-depth followed by an orthogonal ``1x1`` conv): a co-isometry when
+      ``C_out <= k² C_in``, an isometry when ``C_out >= k² C_in``;
+    * ``stride = 1`` and ``C_out >= k² C_in`` (``polar(M)`` has orthonormal rows): an isometry
+      on the inputs that are zero within ``k // 2`` pixels of the border (zero padded images),
+      and at most 1 elsewhere.
+
+    Args:
+      in_channels: ``C_in``.
+      out_channels: ``C_out``.
+      kernel_size: ``k`` (odd for ``stride = 1``, so that ``'SAME'`` is centred).
+      stride: ``1`` or ``kernel_size``.
+      use_bias: add a bias (does not change the Lipschitz constant).
+      param_dtype: dtype of the parameters.
+      rngs: ``nnx.Rngs`` with a ``params`` stream.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> conv = OrthogonalConv(2, 8, kernel_size=2, stride=2, use_bias=False, rngs=nnx.Rngs(0))
+      >>> conv.kernel().shape
+      (2, 2, 2, 8)
+      >>> x = jnp.arange(32.0).reshape(1, 4, 4, 2)  # 8 = 2² · 2 channels: an isometry.
+      >>> bool(jnp.allclose(jnp.linalg.norm(conv(x)), jnp.linalg.norm(x), rtol=1e-5))
+      True
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        kernel_size: int = 3,
+        stride: int = 1,
+        use_bias: bool = True,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if in_channels < 1 or out_channels < 1:
+            raise ValueError(
+                f"in_channels={in_channels}, out_channels={out_channels}: expected >= 1")
+        if kernel_size < 1:
+            raise ValueError(f"kernel_size={kernel_size}: expected >= 1")
+        if stride not in (1, kernel_size):
+            raise ValueError(f"stride={stride}: expected 1 or kernel_size ({kernel_size})")
+        if stride == 1 and kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size={kernel_size}: expected odd with stride 1")
+        # Not an orthogonal init: the SVD's derivative divides by s_i² - s_j², infinite at
+        # equal singular values (the polar factor of a Gaussian matrix is already orthogonal).
+        init = nnx.initializers.lecun_normal()
+        rows = kernel_size * kernel_size * in_channels
+        self.weight = nnx.Param(init(rngs.params(), (rows, out_channels), param_dtype))
+        self.bias = (
+            nnx.Param(jnp.zeros((out_channels,), param_dtype)) if use_bias else nnx.data(None)
+        )
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+
+    def kernel(self) -> jax.Array:
+        """The HWIO kernel applied: ``polar(M) / ceil(k / stride)``, ``(k, k, C_in, C_out)``."""
+        k, s = self.kernel_size, self.stride
+        q = normalized_weight(self.weight[...], "orthogonal") / (-(-k // s))
+        return q.reshape(k, k, self.in_channels, self.out_channels)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``(N, H, W, C_in) -> (N, H / stride, W / stride, C_out)`` (``'SAME'`` padding)."""
+        y = jax.lax.conv_general_dilated(
+            x, self.kernel().astype(x.dtype), (self.stride, self.stride), "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y if self.bias is None else y + self.bias[...]
 
 
 class NormalizedDense(nnx.Module):

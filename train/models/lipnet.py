@@ -53,6 +53,12 @@ class LipResNet(nnx.Module):
       head: ``'spectral'`` (1-Lipschitz logits) or ``'rows'`` (each logit 1-Lipschitz).
       padding: ``'SAME'`` (zeros) or ``'CIRCULAR'``, every conv.
       init_scale: scale of the residual kernels ``W`` at initialisation.
+      orthogonal: the stem and the transition as
+        :class:`train.lipschitz_layers.OrthogonalConv` (gradient-norm preserving: the stem a
+        3x3 conv, an isometry on zero-bordered images when ``width >= 9 in_channels``; the
+        transition a 2x2 stride-2 conv whose nonzero singular values are all 1) instead of
+        projected ``nnx.Conv`` s; zero padding only. Their σ_max <= 1 holds by construction (the
+        projection does not see them: their kernels are computed from params).
       lipschitz: ``L > 0``, a constant the logits are multiplied by: the network's constant
         is then ``L`` by construction. A logit scale is the usual temperature of the
         cross-entropy of 1-Lipschitz networks (the logits of a 1-Lipschitz map of normalised
@@ -81,6 +87,7 @@ class LipResNet(nnx.Module):
         head: str = "spectral",
         padding: str = "SAME",
         init_scale: float = 0.1,
+        orthogonal: bool = False,
         lipschitz: float = 1.0,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
@@ -98,6 +105,8 @@ class LipResNet(nnx.Module):
             raise ValueError(f"input_shape={tuple(input_shape)}: expected at least 3x3")
         if padding not in ("SAME", "CIRCULAR"):
             raise ValueError(f"padding={padding!r}: expected 'SAME' or 'CIRCULAR'")
+        if orthogonal and padding != "SAME":
+            raise ValueError(f"padding={padding!r}: orthogonal=True expects 'SAME'")
         ll.activation_fn(activation)  # Checks the name.
         if not lipschitz > 0:
             raise ValueError(f"lipschitz={lipschitz!r}: expected > 0")
@@ -119,9 +128,17 @@ class LipResNet(nnx.Module):
                 for _ in range(n)
             ])
 
-        self.stem = conv(in_channels, width, 1)
+        if orthogonal:
+            self.stem = ll.OrthogonalConv(
+                in_channels, width, kernel_size=3, stride=1, param_dtype=param_dtype, rngs=rngs)
+        else:
+            self.stem = conv(in_channels, width, 1)
         self.stage1 = blocks(width, depths[0])
-        self.down = conv(width, 2 * width, 2)
+        if orthogonal:
+            self.down = ll.OrthogonalConv(
+                width, 2 * width, kernel_size=2, stride=2, param_dtype=param_dtype, rngs=rngs)
+        else:
+            self.down = conv(width, 2 * width, 2)
         self.stage2 = blocks(2 * width, depths[1])
         features = -(-h // 2) * -(-w // 2) * 2 * width
         self.head = ll.NormalizedDense(
