@@ -163,7 +163,67 @@ class NormalizedDenseTest(absltest.TestCase):
             np.linalg.norm(v @ w, axis=1), np.linalg.norm(v, axis=1), rtol=1e-5)
 
 
+class OrthogonalConvTest(parameterized.TestCase):
+
+    def _dense(self, conv, input_shape):
+        spec = spectra.ConvSpec(input_shape=input_shape, strides=(conv.stride,) * 2,
+                                padding="SAME")
+        return np.asarray(spectra.dense_operator(jnp.asarray(conv.kernel(), jnp.float64), spec))
+
+    @parameterized.parameters((2, 8), (4, 8), (2, 3))
+    def test_stride_k_every_nonzero_singular_value_is_one(self, c_in, c_out):
+        # 2x2 stride 2, non-overlapping patches: block diagonal with blocks polar(M)ᵀ.
+        conv = ll.OrthogonalConv(c_in, c_out, kernel_size=2, stride=2, rngs=nnx.Rngs(0))
+        sigma = np.linalg.svd(self._dense(conv, (4, 6)), compute_uv=False)  # Sorted.
+        rank = 2 * 3 * min(c_out, 4 * c_in)
+        np.testing.assert_allclose(sigma[:rank], 1.0, rtol=1e-5)
+        np.testing.assert_allclose(sigma[rank:], 0.0, atol=1e-5)
+
+    def test_stride_1_norm_at_most_one_isometry_inside_the_border(self):
+        conv = ll.OrthogonalConv(1, 10, kernel_size=3, stride=1, use_bias=False,
+                                 rngs=nnx.Rngs(1))
+        dense = self._dense(conv, (6, 6))
+        sigma = np.linalg.svd(dense, compute_uv=False)
+        self.assertLessEqual(sigma[0], 1.0 + 1e-6)
+        self.assertGreater(sigma[0], 1.0 - 1e-5)  # Reached: the bound is exact.
+        self.assertLess(sigma[-1], 0.99)  # Not an isometry at the border (zero padding),
+        inside = np.zeros((6, 6, 1))  # but one on images with a zero border (C_out >= 9).
+        inside[1:-1, 1:-1] = _rng(2).standard_normal((4, 4, 1))
+        np.testing.assert_allclose(
+            np.linalg.norm(dense @ inside.ravel()), np.linalg.norm(inside), rtol=1e-5)
+        x = jnp.asarray(inside[None], jnp.float32)
+        np.testing.assert_allclose(np.asarray(conv(x)).ravel(), dense @ inside.ravel(),
+                                   atol=1e-5)
+
+    def test_bad_arguments(self):
+        with self.assertRaisesRegex(ValueError, "stride=3"):
+            ll.OrthogonalConv(2, 4, kernel_size=2, stride=3, rngs=nnx.Rngs(0))
+        with self.assertRaisesRegex(ValueError, "kernel_size=2"):
+            ll.OrthogonalConv(2, 4, kernel_size=2, stride=1, rngs=nnx.Rngs(0))
+        with self.assertRaisesRegex(ValueError, "in_channels=0"):
+            ll.OrthogonalConv(0, 4, rngs=nnx.Rngs(0))
+
+
 class LipResNetTest(absltest.TestCase):
+
+    def test_orthogonal_stem_and_transition_certified_at_most_one(self):
+        config = TrainConfig(dataset="digits", model="lipresnet", width=4,
+                             model_kwargs={"depths": (1, 1), "init_scale": 0.5,
+                                           "activation": "maxmin", "orthogonal": True})
+        model = build_model(config, 10, 1, (8, 8))
+        self.assertIsInstance(model.stem, ll.OrthogonalConv)
+        self.assertIsInstance(model.down, ll.OrthogonalConv)
+        x = jnp.zeros((1, 8, 8, 1))
+        specs = _project(model, x)  # Only the blocks' kernels are params convs.
+        self.assertLen([s for s in jax.tree.leaves(specs) if s is not None], 2)
+        r = train.report.network_report_nnx(model, x, num_points=2, power_iterations=10,
+                                            compute_spectra=False)
+        n = r.network
+        self.assertLessEqual(n["lipschitz_upper"], 1.0 + 1e-5)
+        self.assertLessEqual(n["lipschitz_lower"], n["lipschitz_upper"] * (1 + 1e-6))
+        with self.assertRaisesRegex(ValueError, "orthogonal=True"):
+            train.models.LipResNet(10, in_channels=1, input_shape=(8, 8), width=4,
+                                   padding="CIRCULAR", orthogonal=True, rngs=nnx.Rngs(0))
 
     def test_network_report_certifies_at_most_one(self):
         config = TrainConfig(dataset="digits", model="lipresnet", width=4,
