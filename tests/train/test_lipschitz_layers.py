@@ -176,7 +176,9 @@ class OrthogonalConvTest(parameterized.TestCase):
         conv = ll.OrthogonalConv(c_in, c_out, kernel_size=2, stride=2, rngs=nnx.Rngs(0))
         sigma = np.linalg.svd(self._dense(conv, (4, 6)), compute_uv=False)  # Sorted.
         rank = 2 * 3 * min(c_out, 4 * c_in)
-        np.testing.assert_allclose(sigma[:rank], 1.0, rtol=1e-5)
+        # 1 - 2⁻¹⁶ (the margin over the float32 SVD's rounding): <= 1 in float64.
+        self.assertLessEqual(sigma[0], 1.0)
+        np.testing.assert_allclose(sigma[:rank], 1.0, rtol=1e-4)
         np.testing.assert_allclose(sigma[rank:], 0.0, atol=1e-5)
 
     def test_stride_1_norm_at_most_one_isometry_inside_the_border(self):
@@ -184,13 +186,13 @@ class OrthogonalConvTest(parameterized.TestCase):
                                  rngs=nnx.Rngs(1))
         dense = self._dense(conv, (6, 6))
         sigma = np.linalg.svd(dense, compute_uv=False)
-        self.assertLessEqual(sigma[0], 1.0 + 1e-6)
-        self.assertGreater(sigma[0], 1.0 - 1e-5)  # Reached: the bound is exact.
+        self.assertLessEqual(sigma[0], 1.0)
+        self.assertGreater(sigma[0], 1.0 - 1e-4)  # Reached: the bound is exact.
         self.assertLess(sigma[-1], 0.99)  # Not an isometry at the border (zero padding),
         inside = np.zeros((6, 6, 1))  # but one on images with a zero border (C_out >= 9).
         inside[1:-1, 1:-1] = _rng(2).standard_normal((4, 4, 1))
         np.testing.assert_allclose(
-            np.linalg.norm(dense @ inside.ravel()), np.linalg.norm(inside), rtol=1e-5)
+            np.linalg.norm(dense @ inside.ravel()), np.linalg.norm(inside), rtol=1e-4)
         x = jnp.asarray(inside[None], jnp.float32)
         np.testing.assert_allclose(np.asarray(conv(x)).ravel(), dense @ inside.ravel(),
                                    atol=1e-5)
@@ -219,7 +221,7 @@ class LipResNetTest(absltest.TestCase):
         r = train.report.network_report_nnx(model, x, num_points=2, power_iterations=10,
                                             compute_spectra=False)
         n = r.network
-        self.assertLessEqual(n["lipschitz_upper"], 1.0 + 1e-5)
+        self.assertLessEqual(n["lipschitz_upper"], 1.0)
         self.assertLessEqual(n["lipschitz_lower"], n["lipschitz_upper"] * (1 + 1e-6))
         with self.assertRaisesRegex(ValueError, "orthogonal=True"):
             train.models.LipResNet(10, in_channels=1, input_shape=(8, 8), width=4,
