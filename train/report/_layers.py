@@ -157,14 +157,21 @@ HOST_THREADS = 2
 
 
 def _host_bounds(k, spec, bound_names, with_vector) -> tuple[dict, np.ndarray, object]:
-    """``({name: layer bound}, (g,) per-group best bound, warm start or None)`` on the host."""
+    """``({name: layer bound}, (g,) per-group best bound, warm start or None)`` on the host.
+
+    The circulant bound is computed first; the tap-sum bound then skips the SVDs of its taps
+    in the groups where it is shown to exceed the circulant one (``snp.tap_sum_bound(...,
+    floor=...)``: a looser, still certified, value there, never the smaller), so the best
+    bound per group and of the layer are the same as with every tap's SVD."""
     per_group, start = {}, None
-    if "tap_sum" in bound_names:
-        per_group["tap_sum"] = snp.tap_sum_bound(k, spec, per_group=True)
     if "symbol_grid" in bound_names:
         top = snp.circulant_top(k, spec, with_vector=with_vector)
         per_group["symbol_grid"], start = top.group_bounds, top.vector
-    bounds = {name: float(np.max(b)) for name, b in per_group.items()}
+    if "tap_sum" in bound_names:
+        per_group["tap_sum"] = snp.tap_sum_bound(
+            k, spec, per_group=True, floor=per_group.get("symbol_grid")
+        )
+    bounds = {name: float(np.max(per_group[name])) for name in bound_names if name in per_group}
     group_best = np.min(np.stack(list(per_group.values())), axis=0) if per_group else None
     if PER_GROUP_BOUND in bound_names:
         bounds[PER_GROUP_BOUND] = float(np.max(group_best))
@@ -176,6 +183,12 @@ def _analyse_kernel_numpy(
 ) -> tuple[float, float | None, object, list[float]]:
     """``(sigma, residual or None, spectrum or None, bounds)`` of one kernel on the host."""
     grouped = spec.feature_group_count > 1
+    if sigma_method == "matrix" and tuple(bound_names) == ("tap_sum",):
+        # Ungrouped 1x1 kernel: the 'matrix' spectrum is the kernel's SVD (its values repeated)
+        # when some output reads real input; its top is then the tap-sum bound: one SVD.
+        values = snp.singular_values(k, spec, "matrix")
+        tap_sum = float(values[0]) if values[0] > 0 else snp.tap_sum_bound(k, spec)
+        return float(values[0]), None, values, [tap_sum]
     bounds, group_best, start = _host_bounds(
         k, spec, bound_names, sigma_method == "lanczos" and not grouped
     )
@@ -230,7 +243,57 @@ def _analyse_group_numpy(
     scales=None,
 ):
     """:func:`_analyse_group` on the host (NumPy / SciPy, float64), :data:`HOST_THREADS` kernels
-    at a time.
+    at a time (see :func:`_numpy_group_jobs`)."""
+    jobs, finish = _numpy_group_jobs(
+        kernels,
+        folded,
+        spec,
+        sigma_method,
+        bound_names,
+        spectrum_method,
+        rtol,
+        bracket_rtol,
+        scales,
+    )
+    return finish(_run_jobs([job for _, job in jobs]))
+
+
+def _run_jobs(jobs: Sequence) -> list:
+    """The results of ``jobs`` (callables), in order, :data:`HOST_THREADS` at a time in the given
+    order (put the longest first: the last job started then ends soonest)."""
+    if HOST_THREADS > 1 and len(jobs) > 1:
+        with concurrent.futures.ThreadPoolExecutor(min(HOST_THREADS, len(jobs))) as pool:
+            return list(pool.map(lambda job: job(), jobs))
+    return [job() for job in jobs]
+
+
+def job_cost(spec: ConvSpec, kshape: Sequence[int], sigma_method: str) -> float:
+    """A rough flop count of one kernel's host analysis, only to order the jobs (longest first):
+    the circulant bound's per-frequency Grams, or the dense / per-window SVDs."""
+    if sigma_method == "dense":
+        return snp.dense_cost(spec, kshape)[1]
+    g = spec.feature_group_count
+    cig, cog = kshape[2], kshape[3] // g
+    if sigma_method == "matrix":
+        return float(math.prod(kshape)) * min(cig, cog)
+    emb = spectra.exact_circular_spec(spec, kshape)
+    cols = cig * math.prod(emb.strides)
+    return float(snp.frequency_entries(spec, kshape)) * min(cols, cog)
+
+
+def _numpy_group_jobs(
+    kernels,
+    folded,
+    spec,
+    sigma_method,
+    bound_names,
+    spectrum_method,
+    rtol,
+    bracket_rtol,
+    scales=None,
+):
+    """``([(cost, job)], finish)``: the jobs (one per kernel to analyse, each a callable) of a
+    group on the host, and ``finish(results)`` -> the group's dict (see :func:`_analyse_group`).
 
     Lanczos starts from a random vector plus the top of the circulant embedding (computed for
     the ``symbol_grid`` bound anyway; per group for grouped layers), windowed by the lowest sine
@@ -246,40 +309,40 @@ def _analyse_group_numpy(
         factors = [uniform_scale(s) for s in scales]
     todo = [j for j in range(n) if folded is not None and factors[j] is None]
     both = list(kernels) + [folded[j] for j in todo]
+    args = (spec, sigma_method, bound_names, spectrum_method, rtol, bracket_rtol)
+    cost = job_cost(spec, np.shape(kernels[0]), sigma_method) if n else 0.0
+    jobs = [
+        (cost, functools.partial(_analyse_kernel_numpy, both[j], j < n, *args))
+        for j in range(len(both))
+    ]
 
-    def one(j):
-        args = (spec, sigma_method, bound_names, spectrum_method, rtol, bracket_rtol)
-        return _analyse_kernel_numpy(both[j], j < n, *args)
+    def finish(results):
+        if folded is not None:  # The folded layers in order: computed, or scaled from the layer's.
+            computed = dict(zip(todo, results[n:]))
+            results = results[:n] + [
+                computed[j]
+                if factors[j] is None
+                else (
+                    factors[j] * results[j][0],
+                    results[j][1],
+                    None,
+                    # Rounded up: |c| b in floating point may round below the real product.
+                    [float(np.nextafter(factors[j] * b, np.inf)) for b in results[j][3]],
+                )
+                for j in range(n)
+            ]
+        out: dict = {
+            "sigma": [r[0] for r in results],
+            "residual": [r[1] for r in results if r[1] is not None],
+            "spectrum": [r[2] for r in results[:n]] if spectrum_method is not None else [],
+        }
+        out["bounds"] = np.array([r[3] for r in results], np.float64).reshape(
+            len(results), len(bound_names)
+        )
+        out["frobenius_sq"] = np.array([snp.frobenius_norm(k, spec) ** 2 for k in kernels])
+        return out
 
-    if HOST_THREADS > 1 and len(both) > 1:
-        with concurrent.futures.ThreadPoolExecutor(min(HOST_THREADS, len(both))) as pool:
-            results = list(pool.map(one, range(len(both))))
-    else:
-        results = [one(j) for j in range(len(both))]
-    if folded is not None:  # The folded layers in order: computed, or scaled from the layer's.
-        computed = dict(zip(todo, results[n:]))
-        results = results[:n] + [
-            computed[j]
-            if factors[j] is None
-            else (
-                factors[j] * results[j][0],
-                results[j][1],
-                None,
-                # Rounded up: |c| b in floating point may round below the real product.
-                [float(np.nextafter(factors[j] * b, np.inf)) for b in results[j][3]],
-            )
-            for j in range(n)
-        ]
-    out: dict = {
-        "sigma": [r[0] for r in results],
-        "residual": [r[1] for r in results if r[1] is not None],
-        "spectrum": [r[2] for r in results[:n]] if spectrum_method is not None else [],
-    }
-    out["bounds"] = np.array([r[3] for r in results], np.float64).reshape(
-        len(results), len(bound_names)
-    )
-    out["frobenius_sq"] = np.array([snp.frobenius_norm(k, spec) ** 2 for k in kernels])
-    return out
+    return jobs, finish
 
 
 def _after(previous, x):
@@ -419,52 +482,57 @@ def analyse_convs(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(layers), desc="layers", unit="layer")
+    planned = []
     for (kshape, dtype, spec, has_bn), members in groups.items():
         planner = plan_numpy if backend == "numpy" else plan
         sigma_method, bound_names, spectrum_method = planner(spec, kshape, max_dense_dim)
         if not compute_spectra and sigma_method != "fft":
             spectrum_method = None
-        raw = [layers[i].kernel for i in members]
-        scaled = None  # The BatchNorm-folded kernels.
-        if has_bn:
-            scaled = [layers[i].kernel * np.asarray(layers[i].bn_scale) for i in members]
-        if backend == "numpy":
+        planned.append(
+            (kshape, dtype, spec, has_bn, members, (sigma_method, bound_names, spectrum_method))
+        )
+    if backend == "numpy":
+        # Every group's jobs in one pool, the longest first (by job_cost): the threads stay busy
+        # to the end instead of waiting for each group's last kernel.
+        finishers, jobs = [], []
+        for _, dtype, spec, has_bn, members, methods in planned:
+            raw = [layers[i].kernel for i in members]
+            scaled = None  # The BatchNorm-folded kernels.
+            if has_bn:
+                scaled = [layers[i].kernel * np.asarray(layers[i].bn_scale) for i in members]
             tol = rtol if rtol is not None else (1e-10 if dtype == np.float64 else LANCZOS_RTOL)
-            out = _analyse_group_numpy(
+            group_jobs, finish = _numpy_group_jobs(
                 raw,
                 scaled,
                 spec,
-                sigma_method,
-                bound_names,
-                spectrum_method,
+                *methods,
                 tol,
                 bracket_rtol,
                 [layers[i].bn_scale for i in members] if has_bn else None,
             )
-        else:
-            out = _analyse_group_jax(
-                raw,
-                scaled,
-                spec,
-                kshape,
-                dtype,
-                sigma_method,
-                bound_names,
-                spectrum_method,
-                rtol,
-            )
-        _collect(
-            results,
-            layers,
-            members,
-            spec,
-            has_bn,
-            bracket_rtol,
-            out,
-            (sigma_method, bound_names, spectrum_method),
-        )
-        if bar is not None:
-            bar.update(len(members))
+            start = len(jobs)
+            jobs.extend(group_jobs)
+            finishers.append((finish, start, len(jobs)))
+        order = sorted(range(len(jobs)), key=lambda j: -jobs[j][0])
+        done = _run_jobs([jobs[j][1] for j in order])
+        values = [None] * len(jobs)
+        for j, value in zip(order, done):
+            values[j] = value
+        for (finish, a, b), (_, _, spec, has_bn, members, methods) in zip(finishers, planned):
+            out = finish(values[a:b])
+            _collect(results, layers, members, spec, has_bn, bracket_rtol, out, methods)
+            if bar is not None:
+                bar.update(len(members))
+    else:
+        for kshape, dtype, spec, has_bn, members, methods in planned:
+            raw = [layers[i].kernel for i in members]
+            scaled = None
+            if has_bn:
+                scaled = [layers[i].kernel * np.asarray(layers[i].bn_scale) for i in members]
+            out = _analyse_group_jax(raw, scaled, spec, kshape, dtype, *methods, rtol)
+            _collect(results, layers, members, spec, has_bn, bracket_rtol, out, methods)
+            if bar is not None:
+                bar.update(len(members))
     if bar is not None:
         bar.close()
     return results  # type: ignore[return-value]
@@ -506,6 +574,11 @@ def _layer_report(
         if spectrum_method in EXACT_METHODS:
             sigma_min, sigma_min_method = float(full[-1]), spectrum_method
         spectrum, ranks = _subsample(full)
+    one_by_one = kshape[:2] == (1, 1) and spec.feature_group_count == 1
+    if sigma_method == "matrix" and one_by_one and sigma > 0:
+        reshaped = sigma  # The 1x1 kernel's own SVD (the 'matrix' spectrum's top, see there).
+    else:
+        reshaped = reshaped_sigma_max(layer.kernel)
     bn_sigma = bn_upper = None
     if jf is not None:
         bn_sigma = float(out["sigma"][jf])
@@ -527,7 +600,7 @@ def _layer_report(
         sigma_max_tolerance=bracket_rtol if sigma_method == "lanczos" else None,
         upper_bound=float(upper),
         upper_bound_name=upper_name,
-        reshaped_sigma_max=reshaped_sigma_max(layer.kernel),
+        reshaped_sigma_max=reshaped,
         frobenius=frob,
         stable_rank=frob**2 / sigma**2 if sigma > 0 else 0.0,
         sigma_min=sigma_min,
