@@ -156,16 +156,18 @@ def plan_numpy(
 HOST_THREADS = 2
 
 
-def _host_bounds(k, spec, bound_names, with_vector) -> tuple[dict, np.ndarray, object]:
+def _host_bounds(k, spec, bound_names, with_vector, top=None) -> tuple[dict, np.ndarray, object]:
     """``({name: layer bound}, (g,) per-group best bound, warm start or None)`` on the host.
 
     The circulant bound is computed first; the tap-sum bound then skips the SVDs of its taps
     in the groups where it is shown to exceed the circulant one (``snp.tap_sum_bound(...,
     floor=...)``: a looser, still certified, value there, never the smaller), so the best
-    bound per group and of the layer are the same as with every tap's SVD."""
+    bound per group and of the layer are the same as with every tap's SVD. ``top``: the
+    kernel's :func:`spectra.numpy.circulant_top` when already computed."""
     per_group, start = {}, None
     if "symbol_grid" in bound_names:
-        top = snp.circulant_top(k, spec, with_vector=with_vector)
+        if top is None:
+            top = snp.circulant_top(k, spec, with_vector=with_vector)
         per_group["symbol_grid"], start = top.group_bounds, top.vector
     if "tap_sum" in bound_names:
         per_group["tap_sum"] = snp.tap_sum_bound(
@@ -178,10 +180,30 @@ def _host_bounds(k, spec, bound_names, with_vector) -> tuple[dict, np.ndarray, o
     return bounds, group_best, start
 
 
+def _with_vector(spec, sigma_method) -> bool:
+    """Whether the Lanczos of a layer starts from its (layer-wide) circulant top."""
+    return sigma_method == "lanczos" and spec.feature_group_count == 1
+
+
+def _analyse_pair_numpy(
+    k, folded, scale, spec, sigma_method, bound_names, spectrum_method, rtol, bracket_rtol
+) -> tuple[tuple, tuple]:
+    """:func:`_analyse_kernel_numpy` of a kernel and of ``folded`` (``k`` times the per-output
+    -channel ``scale``, float64), their circulant bounds in one pass
+    (:func:`spectra.numpy.circulant_tops`: each frequency's Gram computed once for both)."""
+    args = (spec, sigma_method, bound_names, spectrum_method, rtol, bracket_rtol)
+    tops = snp.circulant_tops(k, spec, [scale], with_vector=_with_vector(spec, sigma_method))
+    return (
+        _analyse_kernel_numpy(k, True, *args, top=tops[0]),
+        _analyse_kernel_numpy(folded, False, *args, top=tops[1]),
+    )
+
+
 def _analyse_kernel_numpy(
-    k, with_spectrum, spec, sigma_method, bound_names, spectrum_method, rtol, bracket_rtol
+    k, with_spectrum, spec, sigma_method, bound_names, spectrum_method, rtol, bracket_rtol, top=None
 ) -> tuple[float, float | None, object, list[float]]:
-    """``(sigma, residual or None, spectrum or None, bounds)`` of one kernel on the host."""
+    """``(sigma, residual or None, spectrum or None, bounds)`` of one kernel on the host
+    (``top``: its circulant top when already computed)."""
     grouped = spec.feature_group_count > 1
     if sigma_method == "matrix" and tuple(bound_names) == ("tap_sum",):
         # Ungrouped 1x1 kernel: the 'matrix' spectrum is the kernel's SVD (its values repeated)
@@ -190,7 +212,7 @@ def _analyse_kernel_numpy(
         tap_sum = float(values[0]) if values[0] > 0 else snp.tap_sum_bound(k, spec)
         return float(values[0]), None, values, [tap_sum]
     bounds, group_best, start = _host_bounds(
-        k, spec, bound_names, sigma_method == "lanczos" and not grouped
+        k, spec, bound_names, _with_vector(spec, sigma_method), top
     )
     spectrum, residual = None, None
     if sigma_method == "fft":
@@ -311,12 +333,28 @@ def _numpy_group_jobs(
     both = list(kernels) + [folded[j] for j in todo]
     args = (spec, sigma_method, bound_names, spectrum_method, rtol, bracket_rtol)
     cost = job_cost(spec, np.shape(kernels[0]), sigma_method) if n else 0.0
+    # A layer and its folded kernel in one job when their circulant bounds share a pass.
+    paired = set(todo) if "symbol_grid" in bound_names and scales is not None else set()
     jobs = [
-        (cost, functools.partial(_analyse_kernel_numpy, both[j], j < n, *args))
-        for j in range(len(both))
+        (
+            2 * cost,
+            functools.partial(_analyse_pair_numpy, kernels[j], folded[j], scales[j], *args),
+        )
+        if j in paired
+        else (cost, functools.partial(_analyse_kernel_numpy, both[j], j < n, *args))
+        for j in range(n)
+    ]
+    jobs += [
+        (cost, functools.partial(_analyse_kernel_numpy, folded[j], False, *args))
+        for j in todo
+        if j not in paired
     ]
 
     def finish(results):
+        pairs = iter(results[n:])
+        results = [r if j not in paired else r[0] for j, r in enumerate(results[:n])] + [
+            results[j][1] if j in paired else next(pairs) for j in todo
+        ]
         if folded is not None:  # The folded layers in order: computed, or scaled from the layer's.
             computed = dict(zip(todo, results[n:]))
             results = results[:n] + [
@@ -497,9 +535,13 @@ def analyse_convs(
         finishers, jobs = [], []
         for _, dtype, spec, has_bn, members, methods in planned:
             raw = [layers[i].kernel for i in members]
-            scaled = None  # The BatchNorm-folded kernels.
+            scaled = None  # The BatchNorm-folded kernels (float64: the exact products).
             if has_bn:
-                scaled = [layers[i].kernel * np.asarray(layers[i].bn_scale) for i in members]
+                scaled = [
+                    np.asarray(layers[i].kernel, np.float64)
+                    * np.asarray(layers[i].bn_scale, np.float64)
+                    for i in members
+                ]
             tol = rtol if rtol is not None else (1e-10 if dtype == np.float64 else LANCZOS_RTOL)
             group_jobs, finish = _numpy_group_jobs(
                 raw,
