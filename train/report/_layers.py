@@ -280,13 +280,20 @@ def _analyse_group_numpy(
     return finish(_run_jobs([job for _, job in jobs]))
 
 
-def _run_jobs(jobs: Sequence) -> list:
+def _run_jobs(jobs: Sequence, on_last_started=None) -> list:
     """The results of ``jobs`` (callables), in order, :data:`HOST_THREADS` at a time in the given
-    order (put the longest first: the last job started then ends soonest)."""
+    order (put the longest first: the last job started then ends soonest).
+    ``on_last_started()`` is called when the last job starts."""
+
+    def run(j):
+        if j == len(jobs) - 1 and on_last_started is not None:
+            on_last_started()
+        return jobs[j]()
+
     if HOST_THREADS > 1 and len(jobs) > 1:
         with concurrent.futures.ThreadPoolExecutor(min(HOST_THREADS, len(jobs))) as pool:
-            return list(pool.map(lambda job: job(), jobs))
-    return [job() for job in jobs]
+            return list(pool.map(run, range(len(jobs))))
+    return [run(j) for j in range(len(jobs))]
 
 
 def job_cost(spec: ConvSpec, kshape: Sequence[int], sigma_method: str) -> float:
@@ -479,6 +486,7 @@ def analyse_convs(
     compute_spectra: bool = True,
     progress: bool = False,
     backend: str = "numpy",
+    on_last_started=None,
 ) -> list[LayerReport]:
     """Analyses every layer (grouped by kernel shape and spec).
 
@@ -499,6 +507,8 @@ def analyse_convs(
       backend: ``'numpy'`` (host, float64, no compilation: the fast choice for a one-off report
         on CPU, and on a GPU machine too unless the layers are huge) or ``'jax'`` (compiled
         programs on the default device, in the kernels' dtype); see the module doc.
+      on_last_started: (``'numpy'`` backend) called when the last of the per-kernel jobs starts
+        (they run longest first), e.g. to end work running beside this stage.
 
     Returns:
       One :class:`LayerReport` per layer, in the order of ``layers``.
@@ -556,7 +566,7 @@ def analyse_convs(
             jobs.extend(group_jobs)
             finishers.append((finish, start, len(jobs)))
         order = sorted(range(len(jobs)), key=lambda j: -jobs[j][0])
-        done = _run_jobs([jobs[j][1] for j in order])
+        done = _run_jobs([jobs[j][1] for j in order], on_last_started)
         values = [None] * len(jobs)
         for j, value in zip(order, done):
             values[j] = value
