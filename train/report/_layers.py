@@ -149,10 +149,11 @@ def plan_numpy(
     return "lanczos", bounds, ("spectral_density" if cheap else None)
 
 
-#: Threads over the kernels of a group in the ``'numpy'`` backend. NumPy / LAPACK / FFT release
-#: the GIL, so on 2 cores two kernels progress at once (each with single-threaded BLAS, see
-#: ``network_report(blas_threads=...)``). Measured (2-core CPU, ResNet-20 @32², lower bound not
-#: overlapped): the layers stage 2.8 s with one thread, 2.0 s with two.
+#: Threads over the per-kernel jobs (all groups' in one pool, longest first) of the ``'numpy'``
+#: backend. NumPy / LAPACK / FFT release the GIL, so on 2 cores two kernels progress at once
+#: (each with single-threaded BLAS, see ``network_report(blas_threads=...)``). Measured (2-core
+#: CPU, ResNet-20 @32², lower bound not overlapped): the layers stage 2.8 s with one
+#: thread, 2.0 s with two.
 HOST_THREADS = 2
 
 
@@ -251,33 +252,6 @@ def uniform_scale(scale) -> float | None:
         return None
     a = np.abs(np.asarray(scale, np.float64)).reshape(-1)
     return float(a[0]) if a.size and np.all(a == a[0]) else None
-
-
-def _analyse_group_numpy(
-    kernels,
-    folded,
-    spec,
-    sigma_method,
-    bound_names,
-    spectrum_method,
-    rtol,
-    bracket_rtol,
-    scales=None,
-):
-    """:func:`_analyse_group` on the host (NumPy / SciPy, float64), :data:`HOST_THREADS` kernels
-    at a time (see :func:`_numpy_group_jobs`)."""
-    jobs, finish = _numpy_group_jobs(
-        kernels,
-        folded,
-        spec,
-        sigma_method,
-        bound_names,
-        spectrum_method,
-        rtol,
-        bracket_rtol,
-        scales,
-    )
-    return finish(_run_jobs([job for _, job in jobs]))
 
 
 def _run_jobs(jobs: Sequence, on_last_started=None) -> list:
