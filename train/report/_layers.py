@@ -33,6 +33,10 @@ Per layer (``A`` the operator at the layer's real input size and padding):
 * ``frobenius``: ``||A||_F`` exactly (:func:`spectra.frobenius_norm_squared`, closed form).
 * ``reshaped_sigma_max``: σ_max of the kernel reshaped to ``(kh kw c_in/g, c_out)``: what Miyato
   et al.'s and Flax's ``SpectralNorm`` normalise; not the layer's operator norm.
+
+Length: both backends' plans, the host's per-kernel jobs (one pool over all groups, a conv and
+its folded kernel in one job) and the one collection into report rows share the plan tuples and
+the result layout; split, each half would re-state them.
 """
 
 from __future__ import annotations
