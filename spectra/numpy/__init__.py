@@ -37,6 +37,7 @@ from spectra.numpy._density import spectral_density_singular_values
 from spectra.numpy._fourier import HOST_EXACT_METHODS
 from spectra.numpy._fourier import CirculantTop
 from spectra.numpy._fourier import circulant_top
+from spectra.numpy._fourier import circulant_tops
 from spectra.numpy._fourier import dense_cost
 from spectra.numpy._fourier import disjoint_windows
 from spectra.numpy._fourier import fft_applies
@@ -61,6 +62,7 @@ __all__ = [
     "ConvOperator",
     "LanczosResult",
     "circulant_top",
+    "circulant_tops",
     "conv",
     "conv_transpose",
     "dense_cost",

@@ -46,9 +46,12 @@ def _frequency_chunks(kernel: np.ndarray, spec: ConvSpec):
 
     Each item: complex ``(g, rows, N2 // 2 + 1, c_out / g, (c_in / g) s1 s2)``, the matrices of
     ``spectra.frequency_matrices`` for a block of first-axis frequencies ``u`` (all of them, in
-    order, over the items). Computed from the kernel's few taps (polyphase; an rfft along the
-    second axis, a small DFT matrix along the first), never from the zero-embedded kernel. Taps
-    beyond the grid (a dilated kernel larger than the input) wrap round it.
+    order, over the items). Computed from the kernel's few polyphase taps ``E[a, b]`` (real
+    ``(c_out / g, (c_in / g) s1 s2)`` matrices, ``a < t1``, ``b < t2``), never from the
+    zero-embedded kernel: ``M(u, v) = Σ_ab e^{-2πi (u a / N1 + v b / N2)} E[a, b]``, one real
+    matrix product per group for the real and for the imaginary parts, written in place. The
+    exponent is periodic: taps beyond the grid (a dilated kernel larger than the input) wrap
+    round it.
     """
     kh, kw, cig, cout = kernel.shape
     g = spec.feature_group_count
@@ -60,19 +63,29 @@ def _frequency_chunks(kernel: np.ndarray, spec: ConvSpec):
     e = np.zeros((t1 * s1, t2 * s2, cig, cout))
     e[:keff1:d1, :keff2:d2] = kernel
     e = e.reshape(t1, s1, t2, s2, cig, g, cog)
-    if t2 > big2:  # Wrap the polyphase taps round the grid (rfft(n=big2) would truncate).
-        blocks = -(-t2 // big2)
-        e = np.pad(e, [(0, 0), (0, 0), (0, blocks * big2 - t2)] + [(0, 0)] * 4)
-        e = e.reshape(t1, s1, blocks, big2, *e.shape[3:]).sum(axis=2)
-    e = np.fft.rfft(e, n=big2, axis=2)  # (t1, s1, N2h, s2, cig, g, cog)
+    # (g, cog cig s1 s2, t1 t2): the polyphase taps' matrices (rows cog, columns (cig, s1, s2)),
+    # C-contiguous: each group's is a BLAS operand.
+    taps = np.ascontiguousarray(e.transpose(5, 6, 4, 1, 3, 0, 2)).reshape(g, -1, t1 * t2)
     n2h = big2 // 2 + 1
+    cols = cig * s1 * s2
     per_row = n2h * s1 * s2 * cig * cout
     step = max(1, FREQUENCY_CHUNK_ENTRIES // max(per_row, 1))
+    a = np.repeat(np.arange(t1), t2)  # The taps' polyphase offsets, in the order of ``taps``.
+    b = np.tile(np.arange(t2), t1)
+    v = np.arange(n2h)
     for start in range(0, big1, step):
         u = np.arange(start, min(start + step, big1))
-        dft = np.exp(-2j * np.pi * np.outer(u, np.arange(t1)) / big1)  # (rows, t1): periodic.
-        m = np.tensordot(dft, e, axes=(1, 0))  # (rows, s1, N2h, s2, cig, g, cog)
-        yield m.transpose(5, 0, 2, 6, 4, 1, 3).reshape(g, len(u), n2h, cog, cig * s1 * s2)
+        # (rows, N2h, t1 t2) phases, exact integer products reduced mod N before the division.
+        angle = (
+            (np.outer(u, a) % big1)[:, None, :] / big1 + (np.outer(v, b) % big2)[None, :, :] / big2
+        ).reshape(-1, t1 * t2)
+        # (frequencies, t1 t2, 2): the real and imaginary parts of the phases.
+        phases = np.stack([np.cos(2 * np.pi * angle), -np.sin(2 * np.pi * angle)], axis=-1)
+        m = np.empty((g, len(u) * n2h, cog * cols), np.complex128)
+        parts = m.view(np.float64).reshape(g, len(u) * n2h, cog * cols, 2)
+        for gi in range(g):  # Written in place: (entries, t1 t2) @ (t1 t2, 2) per frequency.
+            np.matmul(taps[gi], phases, out=parts[gi])
+        yield m.reshape(g, len(u), n2h, cog, cols)
 
 
 def _top_singular_values(m: np.ndarray) -> np.ndarray:
@@ -111,6 +124,9 @@ class CirculantTop(NamedTuple):
 #: (a Cholesky test per frequency instead of an eigenvalue decomposition); below it, eigvalsh of
 #: every frequency (cheap there).
 PRUNE_MIN_SIDE = 96
+#: Most bytes of per-frequency matrices that :func:`circulant_top`'s pruning keeps from its first
+#: pass for its second (else they are computed again).
+MAX_CACHED_BYTES = 512 * 2**20
 #: Power-iteration steps per frequency that order the frequencies before pruning.
 PRUNE_POWER_STEPS = 12
 
@@ -153,20 +169,30 @@ def _below(gram: np.ndarray, tau: float) -> bool:
     return info == 0
 
 
-def _power_estimates(m: np.ndarray, steps: int) -> np.ndarray:
-    """Power-iteration estimates (Rayleigh quotients, below) of λ_max(M^H M) per matrix."""
+def _power_estimates(m: np.ndarray, steps: int, row_scale=None) -> np.ndarray:
+    """Power-iteration estimates of λ_max(M^H M) per matrix ``(g, ..., r, c)`` (of ``diag(s) M``
+    with ``row_scale`` ``s`` ``(g, r)``), in single precision: they only order the frequencies
+    (the bound is computed from the float64 Grams)."""
     rng = np.random.default_rng(0)
     c = m.shape[-1]
-    v = rng.standard_normal((*m.shape[:-2], c, 1)) + 0j
-    mh = np.conj(np.swapaxes(m, -1, -2))
+    m = m.astype(np.complex64)
+    s2 = None
+    if row_scale is not None:
+        s2 = (np.asarray(row_scale, np.float32) ** 2).reshape(
+            m.shape[0], *[1] * (m.ndim - 3), -1, 1
+        )
+    v = (rng.standard_normal((*m.shape[:-2], c, 1)) + 0j).astype(np.complex64)
+    mt = np.swapaxes(m, -1, -2)  # A view: M^H w = conj(M^T conj(w)), no conjugated copy of M.
     for _ in range(steps):
-        v = v / np.maximum(np.linalg.norm(v, axis=(-2, -1), keepdims=True), 1e-300)
-        v = mh @ (m @ v)
-    v = v / np.maximum(np.linalg.norm(v, axis=(-2, -1), keepdims=True), 1e-300)
-    return np.sum(np.abs(m @ v) ** 2, axis=(-2, -1))
+        v = v / np.maximum(np.linalg.norm(v, axis=(-2, -1), keepdims=True), 1e-30)
+        w = m @ v
+        v = np.conj(mt @ np.conj(w if s2 is None else s2 * w))
+    v = v / np.maximum(np.linalg.norm(v, axis=(-2, -1), keepdims=True), 1e-30)
+    w = np.abs(m @ v) ** 2
+    return np.sum(w if s2 is None else s2 * w, axis=(-2, -1)).astype(np.float64)
 
 
-def _circulant_pruned(kernel, emb, g):
+def _circulant_pruned(kernel, emb, g, row_scales=(None,)):
     """Per-group max of per-frequency λ_max, pruning frequencies certified below the best.
 
     Pass 1: power-iteration estimates per frequency; the exact top (``eigh``) of the frequency
@@ -174,49 +200,76 @@ def _circulant_pruned(kernel, emb, g):
     certified ``λ_max <= best`` by :func:`_below` (a Cholesky factorisation, no eigenvalues) or
     else its exact top is computed (and the best raised). The result equals the max over all
     frequencies of their ``eigh`` top up to LAPACK's rounding.
+
+    ``row_scales``: one entry per variant of the layer, ``None`` (the kernel itself) or a
+    ``(g, c_out / g)`` per-output-channel scale ``s`` (the kernel scaled on its outputs: each
+    per-frequency matrix is ``diag(s) M(ω)``). When the Gram is on the output side (``rows <=
+    cols``), a scaled variant's Gram is ``diag(s) G(ω) diag(s)``: one ``zherk`` per frequency
+    serves every variant. Returns one ``(bound, group tops, where)`` per variant.
     """
-    estimates, start, keep = [], 0, {}
+    nv = len(row_scales)
+
+    def one(mat, vi, gi):  # One frequency's matrix (cog, cols) of group gi, variant vi.
+        s = row_scales[vi]
+        return mat if s is None else mat * s[gi][:, None]
+
+    start, keep = 0, [{} for _ in range(nv)]
+    cached, size = [], 0  # Pass 1's matrices, reused by pass 2 when they fit.
     for m in _frequency_chunks(kernel, emb):
-        est = _power_estimates(m, PRUNE_POWER_STEPS)  # (g, rows, N2h)
-        for gi in range(g):
-            i = int(np.argmax(est[gi]))
-            if gi not in keep or est[gi].flat[i] > keep[gi][0]:
-                r, v = np.unravel_index(i, est[gi].shape)
-                keep[gi] = (float(est[gi].flat[i]), (start + r, v), m[gi, r, v].copy())
-        estimates.append(est)
+        size += m.nbytes
+        cached = None if cached is None or size > MAX_CACHED_BYTES else cached
+        if cached is not None:
+            cached.append(m)
+        for vi in range(nv):
+            est = _power_estimates(m, PRUNE_POWER_STEPS, row_scales[vi])  # (g, rows, N2h)
+            for gi in range(g):
+                i = int(np.argmax(est[gi]))
+                if gi not in keep[vi] or est[gi].flat[i] > keep[vi][gi][0]:
+                    r, v = np.unravel_index(i, est[gi].shape)
+                    mat = one(m[gi, r, v], vi, gi).copy()
+                    keep[vi][gi] = (float(est[gi].flat[i]), (start + r, v), mat)
         start += m.shape[1]
-    group_best = np.zeros(g)
-    where = [None] * g  # Per group: (u, v, vector) of the best frequency.
-    for gi in range(g):
-        _, (u, v), mat = keep[gi]
-        lam, vec = _top_eigenpair(_gram(mat), mat)
-        group_best[gi], where[gi] = lam, (u, v, vec)
+    group_best = np.zeros((nv, g))
+    where = [[None] * g for _ in range(nv)]  # Per group: (u, v, vector) of the best frequency.
+    for vi in range(nv):
+        for gi in range(g):
+            _, (u, v), mat = keep[vi][gi]
+            lam, vec = _top_eigenpair(_gram(mat), mat)
+            group_best[vi, gi], where[vi][gi] = lam, (u, v, vec)
     big1, big2 = (n // s for n, s in zip(emb.input_shape, emb.strides))
     # A real kernel's matrices at -k are the conjugates of those at k (the same singular values):
     # on the columns v = 0 and v = N2 / 2 of the half plane, row u repeats row (N1 - u) mod N1.
     self_conjugate = {0, big2 / 2}
     start = 0
-    for m in _frequency_chunks(kernel, emb):
+    for m in cached if cached is not None else _frequency_chunks(kernel, emb):
         for gi in range(g):
             for r in range(m.shape[1]):
                 u = start + r
                 for v in range(m.shape[2]):
-                    if (u, v) == keep[gi][1]:  # Already computed exactly.
-                        continue
                     if v in self_conjugate and (big1 - u) % big1 < u:  # A repeated frequency.
                         continue
-                    gram = _gram(m[gi, r, v])
-                    if _below(gram, group_best[gi]):
+                    todo = [vi for vi in range(nv) if (u, v) != keep[vi][gi][1]]
+                    if not todo:  # Already computed exactly.
                         continue
-                    lam, vec = _top_eigenpair(gram, m[gi, r, v])
-                    if lam > group_best[gi]:
-                        group_best[gi] = lam
-                        where[gi] = (u, v, vec)
+                    gram = _gram(m[gi, r, v])
+                    for vi in todo:
+                        s = row_scales[vi]
+                        # diag(s) G diag(s): the scaled matrix's Gram (upper triangle).
+                        gv = gram if s is None else gram * np.outer(s[gi], s[gi])
+                        if _below(gv, group_best[vi, gi]):
+                            continue
+                        lam, vec = _top_eigenpair(gv, one(m[gi, r, v], vi, gi))
+                        if lam > group_best[vi, gi]:
+                            group_best[vi, gi] = lam
+                            where[vi][gi] = (u, v, vec)
         start += m.shape[1]
-    gi = int(np.argmax(group_best))
-    tops = np.sqrt(group_best)
-    u, v, vec = where[gi]
-    return float(tops[gi]), tops, (gi, u, v, vec)
+    out = []
+    for vi in range(nv):
+        gi = int(np.argmax(group_best[vi]))
+        tops = np.sqrt(group_best[vi])
+        u, v, vec = where[vi][gi]
+        out.append((float(tops[gi]), tops, (gi, u, v, vec)))
+    return out
 
 
 def circulant_top(kernel, spec: ConvSpec, *, with_vector: bool = True) -> CirculantTop:
@@ -248,30 +301,66 @@ def circulant_top(kernel, spec: ConvSpec, *, with_vector: bool = True) -> Circul
     Returns:
       :class:`CirculantTop`.
     """
+    return circulant_tops(kernel, spec, with_vector=with_vector)[0]
+
+
+def circulant_tops(kernel, spec: ConvSpec, scales=(), *, with_vector: bool = True):
+    """:func:`circulant_top` of the kernel and of each ``kernel * scale`` (output channels scaled,
+    e.g. a BatchNorm folded in; computed in float64), in one pass where possible.
+
+    Wide layers whose per-frequency Gram is on the output side (``c_out / g <= (c_in / g) s1
+    s2``): each frequency's Gram ``G(ω)`` is computed once, a scaled kernel's is ``diag(s) G(ω)
+    diag(s)``; the same pruning and certificates per variant. Otherwise one
+    :func:`circulant_top` per variant.
+
+    Args:
+      kernel: HWIO kernel.
+      spec: the layer.
+      scales: ``(c_out,)`` per-channel scales.
+      with_vector: compute the warm starts.
+
+    Returns:
+      ``[CirculantTop of kernel] + [CirculantTop of kernel * scale for scale in scales]``.
+    """
     kernel, kshape = float64_kernel(kernel, spec)
     emb = exact_circular_spec(spec, kshape)
     g = spec.feature_group_count
     rows, cols = kshape[3] // g, kshape[2] * math.prod(emb.strides)
-    if min(rows, cols) >= PRUNE_MIN_SIDE:
-        best, group_best, (gi, u, v, w) = _circulant_pruned(kernel, emb, g)
-        if not with_vector:
-            return CirculantTop(best, group_best, None)
-    else:
-        group_best = np.full(g, -1.0)
-        best, where = -1.0, None
-        start = 0
-        for m in _frequency_chunks(kernel, emb):
-            tops = _top_singular_values(m)  # (g, rows, N2h)
-            group_best = np.maximum(group_best, tops.reshape(g, -1).max(axis=1))
-            i = int(np.argmax(tops))
-            if tops.flat[i] > best:
-                gi, r, v = np.unravel_index(i, tops.shape)
-                best, where = float(tops.flat[i]), (gi, start + r, v, m[gi, r, v])
-            start += m.shape[1]
-        if not with_vector or where is None:
-            return CirculantTop(best, group_best, None)
-        gi, u, v, mat = where
-        w = np.linalg.svd(mat)[2][0].conj()  # Top right singular vector, (cig * s1 * s2,).
+    scales = [np.asarray(c, np.float64).reshape(kshape[3]) for c in scales]
+    if min(rows, cols) >= PRUNE_MIN_SIDE and (rows <= cols or not scales):
+        row_scales = [None] + [c.reshape(g, rows) for c in scales]
+        out = []
+        for best, group_best, (gi, u, v, w) in _circulant_pruned(kernel, emb, g, row_scales):
+            vector = _warm_start(spec, emb, kshape, gi, u, v, w) if with_vector else None
+            out.append(CirculantTop(best, group_best, vector))
+        return out
+    if scales:
+        return [
+            circulant_tops(k, spec, with_vector=with_vector)[0]
+            for k in [kernel] + [kernel * c for c in scales]
+        ]
+    group_best = np.full(g, -1.0)
+    best, where = -1.0, None
+    start = 0
+    for m in _frequency_chunks(kernel, emb):
+        tops = _top_singular_values(m)  # (g, rows, N2h)
+        group_best = np.maximum(group_best, tops.reshape(g, -1).max(axis=1))
+        i = int(np.argmax(tops))
+        if tops.flat[i] > best:
+            gi, r, v = np.unravel_index(i, tops.shape)
+            best, where = float(tops.flat[i]), (gi, start + r, v, m[gi, r, v])
+        start += m.shape[1]
+    if not with_vector or where is None:
+        return [CirculantTop(best, group_best, None)]
+    gi, u, v, mat = where
+    w = np.linalg.svd(mat)[2][0].conj()  # Top right singular vector, (cig * s1 * s2,).
+    return [CirculantTop(best, group_best, _warm_start(spec, emb, kshape, gi, u, v, w))]
+
+
+def _warm_start(spec, emb, kshape, gi, u, v, w) -> np.ndarray:
+    """The plane wave of frequency ``(u, v)`` and right vector ``w`` of group ``gi`` on the
+    layer's input pixels (see :func:`circulant_top`)."""
+    g = spec.feature_group_count
     cig = kshape[2]
     (s1, s2), (b1, b2) = emb.strides, (n // s for n, s in zip(emb.input_shape, emb.strides))
     w = w.reshape(cig, s1, s2)
@@ -288,7 +377,7 @@ def circulant_top(kernel, spec: ConvSpec, *, with_vector: bool = True) -> Circul
         wave = wave * envelope[..., None]
     x = np.zeros((n1, n2, cig * g))
     x[..., gi * cig : (gi + 1) * cig] = wave.real
-    return CirculantTop(best, group_best, x)
+    return x
 
 
 def symbol_grid_bound(kernel, spec: ConvSpec) -> float:

@@ -63,3 +63,65 @@ class PrunedCirculantTest(parameterized.TestCase):
 
 if __name__ == "__main__":
     absltest.main()
+
+
+class ScaledVariantsTest(parameterized.TestCase):
+    """circulant_tops: a kernel and its output-scaled variants (one Gram per frequency)."""
+
+    @parameterized.named_parameters(
+        *[(f"{c[0]}_{p}", i, p) for i, c in enumerate(CASES) for p in ("pruned", "full")]
+    )
+    def test_equals_separate_and_bounds_dense(self, index, prune):
+        _, kshape, spec = CASES[index]
+        kernel = random_kernel(kshape, seed=200 + index)
+        rng = np.random.default_rng(index)
+        scales = [rng.uniform(0.2, 1.8, kshape[3]), -rng.uniform(0.2, 1.8, kshape[3])]
+        side = 2 if prune == "pruned" else 10**9
+        with mock.patch.object(_fourier, "PRUNE_MIN_SIDE", side):
+            tops = snp.circulant_tops(kernel, spec, scales)
+            separate = [snp.circulant_top(kernel, spec)] + [
+                snp.circulant_top(np.asarray(kernel, np.float64) * s, spec) for s in scales
+            ]
+        self.assertLen(tops, 3)
+        for top, ref, s in zip(tops, separate, [None] + scales):
+            np.testing.assert_allclose(top.group_bounds, ref.group_bounds, rtol=1e-9)
+            self.assertEqual(top.bound, top.group_bounds.max())
+            self.assertEqual(top.vector.shape, ref.vector.shape)
+            k = np.asarray(kernel, np.float64) * (1.0 if s is None else s)
+            exact = exact_singular_values(k, spec)[0]  # Float64 dense operator.
+            self.assertGreaterEqual(top.bound * (1 + 1e-12), exact)
+
+    def test_no_scales_is_circulant_top(self):
+        kernel = random_kernel((3, 3, 4, 6), seed=3)
+        spec = ConvSpec((7, 6), 2, "SAME")
+        (top,) = snp.circulant_tops(kernel, spec, with_vector=False)
+        self.assertEqual(top.bound, snp.circulant_top(kernel, spec).bound)
+        self.assertIsNone(top.vector)
+
+
+class TapSumFloorTest(parameterized.TestCase):
+    """tap_sum_bound(floor=...): the looser value only where the tap sum exceeds the floor."""
+
+    @parameterized.named_parameters(*[(c[0], i) for i, c in enumerate(CASES)])
+    def test_floor(self, index):
+        _, kshape, spec = CASES[index]
+        kernel = random_kernel(kshape, seed=300 + index)
+        exact_taps = snp.tap_sum_bound(kernel, spec, per_group=True)
+        dense = exact_singular_values(kernel, spec)[0]
+        g = spec.feature_group_count
+        for floor in (exact_taps * 0.5, exact_taps * 0.999, exact_taps * 1.001, exact_taps * 2):
+            got = snp.tap_sum_bound(kernel, spec, per_group=True, floor=floor)
+            self.assertEqual(got.shape, (g,))
+            # Never below the tap sum (an upper bound on each group's σ_max, so on the layer's).
+            self.assertTrue(np.all(got >= exact_taps * (1 - 1e-12)))
+            self.assertGreaterEqual(got.max() * (1 + 1e-12), dense)
+            # The smaller of the two bounds per group is unchanged.
+            np.testing.assert_allclose(
+                np.minimum(got, floor), np.minimum(exact_taps, floor), rtol=1e-12
+            )
+            # Below the floor: the exact tap sum.
+            below = exact_taps < floor
+            np.testing.assert_allclose(got[below], exact_taps[below], rtol=1e-12)
+        # Far above the floor: the SVDs are skipped (the Frobenius sum, strictly larger here).
+        loose = snp.tap_sum_bound(kernel, spec, per_group=True, floor=exact_taps * 0.5)
+        self.assertTrue(np.all(loose > exact_taps))

@@ -114,3 +114,43 @@ class DepthwiseReportTest(absltest.TestCase):
 
 if __name__ == "__main__":
     absltest.main()
+
+
+class FoldedPairTest(absltest.TestCase):
+    """A layer and its BatchNorm-folded kernel in one job (one circulant pass for both)."""
+
+    def test_pair_equals_separate_and_bounds_dense(self):
+        from unittest import mock
+
+        from spectra.numpy import _fourier
+
+        names = ("k3_SAME", "stride2_explicit", "groups2_FULL", "k1_VALID")
+        cases = [c for c in CASES if c[0] in names]
+        layers, alone = [], []
+        for i, (name, kshape, spec) in enumerate(cases):
+            kernel = random_kernel(kshape, seed=40 + i)
+            scale = np.random.default_rng(i).uniform(0.3, 1.5, kshape[3])
+            layers.append(_layers.ConvLayer(name, kernel, spec, scale))
+            folded = np.asarray(kernel, np.float64) * scale
+            alone.append(_layers.ConvLayer(name, folded, spec))
+        started = []
+        for side in (2, 10**9):  # The shared (pruned) pass, and one pass per kernel.
+            with mock.patch.object(_fourier, "PRUNE_MIN_SIDE", side):
+                paired = _layers.analyse_convs(
+                    layers, max_dense_dim=0, on_last_started=lambda: started.append(1)
+                )
+                separate = _layers.analyse_convs(alone, max_dense_dim=0)
+            for layer, p, s in zip(layers, paired, separate):
+                folded = layer.kernel * layer.bn_scale
+                exact = exact_singular_values(folded, layer.spec)[0]  # Float64 dense operator.
+                self.assertAlmostEqual(p.bn_folded_upper_bound / s.upper_bound, 1.0, delta=1e-9)
+                self.assertGreaterEqual(p.bn_folded_upper_bound, exact * (1 - 1e-12))
+                self.assertLessEqual(p.bn_folded_sigma_max, exact * (1 + 1e-8))
+                self.assertAlmostEqual(p.bn_folded_sigma_max / exact, 1.0, delta=1e-4)
+                raw = exact_singular_values(layer.kernel, layer.spec)[0]
+                self.assertGreaterEqual(p.upper_bound, raw * (1 - 1e-12))
+                if layer.kernel.shape[:2] == (1, 1):  # One SVD: spectrum, tap sum, reshaped.
+                    self.assertEqual(p.sigma_max_method, "matrix")
+                    self.assertAlmostEqual(p.reshaped_sigma_max / p.sigma_max, 1.0, delta=1e-12)
+                    self.assertAlmostEqual(p.upper_bound / raw, 1.0, delta=1e-10)
+        self.assertEqual(started, [1, 1])  # Once per numpy analysis with the callback.

@@ -151,6 +151,7 @@ def _network_report(
     if checkpoint is not None:
         cached_lower = _stages.Checkpoint(o.checkpoint_dir, lower_key).load("lower_bound")
     layers_done = threading.Event()
+    layers_started = threading.Event()  # The overlapped lower bound starts with the layer stage.
     stop = _stages.budget_stop(
         o.lower_bound_budget,
         layers_done,
@@ -158,6 +159,8 @@ def _network_report(
     )
 
     def lower_bound():
+        if o.overlap_lower_bound:
+            layers_started.wait()
         t = time.perf_counter()
         if cached_lower is not None:
             return cached_lower, 0.0
@@ -195,6 +198,7 @@ def _network_report(
                     timings,
                     o,
                     on_layers_done=layers_done.set,
+                    on_layers_start=layers_started.set,
                     errors=errors,
                 )
                 if checkpoint is not None and not errors:
@@ -210,6 +214,7 @@ def _network_report(
                 [],
             )
         finally:
+            layers_started.set()
             layers_done.set()
         upper, note, uncertified, reports, layers = stage
         tight = _network_bound.network_upper_fields(
@@ -301,6 +306,7 @@ def _layers_and_composition(
     options: ReportOptions,
     *,
     on_layers_done=None,
+    on_layers_start=None,
     errors=None,
 ):
     """Composition pass 1 (BatchNorm scales), the per-layer analysis, the certified composition."""
@@ -324,16 +330,21 @@ def _layers_and_composition(
     timings["compose_pass1"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    if on_layers_start is not None:
+        on_layers_start()
     reports = _layers.analyse_convs(
         conv_layers,
         max_dense_dim=options.max_dense_dim,
         compute_spectra=options.compute_spectra,
         progress=options.progress,
         backend=options.backend,
+        on_last_started=on_layers_done,
     )
     timings["layers"] = time.perf_counter() - t0
     if on_layers_done is not None:
-        on_layers_done()  # The lower bound's time budget ends with the layer stage.
+        # The lower bound's time budget ends with the layer stage (already once its last jobs
+        # have started: its last step then overlaps them).
+        on_layers_done()
     by_leaf = dict(zip(order, reports))
 
     # Pass 2: the certified bound (layers' upper bounds); pass 3: the same with σ_max values.

@@ -33,6 +33,10 @@ Per layer (``A`` the operator at the layer's real input size and padding):
 * ``frobenius``: ``||A||_F`` exactly (:func:`spectra.frobenius_norm_squared`, closed form).
 * ``reshaped_sigma_max``: σ_max of the kernel reshaped to ``(kh kw c_in/g, c_out)``: what Miyato
   et al.'s and Flax's ``SpectralNorm`` normalise; not the layer's operator norm.
+
+Length: both backends' plans, the host's per-kernel jobs (one pool over all groups, a conv and
+its folded kernel in one job) and the one collection into report rows share the plan tuples and
+the result layout; split, each half would re-state them.
 """
 
 from __future__ import annotations
@@ -149,35 +153,71 @@ def plan_numpy(
     return "lanczos", bounds, ("spectral_density" if cheap else None)
 
 
-#: Threads over the kernels of a group in the ``'numpy'`` backend. NumPy / LAPACK / FFT release
-#: the GIL, so on 2 cores two kernels progress at once (each with single-threaded BLAS, see
-#: ``network_report(blas_threads=...)``). Measured (2-core CPU, ResNet-20 @32², lower bound not
-#: overlapped): the layers stage 2.8 s with one thread, 2.0 s with two.
+#: Threads over the per-kernel jobs (all groups' in one pool, longest first) of the ``'numpy'``
+#: backend. NumPy / LAPACK / FFT release the GIL, so on 2 cores two kernels progress at once
+#: (each with single-threaded BLAS, see ``network_report(blas_threads=...)``). Measured (2-core
+#: CPU, ResNet-20 @32², lower bound not overlapped): the layers stage 2.8 s with one
+#: thread, 2.0 s with two.
 HOST_THREADS = 2
 
 
-def _host_bounds(k, spec, bound_names, with_vector) -> tuple[dict, np.ndarray, object]:
-    """``({name: layer bound}, (g,) per-group best bound, warm start or None)`` on the host."""
+def _host_bounds(k, spec, bound_names, with_vector, top=None) -> tuple[dict, np.ndarray, object]:
+    """``({name: layer bound}, (g,) per-group best bound, warm start or None)`` on the host.
+
+    The circulant bound is computed first; the tap-sum bound then skips the SVDs of its taps
+    in the groups where it is shown to exceed the circulant one (``snp.tap_sum_bound(...,
+    floor=...)``: a looser, still certified, value there, never the smaller), so the best
+    bound per group and of the layer are the same as with every tap's SVD. ``top``: the
+    kernel's :func:`spectra.numpy.circulant_top` when already computed."""
     per_group, start = {}, None
-    if "tap_sum" in bound_names:
-        per_group["tap_sum"] = snp.tap_sum_bound(k, spec, per_group=True)
     if "symbol_grid" in bound_names:
-        top = snp.circulant_top(k, spec, with_vector=with_vector)
+        if top is None:
+            top = snp.circulant_top(k, spec, with_vector=with_vector)
         per_group["symbol_grid"], start = top.group_bounds, top.vector
-    bounds = {name: float(np.max(b)) for name, b in per_group.items()}
+    if "tap_sum" in bound_names:
+        per_group["tap_sum"] = snp.tap_sum_bound(
+            k, spec, per_group=True, floor=per_group.get("symbol_grid")
+        )
+    bounds = {name: float(np.max(per_group[name])) for name in bound_names if name in per_group}
     group_best = np.min(np.stack(list(per_group.values())), axis=0) if per_group else None
     if PER_GROUP_BOUND in bound_names:
         bounds[PER_GROUP_BOUND] = float(np.max(group_best))
     return bounds, group_best, start
 
 
+def _with_vector(spec, sigma_method) -> bool:
+    """Whether the Lanczos of a layer starts from its (layer-wide) circulant top."""
+    return sigma_method == "lanczos" and spec.feature_group_count == 1
+
+
+def _analyse_pair_numpy(
+    k, folded, scale, spec, sigma_method, bound_names, spectrum_method, rtol, bracket_rtol
+) -> tuple[tuple, tuple]:
+    """:func:`_analyse_kernel_numpy` of a kernel and of ``folded`` (``k`` times the per-output
+    -channel ``scale``, float64), their circulant bounds in one pass
+    (:func:`spectra.numpy.circulant_tops`: each frequency's Gram computed once for both)."""
+    args = (spec, sigma_method, bound_names, spectrum_method, rtol, bracket_rtol)
+    tops = snp.circulant_tops(k, spec, [scale], with_vector=_with_vector(spec, sigma_method))
+    return (
+        _analyse_kernel_numpy(k, True, *args, top=tops[0]),
+        _analyse_kernel_numpy(folded, False, *args, top=tops[1]),
+    )
+
+
 def _analyse_kernel_numpy(
-    k, with_spectrum, spec, sigma_method, bound_names, spectrum_method, rtol, bracket_rtol
+    k, with_spectrum, spec, sigma_method, bound_names, spectrum_method, rtol, bracket_rtol, top=None
 ) -> tuple[float, float | None, object, list[float]]:
-    """``(sigma, residual or None, spectrum or None, bounds)`` of one kernel on the host."""
+    """``(sigma, residual or None, spectrum or None, bounds)`` of one kernel on the host
+    (``top``: its circulant top when already computed)."""
     grouped = spec.feature_group_count > 1
+    if sigma_method == "matrix" and tuple(bound_names) == ("tap_sum",):
+        # Ungrouped 1x1 kernel: the 'matrix' spectrum is the kernel's SVD (its values repeated)
+        # when some output reads real input; its top is then the tap-sum bound: one SVD.
+        values = snp.singular_values(k, spec, "matrix")
+        tap_sum = float(values[0]) if values[0] > 0 else snp.tap_sum_bound(k, spec)
+        return float(values[0]), None, values, [tap_sum]
     bounds, group_best, start = _host_bounds(
-        k, spec, bound_names, sigma_method == "lanczos" and not grouped
+        k, spec, bound_names, _with_vector(spec, sigma_method), top
     )
     spectrum, residual = None, None
     if sigma_method == "fft":
@@ -218,7 +258,37 @@ def uniform_scale(scale) -> float | None:
     return float(a[0]) if a.size and np.all(a == a[0]) else None
 
 
-def _analyse_group_numpy(
+def _run_jobs(jobs: Sequence, on_last_started=None) -> list:
+    """The results of ``jobs`` (callables), in order, :data:`HOST_THREADS` at a time in the given
+    order (put the longest first: the last job started then ends soonest).
+    ``on_last_started()`` is called when the last job starts."""
+
+    def run(j):
+        if j == len(jobs) - 1 and on_last_started is not None:
+            on_last_started()
+        return jobs[j]()
+
+    if HOST_THREADS > 1 and len(jobs) > 1:
+        with concurrent.futures.ThreadPoolExecutor(min(HOST_THREADS, len(jobs))) as pool:
+            return list(pool.map(run, range(len(jobs))))
+    return [run(j) for j in range(len(jobs))]
+
+
+def job_cost(spec: ConvSpec, kshape: Sequence[int], sigma_method: str) -> float:
+    """A rough flop count of one kernel's host analysis, only to order the jobs (longest first):
+    the circulant bound's per-frequency Grams, or the dense / per-window SVDs."""
+    if sigma_method == "dense":
+        return snp.dense_cost(spec, kshape)[1]
+    g = spec.feature_group_count
+    cig, cog = kshape[2], kshape[3] // g
+    if sigma_method == "matrix":
+        return float(math.prod(kshape)) * min(cig, cog)
+    emb = spectra.exact_circular_spec(spec, kshape)
+    cols = cig * math.prod(emb.strides)
+    return float(snp.frequency_entries(spec, kshape)) * min(cols, cog)
+
+
+def _numpy_group_jobs(
     kernels,
     folded,
     spec,
@@ -229,8 +299,8 @@ def _analyse_group_numpy(
     bracket_rtol,
     scales=None,
 ):
-    """:func:`_analyse_group` on the host (NumPy / SciPy, float64), :data:`HOST_THREADS` kernels
-    at a time.
+    """``([(cost, job)], finish)``: the jobs (one per kernel to analyse, each a callable) of a
+    group on the host, and ``finish(results)`` -> the group's dict (see :func:`_analyse_group`).
 
     Lanczos starts from a random vector plus the top of the circulant embedding (computed for
     the ``symbol_grid`` bound anyway; per group for grouped layers), windowed by the lowest sine
@@ -246,40 +316,56 @@ def _analyse_group_numpy(
         factors = [uniform_scale(s) for s in scales]
     todo = [j for j in range(n) if folded is not None and factors[j] is None]
     both = list(kernels) + [folded[j] for j in todo]
+    args = (spec, sigma_method, bound_names, spectrum_method, rtol, bracket_rtol)
+    cost = job_cost(spec, np.shape(kernels[0]), sigma_method) if n else 0.0
+    # A layer and its folded kernel in one job when their circulant bounds share a pass.
+    paired = set(todo) if "symbol_grid" in bound_names and scales is not None else set()
+    jobs = [
+        (
+            2 * cost,
+            functools.partial(_analyse_pair_numpy, kernels[j], folded[j], scales[j], *args),
+        )
+        if j in paired
+        else (cost, functools.partial(_analyse_kernel_numpy, both[j], j < n, *args))
+        for j in range(n)
+    ]
+    jobs += [
+        (cost, functools.partial(_analyse_kernel_numpy, folded[j], False, *args))
+        for j in todo
+        if j not in paired
+    ]
 
-    def one(j):
-        args = (spec, sigma_method, bound_names, spectrum_method, rtol, bracket_rtol)
-        return _analyse_kernel_numpy(both[j], j < n, *args)
-
-    if HOST_THREADS > 1 and len(both) > 1:
-        with concurrent.futures.ThreadPoolExecutor(min(HOST_THREADS, len(both))) as pool:
-            results = list(pool.map(one, range(len(both))))
-    else:
-        results = [one(j) for j in range(len(both))]
-    if folded is not None:  # The folded layers in order: computed, or scaled from the layer's.
-        computed = dict(zip(todo, results[n:]))
-        results = results[:n] + [
-            computed[j]
-            if factors[j] is None
-            else (
-                factors[j] * results[j][0],
-                results[j][1],
-                None,
-                # Rounded up: |c| b in floating point may round below the real product.
-                [float(np.nextafter(factors[j] * b, np.inf)) for b in results[j][3]],
-            )
-            for j in range(n)
+    def finish(results):
+        pairs = iter(results[n:])
+        results = [r if j not in paired else r[0] for j, r in enumerate(results[:n])] + [
+            results[j][1] if j in paired else next(pairs) for j in todo
         ]
-    out: dict = {
-        "sigma": [r[0] for r in results],
-        "residual": [r[1] for r in results if r[1] is not None],
-        "spectrum": [r[2] for r in results[:n]] if spectrum_method is not None else [],
-    }
-    out["bounds"] = np.array([r[3] for r in results], np.float64).reshape(
-        len(results), len(bound_names)
-    )
-    out["frobenius_sq"] = np.array([snp.frobenius_norm(k, spec) ** 2 for k in kernels])
-    return out
+        if folded is not None:  # The folded layers in order: computed, or scaled from the layer's.
+            computed = dict(zip(todo, results[n:]))
+            results = results[:n] + [
+                computed[j]
+                if factors[j] is None
+                else (
+                    factors[j] * results[j][0],
+                    results[j][1],
+                    None,
+                    # Rounded up: |c| b in floating point may round below the real product.
+                    [float(np.nextafter(factors[j] * b, np.inf)) for b in results[j][3]],
+                )
+                for j in range(n)
+            ]
+        out: dict = {
+            "sigma": [r[0] for r in results],
+            "residual": [r[1] for r in results if r[1] is not None],
+            "spectrum": [r[2] for r in results[:n]] if spectrum_method is not None else [],
+        }
+        out["bounds"] = np.array([r[3] for r in results], np.float64).reshape(
+            len(results), len(bound_names)
+        )
+        out["frobenius_sq"] = np.array([snp.frobenius_norm(k, spec) ** 2 for k in kernels])
+        return out
+
+    return jobs, finish
 
 
 def _after(previous, x):
@@ -378,6 +464,7 @@ def analyse_convs(
     compute_spectra: bool = True,
     progress: bool = False,
     backend: str = "numpy",
+    on_last_started=None,
 ) -> list[LayerReport]:
     """Analyses every layer (grouped by kernel shape and spec).
 
@@ -398,6 +485,8 @@ def analyse_convs(
       backend: ``'numpy'`` (host, float64, no compilation: the fast choice for a one-off report
         on CPU, and on a GPU machine too unless the layers are huge) or ``'jax'`` (compiled
         programs on the default device, in the kernels' dtype); see the module doc.
+      on_last_started: (``'numpy'`` backend) called when the last of the per-kernel jobs starts
+        (they run longest first), e.g. to end work running beside this stage.
 
     Returns:
       One :class:`LayerReport` per layer, in the order of ``layers``.
@@ -419,52 +508,61 @@ def analyse_convs(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(layers), desc="layers", unit="layer")
+    planned = []
     for (kshape, dtype, spec, has_bn), members in groups.items():
         planner = plan_numpy if backend == "numpy" else plan
         sigma_method, bound_names, spectrum_method = planner(spec, kshape, max_dense_dim)
         if not compute_spectra and sigma_method != "fft":
             spectrum_method = None
-        raw = [layers[i].kernel for i in members]
-        scaled = None  # The BatchNorm-folded kernels.
-        if has_bn:
-            scaled = [layers[i].kernel * np.asarray(layers[i].bn_scale) for i in members]
-        if backend == "numpy":
+        planned.append(
+            (kshape, dtype, spec, has_bn, members, (sigma_method, bound_names, spectrum_method))
+        )
+    if backend == "numpy":
+        # Every group's jobs in one pool, the longest first (by job_cost): the threads stay busy
+        # to the end instead of waiting for each group's last kernel.
+        finishers, jobs = [], []
+        for _, dtype, spec, has_bn, members, methods in planned:
+            raw = [layers[i].kernel for i in members]
+            scaled = None  # The BatchNorm-folded kernels (float64: the exact products).
+            if has_bn:
+                scaled = [
+                    np.asarray(layers[i].kernel, np.float64)
+                    * np.asarray(layers[i].bn_scale, np.float64)
+                    for i in members
+                ]
             tol = rtol if rtol is not None else (1e-10 if dtype == np.float64 else LANCZOS_RTOL)
-            out = _analyse_group_numpy(
+            group_jobs, finish = _numpy_group_jobs(
                 raw,
                 scaled,
                 spec,
-                sigma_method,
-                bound_names,
-                spectrum_method,
+                *methods,
                 tol,
                 bracket_rtol,
                 [layers[i].bn_scale for i in members] if has_bn else None,
             )
-        else:
-            out = _analyse_group_jax(
-                raw,
-                scaled,
-                spec,
-                kshape,
-                dtype,
-                sigma_method,
-                bound_names,
-                spectrum_method,
-                rtol,
-            )
-        _collect(
-            results,
-            layers,
-            members,
-            spec,
-            has_bn,
-            bracket_rtol,
-            out,
-            (sigma_method, bound_names, spectrum_method),
-        )
-        if bar is not None:
-            bar.update(len(members))
+            start = len(jobs)
+            jobs.extend(group_jobs)
+            finishers.append((finish, start, len(jobs)))
+        order = sorted(range(len(jobs)), key=lambda j: -jobs[j][0])
+        done = _run_jobs([jobs[j][1] for j in order], on_last_started)
+        values = [None] * len(jobs)
+        for j, value in zip(order, done):
+            values[j] = value
+        for (finish, a, b), (_, _, spec, has_bn, members, methods) in zip(finishers, planned):
+            out = finish(values[a:b])
+            _collect(results, layers, members, spec, has_bn, bracket_rtol, out, methods)
+            if bar is not None:
+                bar.update(len(members))
+    else:
+        for kshape, dtype, spec, has_bn, members, methods in planned:
+            raw = [layers[i].kernel for i in members]
+            scaled = None
+            if has_bn:
+                scaled = [layers[i].kernel * np.asarray(layers[i].bn_scale) for i in members]
+            out = _analyse_group_jax(raw, scaled, spec, kshape, dtype, *methods, rtol)
+            _collect(results, layers, members, spec, has_bn, bracket_rtol, out, methods)
+            if bar is not None:
+                bar.update(len(members))
     if bar is not None:
         bar.close()
     return results  # type: ignore[return-value]
@@ -506,6 +604,11 @@ def _layer_report(
         if spectrum_method in EXACT_METHODS:
             sigma_min, sigma_min_method = float(full[-1]), spectrum_method
         spectrum, ranks = _subsample(full)
+    one_by_one = kshape[:2] == (1, 1) and spec.feature_group_count == 1
+    if sigma_method == "matrix" and one_by_one and sigma > 0:
+        reshaped = sigma  # The 1x1 kernel's own SVD (the 'matrix' spectrum's top, see there).
+    else:
+        reshaped = reshaped_sigma_max(layer.kernel)
     bn_sigma = bn_upper = None
     if jf is not None:
         bn_sigma = float(out["sigma"][jf])
@@ -527,7 +630,7 @@ def _layer_report(
         sigma_max_tolerance=bracket_rtol if sigma_method == "lanczos" else None,
         upper_bound=float(upper),
         upper_bound_name=upper_name,
-        reshaped_sigma_max=reshaped_sigma_max(layer.kernel),
+        reshaped_sigma_max=reshaped,
         frobenius=frob,
         stable_rank=frob**2 / sigma**2 if sigma > 0 else 0.0,
         sigma_min=sigma_min,
