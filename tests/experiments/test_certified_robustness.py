@@ -4,6 +4,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import dataclasses  # noqa: E402
+
 from absl.testing import absltest  # noqa: E402
 
 from experiments import __main__ as experiments_main  # noqa: E402
@@ -21,7 +23,8 @@ class CertifiedRobustnessExperimentTest(absltest.TestCase):
         self.assertEqual(
             set(rows),
             {"baseline", "Sedghi clip c=1, every 2", "Sedghi clip c=3, every 2",
-             "BN-aware clip c=3, every 2", "1-Lipschitz LipResNet"})
+             "BN-aware clip c=3, every 2", "BatchCentering, clip c=3, every 2",
+             "1-Lipschitz LipResNet"})
         for row in rows.values():
             clean, upper, lower, gap = (float(v) for v in row[1:5])
             self.assertGreaterEqual(upper, lower)
@@ -34,7 +37,27 @@ class CertifiedRobustnessExperimentTest(absltest.TestCase):
         self.assertIn("LiResNet++ 87.0 / 78.1", text)
         # The plain and the BN-aware clip compared at the same c (3).
         self.assertIn("At c = 3: the BN-aware clip's certified network bound is", text)
+        self.assertIn("At c = 3: the BatchCentering ResNet's certified network bound is", text)
         self.assertFalse(any(out.glob("runs")))
+
+    def test_same_c_pairs_need_the_same_recipe(self):
+        # Rows are compared only at the same c with the same optimiser / loss / steps.
+        base = certified_robustness.PRESETS["test"]["base"]
+        rows = [
+            ("plain", dataclasses.replace(base, project_max_norm=3.0), {"upper": 100.0,
+                                                                         "clean": 0.9}),
+            ("bn", dataclasses.replace(base, project_max_norm=3.0, project_bn_aware=True),
+             {"upper": 10.0, "clean": 0.8}),
+            ("bn adam", dataclasses.replace(base, project_max_norm=3.0, project_bn_aware=True,
+                                            optimizer="adam"), {"upper": 1.0, "clean": 0.8}),
+            ("bn c=2", dataclasses.replace(base, project_max_norm=2.0, project_bn_aware=True),
+             {"upper": 1.0, "clean": 0.8}),
+        ]
+        text = certified_robustness._same_c_summary(rows)
+        self.assertEqual(
+            text,
+            "At c = 3: the BN-aware clip's certified network bound is 10 × lower than the "
+            "plain clip's (10 vs 100); test error 20.00% vs 10.00%.\n")
 
     def test_registered(self):
         self.assertIn("certified_robustness", experiments_main.EXPERIMENTS)
