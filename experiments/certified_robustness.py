@@ -136,6 +136,9 @@ def variants(
         # c^2 · (data gain / σ_max of each fold): at c = 1 the eval branch / shortcut norm
         # ratio on test images is 0.06-0.1 in all three blocks (0.6-1.7 at c = 3), so the
         # blocks are near identities. Projecting the head too (c = 3): 17.0% error, 89.5.
+        # Not helping either (SGD): c = 2.5 for 600 steps, 34.5% error / 69.3 (plain c = 2.5,
+        # 600 steps: 1.39 / 1638); 1x1 projection shortcuts (shortcut 'B', the transitions'
+        # shortcuts capped too): c = 1 90.3%, c = 2 68.8%.
         (
             f"BN-aware clip c=3, every {every}",
             dict(project_bn_aware=True, project_max_norm=3.0, project_every=every,
