@@ -21,7 +21,10 @@ certified projection of every conv to σ_max <= c, c = 1 and c = 3, every 10 ste
 kept: eval-mode BatchNorm rescales the clipped convs, so the network bound stays large); the
 BN-aware clip (:mod:`train.bn_aware`: the BatchNorm-folded operator of every conv projected to
 σ_max <= 3, every 10 steps; c = 3 was the README's best accuracy / bound trade-off, c = 1 trains
-to chance level; the table compares it with the plain clip at the same c); the 1-Lipschitz
+to chance level; the table compares it with the plain clip at the same c); the
+BatchCentering ResNet (:class:`train.batchnorm.BatchCentering` instead of BatchNorm, kernels
+clipped at c = 3, every 10 steps: a translation in evaluation mode, so the clip bounds the
+eval network's convs); the 1-Lipschitz
 :class:`train.models.LipResNet` (an orthogonal stem and stride-2 transition, every nonzero
 singular value 1; convs kept at σ_max <= 1 by the projection, residual blocks ``I + W``
 bounded as one conv (none in the quick preset), MaxMin activations, an orthogonal head (the
