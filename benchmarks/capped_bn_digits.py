@@ -73,8 +73,8 @@ def capped(c: float, recipe: str, seed: int = 0, estimate: str = "circulant") ->
     from train import distributed
     from train import loop
     from train.capped_batchnorm import capped_excess
+    from train.capped_batchnorm import resnet_kernels
     from train.certify import batch_stats_recalibrator
-    from train.models.resnet import ResNet
 
     config = dataclasses.replace(
         common.QUICK_BASE, seed=seed,
@@ -87,14 +87,7 @@ def capped(c: float, recipe: str, seed: int = 0, estimate: str = "circulant") ->
           flush=True)
     model = out["model"]
     err0, upper0 = _evaluate(model, config, "capped, before certification")
-    kernels = {}
-    for path, module in nnx.iter_modules(model):
-        if isinstance(module, ResNet):
-            kernels["bn"] = module.conv.kernel[...]
-            for i, block in enumerate(module.blocks):
-                kernels[f"blocks/{i}/bn1"] = block.conv1.kernel[...]
-                kernels[f"blocks/{i}/bn2"] = block.conv2.kernel[...]
-    excess = capped_excess(model, kernels)
+    excess = capped_excess(model, resnet_kernels(model))
     print(f"  largest certified bound / c of an applied capped layer: {max(excess.values()):.4f}"
           f" (mean {np.mean(list(excess.values())):.4f})", flush=True)
 

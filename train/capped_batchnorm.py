@@ -245,6 +245,24 @@ def capped_layers(model: nnx.Module) -> list[tuple[str, CappedBatchNorm]]:
     ]
 
 
+#: The conv attribute of each capped BatchNorm attribute in :class:`train.models.resnet.ResNet`
+#: and its blocks.
+RESNET_PAIRS = {"bn": "conv", "bn1": "conv1", "bn2": "conv2", "proj_bn": "proj"}
+
+
+def resnet_kernels(model: nnx.Module) -> dict[str, jax.Array]:
+    """``{capped layer path: its conv's kernel}`` for the ResNets of
+    :mod:`train.models.resnet` (the attribute pairs of :data:`RESNET_PAIRS`)."""
+    out = {}
+    for path, module in nnx.iter_modules(model):
+        for bn, conv in RESNET_PAIRS.items():
+            layer = getattr(module, bn, None)
+            if isinstance(layer, CappedBatchNorm):
+                name = "/".join(str(p) for p in (*path, bn))
+                out[name] = getattr(module, conv).kernel[...]
+    return out
+
+
 def capped_excess(model: nnx.Module, kernels: dict[str, Any]) -> dict[str, float]:
     """Per capped layer, the certified bound of its **evaluation-mode applied** folded operator
     over its cap: :func:`train.bn_aware.folded_upper_bound` of ``kernel · diag(s · r)`` / ``c``
@@ -253,7 +271,7 @@ def capped_excess(model: nnx.Module, kernels: dict[str, Any]) -> dict[str, float
 
     Args:
       model: holding :class:`CappedBatchNorm` layers.
-      kernels: ``{layer path: conv kernel}`` (:func:`conv_kernels_of` for the ResNets).
+      kernels: ``{layer path: conv kernel}`` (:func:`resnet_kernels` for the ResNets).
 
     Returns:
       ``{layer path: bound / cap}``.
@@ -274,6 +292,8 @@ __all__ = [
     "ESTIMATES",
     "CappedBatchNorm",
     "PowerVector",
+    "RESNET_PAIRS",
     "capped_excess",
     "capped_layers",
+    "resnet_kernels",
 ]

@@ -22,6 +22,7 @@ from train import loop
 from train.capped_batchnorm import CappedBatchNorm
 from train.capped_batchnorm import capped_excess
 from train.capped_batchnorm import capped_layers
+from train.capped_batchnorm import resnet_kernels
 from train.config import TrainConfig
 from train.lapack_workaround import avoid_cpu_lapack_deadlock
 from train.models.resnet import ResNet
@@ -41,6 +42,8 @@ def _kernels(model: ResNet) -> dict:
     for i, block in enumerate(model.blocks):
         out[f"blocks/{i}/bn1"] = block.conv1.kernel[...]
         out[f"blocks/{i}/bn2"] = block.conv2.kernel[...]
+    assert {k: np.asarray(v).tolist() for k, v in resnet_kernels(model).items()} == {
+        k: np.asarray(v).tolist() for k, v in out.items()}
     return out
 
 
