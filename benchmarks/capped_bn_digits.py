@@ -67,7 +67,10 @@ def plain(c: float, recipe: str, seed: int = 0) -> dict:
     return dict(error=err, upper=upper)
 
 
-def capped(c: float, recipe: str, seed: int = 0, estimate: str = "circulant") -> dict:
+def capped(c: float, recipe: str, seed: int = 0, estimate: str = "circulant",
+           project_every: int | None = None) -> dict:
+    """The capped ResNet; ``project_every``: also the loop's BN-aware projection every that many
+    steps and its certification (else no projection, certified here after training)."""
     from experiments import sedghi_training as common
     from train import bn_aware
     from train import distributed
@@ -80,12 +83,21 @@ def capped(c: float, recipe: str, seed: int = 0, estimate: str = "circulant") ->
         common.QUICK_BASE, seed=seed,
         model_kwargs=FrozenDict(norm="capped", cap=float(c), cap_estimate=estimate),
         **RECIPES[recipe])
+    if project_every is not None:
+        config = dataclasses.replace(config, project_bn_aware=True, project_max_norm=float(c),
+                                     project_every=project_every)
     t = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         out = loop.train_and_evaluate(config, f"{d}/run")
     print(f"capped c={c} {recipe} {estimate}: trained in {time.perf_counter() - t:.0f}s",
           flush=True)
     model = out["model"]
+    if project_every is not None:
+        meta = out["certification"]
+        print(f"  loop certification: rounds {meta['bn_certify_rounds']}, last ratio "
+              f"{meta['bn_last_round_ratio']:.4f}", flush=True)
+        err, upper = _evaluate(model, config, f"capped + projection every {project_every}")
+        return dict(error=err, upper=upper, rounds=meta["bn_certify_rounds"])
     err0, upper0 = _evaluate(model, config, "capped, before certification")
     excess = capped_excess(model, resnet_kernels(model))
     print(f"  largest certified bound / c of an applied capped layer: {max(excess.values()):.4f}"
@@ -117,14 +129,18 @@ def main() -> None:
     parser.add_argument("--recipe", choices=tuple(RECIPES), default="sgd")
     parser.add_argument("--which", choices=("both", "plain", "capped"), default="both")
     parser.add_argument("--estimate", default="circulant")
+    parser.add_argument("--project-every", type=int, default=None,
+                        help="capped rows: also project_bn_aware every this many steps")
     parser.add_argument("--json", default=None, help="append results as JSON lines here")
     args = parser.parse_args()
     for c in args.c:
-        row = dict(c=c, recipe=args.recipe, estimate=args.estimate)
+        row = dict(c=c, recipe=args.recipe, estimate=args.estimate,
+                   project_every=args.project_every)
         if args.which in ("both", "plain"):
             row["plain"] = plain(c, args.recipe)
         if args.which in ("both", "capped"):
-            row["capped"] = capped(c, args.recipe, estimate=args.estimate)
+            row["capped"] = capped(c, args.recipe, estimate=args.estimate,
+                                   project_every=args.project_every)
         if "plain" in row and "capped" in row:
             row["ratio"] = row["plain"]["upper"] / row["capped"]["upper"]
             print(f"c={c} {args.recipe}: ratio plain/capped upper {row['ratio']:.3g}", flush=True)
