@@ -182,6 +182,11 @@ class CappedBatchNorm(nnx.BatchNorm):
         w = spectra.conv(kernel * scale, v, spec)
         return jnp.sqrt(jnp.sum(w * w))
 
+    def _ratio(self, kernel: jax.Array, scale: jax.Array) -> jax.Array:
+        """``r = min(1, c / σ̂)`` (``σ̂`` floored at the dtype's tiny: no division by 0)."""
+        sigma = self.folded_sigma_estimate(kernel, scale)
+        return jnp.minimum(1.0, self.cap / jnp.maximum(sigma, jnp.finfo(sigma.dtype).tiny))
+
     def _power_step(self, kernel: jax.Array, scale: jax.Array) -> None:
         spec = self.power_spec(kernel.shape)
         folded = jax.lax.stop_gradient(kernel * scale)
@@ -218,8 +223,7 @@ class CappedBatchNorm(nnx.BatchNorm):
             scale = self.scale[...] * scale
         if not ura:
             self._power_step(kernel, scale)
-        sigma = self.folded_sigma_estimate(kernel, scale)
-        ratio = jnp.minimum(1.0, self.cap / sigma)
+        ratio = self._ratio(kernel, scale)
         y = (x - mean) * (scale * ratio)
         if self.bias is not None:
             y = y + self.bias[...] * ratio
@@ -231,8 +235,7 @@ class CappedBatchNorm(nnx.BatchNorm):
         kernel = jnp.asarray(kernel)
         inv = jax.lax.rsqrt(self.var[...] + self.epsilon)
         scale = inv if self.scale is None else self.scale[...] * inv
-        sigma = self.folded_sigma_estimate(kernel, scale)
-        ratio = jnp.minimum(1.0, self.cap / sigma)
+        ratio = self._ratio(kernel, scale)
         return np.asarray(scale * ratio, np.float64)
 
 
