@@ -114,7 +114,9 @@ class LayerTest(absltest.TestCase):
         for kwargs, name in ((dict(norm="capped", input_size=8), "cap="),
                              (dict(norm="capped", cap=-1.0, input_size=8), "cap="),
                              (dict(norm="capped", cap=1.0), "input_size="),
-                             (dict(norm="batchnorm", cap=1.0), "cap=")):
+                             (dict(norm="batchnorm", cap=1.0), "cap="),
+                             (dict(norm="capped", cap=1.0, input_size=8, cap_estimate="x"),
+                              "cap_estimate=")):
             with self.assertRaisesRegex(ValueError, name):
                 ResNet(8, 10, in_channels=1, width=2, rngs=nnx.Rngs(0), **kwargs)
 

@@ -167,7 +167,11 @@ def _out_size(size, stride: int) -> tuple[int, int]:
     return tuple(-(-n // stride) for n in size)
 
 
-def _check_capped(norm: str, cap, input_size) -> tuple | None:
+def _check_capped(norm: str, cap, input_size, cap_estimate: str = "circulant") -> tuple | None:
+    from train.capped_batchnorm import ESTIMATES
+
+    if cap_estimate not in ESTIMATES:
+        raise ValueError(f"cap_estimate={cap_estimate!r}: expected one of {ESTIMATES}")
     if norm != "capped":
         if cap is not None:
             raise ValueError(f"cap={cap!r} is only used with norm='capped' (norm={norm!r})")
@@ -249,7 +253,7 @@ class BasicBlock(nnx.Module):
             raise ValueError(f"shortcut={shortcut!r}: expected one of {SHORTCUTS}")
         if norm not in NORMS:
             raise ValueError(f"norm={norm!r}: expected one of {NORMS}")
-        size = _check_capped(norm, cap, input_size)
+        size = _check_capped(norm, cap, input_size, cap_estimate)
         cap = cap if size is not None else None
         mid = None if size is None else _out_size(size, stride)
         c1 = _capped(cap, cap_estimate, size, 3, stride, padding, in_channels, out_channels)
@@ -347,7 +351,7 @@ class ResNet(nnx.Module):
     ):
         if norm not in NORMS:
             raise ValueError(f"norm={norm!r}: expected one of {NORMS}")
-        size = _check_capped(norm, cap, input_size)
+        size = _check_capped(norm, cap, input_size, cap_estimate)
         stage_strides = tuple(stage_strides)
         if len(stage_strides) != 3 or any(s not in (1, 2) for s in stage_strides):
             raise ValueError(f"stage_strides={stage_strides}: expected 3 strides, each 1 or 2")
