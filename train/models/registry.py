@@ -103,6 +103,9 @@ def _resnet(config: TrainConfig, num_classes: int, in_channels: int, input_shape
     from train.models import resnet
 
     depth = int(config.network.name.lower()[len("resnet"):])
+    kwargs = dict(unfreeze(config.network.kwargs))
+    if kwargs.get("norm") == "capped" and kwargs.get("input_size") is None and input_shape:
+        kwargs["input_size"] = tuple(int(n) for n in input_shape)  # The power vectors' sizes.
     return resnet.ResNet(
         depth,
         num_classes,
@@ -111,7 +114,7 @@ def _resnet(config: TrainConfig, num_classes: int, in_channels: int, input_shape
         shortcut=config.network.shortcut,
         width=config.network.width,
         rngs=nnx.Rngs(config.seed),
-        **unfreeze(config.network.kwargs),
+        **kwargs,
     )
 
 

@@ -59,9 +59,10 @@ PADDINGS = ("SAME", "CIRCULAR")
 #: Shortcut options of He et al. (2016): ``'A'`` zero-pad identity, ``'B'`` 1x1 projection.
 SHORTCUTS = ("A", "B")
 #: Normalisation after each conv of the ResNets: ``nnx.BatchNorm`` (the paper's), the mean-only
-#: :class:`train.batchnorm.BatchCentering` (a translation in evaluation mode: 1-Lipschitz), or
-#: none (the identity).
-NORMS = ("batchnorm", "centering", "none")
+#: :class:`train.batchnorm.BatchCentering` (a translation in evaluation mode: 1-Lipschitz),
+#: none (the identity), or :class:`train.capped_batchnorm.CappedBatchNorm` (``'capped'``: the
+#: folded conv + BatchNorm operator capped at ``σ_max <= cap`` in the forward pass).
+NORMS = ("batchnorm", "centering", "none", "capped")
 
 #: He et al. (2015) initialisation, ``N(0, 2 / fan_in)`` (not truncated).
 conv_kernel_init = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
@@ -106,10 +107,23 @@ def batch_norm(features: int, param_dtype, rngs) -> nnx.BatchNorm:
     )
 
 
-def norm_layer(norm: str, features: int, param_dtype, rngs) -> nnx.Module | None:
+def norm_layer(
+    norm: str, features: int, param_dtype, rngs, capped: dict | None = None
+) -> nnx.Module | None:
     """The normalisation after a conv: :func:`batch_norm` for ``'batchnorm'``, a
     :class:`train.batchnorm.BatchCentering` (``momentum=0.9``, learned bias) for
-    ``'centering'``, ``None`` (nothing) for ``'none'``."""
+    ``'centering'``, ``None`` (nothing) for ``'none'``, a
+    :class:`train.capped_batchnorm.CappedBatchNorm` (``momentum=0.9``, ``epsilon=1e-5``; its
+    ``cap``, ``spec``, ``kernel_shape``, ``estimate`` from ``capped``) for ``'capped'``."""
+    if norm == "capped":
+        from train.capped_batchnorm import CappedBatchNorm
+
+        if capped is None:
+            raise ValueError("norm='capped' needs capped=dict(cap, spec, kernel_shape, ...)")
+        return CappedBatchNorm(
+            features, momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON, param_dtype=param_dtype,
+            rngs=rngs, **capped,
+        )
     if norm == "batchnorm":
         return batch_norm(features, param_dtype, rngs)
     if norm == "centering":
@@ -125,6 +139,56 @@ def norm_layer(norm: str, features: int, param_dtype, rngs) -> nnx.Module | None
 
 def _apply_norm(layer: nnx.Module | None, x: jax.Array) -> jax.Array:
     return x if layer is None else layer(x)
+
+
+def _conv_norm(conv: nnx.Conv, layer: nnx.Module | None, x: jax.Array) -> jax.Array:
+    """``layer(conv(x))``; a capped BatchNorm also gets the conv's kernel."""
+    from train.capped_batchnorm import CappedBatchNorm
+
+    if isinstance(layer, CappedBatchNorm):
+        return layer(conv(x), conv.kernel[...])
+    return _apply_norm(layer, conv(x))
+
+
+def _capped(cap, estimate, size, kernel, stride, padding, c_in, c_out) -> dict | None:
+    """The :class:`train.capped_batchnorm.CappedBatchNorm` arguments of a conv on a
+    ``size`` input (``None`` when ``cap`` is ``None``: not capped)."""
+    if cap is None:
+        return None
+    from spectra import ConvSpec
+
+    return dict(
+        cap=cap, estimate=estimate, kernel_shape=(kernel, kernel, c_in, c_out),
+        spec=ConvSpec(tuple(size), strides=stride, padding=padding),
+    )
+
+
+def _out_size(size, stride: int) -> tuple[int, int]:
+    return tuple(-(-n // stride) for n in size)
+
+
+def _check_capped(norm: str, cap, input_size, cap_estimate: str = "circulant") -> tuple | None:
+    from train.capped_batchnorm import ESTIMATES
+
+    if cap_estimate not in ESTIMATES:
+        raise ValueError(f"cap_estimate={cap_estimate!r}: expected one of {ESTIMATES}")
+    if norm != "capped":
+        if cap is not None:
+            raise ValueError(f"cap={cap!r} is only used with norm='capped' (norm={norm!r})")
+        return None
+    if cap is None or isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0:
+        raise ValueError(f"cap={cap!r}: norm='capped' needs a number cap > 0")
+    if isinstance(input_size, int):
+        input_size = (input_size, input_size)
+    if (
+        input_size is None
+        or len(tuple(input_size)) != 2
+        or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in input_size)
+    ):
+        raise ValueError(
+            f"input_size={input_size!r}: norm='capped' needs the input's (H, W) (ints >= 1)"
+        )
+    return tuple(input_size)
 
 
 def shortcut_option_a(x: jax.Array, out_channels: int, stride: int) -> jax.Array:
@@ -163,6 +227,8 @@ class BasicBlock(nnx.Module):
       shortcut: ``'A'`` or ``'B'``; only used when ``stride != 1`` or the channels change.
       norm: the normalisation after each conv, one of :data:`NORMS` (``bn1``, ``bn2`` and
         ``proj_bn`` are ``None`` for ``'none'``).
+      cap, input_size, cap_estimate: for ``norm='capped'``: the cap ``c``, the block input's
+        ``(H, W)`` and the :class:`train.capped_batchnorm.CappedBatchNorm` ``estimate``.
       param_dtype: dtype of the parameters.
       rngs: ``nnx.Rngs`` with a ``params`` stream.
     """
@@ -176,6 +242,9 @@ class BasicBlock(nnx.Module):
         padding: str = "SAME",
         shortcut: str = "A",
         norm: str = "batchnorm",
+        cap: float | None = None,
+        input_size: int | Sequence[int] | None = None,
+        cap_estimate: str = "circulant",
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -184,29 +253,35 @@ class BasicBlock(nnx.Module):
             raise ValueError(f"shortcut={shortcut!r}: expected one of {SHORTCUTS}")
         if norm not in NORMS:
             raise ValueError(f"norm={norm!r}: expected one of {NORMS}")
+        size = _check_capped(norm, cap, input_size, cap_estimate)
+        cap = cap if size is not None else None
+        mid = None if size is None else _out_size(size, stride)
+        c1 = _capped(cap, cap_estimate, size, 3, stride, padding, in_channels, out_channels)
+        c2 = _capped(cap, cap_estimate, mid, 3, 1, padding, out_channels, out_channels)
         self.conv1 = he_conv(in_channels, out_channels, 3, stride, padding, param_dtype, rngs)
-        self.bn1 = nnx.data(norm_layer(norm, out_channels, param_dtype, rngs))
+        self.bn1 = nnx.data(norm_layer(norm, out_channels, param_dtype, rngs, c1))
         self.conv2 = he_conv(out_channels, out_channels, 3, 1, padding, param_dtype, rngs)
-        self.bn2 = nnx.data(norm_layer(norm, out_channels, param_dtype, rngs))
+        self.bn2 = nnx.data(norm_layer(norm, out_channels, param_dtype, rngs, c2))
         self.out_channels = out_channels
         self.stride = stride
         self.identity = stride == 1 and in_channels == out_channels
         self.shortcut = shortcut
         if not self.identity and shortcut == "B":
             self.proj = he_conv(in_channels, out_channels, 1, stride, padding, param_dtype, rngs)
-            self.proj_bn = nnx.data(norm_layer(norm, out_channels, param_dtype, rngs))
+            cp = _capped(cap, cap_estimate, size, 1, stride, padding, in_channels, out_channels)
+            self.proj_bn = nnx.data(norm_layer(norm, out_channels, param_dtype, rngs, cp))
         else:
             self.proj = nnx.data(None)
             self.proj_bn = nnx.data(None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``(N, H, W, C_in) -> (N, H / stride, W / stride, C_out)`` (ceil for SAME)."""
-        out = nnx.relu(_apply_norm(self.bn1, self.conv1(x)))
-        out = _apply_norm(self.bn2, self.conv2(out))
+        out = nnx.relu(_conv_norm(self.conv1, self.bn1, x))
+        out = _conv_norm(self.conv2, self.bn2, out)
         if self.identity:
             residual = x
         elif self.proj is not None:
-            residual = _apply_norm(self.proj_bn, self.proj(x))
+            residual = _conv_norm(self.proj, self.proj_bn, x)
         else:
             residual = shortcut_option_a(x, self.out_channels, self.stride)
         return nnx.relu(out + residual)
@@ -237,7 +312,14 @@ class ResNet(nnx.Module):
       norm: the normalisation after every conv, one of :data:`NORMS`: ``'batchnorm'`` (the
         paper's, default), ``'centering'`` (:class:`train.batchnorm.BatchCentering`, mean-only:
         1-Lipschitz in evaluation mode, so the network's certified bound is that of its convs,
-        shortcuts and classifier) or ``'none'``.
+        shortcuts and classifier), ``'none'`` or ``'capped'``
+        (:class:`train.capped_batchnorm.CappedBatchNorm`: every conv + BatchNorm folded
+        operator capped at ``σ_max <= cap`` in the forward pass, training and evaluation mode).
+      cap: ``c > 0`` for ``norm='capped'`` (else ``None``).
+      input_size: the input images' ``(H, W)`` (or one int) for ``norm='capped'`` (the power
+        vectors' sizes); :func:`train.models.registry.build_model` passes the dataset's.
+      cap_estimate: the ``estimate`` of the capped layers (``'circulant'``: the circulant
+        embedding's σ_max, the quantity the certification bounds; or ``'padded'``).
       param_dtype: dtype of the parameters (float32 by default).
       rngs: ``nnx.Rngs`` with a ``params`` stream.
 
@@ -261,11 +343,15 @@ class ResNet(nnx.Module):
         width: int = 16,
         stage_strides: Sequence[int] = (1, 2, 2),
         norm: str = "batchnorm",
+        cap: float | None = None,
+        input_size: int | Sequence[int] | None = None,
+        cap_estimate: str = "circulant",
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
         if norm not in NORMS:
             raise ValueError(f"norm={norm!r}: expected one of {NORMS}")
+        size = _check_capped(norm, cap, input_size, cap_estimate)
         stage_strides = tuple(stage_strides)
         if len(stage_strides) != 3 or any(s not in (1, 2) for s in stage_strides):
             raise ValueError(f"stage_strides={stage_strides}: expected 3 strides, each 1 or 2")
@@ -288,7 +374,8 @@ class ResNet(nnx.Module):
         self.stage_strides = stage_strides
         self.norm = norm
         self.conv = he_conv(in_channels, width, 3, 1, padding, param_dtype, rngs)
-        self.bn = nnx.data(norm_layer(norm, width, param_dtype, rngs))
+        self.bn = nnx.data(norm_layer(norm, width, param_dtype, rngs, _capped(
+            cap, cap_estimate, size, 3, 1, padding, in_channels, width)))
         blocks = []
         channels = width
         for stage, stage_width in enumerate((width, 2 * width, 4 * width)):
@@ -302,17 +389,22 @@ class ResNet(nnx.Module):
                         padding=padding,
                         shortcut=shortcut,
                         norm=norm,
+                        cap=cap,
+                        input_size=size,
+                        cap_estimate=cap_estimate,
                         param_dtype=param_dtype,
                         rngs=rngs,
                     )
                 )
                 channels = stage_width
+                if size is not None:
+                    size = _out_size(size, stride)
         self.blocks = nnx.List(blocks)
         self.head = nnx.Linear(channels, num_classes, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``(N, H, W, in_channels)`` images -> ``(N, num_classes)`` logits."""
-        x = nnx.relu(_apply_norm(self.bn, self.conv(x)))
+        x = nnx.relu(_conv_norm(self.conv, self.bn, x))
         for block in self.blocks:
             x = block(x)
         return self.head(jnp.mean(x, axis=(1, 2)))
