@@ -7,6 +7,7 @@ matplotlib.use("Agg")
 import dataclasses  # noqa: E402
 
 from absl.testing import absltest  # noqa: E402
+from flax.core import FrozenDict  # noqa: E402
 
 from experiments import __main__ as experiments_main  # noqa: E402
 from experiments import certified_robustness  # noqa: E402
@@ -24,7 +25,8 @@ class CertifiedRobustnessExperimentTest(absltest.TestCase):
             set(rows),
             {"baseline", "Sedghi clip c=1, every 2", "Sedghi clip c=3, every 2",
              "BN-aware clip c=3, every 2", "BatchCentering, clip c=3, every 2",
-             "1-Lipschitz LipResNet"})
+             "Sedghi clip c=1.5, every 2, adam + margin loss",
+             "capped BatchNorm c=1.5, adam + margin loss", "1-Lipschitz LipResNet"})
         for row in rows.values():
             clean, upper, lower, gap = (float(v) for v in row[1:5])
             self.assertGreaterEqual(upper, lower)
@@ -38,6 +40,8 @@ class CertifiedRobustnessExperimentTest(absltest.TestCase):
         # The plain and the BN-aware clip compared at the same c (3).
         self.assertIn("At c = 3: the BN-aware clip's certified network bound is", text)
         self.assertIn("At c = 3: the BatchCentering ResNet's certified network bound is", text)
+        self.assertIn("At c = 1.5: the capped-BatchNorm ResNet's certified network bound is",
+                      text)
         self.assertFalse(any(out.glob("runs")))
 
     def test_same_c_pairs_need_the_same_recipe(self):
@@ -52,12 +56,20 @@ class CertifiedRobustnessExperimentTest(absltest.TestCase):
                                             optimizer="adam"), {"upper": 1.0, "clean": 0.8}),
             ("bn c=2", dataclasses.replace(base, project_max_norm=2.0, project_bn_aware=True),
              {"upper": 1.0, "clean": 0.8}),
+            ("bn every 5", dataclasses.replace(base, project_max_norm=3.0, project_bn_aware=True,
+                                               project_every=5), {"upper": 1.0, "clean": 0.8}),
+            # The capped row is not projected during training: paired across project_every.
+            ("capped", dataclasses.replace(
+                base, project_max_norm=3.0, project_bn_aware=True, project_every=10**6,
+                model_kwargs=FrozenDict(norm="capped", cap=3.0)), {"upper": 4.0, "clean": 0.85}),
         ]
         text = certified_robustness._same_c_summary(rows)
         self.assertEqual(
             text,
             "At c = 3: the BN-aware clip's certified network bound is 10 × lower than the "
-            "plain clip's (10 vs 100); test error 20.00% vs 10.00%.\n")
+            "plain clip's (10 vs 100); test error 20.00% vs 10.00%.\n"
+            "At c = 3: the capped-BatchNorm ResNet's certified network bound is 25 × lower than "
+            "the plain clip's (4 vs 100); test error 15.00% vs 10.00%.\n")
 
     def test_registered(self):
         self.assertIn("certified_robustness", experiments_main.EXPERIMENTS)
