@@ -14,6 +14,10 @@ kernels, SGD with momentum 0.9 at lr 0.1, as ``train``'s default optimiser) of R
   10; ``0``: no such row): ``train.make_optimizer(TrainConfig(schedule='constant', ...,
   project_method='power', project_certify_every=k))``, i.e. the same chain wrapped in
   ``optax.inject_hyperparams`` (traced learning rate and radius), as ``python -m train`` runs it;
+* the **capped BatchNorm** ResNet-20 (``--capped``, on by default: ``norm='capped'``, cap ``c``,
+  :class:`train.capped_batchnorm.CappedBatchNorm`, one power step of the folded circulant
+  embedding per BatchNorm call, nothing projected after the step); its end column is the
+  certified bound of its evaluation-mode applied folded operators over ``c``;
 * the **BatchNorm-aware** projection through the loop's optimiser (``--bn-aware method:k``,
   default ``certified:10 power:1``): ``train.make_optimizer(TrainConfig(..., project_bn_aware=
   True, project_method=method, project_every=k), specs, folds=folds)``
@@ -60,6 +64,8 @@ from benchmarks._timing import markdown  # noqa: E402
 from benchmarks._timing import time_all  # noqa: E402
 from train import discovery  # noqa: E402
 from train.bn_aware import find_batchnorm_folds  # noqa: E402
+from train.capped_batchnorm import capped_excess  # noqa: E402
+from train.capped_batchnorm import resnet_kernels  # noqa: E402
 from train.certify import certified_upper_bound  # noqa: E402
 from train.certify import certify_conv_operator_norm  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
@@ -75,9 +81,11 @@ class Variant:
 
     def __init__(
         self, projection, batch: tuple, certify_every: int | None = None, make_tx=None,
-        folded: bool = False,
+        folded: bool = False, model_kwargs: dict | None = None,
     ):
-        model = ResNet(20, 10, in_channels=3, padding="SAME", rngs=nnx.Rngs(0))
+        self.model_kwargs = dict(model_kwargs or {})
+        model = ResNet(20, 10, in_channels=3, padding="SAME", rngs=nnx.Rngs(0),
+                       **self.model_kwargs)
         self.specs = discovery.find_convs_nnx(model, batch[0][:1])
         folds = find_batchnorm_folds(model, batch[0][:1]) if folded else ()
         model.train()
@@ -119,6 +127,18 @@ class Variant:
             return optax.apply_updates(params, updates), rest, opt_state
 
         self._step = step
+        self.graphdef = graphdef
+
+    @property
+    def capped(self) -> bool:
+        return self.model_kwargs.get("norm") == "capped"
+
+    def capped_ratio(self) -> float:
+        """Max over the capped layers of the certified bound of the evaluation-mode applied
+        folded operator over its cap (:func:`train.capped_batchnorm.capped_excess`)."""
+        model = nnx.merge(self.graphdef, self.state[0], self.state[1])
+        model.eval()
+        return max(capped_excess(model, resnet_kernels(model)).values())
 
     def certifies_next(self) -> bool:
         return self.certify_every is not None and (self.num_updates + 1) % self.certify_every == 0
@@ -162,6 +182,10 @@ def main() -> None:
     parser.add_argument("--bn-aware", nargs="*", default=["certified:10", "power:1"],
                         help="BN-aware rows 'method:k' (projection every k-th update), each "
                         "with its kernel-only counterpart")
+    parser.add_argument("--capped", action=argparse.BooleanOptionalAction, default=True,
+                        help="a row for the ResNet-20 with CappedBatchNorm (norm='capped', cap "
+                        "c: the folded conv + BatchNorm capped in the forward pass, nothing "
+                        "projected)")
     args = parser.parse_args()
     c = args.max_norm
 
@@ -174,15 +198,15 @@ def main() -> None:
     def projection(**kwargs):
         return lambda specs: project_conv_operator_norm(c, specs, **kwargs)
 
-    configs = [("plain SGD", None, None, None, False)]
+    configs = [("plain SGD", None, None, None, False, None)]
     for m in args.methods:
         for r in args.rounds:
             label = f"{m}, {r} round{'s' * (r > 1)}, every step"
-            configs.append((label, projection(method=m, num_rounds=r), None, None, False))
+            configs.append((label, projection(method=m, num_rounds=r), None, None, False, None))
     for k in args.certify_every:
         label = f"power every step + {args.certify_method} every {k}"
         kw = dict(method="power", certify_every=k, certify_method=args.certify_method)
-        configs.append((label, projection(**kw), k, None, False))
+        configs.append((label, projection(**kw), k, None, False, None))
     if args.loop_certify_every:
         k = args.loop_certify_every
         config = TrainConfig(
@@ -191,7 +215,8 @@ def main() -> None:
             project_certify_method=args.certify_method,
         )
         label = f"train.make_optimizer: power + {args.certify_method} every {k}"
-        configs.append((label, None, k, lambda specs: make_optimizer(config, specs), False))
+        configs.append((label, None, k, lambda specs: make_optimizer(config, specs), False,
+                        None))
     for item in args.bn_aware:
         m, k = item.split(":")
         for bn in (False, True):
@@ -204,16 +229,20 @@ def main() -> None:
             def make(specs, folds=(), config=config):
                 return make_optimizer(config, specs, folds=folds)
 
-            configs.append((label, None, None, make, bn))
+            configs.append((label, None, None, make, bn, None))
+    if args.capped:
+        capped = dict(norm="capped", cap=c, input_size=(32, 32))
+        configs.append((f"CappedBatchNorm c={c:g} (forward-pass cap, no projection)", None, None,
+                        None, False, capped))
 
     print(f"# ResNet-20, 32x32x3, batch {args.batch}, float32, device "
           f"{jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs "
           f"visible, 1 BLAS thread (threadpoolctl); {args.steps} interleaved steps per variant "
           f"after {args.warmup} warm-up steps; c = {c}")
     runs = {}
-    for label, proj, k, make_tx, folded in configs:
+    for label, proj, k, make_tx, folded, model_kwargs in configs:
         t0 = time.perf_counter()
-        runs[label] = Variant(proj, batch, k, make_tx, folded)
+        runs[label] = Variant(proj, batch, k, make_tx, folded, model_kwargs)
         for _ in range(args.warmup):
             runs[label].step()
         print(f"  compiled {label} ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -237,7 +266,11 @@ def main() -> None:
         all_times = run.times + run.certify_times
         mean = statistics.fmean(all_times)
         median = statistics.median(run.times)
-        lanczos, bound = run.sigma_ratios(c)
+        if run.capped:  # The folded applied operators, not the (uncapped) kernels.
+            lanczos_text, bound_text = "-", f"{run.capped_ratio():.6f} (folded, eval)"
+        else:
+            lanczos, bound = run.sigma_ratios(c)
+            lanczos_text, bound_text = f"{lanczos:.6f}", f"{bound:.6f}"
         certify, amortised = "-", "-"
         if run.certify_every:
             k = run.certify_every
@@ -247,7 +280,7 @@ def main() -> None:
                 amortised = f"{100 * (((k - 1) * median + med_c) / k / plain - 1):.1f}%"
         rows.append([label, f"{1e3 * median:.0f} ms", f"{1e3 * mean:.0f} ms",
                      f"{100 * (mean / plain - 1):.1f}%", certify, amortised,
-                     f"{lanczos:.6f}", f"{bound:.6f}"])
+                     lanczos_text, bound_text])
     print()
     print(markdown(headers, rows))
 
@@ -258,6 +291,8 @@ def main() -> None:
 
     print("\nAt the end, certify_conv_operator_norm(method='certified') on each variant's params:")
     for label, run in runs.items():
+        if run.capped:  # Its kernels are not what it caps (train.bn_aware certifies it).
+            continue
         certified, report = certify_conv_operator_norm(run.state[0], run.specs, c)
         lanczos, _ = run.sigma_ratios(c, certified)
         print(f"  {label}: certified={report.certified}, changed={report.any_changed}, "
