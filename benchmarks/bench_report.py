@@ -40,6 +40,7 @@ import datetime
 import os
 import pathlib
 import platform
+import re
 import time
 
 # benchmarks/_timing.py: the script's folder is on sys.path.
@@ -259,6 +260,12 @@ def _resnet(padding: str):
     return _nnx_report(model, jnp.zeros((1, 32, 32, 3), jnp.float32))
 
 
+def _search_work(method: str | None) -> str:
+    """The lower bound search's ascent steps and rounds, from ``lipschitz_lower_method``."""
+    match = re.search(r"\d+ steps in \d+ rounds", method or "")
+    return match.group(0) if match else "not run"
+
+
 def _fmt3(v) -> str:
     return "null" if v is None else f"{v:.3g}"
 
@@ -381,7 +388,8 @@ def main() -> None:
             f"{os.getloadavg()[0]:.1f}), warm {times[1]:.1f} s, tight bound "
             f"{r.timings.get('tight_bound', 0.0):.1f} s "
             f"({r.network.get('lipschitz_upper_tight_note')}), "
-            f"lower {lower_cell}, lower bound {lower_vs_layers} s of layers",
+            f"lower {lower_cell}, lower bound {lower_vs_layers} s of layers, lower bound "
+            f"search: {_search_work(net.get('lipschitz_lower_method'))}",
             flush=True,
         )
         jax.clear_caches()

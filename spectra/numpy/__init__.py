@@ -2,8 +2,9 @@
 
 The same maths as the JAX functions of :mod:`spectra` (same conventions: HWIO kernels, HWC
 inputs, ``lax`` cross-correlation, :class:`spectra.ConvSpec`), computed with BLAS / LAPACK and
-SciPy's ARPACK in float64 whatever the kernel's dtype, with nothing compiled. A network report
-analyses every layer once, each at its own input size: with JAX every distinct layer shape
+SciPy's ARPACK in float64 whatever the kernel's dtype (Lanczos products in float32 at loose
+tolerances, its value and residual recomputed in float64), with nothing compiled. A network
+report analyses every layer once, each at its own input size: with JAX every distinct layer shape
 costs compiled programs (seconds each on CPU), here none. Not traceable (no ``jit`` / ``vmap``):
 kernels are concrete arrays.
 

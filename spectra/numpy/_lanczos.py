@@ -37,6 +37,9 @@ WARM_START_RANDOM = 0.1
 #: ``group_upper_bounds=None``: the circulant bound per group is computed when it holds at most
 #: this many complex entries (else the tap-sum bound alone).
 MAX_BOUND_ENTRIES = 4 * FREQUENCY_CHUNK_ENTRIES
+#: ``float32_products=None``: ARPACK iterates on float32 products when ``rtol`` is at least this
+#: (float32 rounding, ~1e-7 relative per product, is then far below the tolerance).
+FLOAT32_MIN_RTOL = 1e-5
 
 
 class LanczosResult(NamedTuple):
@@ -74,6 +77,22 @@ def _random_start(rng: np.random.Generator, dim: int, warm: np.ndarray | None) -
     return warm / np.linalg.norm(warm) + WARM_START_RANDOM * r / np.linalg.norm(r)
 
 
+def _gram_product(a: ConvOperator, on_input: bool, count: list):
+    """The flat Gram product ``AᵀA`` (``on_input``) or ``AAᵀ`` of ``a``, float64 out, counted."""
+    if on_input:
+
+        def gram(v):
+            count[0] += 1
+            return np.asarray(a.adjoint(a.apply(v.reshape(a.input_shape))), np.float64).ravel()
+    else:
+
+        def gram(u):
+            count[0] += 1
+            return np.asarray(a.apply(a.adjoint(u.reshape(a.output_shape))), np.float64).ravel()
+
+    return gram
+
+
 def _arpack_top(
     a: ConvOperator,
     v0: np.ndarray,
@@ -83,38 +102,35 @@ def _arpack_top(
     max_tries: int,
     upper_bound: float | None,
     bracket_rtol: float,
+    fast: ConvOperator | None = None,
 ) -> tuple[float, float, int]:
     """``(σ, residual, products)`` of one operator by ARPACK on its smaller Gram matrix.
 
-    ``v0`` is input-shaped (mapped through ``A`` when the iteration runs on ``AAᵀ``).
+    ``v0`` is input-shaped (mapped through ``A`` when the iteration runs on ``AAᵀ``). ``fast``:
+    the same operator with float32 products, used for ARPACK's iterations; the Rayleigh quotient
+    and residual of each returned vector are recomputed with ``a`` (float64). When a run at the
+    final tolerance leaves the float64 residual above ``rtol``, the next runs use ``a``.
     """
     count = [0]
-    if a.in_dim <= a.out_dim:
-        dim = a.in_dim
-
-        def gram(v):
-            count[0] += 1
-            return a.adjoint(a.apply(v.reshape(a.input_shape))).reshape(-1)
-    else:
-        dim = a.out_dim
+    on_input = a.in_dim <= a.out_dim
+    dim = a.in_dim if on_input else a.out_dim
+    gram = _gram_product(a, on_input, count)
+    iterate = gram if fast is None else _gram_product(fast, on_input, count)
+    if not on_input:
         v0 = a.apply(v0.reshape(a.input_shape)).reshape(-1)
         if not np.any(v0):
             v0 = np.random.default_rng(0).standard_normal(dim)
-
-        def gram(u):
-            count[0] += 1
-            return a.apply(a.adjoint(u.reshape(a.output_shape))).reshape(-1)
 
     if dim <= 2:  # ARPACK needs k < dim - 1: the Gram matrix is tiny, do it densely.
         g = np.stack([gram(e) for e in np.eye(dim)], axis=1)
         theta = float(np.linalg.eigvalsh(g)[-1])
         return math.sqrt(max(theta, 0.0)), 0.0, count[0]
-    op = LinearOperator((dim, dim), matvec=gram, dtype=np.float64)
     ncv = min(dim, ncv or 20)
     # With a certified upper bound, a first loose run often closes the bracket already.
     tol = max(rtol, BRACKET_FIRST_TOL) if upper_bound is not None else rtol
     theta, residual, v = 0.0, math.inf, v0.reshape(-1)
     for _ in range(max(max_tries, 1) + (tol > rtol)):
+        op = LinearOperator((dim, dim), matvec=iterate, dtype=np.float64)
         try:
             w, vecs = eigsh(op, k=1, which="LA", v0=v, tol=tol, ncv=ncv, maxiter=100 * dim)
         except ArpackNoConvergence as e:  # pragma: no cover - partial result, residual below
@@ -122,7 +138,7 @@ def _arpack_top(
             if len(w) == 0:
                 break
         v = vecs[:, 0] / np.linalg.norm(vecs[:, 0])
-        gv = gram(v)
+        gv = gram(v)  # float64: the Ritz value is a Rayleigh quotient of the float64 operator.
         theta = float(v @ gv)  # Rayleigh quotient of the normalised vector.
         residual = float(np.linalg.norm(gv - theta * v) / theta) if theta > 0 else 0.0
         sigma = math.sqrt(max(theta, 0.0))
@@ -130,6 +146,8 @@ def _arpack_top(
             upper_bound is not None and upper_bound <= sigma * (1 + bracket_rtol)
         ):
             break
+        if tol <= rtol:
+            iterate = gram  # float32 rounding may be what holds the residual up.
         tol = rtol if tol > rtol else tol / 10
     return math.sqrt(max(theta, 0.0)), residual, count[0]
 
@@ -156,8 +174,9 @@ def lanczos_spectral_norm(
     circulant_start: bool = False,
     group_upper_bounds: np.ndarray | None = None,
     bracket_rtol: float = 1e-4,
+    float32_products: bool | None = None,
 ) -> LanczosResult:
-    """σ_max of any layer, matrix-free: ARPACK's implicitly restarted Lanczos per group, float64.
+    """σ_max of any layer, matrix-free: ARPACK's implicitly restarted Lanczos per group.
 
     Per group (:func:`spectra.numpy.group_spec`; one run for ``g = 1``),
     ``scipy.sparse.linalg.eigsh(which='LA', k=1)`` on the Gram matrix of the smaller side, its
@@ -167,6 +186,12 @@ def lanczos_spectral_norm(
     residual of each Ritz pair is recomputed with one more product; when it is above ``rtol``
     and the group's bound does not bracket the value within ``bracket_rtol``, the run is
     repeated from that vector with a 10x tighter tolerance, at most ``max_tries`` times.
+
+    ARPACK runs in float64; its Gram products may be computed in float32 (``float32_products``,
+    about twice as fast), but the returned value and residual are always those of the float64
+    operator: the Rayleigh quotient and residual of ARPACK's vector recomputed with float64
+    products (so ``value`` stays a lower bound). A run at tolerance ``rtol`` whose float64
+    residual stays above ``rtol`` is followed by runs with float64 products.
 
     Every start vector is standard normal in every channel of the group (seeded by ``seed``);
     a warm start (``initial_vector``'s channels of the group, or with ``circulant_start`` the
@@ -186,6 +211,8 @@ def lanczos_spectral_norm(
         circulant and tap-sum bounds); ``None``: :func:`per_group_upper_bounds` when ``g > 1``,
         none for ``g = 1`` (then ``upper`` is ``inf`` and the run stops on its residual only).
       bracket_rtol: see above and :class:`LanczosResult`.
+      float32_products: iterate on float32 products (see above); ``None``: when ``rtol >=``
+        :data:`FLOAT32_MIN_RTOL`.
 
     Returns:
       :class:`LanczosResult`.
@@ -223,6 +250,8 @@ def lanczos_spectral_norm(
     else:
         bounds = np.full(g, math.inf)
     one = group_spec(spec) if g > 1 else spec
+    if float32_products is None:
+        float32_products = rtol >= FLOAT32_MIN_RTOL
     rng = np.random.default_rng(seed)
     best, best_residual, products, runs = -1.0, math.inf, 0, 0
     for j in np.argsort(-bounds, kind="stable"):
@@ -244,6 +273,7 @@ def lanczos_spectral_norm(
             max_tries=max_tries,
             upper_bound=float(bounds[j]) if np.isfinite(bounds[j]) else None,
             bracket_rtol=bracket_rtol,
+            fast=ConvOperator(k, one, np.float32) if float32_products else None,
         )
         products += count
         runs += 1

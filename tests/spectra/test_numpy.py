@@ -155,6 +155,11 @@ class HostOperatorTest(parameterized.TestCase):
         # <A x, y> = <x, Aᵀ y> (the adjoint of the operator itself, not just of the matrix).
         self.assertAlmostEqual(np.vdot(ax, y) / np.vdot(x, aty), 1.0, delta=1e-12)
         np.testing.assert_allclose(snp.dense_operator(kernel, spec), dense, atol=1e-13)
+        # float32 products (the Lanczos iterations'): the same operator to float32 rounding.
+        op32 = snp.ConvOperator(kernel, spec, np.float32)
+        self.assertEqual(op32.apply(x).dtype, np.float32)
+        np.testing.assert_allclose(op32.apply(x), ax, atol=1e-5 * scale)
+        np.testing.assert_allclose(op32.adjoint(y), aty, atol=1e-5 * scale)
         # The diagonal blocks of a grouped layer are its groups' operators.
         g = spec.feature_group_count
         blocks = op.group_matrices()
@@ -271,11 +276,35 @@ class GroupedLanczosTest(parameterized.TestCase):
             self.assertAlmostEqual(r.value / exact, 1.0, delta=1e-8, msg=str(kwargs.keys()))
             self.assertGreaterEqual(r.upper * (1 + 1e-12), exact)
             self.assertEqual(r.certified, r.upper <= r.value * (1 + 1e-4))
+        # float32 products: the value is still a Rayleigh quotient of the float64 operator (a
+        # lower bound, to float64 rounding) with the float64 residual below rtol.
+        for kwargs in ({"initial_vector": warm}, {"circulant_start": True}, {}):
+            r = snp.lanczos_spectral_norm(kernel, spec, rtol=1e-4, float32_products=True, **kwargs)
+            self.assertLessEqual(r.value, exact * (1 + 1e-12), msg=str(kwargs.keys()))
+            self.assertAlmostEqual(r.value / exact, 1.0, delta=1e-4, msg=str(kwargs.keys()))
+            self.assertTrue(r.residual <= 1e-4 or r.certified, msg=str(kwargs.keys()))
         # A bracket that closes skips the groups bounded below the value: fewer runs, same value.
         r = snp.lanczos_spectral_norm(kernel, spec, rtol=1e-10)
         self.assertLessEqual(r.groups_run, spec.feature_group_count)
         if scale_big:  # The big group's bound is above every other group's: only it is run.
             self.assertEqual(r.groups_run, 1)
+
+    def test_float32_products_fall_back_to_float64(self):
+        # A tolerance below float32's reach: the runs after the first at rtol switch to float64
+        # products, and the residual (always recomputed in float64) still reaches it.
+        kernel = random_kernel((3, 3, 6, 8), seed=3)
+        spec = ConvSpec((10, 9), 1, "SAME")
+        exact = exact_singular_values(kernel, spec)[0]
+        for bounds in (None, [np.inf], [exact * 1.5]):
+            r = snp.lanczos_spectral_norm(
+                kernel, spec, rtol=1e-9, float32_products=True, group_upper_bounds=bounds
+            )
+            self.assertLessEqual(r.residual, 1e-9)
+            self.assertAlmostEqual(r.value / exact, 1.0, delta=1e-12)
+            self.assertLessEqual(r.value, exact * (1 + 1e-13))
+        fast = snp.lanczos_spectral_norm(kernel, spec, rtol=1e-4)  # float32 (the default there)
+        self.assertLessEqual(fast.residual, 1e-4)
+        self.assertLessEqual(fast.value, exact * (1 + 1e-13))
 
     def test_group_spec_drops_groups(self):
         spec = ConvSpec((5, 5), 2, "SAME", 1, 4, in_features=8)

@@ -32,6 +32,9 @@ _NAMES = {
 CASES = [c for c in layer_cases() if c[0] in _NAMES]
 # A circular layer whose stride does not divide the input (no exact FFT: Lanczos).
 CASES.append(("stride2_CIRCULAR_odd", (3, 3, 2, 3), spectra.ConvSpec((7, 6), 2, "CIRCULAR")))
+# A 1x1 layer with strides and pads that some outputs read through ('matrix', σ_max only for the
+# folded kernel).
+CASES.append(("k1_stride2_pads", (1, 1, 3, 4), spectra.ConvSpec((5, 4), 2, ((1, 0), (0, 1)))))
 
 
 def _layers():
@@ -125,6 +128,16 @@ class LayerReportTest(parameterized.TestCase):
         self.assertGreaterEqual(r.bn_folded_upper_bound, folded * (1 - 1e-10))
         self.assertIsNone(layers_mod.uniform_scale(np.array([1.0, -2.0])))
         self.assertEqual(layers_mod.uniform_scale(np.array([-2.0, 2.0])), 2.0)
+
+    def test_one_by_one_reading_only_pads(self):
+        # Every output of this 1x1 layer reads padding: the operator (and its folded one) is 0.
+        spec = spectra.ConvSpec((1, 1), 2, ((1, 1), (1, 1)))
+        kernel = random_kernel((1, 1, 2, 3), seed=2)
+        self.assertEqual(np.abs(exact_singular_values(kernel, spec)).max(), 0.0)
+        layer = layers_mod.ConvLayer("pads", kernel, spec, np.array([0.5, 2.0, 1.5]))
+        (r,) = layers_mod.analyse_convs([layer], max_dense_dim=0)
+        self.assertEqual((r.sigma_max_method, r.sigma_max, r.bn_folded_sigma_max), ("matrix", 0, 0))
+        self.assertGreaterEqual(r.bn_folded_upper_bound, 0.0)
 
     def test_dense_layer(self):
         w = random_kernel((5, 3), seed=3)

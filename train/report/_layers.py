@@ -54,6 +54,7 @@ import numpy as np
 import spectra
 import spectra.numpy as snp
 from spectra import ConvSpec
+from spectra.numpy._operator import axis_geometry
 from train.report._types import LayerReport
 
 #: Methods whose σ_max is exact by construction (to rounding): used as certified values in the
@@ -213,6 +214,9 @@ def _analyse_kernel_numpy(
     if sigma_method == "matrix" and tuple(bound_names) == ("tap_sum",):
         # Ungrouped 1x1 kernel: the 'matrix' spectrum is the kernel's SVD (its values repeated)
         # when some output reads real input; its top is then the tap-sum bound: one SVD.
+        if not with_spectrum:  # σ_max only (e.g. the BatchNorm-folded kernel): no full SVD.
+            sigma = _one_by_one_sigma_max(k, spec)
+            return sigma, None, None, [sigma if sigma > 0 else snp.tap_sum_bound(k, spec)]
         values = snp.singular_values(k, spec, "matrix")
         tap_sum = float(values[0]) if values[0] > 0 else snp.tap_sum_bound(k, spec)
         return float(values[0]), None, values, [tap_sum]
@@ -243,6 +247,21 @@ def _analyse_kernel_numpy(
         if with_spectrum and spectrum_method == "spectral_density":
             spectrum = snp.spectral_density_singular_values(k, spec)
     return float(sigma), residual, spectrum, [bounds[name] for name in bound_names]
+
+
+def _one_by_one_sigma_max(k, spec: ConvSpec) -> float:
+    """σ_max of an ungrouped 1x1 layer, exactly (to rounding): every output pixel that reads a
+    real input pixel applies the kernel matrix ``K`` ``(c_in, c_out)`` to it, no pixel is read
+    twice, so the operator is ``K`` repeated on disjoint blocks: ``||K||_2``
+    (:func:`reshaped_sigma_max`, the smaller Gram's top eigenvalue, about 3x faster than the
+    SVD) when some output reads real input on both axes, else 0 (the 'matrix' spectrum's top)."""
+    kshape = np.shape(k)
+    for n, m, lo, s, _, _ in axis_geometry(spec, kshape):
+        pos = s * np.arange(m) - lo
+        if spec.is_circular or np.any((pos >= 0) & (pos < n)):
+            continue
+        return 0.0
+    return reshaped_sigma_max(k)
 
 
 def uniform_scale(scale) -> float | None:
