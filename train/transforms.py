@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 from collections.abc import Mapping
 from typing import Any
 from typing import NamedTuple
@@ -387,6 +388,12 @@ def _init_power_vectors(
 ) -> tuple[jax.Array, ...]:
     """Right-vector estimates for ``method='power'``, warmed on the initial kernels.
 
+    One jitted program for all groups (:func:`_warm_power_vectors`), compiled once per layout
+    of groups and placement of the kernels. Kernels that live on one device are first committed
+    to it with a ``SingleDeviceSharding``: kernels restored onto a one-device mesh
+    (``NamedSharding``) then reuse the program compiled for a freshly built (uncommitted) model
+    instead of compiling it again (the values are the same either way).
+
     Args:
       flat_params: the leaves of the params.
       groups: from :func:`_group_convs`.
@@ -397,11 +404,36 @@ def _init_power_vectors(
       One ``(G, H, W, c_in)`` array per group: :data:`POWER_INIT_ITERATIONS` power iterations
       from a fixed random start (``PRNGKey(0)`` folded with the group's index).
     """
+    layout = tuple((spec, len(members)) for (_, _, spec), members in groups.items())
+    kernels = tuple(
+        tuple(_on_one_device(flat_params[i]) for i, _ in members) for members in groups.values()
+    )
+    return _warm_power_vectors(kernels, layout, mesh, mesh_axis)
+
+
+def _on_one_device(x: Any) -> Any:
+    """``x`` committed to its device with a ``SingleDeviceSharding`` when it is a concrete
+    array on one device (no data moves; jit keys its programs on the arguments' shardings and
+    commitment); anything else (tracers, NumPy arrays, arrays over several devices) as it is."""
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+        devices = x.sharding.device_set
+        if len(devices) == 1:
+            return jax.device_put(x, jax.sharding.SingleDeviceSharding(next(iter(devices))))
+    return x
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "mesh", "mesh_axis"))
+def _warm_power_vectors(
+    kernels: tuple, layout: tuple, mesh: Mesh | None, mesh_axis: str
+) -> tuple[jax.Array, ...]:
+    """The body of :func:`_init_power_vectors`: ``kernels`` holds one tuple of same-shaped
+    kernels per group, ``layout`` the group's ``(spec, size)``."""
     vectors = []
-    for g, ((shape, dtype, spec), members) in enumerate(groups.items()):
-        vshape = (len(members), *spec.input_shape, spec.channels(shape)[0])
+    for g, (members, (spec, _)) in enumerate(zip(kernels, layout)):
+        stack = jnp.stack(members)
+        dtype = stack.dtype
+        vshape = (len(members), *spec.input_shape, spec.channels(stack.shape[1:])[0])
         start = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(0), g), vshape, dtype)
-        kernels = jnp.stack([flat_params[i] for i, _ in members])
         if vectors:  # Chained like the groups of _project_groups (XLA:CPU LAPACK deadlock).
             start = start + 0 * jnp.sum(vectors[-1]).astype(dtype)
 
@@ -410,7 +442,7 @@ def _init_power_vectors(
                 kernel, spec, 1.0, vector, num_iterations=POWER_INIT_ITERATIONS
             ).vector
 
-        warmed = jax.vmap(warm)(*(_shard_stack(x, mesh, mesh_axis) for x in (kernels, start)))
+        warmed = jax.vmap(warm)(*(_shard_stack(x, mesh, mesh_axis) for x in (stack, start)))
         vectors.append(_gather_stack(warmed, len(members), mesh))
     return tuple(vectors)
 
