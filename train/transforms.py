@@ -1,4 +1,8 @@
-"""Optax transforms that keep conv layers inside an operator-norm ball during training."""
+"""Optax transforms that keep conv layers inside an operator-norm ball during training.
+
+Length: one transform; its argument checks, grouping, sharding and power-vector helpers are only
+used by it (:mod:`train.bn_aware` reuses its update schedule).
+"""
 
 from __future__ import annotations
 
@@ -388,11 +392,10 @@ def _init_power_vectors(
 ) -> tuple[jax.Array, ...]:
     """Right-vector estimates for ``method='power'``, warmed on the initial kernels.
 
-    One jitted program for all groups (:func:`_warm_power_vectors`), compiled once per layout
-    of groups and placement of the kernels. Kernels that live on one device are first committed
-    to it with a ``SingleDeviceSharding``: kernels restored onto a one-device mesh
-    (``NamedSharding``) then reuse the program compiled for a freshly built (uncommitted) model
-    instead of compiling it again (the values are the same either way).
+    One jitted program for all groups, compiled once per layout and placement of the kernels
+    (jit keys on the arguments' shardings): concrete kernels on one device are committed to it
+    (``SingleDeviceSharding``, no data moves), so that kernels restored onto a one-device mesh
+    reuse the program of a freshly built model. The values are the same either way.
 
     Args:
       flat_params: the leaves of the params.
@@ -404,38 +407,29 @@ def _init_power_vectors(
       One ``(G, H, W, c_in)`` array per group: :data:`POWER_INIT_ITERATIONS` power iterations
       from a fixed random start (``PRNGKey(0)`` folded with the group's index).
     """
-    layout = tuple((spec, len(members)) for (_, _, spec), members in groups.items())
-    kernels = tuple(
-        tuple(_on_one_device(flat_params[i]) for i, _ in members) for members in groups.values()
-    )
-    return _warm_power_vectors(kernels, layout, mesh, mesh_axis)
+
+    def placed(x):
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+            if len(devices := x.sharding.device_set) == 1:
+                return jax.device_put(x, jax.sharding.SingleDeviceSharding(next(iter(devices))))
+        return x
+
+    kernels = tuple(tuple(placed(flat_params[i]) for i, _ in m) for m in groups.values())
+    specs = tuple(spec for _, _, spec in groups)
+    return _warm_power_vectors(kernels, specs, mesh, mesh_axis)
 
 
-def _on_one_device(x: Any) -> Any:
-    """``x`` committed to its device with a ``SingleDeviceSharding`` when it is a concrete
-    array on one device (no data moves; jit keys its programs on the arguments' shardings and
-    commitment); anything else (tracers, NumPy arrays, arrays over several devices) as it is."""
-    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
-        devices = x.sharding.device_set
-        if len(devices) == 1:
-            return jax.device_put(x, jax.sharding.SingleDeviceSharding(next(iter(devices))))
-    return x
-
-
-@functools.partial(jax.jit, static_argnames=("layout", "mesh", "mesh_axis"))
-def _warm_power_vectors(
-    kernels: tuple, layout: tuple, mesh: Mesh | None, mesh_axis: str
-) -> tuple[jax.Array, ...]:
-    """The body of :func:`_init_power_vectors`: ``kernels`` holds one tuple of same-shaped
-    kernels per group, ``layout`` the group's ``(spec, size)``."""
+@functools.partial(jax.jit, static_argnames=("specs", "mesh", "mesh_axis"))
+def _warm_power_vectors(kernels: tuple, specs: tuple, mesh: Mesh | None, mesh_axis: str):
+    """:func:`_init_power_vectors` on one tuple of same-shaped kernels per group of ``specs``."""
     vectors = []
-    for g, (members, (spec, _)) in enumerate(zip(kernels, layout)):
+    for g, (members, spec) in enumerate(zip(kernels, specs)):
         stack = jnp.stack(members)
-        dtype = stack.dtype
         vshape = (len(members), *spec.input_shape, spec.channels(stack.shape[1:])[0])
-        start = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(0), g), vshape, dtype)
+        key = jax.random.fold_in(jax.random.PRNGKey(0), g)
+        start = jax.random.normal(key, vshape, stack.dtype)
         if vectors:  # Chained like the groups of _project_groups (XLA:CPU LAPACK deadlock).
-            start = start + 0 * jnp.sum(vectors[-1]).astype(dtype)
+            start = start + 0 * jnp.sum(vectors[-1]).astype(stack.dtype)
 
         def warm(kernel, vector, spec=spec):
             return clip_operator_norm_power(
