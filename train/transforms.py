@@ -392,7 +392,7 @@ def _init_power_vectors(
 ) -> tuple[jax.Array, ...]:
     """Right-vector estimates for ``method='power'``, warmed on the initial kernels.
 
-    One jitted program for all groups, compiled once per layout and placement of the kernels
+    One jitted program per group, compiled once per group shape and placement of the kernels
     (jit keys on the arguments' shardings): concrete kernels on one device are committed to it
     (``SingleDeviceSharding``, no data moves), so that kernels restored onto a one-device mesh
     reuse the program of a freshly built model. The values are the same either way.
@@ -414,31 +414,33 @@ def _init_power_vectors(
                 return jax.device_put(x, jax.sharding.SingleDeviceSharding(next(iter(devices))))
         return x
 
-    kernels = tuple(tuple(placed(flat_params[i]) for i, _ in m) for m in groups.values())
-    specs = tuple(spec for _, _, spec in groups)
-    return _warm_power_vectors(kernels, specs, mesh, mesh_axis)
-
-
-@functools.partial(jax.jit, static_argnames=("specs", "mesh", "mesh_axis"))
-def _warm_power_vectors(kernels: tuple, specs: tuple, mesh: Mesh | None, mesh_axis: str):
-    """:func:`_init_power_vectors` on one tuple of same-shaped kernels per group of ``specs``."""
     vectors = []
-    for g, (members, spec) in enumerate(zip(kernels, specs)):
-        stack = jnp.stack(members)
-        vshape = (len(members), *spec.input_shape, spec.channels(stack.shape[1:])[0])
-        key = jax.random.fold_in(jax.random.PRNGKey(0), g)
-        start = jax.random.normal(key, vshape, stack.dtype)
-        if vectors:  # Chained like the groups of _project_groups (XLA:CPU LAPACK deadlock).
-            start = start + 0 * jnp.sum(vectors[-1]).astype(stack.dtype)
-
-        def warm(kernel, vector, spec=spec):
-            return clip_operator_norm_power(
-                kernel, spec, 1.0, vector, num_iterations=POWER_INIT_ITERATIONS
-            ).vector
-
-        warmed = jax.vmap(warm)(*(_shard_stack(x, mesh, mesh_axis) for x in (stack, start)))
-        vectors.append(_gather_stack(warmed, len(members), mesh))
+    for g, ((_, _, spec), members) in enumerate(groups.items()):
+        kernels = tuple(placed(flat_params[i]) for i, _ in members)
+        after = jnp.sum(vectors[-1]) if vectors else None
+        vectors.append(_warm_power_vectors(kernels, jnp.uint32(g), after, spec, mesh, mesh_axis))
     return tuple(vectors)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "mesh", "mesh_axis"))
+def _warm_power_vectors(kernels: tuple, g: jax.Array, after: jax.Array | None, spec: ConvSpec,
+                        mesh: Mesh | None, mesh_axis: str) -> jax.Array:
+    """:func:`_init_power_vectors` of group ``g`` (same-shaped ``kernels``), made to depend on
+    ``after`` (the previous group's sum, or ``None``) like the groups of :func:`_project_groups`
+    (XLA:CPU LAPACK deadlock): one program per group shape, shared by every layout."""
+    stack = jnp.stack(kernels)
+    vshape = (len(kernels), *spec.input_shape, spec.channels(stack.shape[1:])[0])
+    start = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(0), g), vshape, stack.dtype)
+    if after is not None:
+        start = start + 0 * after.astype(stack.dtype)
+
+    def warm(kernel, vector):
+        return clip_operator_norm_power(
+            kernel, spec, 1.0, vector, num_iterations=POWER_INIT_ITERATIONS
+        ).vector
+
+    warmed = jax.vmap(warm)(*(_shard_stack(x, mesh, mesh_axis) for x in (stack, start)))
+    return _gather_stack(warmed, len(kernels), mesh)
 
 
 def _project_group(
