@@ -417,22 +417,22 @@ def _init_power_vectors(
     vectors = []
     for g, ((_, _, spec), members) in enumerate(groups.items()):
         kernels = tuple(placed(flat_params[i]) for i, _ in members)
-        after = jnp.sum(vectors[-1]) if vectors else None
+        # Always a float32 scalar (0 for the first group): one program per group shape.
+        after = jnp.sum(vectors[-1]).astype(jnp.float32) if vectors else jnp.float32(0)
         vectors.append(_warm_power_vectors(kernels, jnp.uint32(g), after, spec, mesh, mesh_axis))
     return tuple(vectors)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "mesh", "mesh_axis"))
-def _warm_power_vectors(kernels: tuple, g: jax.Array, after: jax.Array | None, spec: ConvSpec,
+def _warm_power_vectors(kernels: tuple, g: jax.Array, after: jax.Array, spec: ConvSpec,
                         mesh: Mesh | None, mesh_axis: str) -> jax.Array:
     """:func:`_init_power_vectors` of group ``g`` (same-shaped ``kernels``), made to depend on
-    ``after`` (the previous group's sum, or ``None``) like the groups of :func:`_project_groups`
+    ``after`` (the previous group's sum, or 0) like the groups of :func:`_project_groups`
     (XLA:CPU LAPACK deadlock): one program per group shape, shared by every layout."""
     stack = jnp.stack(kernels)
     vshape = (len(kernels), *spec.input_shape, spec.channels(stack.shape[1:])[0])
     start = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(0), g), vshape, stack.dtype)
-    if after is not None:
-        start = start + 0 * after.astype(stack.dtype)
+    start = start + 0 * after.astype(stack.dtype)
 
     def warm(kernel, vector):
         return clip_operator_norm_power(
