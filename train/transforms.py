@@ -1,8 +1,13 @@
-"""Optax transforms that keep conv layers inside an operator-norm ball during training."""
+"""Optax transforms that keep conv layers inside an operator-norm ball during training.
+
+Length: one transform; its argument checks, grouping, sharding and power-vector helpers are only
+used by it (:mod:`train.bn_aware` reuses its update schedule).
+"""
 
 from __future__ import annotations
 
 import collections
+import functools
 from collections.abc import Mapping
 from typing import Any
 from typing import NamedTuple
@@ -387,6 +392,11 @@ def _init_power_vectors(
 ) -> tuple[jax.Array, ...]:
     """Right-vector estimates for ``method='power'``, warmed on the initial kernels.
 
+    One jitted program per group, compiled once per group shape and placement of the kernels
+    (jit keys on the arguments' shardings): concrete kernels on one device are committed to it
+    (``SingleDeviceSharding``, no data moves), so that kernels restored onto a one-device mesh
+    reuse the program of a freshly built model. The values are the same either way.
+
     Args:
       flat_params: the leaves of the params.
       groups: from :func:`_group_convs`.
@@ -397,22 +407,40 @@ def _init_power_vectors(
       One ``(G, H, W, c_in)`` array per group: :data:`POWER_INIT_ITERATIONS` power iterations
       from a fixed random start (``PRNGKey(0)`` folded with the group's index).
     """
+
+    def placed(x):
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+            if len(devices := x.sharding.device_set) == 1:
+                return jax.device_put(x, jax.sharding.SingleDeviceSharding(next(iter(devices))))
+        return x
+
     vectors = []
-    for g, ((shape, dtype, spec), members) in enumerate(groups.items()):
-        vshape = (len(members), *spec.input_shape, spec.channels(shape)[0])
-        start = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(0), g), vshape, dtype)
-        kernels = jnp.stack([flat_params[i] for i, _ in members])
-        if vectors:  # Chained like the groups of _project_groups (XLA:CPU LAPACK deadlock).
-            start = start + 0 * jnp.sum(vectors[-1]).astype(dtype)
-
-        def warm(kernel, vector, spec=spec):
-            return clip_operator_norm_power(
-                kernel, spec, 1.0, vector, num_iterations=POWER_INIT_ITERATIONS
-            ).vector
-
-        warmed = jax.vmap(warm)(*(_shard_stack(x, mesh, mesh_axis) for x in (kernels, start)))
-        vectors.append(_gather_stack(warmed, len(members), mesh))
+    for g, ((_, _, spec), members) in enumerate(groups.items()):
+        kernels = tuple(placed(flat_params[i]) for i, _ in members)
+        # Always a float32 scalar (0 for the first group): one program per group shape.
+        after = jnp.sum(vectors[-1]).astype(jnp.float32) if vectors else jnp.float32(0)
+        vectors.append(_warm_power_vectors(kernels, jnp.uint32(g), after, spec, mesh, mesh_axis))
     return tuple(vectors)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "mesh", "mesh_axis"))
+def _warm_power_vectors(kernels: tuple, g: jax.Array, after: jax.Array, spec: ConvSpec,
+                        mesh: Mesh | None, mesh_axis: str) -> jax.Array:
+    """:func:`_init_power_vectors` of group ``g`` (same-shaped ``kernels``), made to depend on
+    ``after`` (the previous group's sum, or 0) like the groups of :func:`_project_groups`
+    (XLA:CPU LAPACK deadlock): one program per group shape, shared by every layout."""
+    stack = jnp.stack(kernels)
+    vshape = (len(kernels), *spec.input_shape, spec.channels(stack.shape[1:])[0])
+    start = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(0), g), vshape, stack.dtype)
+    start = start + 0 * after.astype(stack.dtype)
+
+    def warm(kernel, vector):
+        return clip_operator_norm_power(
+            kernel, spec, 1.0, vector, num_iterations=POWER_INIT_ITERATIONS
+        ).vector
+
+    warmed = jax.vmap(warm)(*(_shard_stack(x, mesh, mesh_axis) for x in (stack, start)))
+    return _gather_stack(warmed, len(kernels), mesh)
 
 
 def _project_group(

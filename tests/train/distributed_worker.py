@@ -84,7 +84,7 @@ def single(out: str) -> None:
         report[f"proj_certified_{n}"] = result["certification"]["certified"]
         report[f"proj_bound_{n}"] = result["certification"]["certified_max_upper_bound"]
     report["proj_sharded_4"] = _projection_constraints(
-        result, dataclasses.replace(projected, num_devices=4), 4
+        dataclasses.replace(projected, num_devices=4), 4
     )
     # Checkpoints: written on `a` devices at step 3, resumed on `b`.
     for a, b in ((4, 1), (1, 4)):
@@ -113,20 +113,25 @@ def single(out: str) -> None:
     pathlib.Path(out).write_text(json.dumps(report))
 
 
-def _projection_constraints(result, config, n: int) -> int:
-    """Sharding constraints over ``'data'`` in the lowered train step of ``result``'s run on
+def _projection_constraints(config, n: int) -> int:
+    """Sharding constraints over ``'data'`` in the lowered train step of ``config``'s run on
     ``n`` devices. Only the projection spread over the mesh makes them: the state is constrained
     replicated and the batch is sharded by its argument's sharding (measured: 0 on 1 device, and
-    0 on 4 devices when the loop does not pass the mesh to the optimiser; 30 when it does)."""
+    0 on 4 devices when the loop does not pass the mesh to the optimiser; 30 when it does).
+
+    The state comes from the model as the loop builds it (only its structure, shapes and
+    placement enter the lowered program): its power vectors are warmed by the program the runs
+    above compiled (kernels replicated over 4 devices would compile another one)."""
     import numpy as np
 
     from train import distributed
     from train import steps as steps_lib
+    from train.models.registry import build_model
 
     mesh = distributed.make_mesh(n)
     example = np.zeros((1, 12, 12, 1), np.float32)
     specs, graphdef_train, graphdef_eval, params, rest = steps_lib.split_model(
-        result["model"], example
+        build_model(config, 10, 1, example.shape[1:3]), example
     )
     steps = steps_lib.make_steps(graphdef_train, graphdef_eval, specs, config, mesh)
     state = distributed.place_state(

@@ -600,6 +600,51 @@ class HelpersTest(parameterized.TestCase):
             )
             np.testing.assert_allclose(one[0], new[j], rtol=1e-5, atol=1e-6)
 
+    def test_init_power_vectors_is_the_eager_warm_up_compiled_once(self):
+        # The jitted warm-up gives bit for bit the vectors of the per-group eager loop it
+        # replaced (same start, same iterations), on groups of 2 and 1 kernels, one grouped and
+        # strided; kernels restored onto a one-device mesh reuse the compiled programs (one
+        # per group).
+        names = ("same", "depthwise_circular_stride2")
+        params = {f"{n}{j}": jnp.asarray(layers.random_kernel(KSHAPES[n], seed=j), jnp.float32)
+                  for n in names for j in range(2 if n == "same" else 1)}
+        specs = {key: SPECS[key.rstrip("01")] for key in params}
+        flat = jax.tree.leaves(params)
+        groups = transforms._group_convs(flat, transforms._conv_leaves(params, specs))
+        self.assertEqual(sorted(len(m) for m in groups.values()), [1, 2])
+
+        def eager(flat_params):  # The implementation before it was jitted, as it was.
+            vectors = []
+            for g, ((shape, dtype, spec), members) in enumerate(groups.items()):
+                vshape = (len(members), *spec.input_shape, spec.channels(shape)[0])
+                key = jax.random.fold_in(jax.random.PRNGKey(0), g)
+                start = jax.random.normal(key, vshape, dtype)
+                kernels = jnp.stack([flat_params[i] for i, _ in members])
+                if vectors:
+                    start = start + 0 * jnp.sum(vectors[-1]).astype(dtype)
+
+                def warm(kernel, vector, spec=spec):
+                    return spectra.clip_operator_norm_power(
+                        kernel, spec, 1.0, vector,
+                        num_iterations=transforms.POWER_INIT_ITERATIONS,
+                    ).vector
+
+                vectors.append(jax.vmap(warm)(kernels, start))
+            return tuple(vectors)
+
+        expected = eager(flat)
+        compiled = transforms._warm_power_vectors._cache_size()
+        got = transforms._init_power_vectors(flat, groups)
+        self.assertEqual(transforms._warm_power_vectors._cache_size(), compiled + 2)
+        mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+        on_mesh = jax.device_put(flat, jax.sharding.NamedSharding(mesh, jax.P()))
+        again = transforms._init_power_vectors(on_mesh, groups)
+        self.assertEqual(transforms._warm_power_vectors._cache_size(), compiled + 2)
+        for a, b, c in zip(expected, got, again, strict=True):
+            self.assertEqual(b.shape, a.shape)
+            np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+            np.testing.assert_array_equal(np.asarray(c), np.asarray(a))
+
 
 if __name__ == "__main__":
     absltest.main()
