@@ -216,8 +216,11 @@ class CappedBatchNorm(nnx.BatchNorm):
             mean = jnp.mean(x, axis=axes)
             var = jnp.maximum(jnp.mean(x * x, axis=axes) - mean * mean, 0.0)
             m = self.momentum
-            self.mean[...] = jax.lax.stop_gradient(m * self.mean[...] + (1 - m) * mean)
-            self.var[...] = jax.lax.stop_gradient(m * self.var[...] + (1 - m) * var)
+            # The statistics keep their own dtype (a float64 input must not upcast them).
+            self.mean[...] = jax.lax.stop_gradient(
+                m * self.mean[...] + (1 - m) * mean).astype(self.mean[...].dtype)
+            self.var[...] = jax.lax.stop_gradient(
+                m * self.var[...] + (1 - m) * var).astype(self.var[...].dtype)
         scale = jax.lax.rsqrt(var + self.epsilon)
         if self.scale is not None:
             scale = self.scale[...] * scale

@@ -54,8 +54,8 @@ class LayerTest(absltest.TestCase):
         kernel = 2.0 * jax.random.normal(jax.random.key(1), (3, 3, 2, 3))
         layer = CappedBatchNorm(3, cap=cap, spec=spec, kernel_shape=kernel.shape,
                                 estimate=estimate, momentum=0.0, rngs=nnx.Rngs(0))
-        layer.scale[...] = jnp.asarray([3.0, 0.5, 1.5])
-        layer.bias[...] = jnp.asarray([0.2, -0.1, 0.3])
+        layer.scale[...] = jnp.asarray([3.0, 0.5, 1.5], layer.scale.dtype)
+        layer.bias[...] = jnp.asarray([0.2, -0.1, 0.3], layer.bias.dtype)
         x = jax.random.normal(jax.random.key(2), (16, 6, 6, 2))
         return layer, kernel, spec, x
 
