@@ -189,6 +189,27 @@ class LoopTest(absltest.TestCase):
         self.assertEqual(dict(loaded.model_kwargs), {"norm": "capped", "cap": c})
         self.assertEqual(dataclasses.replace(loaded), config)
 
+    def test_resume_keeps_the_cap_bit_identical(self):
+        # The power vectors and the cap survive a restart: resumed == uninterrupted, certified.
+        c = 1.5
+        config = TrainConfig(
+            dataset="digits", model="resnet8", width=2, batch_size=32, eval_batch_size=512,
+            num_steps=4, lr=0.05, log_every=2, progress=False,
+            model_kwargs=FrozenDict(norm="capped", cap=c),
+            project_bn_aware=True, project_max_norm=c, project_every=10**6,
+            project_certify_recalibration_batches=2,
+        )
+        straight = loop.train_and_evaluate(config, self.root / "straight")
+        first = loop.train_and_evaluate(config, self.root / "resumed", until_step=2)
+        self.assertEqual(first["step"], 2)
+        resumed = loop.train_and_evaluate(config, self.root / "resumed", resume=True)
+        self.assertEqual(resumed["step"], 4)
+        a, b = (nnx.state(r["model"]) for r in (straight, resumed))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        self.assertEqual(straight["test_accuracy"], resumed["test_accuracy"])
+        self.assertTrue(resumed["certification"]["bn_aware"])
+
 
 if __name__ == "__main__":
     absltest.main()
