@@ -62,7 +62,8 @@ class PowerVector(nnx.Variable):
     """The persistent power-iteration vector of a :class:`CappedBatchNorm` (unit ℓ2 norm)."""
 
 
-def _check_cap(cap: Any) -> float:
+def check_cap(cap: Any) -> float:
+    """``cap`` as a float; ``ValueError`` naming ``cap`` unless it is a finite number ``> 0``."""
     if isinstance(cap, bool) or not isinstance(cap, (int, float, np.integer, np.floating)):
         raise ValueError(f"cap={cap!r} must be a finite number > 0")
     cap = float(cap)
@@ -127,7 +128,7 @@ class CappedBatchNorm(nnx.BatchNorm):
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        self.cap = _check_cap(cap)
+        self.cap = check_cap(cap)
         if estimate not in ESTIMATES:
             raise ValueError(f"estimate={estimate!r}: expected one of {ESTIMATES}")
         if isinstance(power_iterations, bool) or not (
@@ -182,6 +183,11 @@ class CappedBatchNorm(nnx.BatchNorm):
         w = spectra.conv(kernel * scale, v, spec)
         return jnp.sqrt(jnp.sum(w * w))
 
+    def _folded_scale(self, var: jax.Array) -> jax.Array:
+        """``s = gamma / sqrt(var + eps)`` (``1 / sqrt(var + eps)`` without a scale)."""
+        inv = jax.lax.rsqrt(var + self.epsilon)
+        return inv if self.scale is None else self.scale[...] * inv
+
     def _ratio(self, kernel: jax.Array, scale: jax.Array) -> jax.Array:
         """``r = min(1, c / σ̂)`` (``σ̂`` floored at the dtype's tiny: no division by 0)."""
         sigma = self.folded_sigma_estimate(kernel, scale)
@@ -221,9 +227,7 @@ class CappedBatchNorm(nnx.BatchNorm):
                 m * self.mean[...] + (1 - m) * mean).astype(self.mean[...].dtype)
             self.var[...] = jax.lax.stop_gradient(
                 m * self.var[...] + (1 - m) * var).astype(self.var[...].dtype)
-        scale = jax.lax.rsqrt(var + self.epsilon)
-        if self.scale is not None:
-            scale = self.scale[...] * scale
+        scale = self._folded_scale(var)
         if not ura:
             self._power_step(kernel, scale)
         ratio = self._ratio(kernel, scale)
@@ -236,8 +240,7 @@ class CappedBatchNorm(nnx.BatchNorm):
         """The evaluation-mode per-channel factor ``s · r`` (float64 host array): the eval
         layer is the folded kernel ``kernel · diag(applied_scale)`` then a translation."""
         kernel = jnp.asarray(kernel)
-        inv = jax.lax.rsqrt(self.var[...] + self.epsilon)
-        scale = inv if self.scale is None else self.scale[...] * inv
+        scale = self._folded_scale(self.var[...])
         ratio = self._ratio(kernel, scale)
         return np.asarray(scale * ratio, np.float64)
 
@@ -301,5 +304,6 @@ __all__ = [
     "RESNET_PAIRS",
     "capped_excess",
     "capped_layers",
+    "check_cap",
     "resnet_kernels",
 ]

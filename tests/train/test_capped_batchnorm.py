@@ -158,6 +158,17 @@ class ResNetTest(absltest.TestCase):
         self.assertGreater(ratio, 0.5)
 
 
+def _loop_config(c: float) -> TrainConfig:
+    """A 4-step digits ResNet-8 capped at ``c``, certified by the loop only (no projection)."""
+    return TrainConfig(
+        dataset="digits", model="resnet8", width=2, batch_size=32, eval_batch_size=512,
+        num_steps=4, lr=0.05, log_every=2, progress=False,
+        model_kwargs=FrozenDict(norm="capped", cap=c),
+        project_bn_aware=True, project_max_norm=c, project_every=10**6,
+        project_certify_recalibration_batches=2,
+    )
+
+
 class LoopTest(absltest.TestCase):
 
     def setUp(self):
@@ -167,13 +178,7 @@ class LoopTest(absltest.TestCase):
 
     def test_loop_certifies_the_capped_resnet(self):
         c = 1.5
-        config = TrainConfig(
-            dataset="digits", model="resnet8", width=2, batch_size=32, eval_batch_size=512,
-            num_steps=4, lr=0.05, log_every=2, progress=False,
-            model_kwargs=FrozenDict(norm="capped", cap=c),
-            project_bn_aware=True, project_max_norm=c, project_every=10**6,
-            project_certify_recalibration_batches=2,
-        )
+        config = _loop_config(c)
         result = loop.train_and_evaluate(config, self.root / "run")
         meta = result["certification"]
         self.assertTrue(meta["bn_aware"])
@@ -192,13 +197,7 @@ class LoopTest(absltest.TestCase):
     def test_resume_keeps_the_cap_bit_identical(self):
         # The power vectors and the cap survive a restart: resumed == uninterrupted, certified.
         c = 1.5
-        config = TrainConfig(
-            dataset="digits", model="resnet8", width=2, batch_size=32, eval_batch_size=512,
-            num_steps=4, lr=0.05, log_every=2, progress=False,
-            model_kwargs=FrozenDict(norm="capped", cap=c),
-            project_bn_aware=True, project_max_norm=c, project_every=10**6,
-            project_certify_recalibration_batches=2,
-        )
+        config = _loop_config(c)
         straight = loop.train_and_evaluate(config, self.root / "straight")
         first = loop.train_and_evaluate(config, self.root / "resumed", until_step=2)
         self.assertEqual(first["step"], 2)

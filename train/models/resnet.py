@@ -169,6 +169,7 @@ def _out_size(size, stride: int) -> tuple[int, int]:
 
 def _check_capped(norm: str, cap, input_size, cap_estimate: str = "circulant") -> tuple | None:
     from train.capped_batchnorm import ESTIMATES
+    from train.capped_batchnorm import check_cap
 
     if cap_estimate not in ESTIMATES:
         raise ValueError(f"cap_estimate={cap_estimate!r}: expected one of {ESTIMATES}")
@@ -176,8 +177,7 @@ def _check_capped(norm: str, cap, input_size, cap_estimate: str = "circulant") -
         if cap is not None:
             raise ValueError(f"cap={cap!r} is only used with norm='capped' (norm={norm!r})")
         return None
-    if cap is None or isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0:
-        raise ValueError(f"cap={cap!r}: norm='capped' needs a number cap > 0")
+    check_cap(cap)
     if isinstance(input_size, int):
         input_size = (input_size, input_size)
     if (

@@ -54,6 +54,7 @@ import numpy as np
 import spectra
 import spectra.numpy as snp
 from spectra import ConvSpec
+from spectra.numpy._fourier import _axis_reads
 from spectra.numpy._operator import axis_geometry
 from train.report._types import LayerReport
 
@@ -255,11 +256,9 @@ def _one_by_one_sigma_max(k, spec: ConvSpec) -> float:
     twice, so the operator is ``K`` repeated on disjoint blocks: ``||K||_2``
     (:func:`reshaped_sigma_max`, the smaller Gram's top eigenvalue, about 3x faster than the
     SVD) when some output reads real input on both axes, else 0 (the 'matrix' spectrum's top)."""
-    kshape = np.shape(k)
-    for n, m, lo, s, _, _ in axis_geometry(spec, kshape):
-        pos = s * np.arange(m) - lo
-        if spec.is_circular or np.any((pos >= 0) & (pos < n)):
-            continue
+    if not spec.is_circular and any(
+        not np.any(_axis_reads(*geometry) >= 0) for geometry in axis_geometry(spec, np.shape(k))
+    ):
         return 0.0
     return reshaped_sigma_max(k)
 
