@@ -41,18 +41,21 @@ def fft_applies(spec: ConvSpec) -> bool:
     return spec.is_circular and all(n % s == 0 for n, s in zip(spec.input_shape, spec.strides))
 
 
-def _frequency_chunks(kernel: np.ndarray, spec: ConvSpec):
-    """Yields the per-frequency matrices of a circular spec (strides dividing) by row chunks.
+class _Taps(NamedTuple):
+    """A kernel's polyphase taps and the geometry of its frequency grid (see
+    :func:`_polyphase_taps`)."""
 
-    Each item: complex ``(g, rows, N2 // 2 + 1, c_out / g, (c_in / g) s1 s2)``, the matrices of
-    ``spectra.frequency_matrices`` for a block of first-axis frequencies ``u`` (all of them, in
-    order, over the items). Computed from the kernel's few polyphase taps ``E[a, b]`` (real
-    ``(c_out / g, (c_in / g) s1 s2)`` matrices, ``a < t1``, ``b < t2``), never from the
-    zero-embedded kernel: ``M(u, v) = Σ_ab e^{-2πi (u a / N1 + v b / N2)} E[a, b]``, one real
-    matrix product per group for the real and for the imaginary parts, written in place. The
-    exponent is periodic: taps beyond the grid (a dilated kernel larger than the input) wrap
-    round it.
-    """
+    taps: np.ndarray  # (g, t1 t2, cog cols) float64, C-contiguous.
+    a: np.ndarray  # (t1 t2,) first-axis polyphase offsets of the taps.
+    b: np.ndarray  # (t1 t2,) second-axis offsets.
+    big: tuple[int, int]  # (N1, N2): the frequency grid (input / strides).
+    cog: int
+    cols: int
+
+
+def _polyphase_taps(kernel: np.ndarray, spec: ConvSpec) -> _Taps:
+    """The kernel's few polyphase taps ``E[a, b]`` (real ``(c_out / g, (c_in / g) s1 s2)``
+    matrices, ``a < t1``, ``b < t2``) of a circular spec whose strides divide the input."""
     kh, kw, cig, cout = kernel.shape
     g = spec.feature_group_count
     cog = cout // g
@@ -63,29 +66,63 @@ def _frequency_chunks(kernel: np.ndarray, spec: ConvSpec):
     e = np.zeros((t1 * s1, t2 * s2, cig, cout))
     e[:keff1:d1, :keff2:d2] = kernel
     e = e.reshape(t1, s1, t2, s2, cig, g, cog)
-    # (g, cog cig s1 s2, t1 t2): the polyphase taps' matrices (rows cog, columns (cig, s1, s2)),
-    # C-contiguous: each group's is a BLAS operand.
-    taps = np.ascontiguousarray(e.transpose(5, 6, 4, 1, 3, 0, 2)).reshape(g, -1, t1 * t2)
-    n2h = big2 // 2 + 1
-    cols = cig * s1 * s2
-    per_row = n2h * s1 * s2 * cig * cout
-    step = max(1, FREQUENCY_CHUNK_ENTRIES // max(per_row, 1))
-    a = np.repeat(np.arange(t1), t2)  # The taps' polyphase offsets, in the order of ``taps``.
+    # (g, t1 t2, cog cig s1 s2): per group and tap, the matrix (rows cog, columns (cig, s1, s2)).
+    taps = np.ascontiguousarray(e.transpose(5, 0, 2, 6, 4, 1, 3)).reshape(g, t1 * t2, -1)
+    a = np.repeat(np.arange(t1), t2)
     b = np.tile(np.arange(t2), t1)
+    return _Taps(taps, a, b, (big1, big2), cog, cig * s1 * s2)
+
+
+def _phases(taps: _Taps, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``(len(u) len(v), t1 t2)`` complex ``e^{-2πi (u a / N1 + v b / N2)}``, frequencies in
+    ``(u, v)`` row-major order; the integer products are reduced mod N before the division."""
+    big1, big2 = taps.big
+    t = taps.a.size
+    angle = (
+        (np.outer(u, taps.a) % big1)[:, None, :] / big1
+        + (np.outer(v, taps.b) % big2)[None, :, :] / big2
+    ).reshape(-1, t)
+    return np.exp(-2j * np.pi * angle)
+
+
+def _frequency_matrix(taps: _Taps, gi: int, u: int, v: int) -> np.ndarray:
+    """The complex128 ``(c_out / g, cols)`` matrix of group ``gi`` at frequency ``(u, v)``."""
+    phase = _phases(taps, np.array([u]), np.array([v]))
+    m = (phase.real @ taps.taps[gi]) + 1j * (phase.imag @ taps.taps[gi])
+    return m.reshape(taps.cog, taps.cols)
+
+
+def _frequency_chunks(kernel: np.ndarray, spec: ConvSpec, dtype=np.complex128, taps=None):
+    """Yields the per-frequency matrices of a circular spec (strides dividing) by row chunks.
+
+    Each item: ``dtype`` (complex) ``(g, rows, N2 // 2 + 1, c_out / g, (c_in / g) s1 s2)``, the
+    matrices of ``spectra.frequency_matrices`` for a block of first-axis frequencies ``u`` (all of
+    them, in order, over the items). **The item is a view of one buffer that the next item
+    overwrites**: copy what must outlive the iteration step. Computed from the kernel's few
+    polyphase taps ``E[a, b]`` (:func:`_polyphase_taps`), never from the zero-embedded kernel:
+    ``M(u, v) = Σ_ab e^{-2πi (u a / N1 + v b / N2)} E[a, b]``, one complex matrix product
+    ``(frequencies, taps) @ (taps, entries)`` per group (BLAS ``zgemm`` / ``cgemm``). The exponent
+    is periodic: taps beyond the grid (a dilated kernel larger than the input) wrap round it.
+    ``dtype=np.complex64``: the same in single precision (half the memory traffic; for
+    estimates only). ``taps``: :func:`_polyphase_taps` of the kernel when already computed.
+    """
+    if taps is None:
+        taps = _polyphase_taps(kernel, spec)
+    g, t, entries = taps.taps.shape
+    big1, big2 = taps.big
+    n2h = big2 // 2 + 1
+    coefficients = taps.taps.astype(dtype)
+    step = max(1, FREQUENCY_CHUNK_ENTRIES // max(n2h * g * entries, 1))
+    step = min(step, big1)
+    # One buffer for every item (fresh pages cost a page fault each: measured ~30% of the
+    # layer stage of WideResNet-50-2 when each chunk was a new allocation).
+    buffer = np.empty((g, step * n2h, entries), dtype)
     v = np.arange(n2h)
     for start in range(0, big1, step):
         u = np.arange(start, min(start + step, big1))
-        # (rows, N2h, t1 t2) phases, exact integer products reduced mod N before the division.
-        angle = (
-            (np.outer(u, a) % big1)[:, None, :] / big1 + (np.outer(v, b) % big2)[None, :, :] / big2
-        ).reshape(-1, t1 * t2)
-        # (frequencies, t1 t2, 2): the real and imaginary parts of the phases.
-        phases = np.stack([np.cos(2 * np.pi * angle), -np.sin(2 * np.pi * angle)], axis=-1)
-        m = np.empty((g, len(u) * n2h, cog * cols), np.complex128)
-        parts = m.view(np.float64).reshape(g, len(u) * n2h, cog * cols, 2)
-        for gi in range(g):  # Written in place: (entries, t1 t2) @ (t1 t2, 2) per frequency.
-            np.matmul(taps[gi], phases, out=parts[gi])
-        yield m.reshape(g, len(u), n2h, cog, cols)
+        out = buffer[:, : len(u) * n2h]
+        np.matmul(_phases(taps, u, v).astype(dtype), coefficients, out=out)
+        yield out.reshape(g, len(u), n2h, taps.cog, taps.cols)
 
 
 def _top_singular_values(m: np.ndarray) -> np.ndarray:
@@ -124,9 +161,6 @@ class CirculantTop(NamedTuple):
 #: (a Cholesky test per frequency instead of an eigenvalue decomposition); below it, eigvalsh of
 #: every frequency (cheap there).
 PRUNE_MIN_SIDE = 96
-#: Most bytes of per-frequency matrices that :func:`circulant_top`'s pruning keeps from its first
-#: pass for its second (else they are computed again).
-MAX_CACHED_BYTES = 512 * 2**20
 #: Power-iteration steps per frequency that order the frequencies before pruning.
 PRUNE_POWER_STEPS = 12
 
@@ -175,7 +209,7 @@ def _power_estimates(m: np.ndarray, steps: int, row_scale=None) -> np.ndarray:
     (the bound is computed from the float64 Grams)."""
     rng = np.random.default_rng(0)
     c = m.shape[-1]
-    m = m.astype(np.complex64)
+    m = m.astype(np.complex64, copy=False)
     s2 = None
     if row_scale is not None:
         s2 = (np.asarray(row_scale, np.float32) ** 2).reshape(
@@ -213,27 +247,24 @@ def _circulant_pruned(kernel, emb, g, row_scales=(None,)):
         s = row_scales[vi]
         return mat if s is None else mat * s[gi][:, None]
 
+    taps = _polyphase_taps(kernel, emb)
     start, keep = 0, [{} for _ in range(nv)]
-    cached, size = [], 0  # Pass 1's matrices, reused by pass 2 when they fit.
-    for m in _frequency_chunks(kernel, emb):
-        size += m.nbytes
-        cached = None if cached is None or size > MAX_CACHED_BYTES else cached
-        if cached is not None:
-            cached.append(m)
+    # Pass 1 in single precision: the estimates only order the frequencies.
+    for m in _frequency_chunks(kernel, emb, np.complex64, taps):
         for vi in range(nv):
             est = _power_estimates(m, PRUNE_POWER_STEPS, row_scales[vi])  # (g, rows, N2h)
             for gi in range(g):
                 i = int(np.argmax(est[gi]))
                 if gi not in keep[vi] or est[gi].flat[i] > keep[vi][gi][0]:
                     r, v = np.unravel_index(i, est[gi].shape)
-                    mat = one(m[gi, r, v], vi, gi).copy()
-                    keep[vi][gi] = (float(est[gi].flat[i]), (start + r, v), mat)
+                    keep[vi][gi] = (float(est[gi].flat[i]), (start + int(r), int(v)))
         start += m.shape[1]
     group_best = np.zeros((nv, g))
     where = [[None] * g for _ in range(nv)]  # Per group: (u, v, vector) of the best frequency.
     for vi in range(nv):
         for gi in range(g):
-            _, (u, v), mat = keep[vi][gi]
+            _, (u, v) = keep[vi][gi]
+            mat = one(_frequency_matrix(taps, gi, u, v), vi, gi)
             lam, vec = _top_eigenpair(_gram(mat), mat)
             group_best[vi, gi], where[vi][gi] = lam, (u, v, vec)
     big1, big2 = (n // s for n, s in zip(emb.input_shape, emb.strides))
@@ -241,7 +272,7 @@ def _circulant_pruned(kernel, emb, g, row_scales=(None,)):
     # on the columns v = 0 and v = N2 / 2 of the half plane, row u repeats row (N1 - u) mod N1.
     self_conjugate = {0, big2 / 2}
     start = 0
-    for m in cached if cached is not None else _frequency_chunks(kernel, emb):
+    for m in _frequency_chunks(kernel, emb, taps=taps):
         for gi in range(g):
             for r in range(m.shape[1]):
                 u = start + r
@@ -348,7 +379,7 @@ def circulant_tops(kernel, spec: ConvSpec, scales=(), *, with_vector: bool = Tru
         i = int(np.argmax(tops))
         if tops.flat[i] > best:
             gi, r, v = np.unravel_index(i, tops.shape)
-            best, where = float(tops.flat[i]), (gi, start + r, v, m[gi, r, v])
+            best, where = float(tops.flat[i]), (gi, start + r, v, m[gi, r, v].copy())
         start += m.shape[1]
     if not with_vector or where is None:
         return [CirculantTop(best, group_best, None)]

@@ -334,5 +334,56 @@ class StagesTest(absltest.TestCase):
             )
 
 
+class ShareTest(absltest.TestCase):
+    """``budget_stop(share=...)``: the search waits in proportion to its steps while the layer
+    stage runs, and not at all once it has ended."""
+
+    def test_waits_in_proportion_then_stops_with_the_layers(self):
+        import threading
+        import time
+
+        from train.report import _stages
+
+        done = threading.Event()
+        stop = _stages.budget_stop(None, done, lambda: None, share=0.25)
+        stop()  # Starts the clock of the first step.
+        time.sleep(0.2)  # A step of 0.2 s: then a wait of 3 x 0.2 s.
+        t = time.perf_counter()
+        self.assertFalse(stop())
+        self.assertGreater(time.perf_counter() - t, 0.5)
+        self.assertLess(time.perf_counter() - t, 0.6 + 0.5)
+        time.sleep(0.2)
+        done.set()  # The layer stage has ended: no wait.
+        t = time.perf_counter()
+        stop()
+        self.assertLess(time.perf_counter() - t, 0.1)
+
+    def test_wait_is_capped_and_wakes_when_the_layers_end(self):
+        import threading
+        import time
+
+        from train.report import _stages
+
+        done = threading.Event()
+        stop = _stages.budget_stop("layers", done, lambda: None, share=0.01)
+        time.sleep(0.1)  # 99 x 0.1 s would be ~10 s: capped, and woken by the event.
+        threading.Timer(0.3, done.set).start()
+        t = time.perf_counter()
+        stop()
+        waited = time.perf_counter() - t
+        self.assertGreater(waited, 0.25)
+        self.assertLess(waited, min(_stages.MAX_SHARE_WAIT_SECONDS, 2.0))
+
+    def test_share_one_never_waits_and_bad_share_is_named(self):
+        import threading
+
+        from train.report import _stages
+
+        stop = _stages.budget_stop(None, threading.Event(), lambda: None, share=1.0)
+        self.assertFalse(stop())
+        with self.assertRaisesRegex(ValueError, "lower_bound_share"):
+            _stages.budget_stop(None, threading.Event(), lambda: None, share=0.0)
+
+
 if __name__ == "__main__":
     absltest.main()

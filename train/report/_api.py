@@ -156,6 +156,7 @@ def _network_report(
         o.lower_bound_budget,
         layers_done,
         lambda: None if o.overlap_lower_bound else timings.get("layers"),
+        o.lower_bound_share if o.overlap_lower_bound else 1.0,
     )
 
     def lower_bound():

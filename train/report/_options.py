@@ -56,6 +56,12 @@ class ReportOptions:
         the layer stage is done, or after as long as that took when not overlapping, but not
         before 3 s: ``train.report._stages.MIN_SEARCH_SECONDS``; it ends within one step of
         that), seconds, or ``None`` (only the step counts limit it: reproducible values).
+      lower_bound_share: while the layer stage runs beside it, the fraction ``(0, 1]`` of the
+        wall-clock time in which the search computes: after each step it waits
+        ``(1 - share) / share`` times that step's duration (it wakes as soon as the layer stage
+        ends), so the layer stage keeps most of the cores (``1``: no waiting). Measured
+        (WideResNet-50-2 @96², 2-core CPU): with no waiting the search took one of the two
+        cores from the layer stage for its whole duration.
       checkpoint_dir: optional folder: the layer stage's results are saved there as soon as it
         ends (``stages/layers.pkl`` and the readable ``stages/layers.partial.json``), the lower
         bound's when it ends, and a later report of the same network, input and options
@@ -88,6 +94,7 @@ class ReportOptions:
     overlap_lower_bound: bool = True
     ascent_steps: int = 100
     lower_bound_budget: float | str | None = "layers"
+    lower_bound_share: float = 0.35
     checkpoint_dir: str | os.PathLike | None = None
     check_pairs: int = 0
     tight_bound: bool = True
@@ -124,6 +131,9 @@ class ReportOptions:
             raise ValueError(
                 f"lower_bound_budget={budget!r} must be 'layers', seconds >= 0 or None"
             )
+        share = self.lower_bound_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+            raise ValueError(f"lower_bound_share={share!r} must be a number in (0, 1]")
         if self.checkpoint_dir is not None and not isinstance(
             self.checkpoint_dir, (str, os.PathLike)
         ):

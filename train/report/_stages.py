@@ -29,6 +29,10 @@ import numpy as np
 #: ~2.5 s, about as long as compiling the search's two programs; with a budget of the layers
 #: alone its ascent never ran (measured: compiled, then stopped before its first step).
 MIN_SEARCH_SECONDS = 3.0
+#: Longest wait of one ``stop()`` call of a search that computes in a share of the wall-clock
+#: time (:func:`budget_stop`): an interval that held a compilation (seconds on a big network,
+#: single-threaded) would otherwise make the search wait for most of the layer stage.
+MAX_SHARE_WAIT_SECONDS = 3.0
 
 #: The checkpoint folder's sub-folder (under the checkpoint / output folder).
 STAGES_DIR = "stages"
@@ -110,9 +114,12 @@ class Checkpoint:
 
 
 def budget_stop(
-    budget: float | str | None, layers_done: threading.Event, layer_seconds: Callable[[], Any]
+    budget: float | str | None,
+    layers_done: threading.Event,
+    layer_seconds: Callable[[], Any],
+    share: float = 1.0,
 ) -> Callable[[], bool]:
-    """The lower bound's ``stop()`` for a time budget.
+    """The lower bound's ``stop()`` for a time budget (asked between the search's steps).
 
     Args:
       budget: ``'layers'``: stop once the layer stage is done (when the two overlap: the
@@ -121,16 +128,23 @@ def budget_stop(
         that many seconds; ``None``: never.
       layers_done: set when the layer stage ends.
       layer_seconds: the layer stage's duration, ``None`` while it runs.
+      share: while the layer stage runs (``layers_done`` not set), ``stop()`` first waits
+        ``(1 - share) / share`` times the time since the previous ``stop()`` returned (the
+        step just computed; at most :data:`MAX_SHARE_WAIT_SECONDS`), waking early when the layer
+        stage ends: the search then computes in about ``share`` of the wall-clock time. ``1``:
+        never waits.
 
     Raises:
-      ValueError: any other ``budget``.
+      ValueError: any other ``budget``, or ``share`` outside ``(0, 1]``.
     """
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+        raise ValueError(f"lower_bound_share must be a number in (0, 1]; got {share!r}")
     start = time.perf_counter()
     if budget is None:
-        return lambda: False
-    if budget == "layers":
+        done = lambda: False  # noqa: E731
+    elif budget == "layers":
 
-        def stop():
+        def done():
             elapsed = time.perf_counter() - start
             if not layers_done.is_set() or elapsed < MIN_SEARCH_SECONDS:
                 return False
@@ -139,7 +153,22 @@ def budget_stop(
                 return True
             return elapsed >= seconds
 
-        return stop
-    if isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget >= 0:
-        return lambda: time.perf_counter() - start >= float(budget)
-    raise ValueError(f"lower_bound_budget must be 'layers', seconds >= 0 or None; got {budget!r}")
+    elif isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget >= 0:
+        done = lambda: time.perf_counter() - start >= float(budget)  # noqa: E731
+    else:
+        raise ValueError(
+            f"lower_bound_budget must be 'layers', seconds >= 0 or None; got {budget!r}"
+        )
+    if share >= 1:
+        return done
+    last = [time.perf_counter()]
+
+    def stop():
+        if not layers_done.is_set():
+            wait = (time.perf_counter() - last[0]) * (1 - share) / share
+            layers_done.wait(min(wait, MAX_SHARE_WAIT_SECONDS))
+        result = done()
+        last[0] = time.perf_counter()
+        return result
+
+    return stop
