@@ -13,6 +13,7 @@ NumPy, float64, no XLA; the maths of :mod:`spectra._fourier` and :mod:`spectra._
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -226,6 +227,74 @@ def _power_estimates(m: np.ndarray, steps: int, row_scale=None) -> np.ndarray:
     return np.sum(w if s2 is None else s2 * w, axis=(-2, -1)).astype(np.float64)
 
 
+#: Most bytes of the tap cross-Grams that :func:`_gram_chunks` holds (one group's).
+MAX_TAP_GRAM_BYTES = 160 * 2**20
+#: Most complex entries of per-frequency Grams that :func:`_gram_chunks` forms at once.
+GRAM_CHUNK_ENTRIES = 2_000_000
+
+
+def _tap_grams_pay(taps: _Taps, frequencies: int) -> bool:
+    """Whether :func:`_gram_chunks` (Grams from the taps' cross-Grams) pays against one
+    ``zherk`` per frequency: ``t (t + 1) / 2`` real products (``2 n² k`` flops each) against
+    ``frequencies`` complex rank-k updates (``4 n² k`` each), for ``t`` taps, asked to be at
+    least 2x fewer flops (the per-frequency sums of ``t²`` terms are memory-bound), and the
+    cross-Grams within :data:`MAX_TAP_GRAM_BYTES`."""
+    g, t, _ = taps.taps.shape
+    n = min(taps.cog, taps.cols)
+    return t * (t + 1) <= 2 * frequencies and t * t * n * n * 8 <= MAX_TAP_GRAM_BYTES
+
+
+def _gram_chunks(taps: _Taps, gi: int):
+    """Yields ``(u, v, Grams)`` per chunk of the half plane's frequencies (row-major), the
+    smaller Gram of group ``gi``'s matrix at each (complex128 ``(chunk, n, n)``, both triangles;
+    **a view of a buffer that the next item overwrites**), from the taps' cross-Grams.
+
+    With ``M(ω) = Σ_t φ_t(ω) E_t``: on the output side ``M M^H = Σ_{t,t'} φ_t conj(φ_t') E_t
+    E_t'^T``, on the input side ``M^H M = Σ_{t,t'} conj(φ_t) φ_t' E_t^T E_t'``. The real
+    cross-Grams ``E_t E_t'^T`` are computed once; each chunk of Grams is then
+    two real products ``(chunk, t²) @ (t², n²)``. The same Grams as ``zherk`` of each ``M(ω)``,
+    up to float64 rounding of the sums. (The real cross-Grams are ``t (t + 1) / 2`` products.)
+    """
+    _, t, _ = taps.taps.shape
+    e = taps.taps[gi].reshape(t, taps.cog, taps.cols)
+    out_side = taps.cog <= taps.cols
+    n = taps.cog if out_side else taps.cols
+    # The cross-Grams, one real product per pair t <= t' (the others their transposes), written
+    # in place: no temporaries of the cross-Grams' size.
+    cross = np.empty((t, t, n, n))
+    for i in range(t):
+        for j in range(i, t):
+            if out_side:
+                np.matmul(e[i], e[j].T, out=cross[i, j])
+            else:
+                np.matmul(e[i].T, e[j], out=cross[i, j])
+            if j > i:
+                cross[j, i] = cross[i, j].T
+    cross = cross.reshape(t * t, n * n)
+    big1, big2 = taps.big
+    n2h = big2 // 2 + 1
+    freqs = [(u, v) for u in range(big1) for v in range(n2h)]
+    step = max(1, GRAM_CHUNK_ENTRIES // (n * n))
+    re = np.empty((step, n * n))
+    im = np.empty((step, n * n))
+    grams = np.empty((step, n, n), np.complex128)
+    for start in range(0, len(freqs), step):
+        part = freqs[start : start + step]
+        u = np.array([f[0] for f in part])
+        v = np.array([f[1] for f in part])
+        phases = np.stack([_phases(taps, u[i : i + 1], v[i : i + 1])[0] for i in range(len(part))])
+        if not out_side:
+            phases = np.conj(phases)
+        coef = (phases[:, :, None] * np.conj(phases[:, None, :])).reshape(len(part), t * t)
+        k = len(part)
+        np.matmul(np.ascontiguousarray(coef.real), cross, out=re[:k])
+        np.matmul(np.ascontiguousarray(coef.imag), cross, out=im[:k])
+        out = grams[:k]
+        out.real = re[:k].reshape(k, n, n)
+        out.imag = im[:k].reshape(k, n, n)
+        yield u, v, out
+
+
 def _circulant_pruned(kernel, emb, g, row_scales=(None,)):
     """Per-group max of per-frequency λ_max, pruning frequencies certified below the best.
 
@@ -271,29 +340,41 @@ def _circulant_pruned(kernel, emb, g, row_scales=(None,)):
     # A real kernel's matrices at -k are the conjugates of those at k (the same singular values):
     # on the columns v = 0 and v = N2 / 2 of the half plane, row u repeats row (N1 - u) mod N1.
     self_conjugate = {0, big2 / 2}
-    start = 0
-    for m in _frequency_chunks(kernel, emb, taps=taps):
+
+    def visit(gi, u, v, gram, matrix):
+        """Certify frequency (u, v) of group gi below the best, or raise the best."""
+        todo = [vi for vi in range(nv) if (u, v) != keep[vi][gi][1]]
+        for vi in todo:
+            s = row_scales[vi]
+            # diag(s) G diag(s): the scaled matrix's Gram (upper triangle).
+            gv = gram if s is None else gram * np.outer(s[gi], s[gi])
+            if _below(gv, group_best[vi, gi]):
+                continue
+            lam, vec = _top_eigenpair(gv, one(matrix(), vi, gi))
+            if lam > group_best[vi, gi]:
+                group_best[vi, gi] = lam
+                where[vi][gi] = (u, v, vec)
+
+    def repeated(u, v):  # The conjugate of a frequency already visited.
+        return v in self_conjugate and (big1 - u) % big1 < u
+
+    if _tap_grams_pay(taps, big1 * (big2 // 2 + 1)):
         for gi in range(g):
-            for r in range(m.shape[1]):
-                u = start + r
-                for v in range(m.shape[2]):
-                    if v in self_conjugate and (big1 - u) % big1 < u:  # A repeated frequency.
-                        continue
-                    todo = [vi for vi in range(nv) if (u, v) != keep[vi][gi][1]]
-                    if not todo:  # Already computed exactly.
-                        continue
-                    gram = _gram(m[gi, r, v])
-                    for vi in todo:
-                        s = row_scales[vi]
-                        # diag(s) G diag(s): the scaled matrix's Gram (upper triangle).
-                        gv = gram if s is None else gram * np.outer(s[gi], s[gi])
-                        if _below(gv, group_best[vi, gi]):
-                            continue
-                        lam, vec = _top_eigenpair(gv, one(m[gi, r, v], vi, gi))
-                        if lam > group_best[vi, gi]:
-                            group_best[vi, gi] = lam
-                            where[vi][gi] = (u, v, vec)
-        start += m.shape[1]
+            for us, vs, grams in _gram_chunks(taps, gi):
+                for u, v, gram in zip(us.tolist(), vs.tolist(), grams):
+                    if not repeated(u, v):
+                        visit(gi, u, v, gram, functools.partial(_frequency_matrix, taps, gi, u, v))
+    else:
+        start = 0
+        for m in _frequency_chunks(kernel, emb, taps=taps):
+            for gi in range(g):
+                for r in range(m.shape[1]):
+                    u = start + r
+                    for v in range(m.shape[2]):
+                        if not repeated(u, v):
+                            mat = m[gi, r, v]
+                            visit(gi, u, v, _gram(mat), lambda mat=mat: mat)
+            start += m.shape[1]
     out = []
     for vi in range(nv):
         gi = int(np.argmax(group_best[vi]))
