@@ -34,10 +34,12 @@ def axis_geometry(spec: ConvSpec, kshape: Sequence[int]) -> list[tuple[int, ...]
 
 
 def float64_kernel(kernel, spec: ConvSpec) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """``(kernel as float64 NumPy, its HWIO shape)`` after ``spec.validate(kernel)``."""
+    """``(kernel as float64 NumPy, its HWIO shape)`` after ``spec.validate(kernel)``.
+
+    A float64 NumPy kernel is returned as is (no copy: callers only read it)."""
     kernel = np.asarray(kernel)
     kshape = spec.validate(kernel)
-    return kernel.astype(np.float64), tuple(kshape)  # type: ignore[return-value]
+    return kernel.astype(np.float64, copy=False), tuple(kshape)  # type: ignore[return-value]
 
 
 def group_spec(spec: ConvSpec) -> ConvSpec:

@@ -192,13 +192,32 @@ def _with_vector(spec, sigma_method) -> bool:
     return sigma_method == "lanczos" and spec.feature_group_count == 1
 
 
+@dataclasses.dataclass(frozen=True)
+class _Folded:
+    """A BatchNorm-folded kernel ``kernel * scale`` (float64, the exact products), computed by
+    the job that needs it (:func:`_float64`): all of a network's folded kernels at once cost
+    their memory together (WideResNet-50-2: 550 MB of fresh pages before any job started)."""
+
+    kernel: np.ndarray
+    scale: np.ndarray
+
+    def __call__(self) -> np.ndarray:
+        return np.asarray(self.kernel, np.float64) * np.asarray(self.scale, np.float64)
+
+
+def _float64(k) -> np.ndarray:
+    """A job's kernel as float64 NumPy, once (the functions it calls then use it as is)."""
+    return k() if isinstance(k, _Folded) else np.asarray(k, np.float64)
+
+
 def _analyse_pair_numpy(
     k, folded, scale, spec, sigma_method, bound_names, spectrum_method, rtol, bracket_rtol
 ) -> tuple[tuple, tuple]:
     """:func:`_analyse_kernel_numpy` of a kernel and of ``folded`` (``k`` times the per-output
-    -channel ``scale``, float64), their circulant bounds in one pass
+    -channel ``scale``, float64; a :class:`_Folded`), their circulant bounds in one pass
     (:func:`spectra.numpy.circulant_tops`: each frequency's Gram computed once for both)."""
     args = (spec, sigma_method, bound_names, spectrum_method, rtol, bracket_rtol)
+    k = _float64(k)
     tops = snp.circulant_tops(k, spec, [scale], with_vector=_with_vector(spec, sigma_method))
     return (
         _analyse_kernel_numpy(k, True, *args, top=tops[0]),
@@ -211,6 +230,7 @@ def _analyse_kernel_numpy(
 ) -> tuple[float, float | None, object, list[float]]:
     """``(sigma, residual or None, spectrum or None, bounds)`` of one kernel on the host
     (``top``: its circulant top when already computed)."""
+    k = _float64(k)
     grouped = spec.feature_group_count > 1
     if sigma_method == "matrix" and tuple(bound_names) == ("tap_sum",):
         # Ungrouped 1x1 kernel: the 'matrix' spectrum is the kernel's SVD (its values repeated)
@@ -543,11 +563,7 @@ def analyse_convs(
             raw = [layers[i].kernel for i in members]
             scaled = None  # The BatchNorm-folded kernels (float64: the exact products).
             if has_bn:
-                scaled = [
-                    np.asarray(layers[i].kernel, np.float64)
-                    * np.asarray(layers[i].bn_scale, np.float64)
-                    for i in members
-                ]
+                scaled = [_Folded(layers[i].kernel, layers[i].bn_scale) for i in members]
             tol = rtol if rtol is not None else (1e-10 if dtype == np.float64 else LANCZOS_RTOL)
             group_jobs, finish = _numpy_group_jobs(
                 raw,
