@@ -64,8 +64,11 @@ def _polyphase_taps(kernel: np.ndarray, spec: ConvSpec) -> _Taps:
     big1, big2 = (n // s for n, s in zip(spec.input_shape, spec.strides))
     keff1, keff2 = spec.dilated_kernel_size(kernel.shape)
     t1, t2 = -(-keff1 // s1), -(-keff2 // s2)
-    e = np.zeros((t1 * s1, t2 * s2, cig, cout))
-    e[:keff1:d1, :keff2:d2] = kernel
+    if (s1, s2, d1, d2) == (1, 1, 1, 1):  # The kernel is its own polyphase embedding.
+        e = np.asarray(kernel, np.float64)
+    else:
+        e = np.zeros((t1 * s1, t2 * s2, cig, cout))
+        e[:keff1:d1, :keff2:d2] = kernel
     e = e.reshape(t1, s1, t2, s2, cig, g, cog)
     # (g, t1 t2, cog cig s1 s2): per group and tap, the matrix (rows cog, columns (cig, s1, s2)).
     taps = np.ascontiguousarray(e.transpose(5, 0, 2, 6, 4, 1, 3)).reshape(g, t1 * t2, -1)
