@@ -18,9 +18,9 @@ from spectra._density import GRIDS
 from spectra._density import _correction_weights
 from spectra._density import grid_points
 from spectra._spec import ConvSpec
-from spectra.numpy._fourier import FREQUENCY_CHUNK_ENTRIES
 from spectra.numpy._fourier import fft_applies
 from spectra.numpy._fourier import singular_values
+from spectra.numpy._frequencies import FREQUENCY_CHUNK_ENTRIES
 from spectra.numpy._operator import float64_kernel
 from spectra.numpy._operator import frobenius_norm
 

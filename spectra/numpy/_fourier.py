@@ -26,13 +26,15 @@ import scipy.linalg.lapack
 from spectra._bounds import exact_circular_spec
 from spectra._fourier import half_plane_multiplicity
 from spectra._spec import ConvSpec
+from spectra.numpy._frequencies import _frequency_chunks
+from spectra.numpy._frequencies import _frequency_matrix
+from spectra.numpy._frequencies import _gram_chunks
+from spectra.numpy._frequencies import _polyphase_taps
+from spectra.numpy._frequencies import _tap_grams_pay
 from spectra.numpy._operator import ConvOperator
 from spectra.numpy._operator import axis_geometry
 from spectra.numpy._operator import float64_kernel
 
-#: Most complex entries of per-frequency matrices held at once (they are computed in chunks of
-#: frequency rows): bounds the memory of the circulant computations (16 bytes each).
-FREQUENCY_CHUNK_ENTRIES = 4_000_000
 #: The exact methods of :func:`singular_values`.
 HOST_EXACT_METHODS = ("fft", "dense", "matrix")
 
@@ -40,93 +42,6 @@ HOST_EXACT_METHODS = ("fft", "dense", "matrix")
 def fft_applies(spec: ConvSpec) -> bool:
     """True when the exact per-frequency (FFT) method applies: circular, strides divide."""
     return spec.is_circular and all(n % s == 0 for n, s in zip(spec.input_shape, spec.strides))
-
-
-class _Taps(NamedTuple):
-    """A kernel's polyphase taps and the geometry of its frequency grid (see
-    :func:`_polyphase_taps`)."""
-
-    taps: np.ndarray  # (g, t1 t2, cog cols) float64, C-contiguous.
-    a: np.ndarray  # (t1 t2,) first-axis polyphase offsets of the taps.
-    b: np.ndarray  # (t1 t2,) second-axis offsets.
-    big: tuple[int, int]  # (N1, N2): the frequency grid (input / strides).
-    cog: int
-    cols: int
-
-
-def _polyphase_taps(kernel: np.ndarray, spec: ConvSpec) -> _Taps:
-    """The kernel's few polyphase taps ``E[a, b]`` (real ``(c_out / g, (c_in / g) s1 s2)``
-    matrices, ``a < t1``, ``b < t2``) of a circular spec whose strides divide the input."""
-    kh, kw, cig, cout = kernel.shape
-    g = spec.feature_group_count
-    cog = cout // g
-    (s1, s2), (d1, d2) = spec.strides, spec.kernel_dilation
-    big1, big2 = (n // s for n, s in zip(spec.input_shape, spec.strides))
-    keff1, keff2 = spec.dilated_kernel_size(kernel.shape)
-    t1, t2 = -(-keff1 // s1), -(-keff2 // s2)
-    if (s1, s2, d1, d2) == (1, 1, 1, 1):  # The kernel is its own polyphase embedding.
-        e = np.asarray(kernel, np.float64)
-    else:
-        e = np.zeros((t1 * s1, t2 * s2, cig, cout))
-        e[:keff1:d1, :keff2:d2] = kernel
-    e = e.reshape(t1, s1, t2, s2, cig, g, cog)
-    # (g, t1 t2, cog cig s1 s2): per group and tap, the matrix (rows cog, columns (cig, s1, s2)).
-    taps = np.ascontiguousarray(e.transpose(5, 0, 2, 6, 4, 1, 3)).reshape(g, t1 * t2, -1)
-    a = np.repeat(np.arange(t1), t2)
-    b = np.tile(np.arange(t2), t1)
-    return _Taps(taps, a, b, (big1, big2), cog, cig * s1 * s2)
-
-
-def _phases(taps: _Taps, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """``(len(u) len(v), t1 t2)`` complex ``e^{-2πi (u a / N1 + v b / N2)}``, frequencies in
-    ``(u, v)`` row-major order; the integer products are reduced mod N before the division."""
-    big1, big2 = taps.big
-    t = taps.a.size
-    angle = (
-        (np.outer(u, taps.a) % big1)[:, None, :] / big1
-        + (np.outer(v, taps.b) % big2)[None, :, :] / big2
-    ).reshape(-1, t)
-    return np.exp(-2j * np.pi * angle)
-
-
-def _frequency_matrix(taps: _Taps, gi: int, u: int, v: int) -> np.ndarray:
-    """The complex128 ``(c_out / g, cols)`` matrix of group ``gi`` at frequency ``(u, v)``."""
-    phase = _phases(taps, np.array([u]), np.array([v]))
-    m = (phase.real @ taps.taps[gi]) + 1j * (phase.imag @ taps.taps[gi])
-    return m.reshape(taps.cog, taps.cols)
-
-
-def _frequency_chunks(kernel: np.ndarray, spec: ConvSpec, dtype=np.complex128, taps=None):
-    """Yields the per-frequency matrices of a circular spec (strides dividing) by row chunks.
-
-    Each item: ``dtype`` (complex) ``(g, rows, N2 // 2 + 1, c_out / g, (c_in / g) s1 s2)``, the
-    matrices of ``spectra.frequency_matrices`` for a block of first-axis frequencies ``u`` (all of
-    them, in order, over the items). **The item is a view of one buffer that the next item
-    overwrites**: copy what must outlive the iteration step. Computed from the kernel's few
-    polyphase taps ``E[a, b]`` (:func:`_polyphase_taps`), never from the zero-embedded kernel:
-    ``M(u, v) = Σ_ab e^{-2πi (u a / N1 + v b / N2)} E[a, b]``, one complex matrix product
-    ``(frequencies, taps) @ (taps, entries)`` per group (BLAS ``zgemm`` / ``cgemm``). The exponent
-    is periodic: taps beyond the grid (a dilated kernel larger than the input) wrap round it.
-    ``dtype=np.complex64``: the same in single precision (half the memory traffic; for
-    estimates only). ``taps``: :func:`_polyphase_taps` of the kernel when already computed.
-    """
-    if taps is None:
-        taps = _polyphase_taps(kernel, spec)
-    g, t, entries = taps.taps.shape
-    big1, big2 = taps.big
-    n2h = big2 // 2 + 1
-    coefficients = taps.taps.astype(dtype)
-    step = max(1, FREQUENCY_CHUNK_ENTRIES // max(n2h * g * entries, 1))
-    step = min(step, big1)
-    # One buffer for every item (fresh pages cost a page fault each: measured ~30% of the
-    # layer stage of WideResNet-50-2 when each chunk was a new allocation).
-    buffer = np.empty((g, step * n2h, entries), dtype)
-    v = np.arange(n2h)
-    for start in range(0, big1, step):
-        u = np.arange(start, min(start + step, big1))
-        out = buffer[:, : len(u) * n2h]
-        np.matmul(_phases(taps, u, v).astype(dtype), coefficients, out=out)
-        yield out.reshape(g, len(u), n2h, taps.cog, taps.cols)
 
 
 def _top_singular_values(m: np.ndarray) -> np.ndarray:
@@ -228,74 +143,6 @@ def _power_estimates(m: np.ndarray, steps: int, row_scale=None) -> np.ndarray:
     v = v / np.maximum(np.linalg.norm(v, axis=(-2, -1), keepdims=True), 1e-30)
     w = np.abs(m @ v) ** 2
     return np.sum(w if s2 is None else s2 * w, axis=(-2, -1)).astype(np.float64)
-
-
-#: Most bytes of the tap cross-Grams that :func:`_gram_chunks` holds (one group's).
-MAX_TAP_GRAM_BYTES = 160 * 2**20
-#: Most complex entries of per-frequency Grams that :func:`_gram_chunks` forms at once.
-GRAM_CHUNK_ENTRIES = 2_000_000
-
-
-def _tap_grams_pay(taps: _Taps, frequencies: int) -> bool:
-    """Whether :func:`_gram_chunks` (Grams from the taps' cross-Grams) pays against one
-    ``zherk`` per frequency: ``t (t + 1) / 2`` real products (``2 n² k`` flops each) against
-    ``frequencies`` complex rank-k updates (``4 n² k`` each), for ``t`` taps, asked to be at
-    least 2x fewer flops (the per-frequency sums of ``t²`` terms are memory-bound), and the
-    cross-Grams within :data:`MAX_TAP_GRAM_BYTES`."""
-    g, t, _ = taps.taps.shape
-    n = min(taps.cog, taps.cols)
-    return t * (t + 1) <= 2 * frequencies and t * t * n * n * 8 <= MAX_TAP_GRAM_BYTES
-
-
-def _gram_chunks(taps: _Taps, gi: int):
-    """Yields ``(u, v, Grams)`` per chunk of the half plane's frequencies (row-major), the
-    smaller Gram of group ``gi``'s matrix at each (complex128 ``(chunk, n, n)``, both triangles;
-    **a view of a buffer that the next item overwrites**), from the taps' cross-Grams.
-
-    With ``M(ω) = Σ_t φ_t(ω) E_t``: on the output side ``M M^H = Σ_{t,t'} φ_t conj(φ_t') E_t
-    E_t'^T``, on the input side ``M^H M = Σ_{t,t'} conj(φ_t) φ_t' E_t^T E_t'``. The real
-    cross-Grams ``E_t E_t'^T`` are computed once; each chunk of Grams is then
-    two real products ``(chunk, t²) @ (t², n²)``. The same Grams as ``zherk`` of each ``M(ω)``,
-    up to float64 rounding of the sums. (The real cross-Grams are ``t (t + 1) / 2`` products.)
-    """
-    _, t, _ = taps.taps.shape
-    e = taps.taps[gi].reshape(t, taps.cog, taps.cols)
-    out_side = taps.cog <= taps.cols
-    n = taps.cog if out_side else taps.cols
-    # The cross-Grams, one real product per pair t <= t' (the others their transposes), written
-    # in place: no temporaries of the cross-Grams' size.
-    cross = np.empty((t, t, n, n))
-    for i in range(t):
-        for j in range(i, t):
-            if out_side:
-                np.matmul(e[i], e[j].T, out=cross[i, j])
-            else:
-                np.matmul(e[i].T, e[j], out=cross[i, j])
-            if j > i:
-                cross[j, i] = cross[i, j].T
-    cross = cross.reshape(t * t, n * n)
-    big1, big2 = taps.big
-    n2h = big2 // 2 + 1
-    freqs = [(u, v) for u in range(big1) for v in range(n2h)]
-    step = max(1, GRAM_CHUNK_ENTRIES // (n * n))
-    re = np.empty((step, n * n))
-    im = np.empty((step, n * n))
-    grams = np.empty((step, n, n), np.complex128)
-    for start in range(0, len(freqs), step):
-        part = freqs[start : start + step]
-        u = np.array([f[0] for f in part])
-        v = np.array([f[1] for f in part])
-        phases = np.stack([_phases(taps, u[i : i + 1], v[i : i + 1])[0] for i in range(len(part))])
-        if not out_side:
-            phases = np.conj(phases)
-        coef = (phases[:, :, None] * np.conj(phases[:, None, :])).reshape(len(part), t * t)
-        k = len(part)
-        np.matmul(np.ascontiguousarray(coef.real), cross, out=re[:k])
-        np.matmul(np.ascontiguousarray(coef.imag), cross, out=im[:k])
-        out = grams[:k]
-        out.real = re[:k].reshape(k, n, n)
-        out.imag = im[:k].reshape(k, n, n)
-        yield u, v, out
 
 
 def _circulant_pruned(kernel, emb, g, row_scales=(None,)):

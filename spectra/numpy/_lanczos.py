@@ -19,9 +19,9 @@ from scipy.sparse.linalg import LinearOperator
 from scipy.sparse.linalg import eigsh
 
 from spectra._spec import ConvSpec
-from spectra.numpy._fourier import FREQUENCY_CHUNK_ENTRIES
 from spectra.numpy._fourier import circulant_top
 from spectra.numpy._fourier import frequency_entries
+from spectra.numpy._frequencies import FREQUENCY_CHUNK_ENTRIES
 from spectra.numpy._operator import ConvOperator
 from spectra.numpy._operator import float64_kernel
 from spectra.numpy._operator import group_kernel
