@@ -6,6 +6,7 @@ import dataclasses
 import os
 from typing import Any
 
+from train.report import _stages
 from train.report._layers import BACKENDS
 from train.report._layers import DEFAULT_MAX_DENSE_DIM
 from train.report._network_bound import DEFAULT_MAX_WORK
@@ -121,19 +122,8 @@ class ReportOptions:
                 raise ValueError(f"{name}={value!r} must be None or a positive int")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r} is unknown; expected one of {BACKENDS}")
-        budget = self.lower_bound_budget
-        if not (
-            budget is None
-            or budget == "layers"
-            or (isinstance(budget, (int, float)) and not isinstance(budget, bool)
-                and budget >= 0)
-        ):
-            raise ValueError(
-                f"lower_bound_budget={budget!r} must be 'layers', seconds >= 0 or None"
-            )
-        share = self.lower_bound_share
-        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
-            raise ValueError(f"lower_bound_share={share!r} must be a number in (0, 1]")
+        _stages.check_budget(self.lower_bound_budget)
+        _stages.check_share(self.lower_bound_share)
         if self.checkpoint_dir is not None and not isinstance(
             self.checkpoint_dir, (str, os.PathLike)
         ):

@@ -113,6 +113,23 @@ class Checkpoint:
             self._path(stage, ".partial.json").write_text(text)
 
 
+def check_budget(budget: Any) -> None:
+    """Raises a ``ValueError`` naming ``lower_bound_budget`` unless it is ``'layers'``, seconds
+    ``>= 0`` or ``None``."""
+    if not (
+        budget is None
+        or budget == "layers"
+        or (isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget >= 0)
+    ):
+        raise ValueError(f"lower_bound_budget={budget!r} must be 'layers', seconds >= 0 or None")
+
+
+def check_share(share: Any) -> None:
+    """Raises a ``ValueError`` naming ``lower_bound_share`` unless it is a number in ``(0, 1]``."""
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+        raise ValueError(f"lower_bound_share={share!r} must be a number in (0, 1]")
+
+
 def budget_stop(
     budget: float | str | None,
     layers_done: threading.Event,
@@ -137,8 +154,8 @@ def budget_stop(
     Raises:
       ValueError: any other ``budget``, or ``share`` outside ``(0, 1]``.
     """
-    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
-        raise ValueError(f"lower_bound_share must be a number in (0, 1]; got {share!r}")
+    check_budget(budget)
+    check_share(share)
     start = time.perf_counter()
     if budget is None:
         done = lambda: False  # noqa: E731
@@ -153,12 +170,8 @@ def budget_stop(
                 return True
             return elapsed >= seconds
 
-    elif isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget >= 0:
-        done = lambda: time.perf_counter() - start >= float(budget)  # noqa: E731
     else:
-        raise ValueError(
-            f"lower_bound_budget must be 'layers', seconds >= 0 or None; got {budget!r}"
-        )
+        done = lambda: time.perf_counter() - start >= float(budget)  # noqa: E731
     if share >= 1:
         return done
     last = [time.perf_counter()]
