@@ -208,7 +208,7 @@ def _circulant_pruned(kernel, emb, g, row_scales=(None,)):
     def repeated(u, v):  # The conjugate of a frequency already visited.
         return v in self_conjugate and (big1 - u) % big1 < u
 
-    if _tap_grams_pay(taps, big1 * (big2 // 2 + 1)):
+    if _tap_grams_pay(taps):
         for gi in range(g):
             for us, vs, grams in _gram_chunks(taps, gi):
                 for u, v, gram in zip(us.tolist(), vs.tolist(), grams):

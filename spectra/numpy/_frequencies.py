@@ -114,14 +114,15 @@ MAX_TAP_GRAM_BYTES = 160 * 2**20
 GRAM_CHUNK_ENTRIES = 2_000_000
 
 
-def _tap_grams_pay(taps: _Taps, frequencies: int) -> bool:
+def _tap_grams_pay(taps: _Taps) -> bool:
     """Whether :func:`_gram_chunks` (Grams from the taps' cross-Grams) pays against one
     ``zherk`` per frequency: ``t (t + 1) / 2`` real products (``2 n² k`` flops each) against
-    ``frequencies`` complex rank-k updates (``4 n² k`` each), for ``t`` taps, asked to be at
+    ``N1 (N2 // 2 + 1)`` complex rank-k updates (``4 n² k`` each), for ``t`` taps, asked to be at
     least 2x fewer flops (the per-frequency sums of ``t²`` terms are memory-bound), and the
     cross-Grams within :data:`MAX_TAP_GRAM_BYTES`."""
     t = taps.taps.shape[1]
     n = min(taps.cog, taps.cols)
+    frequencies = taps.big[0] * (taps.big[1] // 2 + 1)
     return t * (t + 1) <= 2 * frequencies and t * t * n * n * 8 <= MAX_TAP_GRAM_BYTES
 
 
@@ -154,23 +155,24 @@ def _gram_chunks(taps: _Taps, gi: int):
     cross = cross.reshape(t * t, n * n)
     big1, big2 = taps.big
     n2h = big2 // 2 + 1
-    freqs = [(u, v) for u in range(big1) for v in range(n2h)]
+    # (frequencies, t) phases of the whole half plane, row-major (u, v); conjugated on the input
+    # side, so that each side's Gram is Σ_{t,t'} φ_t conj(φ_t') C[t, t'].
+    phases = _phases(taps, np.arange(big1), np.arange(n2h))
+    if not out_side:
+        phases = np.conj(phases)
+    total = phases.shape[0]
     step = max(1, GRAM_CHUNK_ENTRIES // (n * n))
     re = np.empty((step, n * n))
     im = np.empty((step, n * n))
     grams = np.empty((step, n, n), np.complex128)
-    for start in range(0, len(freqs), step):
-        part = freqs[start : start + step]
-        u = np.array([f[0] for f in part])
-        v = np.array([f[1] for f in part])
-        phases = np.stack([_phases(taps, u[i : i + 1], v[i : i + 1])[0] for i in range(len(part))])
-        if not out_side:
-            phases = np.conj(phases)
-        coef = (phases[:, :, None] * np.conj(phases[:, None, :])).reshape(len(part), t * t)
-        k = len(part)
+    for start in range(0, total, step):
+        index = np.arange(start, min(start + step, total))
+        part = phases[index]
+        coef = (part[:, :, None] * np.conj(part[:, None, :])).reshape(len(index), t * t)
+        k = len(index)
         np.matmul(np.ascontiguousarray(coef.real), cross, out=re[:k])
         np.matmul(np.ascontiguousarray(coef.imag), cross, out=im[:k])
         out = grams[:k]
         out.real = re[:k].reshape(k, n, n)
         out.imag = im[:k].reshape(k, n, n)
-        yield u, v, out
+        yield index // n2h, index % n2h, out

@@ -20,6 +20,7 @@ CASES = [
     ("groups2_same", (3, 3, 3, 6), ConvSpec((5, 6), 1, "SAME", 1, 2)),
     ("circular", (3, 3, 4, 4), ConvSpec((6, 6), 1, "CIRCULAR")),
     ("circular_stride2", (3, 3, 3, 5), ConvSpec((6, 8), 2, "CIRCULAR")),
+    ("depthwise_x2_stride2", (3, 3, 1, 8), ConvSpec((8, 6), 2, "SAME", 1, 4)),
 ]
 
 
@@ -138,4 +139,7 @@ class TapSumFloorTest(parameterized.TestCase):
             np.testing.assert_allclose(got[below], exact_taps[below], rtol=1e-12)
         # Far above the floor: the SVDs are skipped (the Frobenius sum, strictly larger here).
         loose = snp.tap_sum_bound(kernel, spec, per_group=True, floor=exact_taps * 0.5)
-        self.assertTrue(np.all(loose > exact_taps))
+        if min(kshape[2], kshape[3] // g) == 1:  # Depthwise: each tap is a vector, its norm exact.
+            np.testing.assert_allclose(loose, exact_taps, rtol=1e-12)
+        else:
+            self.assertTrue(np.all(loose > exact_taps))
