@@ -20,6 +20,8 @@ random component in every channel).
 * Upper bounds: :func:`symbol_grid_bound` / :func:`circulant_top` (exact for circular layers
   whose strides divide the input), :func:`tap_sum_bound`, :func:`per_group_upper_bounds`.
 * Approximation: :func:`spectral_density_singular_values` (Yi 2020).
+* Rounding: :func:`rounding_rtol` / :func:`matrix_rtol` (how far a computed value may be from
+  its exact value), :func:`round_up` / :func:`round_down`.
 
 Example:
   >>> import numpy as np
@@ -56,9 +58,15 @@ from spectra.numpy._operator import frobenius_norm
 from spectra.numpy._operator import group_kernel
 from spectra.numpy._operator import group_spec
 from spectra.numpy._operator import tap_sum_bound
+from spectra.numpy._rounding import ROUNDING_METHODS
+from spectra.numpy._rounding import matrix_rtol
+from spectra.numpy._rounding import round_down
+from spectra.numpy._rounding import round_up
+from spectra.numpy._rounding import rounding_rtol
 
 __all__ = [
     "HOST_EXACT_METHODS",
+    "ROUNDING_METHODS",
     "CirculantTop",
     "ConvOperator",
     "LanczosResult",
@@ -75,7 +83,11 @@ __all__ = [
     "group_kernel",
     "group_spec",
     "lanczos_spectral_norm",
+    "matrix_rtol",
     "per_group_upper_bounds",
+    "round_down",
+    "round_up",
+    "rounding_rtol",
     "singular_values",
     "spectral_density_cost",
     "spectral_density_singular_values",

@@ -73,7 +73,15 @@ class BackendTest(absltest.TestCase):
         self.assertAlmostEqual(r.sigma_max / exact[0], 1.0, delta=1e-12)
         self.assertAlmostEqual(r.sigma_min, exact[-1], delta=1e-12 * exact[0])
         self.assertTrue(r.sigma_max_certified)
-        self.assertEqual(r.sigma_max_bracket, (r.sigma_max, r.sigma_max))
+        # Exact to rounding: the bracket is σ widened by the layer's rounding allowance, and
+        # holds the dense SVD's value.
+        self.assertGreater(r.rounding_rtol, 0.0)
+        self.assertLess(r.rounding_rtol, 1e-9)
+        lower, upper = r.sigma_max_bracket
+        self.assertEqual(upper, snp.round_up(r.sigma_max, r.rounding_rtol))
+        self.assertEqual(lower, snp.round_down(r.sigma_max, r.rounding_rtol))
+        self.assertLessEqual(lower, exact[0])
+        self.assertGreaterEqual(upper, exact[0])
 
 
 class DepthwiseReportTest(absltest.TestCase):
@@ -103,8 +111,10 @@ class DepthwiseReportTest(absltest.TestCase):
         self.assertGreaterEqual(layer.upper_bound, exact * (1 - 1e-12))
         self.assertIn(layer.sigma_max_method, ("lanczos", "lanczos_estimate"))
         lower, upper = layer.sigma_max_bracket
-        self.assertEqual((lower, upper), (layer.sigma_max, layer.upper_bound))
-        self.assertEqual(layer.sigma_max_certified, upper <= lower * (1 + 1e-4))
+        # The Ritz value rounded down by the rounding allowance, the certified bound.
+        self.assertEqual(lower, snp.round_down(layer.sigma_max, layer.rounding_rtol))
+        self.assertEqual(upper, layer.upper_bound)
+        self.assertEqual(layer.sigma_max_certified, upper <= layer.sigma_max * (1 + 1e-4))
         # At the default max_dense_dim: exact by per-group dense SVD.
         r = report.network_report(apply, params, x, num_points=1)
         (layer,) = [la for la in r.layers if la.op == "conv"]

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import spectra.numpy as snp
 from train import discovery
 from train.lapack_workaround import limit_blas_threads
 from train.report import _layers
@@ -380,9 +381,14 @@ def _compose(closed, leaves, leaf_specs, x_shape, by_leaf, scales, const_cache, 
         # Certified: the exact value for exact methods (FFT, dense SVD), else the best bound.
         r = by_leaf[leaf]
         exact = r.sigma_max_method in _layers.EXACT_METHODS
+        rho = r.rounding_rtol or 0.0  # Exact values are exact to rounding: rounded up by it.
         if scale is None:
-            return r.sigma_max if exact or not certified else r.upper_bound
-        return r.bn_folded_sigma_max if exact or not certified else r.bn_folded_upper_bound
+            if not certified:
+                return r.sigma_max
+            return snp.round_up(r.sigma_max, rho) if exact else r.upper_bound
+        if not certified:
+            return r.bn_folded_sigma_max
+        return snp.round_up(r.bn_folded_sigma_max, rho) if exact else r.bn_folded_upper_bound
 
     return Composer(leaf_specs, norm, const_cache).run(closed, leaves, x_shape)
 

@@ -45,6 +45,7 @@ def conv_eqn_bound(params: dict, lhs_shape, kernel: np.ndarray) -> float:
     lhs_spec, rhs_spec = dn.lhs_spec, dn.rhs_spec
     groups = int(params["feature_group_count"])
     schur = _conv_schur(kernel.transpose(list(rhs_spec[2:]) + [rhs_spec[1], rhs_spec[0]]), groups)
+    schur = snp.round_up(schur, snp.matrix_rtol(1, kernel.size))  # Sums of |entries|, a sqrt.
     if (
         len(lhs_spec) != 4
         or any(d != 1 for d in params["lhs_dilation"])
@@ -62,12 +63,20 @@ def conv_eqn_bound(params: dict, lhs_shape, kernel: np.ndarray) -> float:
     )
     # On the host in float64 (spectra.numpy): no program compiled per equation.
     hwio = np.asarray(hwio, np.float64)
+    # Each value exact to rounding: rounded up by its allowance (spectra.numpy.rounding_rtol).
     if max(spec.in_dim(hwio.shape), spec.out_dim(hwio.shape)) <= _MAX_DENSE_DIM:
-        return float(np.linalg.norm(snp.dense_operator(hwio, spec), 2))
+        dense = float(np.linalg.norm(snp.dense_operator(hwio, spec), 2))
+        return snp.round_up(
+            dense, snp.matrix_rtol(spec.out_dim(hwio.shape), spec.in_dim(hwio.shape))
+        )
     values = [
         schur,
-        snp.symbol_grid_bound(hwio, spec),
-        snp.tap_sum_bound(hwio, spec),
+        snp.round_up(
+            snp.symbol_grid_bound(hwio, spec), snp.rounding_rtol(hwio.shape, spec, ["symbol_grid"])
+        ),
+        snp.round_up(
+            snp.tap_sum_bound(hwio, spec), snp.rounding_rtol(hwio.shape, spec, ["tap_sum"])
+        ),
     ]
     return min(values)
 

@@ -584,7 +584,7 @@ def analyse_convs(
             values[j] = value
         for (finish, a, b), (_, _, spec, has_bn, members, methods) in zip(finishers, planned):
             out = finish(values[a:b])
-            _collect(results, layers, members, spec, has_bn, bracket_rtol, out, methods)
+            _collect(results, layers, members, spec, has_bn, bracket_rtol, out, methods, np.float64)
             if bar is not None:
                 bar.update(len(members))
     else:
@@ -594,7 +594,10 @@ def analyse_convs(
             if has_bn:
                 scaled = [layers[i].kernel * np.asarray(layers[i].bn_scale) for i in members]
             out = _analyse_group_jax(raw, scaled, spec, kshape, dtype, *methods, rtol)
-            _collect(results, layers, members, spec, has_bn, bracket_rtol, out, methods)
+            # Float32 programs: no allowance (the worst-case analysis in float32 is loose by
+            # orders of magnitude); their values are exact only up to float32 rounding.
+            rounding = dtype if np.dtype(dtype) == np.float64 else None
+            _collect(results, layers, members, spec, has_bn, bracket_rtol, out, methods, rounding)
             if bar is not None:
                 bar.update(len(members))
     if bar is not None:
@@ -602,33 +605,52 @@ def analyse_convs(
     return results  # type: ignore[return-value]
 
 
-def _collect(results, layers, members, spec, has_bn, bracket_rtol, out, methods) -> None:
+def _collect(results, layers, members, spec, has_bn, bracket_rtol, out, methods, dtype) -> None:
+    """The groups' :class:`LayerReport` rows; ``dtype``: that of the arithmetic that computed
+    ``out`` (its rounding allowance, :func:`spectra.numpy.rounding_rtol`; ``None``: none)."""
     n = len(members)
+    sigma_method, bound_names, _ = methods
+    kshape = np.shape(layers[members[0]].kernel)
+    rho = 0.0
+    if dtype is not None:
+        rho = snp.rounding_rtol(kshape, spec, (sigma_method, *bound_names), dtype)
+    if has_bn and dtype is not None:
+        # A folded kernel's entries are rounded products: ||ΔA||_2 <= u ||A||_F <= u √rank σ.
+        rank = min(spec.in_dim(kshape), spec.out_dim(kshape))
+        rho += 1.01 * float(np.finfo(dtype).eps) / 2 * math.sqrt(rank)
     for j, i in enumerate(members):
         results[i] = _layer_report(
-            layers[i], spec, *methods, out, j, (n + j) if has_bn else None, bracket_rtol
+            layers[i], spec, *methods, out, j, (n + j) if has_bn else None, bracket_rtol, rho
         )
 
 
-def _best_bound(sigma: float, bounds: np.ndarray, names: tuple, sigma_method: str):
+def _best_bound(sigma: float, bounds: np.ndarray, names: tuple, sigma_method: str, rho: float):
+    """``(bound, name)``: the smallest bound (or, for ``'fft'`` layers, the exact σ), rounded up
+    by the layer's rounding allowance ``rho`` (:func:`spectra.numpy.round_up`)."""
     if sigma_method == "fft" or not names:
         # The per-frequency SVD is the exact circular norm: Sedghi's bound is exact here.
-        return sigma, "symbol_grid"
+        return snp.round_up(sigma, rho), "symbol_grid"
     best = int(np.argmin(bounds))
-    return float(bounds[best]), names[best]
+    upper = float(bounds[best])
+    if sigma_method != "lanczos":  # Exact σ: never report a bound below it.
+        upper = max(upper, sigma)
+    return snp.round_up(upper, rho), names[best]
 
 
 def _layer_report(
-    layer, spec, sigma_method, bound_names, spectrum_method, out, j, jf, bracket_rtol
+    layer, spec, sigma_method, bound_names, spectrum_method, out, j, jf, bracket_rtol, rho
 ) -> LayerReport:
     kshape = tuple(layer.kernel.shape)
     sigma = float(out["sigma"][j])
     residual = float(out["residual"][j]) if sigma_method == "lanczos" else None
-    upper, upper_name = _best_bound(sigma, out["bounds"][j], bound_names, sigma_method)
-    upper = max(upper, sigma) if sigma_method != "lanczos" else upper
+    upper, upper_name = _best_bound(sigma, out["bounds"][j], bound_names, sigma_method, rho)
     certified = sigma_method != "lanczos" or upper <= sigma * (1 + bracket_rtol)
-    # A certified bracket on the exact σ_max: [σ, σ] for exact methods, [Ritz value, bound].
-    bracket = (sigma, upper) if sigma_method == "lanczos" else (sigma, sigma)
+    # A certified bracket on the exact σ_max, widened by the rounding allowance: [σ, σ] for
+    # exact methods, [Ritz value (a lower bound), bound] for Lanczos.
+    bracket = (
+        snp.round_down(sigma, rho),
+        upper if sigma_method == "lanczos" else snp.round_up(sigma, rho),
+    )
     method = sigma_method if certified else ESTIMATE_METHOD
     frob = math.sqrt(max(float(out["frobenius_sq"][j]), 0.0))
     spectrum = ranks = None
@@ -646,7 +668,7 @@ def _layer_report(
     bn_sigma = bn_upper = None
     if jf is not None:
         bn_sigma = float(out["sigma"][jf])
-        bn_upper, _ = _best_bound(bn_sigma, out["bounds"][jf], bound_names, sigma_method)
+        bn_upper, _ = _best_bound(bn_sigma, out["bounds"][jf], bound_names, sigma_method, rho)
     return LayerReport(
         name=layer.name,
         op="conv",
@@ -675,6 +697,7 @@ def _layer_report(
         num_singular_values=spec.num_singular_values(kshape),
         spectrum=spectrum,
         spectrum_ranks=ranks,
+        rounding_rtol=rho,
     )
 
 
@@ -683,6 +706,7 @@ def analyse_dense(name: str, weight: np.ndarray) -> LayerReport:
     w = np.asarray(weight, np.float64)
     sv = np.linalg.svd(w.reshape(w.shape[0], -1), compute_uv=False)
     sigma = float(sv[0])
+    rho = snp.matrix_rtol(*w.reshape(w.shape[0], -1).shape)
     frob = float(np.sqrt(np.sum(sv**2)))
     spectrum, ranks = _subsample(sv)
     return LayerReport(
@@ -698,8 +722,8 @@ def analyse_dense(name: str, weight: np.ndarray) -> LayerReport:
         sigma_max_method="dense",
         sigma_max_residual=None,
         sigma_max_certified=True,
-        sigma_max_bracket=(sigma, sigma),
-        upper_bound=sigma,
+        sigma_max_bracket=(snp.round_down(sigma, rho), snp.round_up(sigma, rho)),
+        upper_bound=snp.round_up(sigma, rho),
         upper_bound_name="dense",
         reshaped_sigma_max=sigma,
         frobenius=frob,
@@ -710,4 +734,5 @@ def analyse_dense(name: str, weight: np.ndarray) -> LayerReport:
         num_singular_values=int(sv.size),
         spectrum=spectrum,
         spectrum_ranks=ranks,
+        rounding_rtol=rho,
     )

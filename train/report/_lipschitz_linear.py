@@ -15,6 +15,7 @@ import math
 
 import numpy as np
 
+import spectra.numpy as snp
 from spectra import ConvSpec
 from train.report._conv_bounds import conv_eqn_bound
 from train.report._conv_bounds import selection_counts
@@ -193,8 +194,7 @@ def _dot_general(comp, eqn, vals, shape, at):
     if isinstance(a, Dep) and isinstance(b, Dep):
         return _blocked(
             shape,
-            f"dot_general of two input-dependent values at {at} (e.g. "
-            "attention): not certifiable",
+            f"dot_general of two input-dependent values at {at} (e.g. attention): not certifiable",
         )
     dep_first = isinstance(a, Dep)
     d, w = (a, b) if dep_first else (b, a)
@@ -207,9 +207,9 @@ def _dot_general(comp, eqn, vals, shape, at):
     mat = mat.reshape(nb, math.prod(w.shape[i] for i in w_contract), -1)
     key = ("dot", id(eqn))
     if key not in comp.cache:
-        comp.cache[key] = (
-            float(np.max(np.linalg.svd(mat, compute_uv=False)[..., 0])) if mat.size else 0.0
-        )
+        # Exact to rounding: rounded up by the SVD's allowance (spectra.numpy.matrix_rtol).
+        top = float(np.max(np.linalg.svd(mat, compute_uv=False)[..., 0])) if mat.size else 0.0
+        comp.cache[key] = snp.round_up(top, snp.matrix_rtol(*mat.shape[1:]))
     leaf = _origin(eqn.invars[1 if dep_first else 0], comp.origins)
     if leaf is not None and w.ndim == 2 and not w_batch:
         comp.dense_uses[leaf] = mat[0]
@@ -263,6 +263,7 @@ def _wrap_source(comp, lhs: Dep, eqn, spec: ConvSpec) -> Dep | None:
             else:
                 queue.append(p)
     return next(iter(found.values())) if len(found) == 1 else None
+
 
 # ------------------------------------------------------------------------- linear norms
 

@@ -43,7 +43,11 @@ class LayerReport:
     not apply. ``spectrum`` (not written to ``report.json``) is the sorted singular values used
     for the plot, ``spectrum_method`` says whether they are exact or approximate.
     ``sigma_max_bracket`` is a certified ``(lower, upper)`` bracket on the exact σ_max
-    (``(σ, σ)`` for exact methods); ``sigma_max_tolerance`` the relative width within which a
+    (``σ`` rounded down and up by ``rounding_rtol`` for exact methods). ``rounding_rtol`` is the
+    relative allowance for the floating-point rounding of the layer's values
+    (:func:`spectra.numpy.rounding_rtol`): ``upper_bound``, ``bn_folded_upper_bound`` and the
+    bracket are already rounded up (down) by it, and the composition uses exact values rounded
+    up by it. ``sigma_max_tolerance`` the relative width within which a
     Lanczos value is called exact (``'lanczos'``; wider: ``'lanczos_estimate'``).
     """
 
@@ -72,6 +76,7 @@ class LayerReport:
     bn_folded_upper_bound: float | None = None
     spectrum_method: str | None = None
     num_singular_values: int | None = None
+    rounding_rtol: float | None = None
     spectrum: np.ndarray | None = dataclasses.field(default=None, repr=False)
     spectrum_ranks: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
