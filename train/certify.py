@@ -27,6 +27,7 @@ import optax
 from flax import nnx
 
 import spectra
+import spectra.numpy as snp
 from train import discovery
 from train import distributed
 from train.batchnorm import batch_norm_layers
@@ -112,7 +113,9 @@ def certified_upper_bound(kernel: Any, spec: spectra.ConvSpec) -> float:
 
     ``σ_max`` of :func:`spectra.circulant_embedding` ``(spec, kernel.shape)`` by per-frequency
     SVD in float64: exact for a circular ``spec``, ``>=`` the exact value for zero padding (any
-    stride, dilation, groups). Not jittable (returns a Python float).
+    stride, dilation, groups), rounded up by its rounding allowance
+    (:func:`spectra.numpy.rounding_rtol`, ~1e-12 relative). Not jittable (returns a Python
+    float).
 
     Args:
       kernel: HWIO kernel matching ``spec``.
@@ -131,7 +134,9 @@ def certified_upper_bound(kernel: Any, spec: spectra.ConvSpec) -> float:
     kernel = np.asarray(kernel, np.float64)
     cspec = spectra.circulant_embedding(spec, kernel.shape)
     with jax.enable_x64(True):
-        return float(spectra.spectral_norm(jnp.asarray(kernel, jnp.float64), cspec, "fft"))
+        value = float(spectra.spectral_norm(jnp.asarray(kernel, jnp.float64), cspec, "fft"))
+    # Exact to rounding: rounded up by the FFT and SVD's allowance (Higham Thm 24.2, Weyl).
+    return snp.round_up(value, snp.rounding_rtol(kernel.shape, cspec, ["fft"]))
 
 
 def _project(params: Any, tx: optax.GradientTransformation) -> Any:

@@ -25,6 +25,11 @@ from the standard error analyses, with ``u`` the unit roundoff of the computatio
 4. **A per-frequency matrix** ``M(ω) = Σ_t φ_t E_t`` of ``t`` polyphase taps, the phases
    ``φ_t`` computed to ``8 u``: ``||M̂ - M||_2 <= (2t + 12) u Σ_t ||E_t||_F`` by 1., and
    Weyl's inequality again.
+5. **The same matrices by an FFT** over a grid of ``N`` frequencies (``spectra``'s JAX
+   functions): ``||ŷ - y||_2 <= log2(N) η / (1 - log2(N) η) ||y||_2`` with ``η = μ + γ_4 (√2 +
+   μ)``, ``μ`` the twiddle factors' error (Higham, Thm 24.2); per frequency at most the whole
+   error, ``||y||_2 = sqrt(N) ||x||_2``: ``(6 log2 N + 12) sqrt(N) u`` in place of ``(2t + 12)
+   u`` in 4.
 
 Each term is relative to the value itself (``σ``, or ``σ_circ`` for the circulant bound: the
 bound is the largest per-frequency ``σ``), so the allowances are relative and data-free. They
@@ -89,10 +94,12 @@ def _padded(u: float, terms: float) -> float:
     return 1.01 * u * terms + 4 * u
 
 
-def _frequency_rtol(u: float, n: int, k: int, t: int) -> float:
-    """Items 2.-4. for the top σ of a per-frequency matrix (smaller side ``n``, larger ``k``,
-    ``t`` polyphase taps), its Gram from the taps' cross-Grams or directly (the larger)."""
-    formation = (2 * t + 12) * t * math.sqrt(n)  # 4.: on σ directly.
+def _frequency_rtol(u: float, n: int, k: int, t: int, grid: int) -> float:
+    """Items 2.-5. for the top σ of a per-frequency matrix (smaller side ``n``, larger ``k``,
+    ``t`` polyphase taps, ``grid`` frequencies), its Gram from the taps' cross-Grams or
+    directly, the matrices from the taps or by an FFT (the larger of each)."""
+    fft = (6 * math.log2(max(grid, 2)) + 12) * math.sqrt(grid)  # 5.
+    formation = max(2 * t + 12, fft) * t * math.sqrt(n)  # 4. / 5.: on σ directly.
     gram = (k + t * t + 4) * t * t * n  # 3. with the tap sums: γ_{2k+2t²+8} t² n σ² / (2 σ²).
     return _padded(u, formation + gram + n * n / 2 + 2)
 
@@ -146,7 +153,8 @@ def rounding_rtol(
             cols = cig * math.prod(emb.strides)
             keff = spec.dilated_kernel_size(kshape)
             t = math.prod(-(-e // s) for e, s in zip(keff, emb.strides))
-            out = max(out, _frequency_rtol(u, min(cog, cols), max(cog, cols), t))
+            grid = math.prod(i // s for i, s in zip(emb.input_shape, emb.strides))
+            out = max(out, _frequency_rtol(u, min(cog, cols), max(cog, cols), t, grid))
         if method in ("tap_sum", "per_group"):
             out = max(out, matrix_rtol(cog, cig, dtype) + _padded(u, kh * kw + cog * cig))
         if method == "matrix":
