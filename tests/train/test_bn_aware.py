@@ -83,7 +83,7 @@ def _folded_exact(params, rest, specs, fold) -> float:
 class FoldsTest(absltest.TestCase):
 
     def test_discovery(self):
-        x = jnp.zeros((1, 12, 12, 1))
+        x = jnp.zeros((1, 12, 12, 1), jnp.float32)
         model = ResNet(8, 10, in_channels=1, width=4, rngs=nnx.Rngs(0))
         folds = bn_aware.find_batchnorm_folds(model, x)
         self.assertEqual([f.module for f in folds], [
@@ -113,12 +113,12 @@ class FoldsTest(absltest.TestCase):
                 y = self.conv(x)
                 return self.bn(y) + y
 
-        self.assertEqual(
-            bn_aware.find_batchnorm_folds(Twice(nnx.Rngs(0)), jnp.zeros((1, 6, 6, 1))), ())
+        x = jnp.zeros((1, 6, 6, 1), jnp.float32)
+        self.assertEqual(bn_aware.find_batchnorm_folds(Twice(nnx.Rngs(0)), x), ())
 
     def test_certify_folded_against_dense_operator(self):
         model = _randomise(ConvBN(nnx.Rngs(1)))
-        x = jnp.zeros((1, 8, 8, 1))
+        x = jnp.zeros((1, 8, 8, 1), jnp.float32)
         specs = discovery.find_convs_nnx(model, x)
         folds = bn_aware.find_batchnorm_folds(model, x)
         dense = bn_aware.find_dense_kernels(model, x)
@@ -148,7 +148,7 @@ class FoldsTest(absltest.TestCase):
 
     def test_projection_transform(self):
         model = _randomise(ConvBN(nnx.Rngs(2)), seed=3)
-        x = jnp.zeros((1, 8, 8, 1))
+        x = jnp.zeros((1, 8, 8, 1), jnp.float32)
         specs = discovery.find_convs_nnx(model, x)
         folds = bn_aware.find_batchnorm_folds(model, x)
         params, rest = _split(model)
@@ -198,7 +198,7 @@ class BatchCenteringTest(absltest.TestCase):
 
     def test_train_and_eval_semantics(self):
         layer = BatchCentering(3, momentum=0.9, rngs=nnx.Rngs(0))
-        layer.bias[...] = jnp.asarray([0.5, -1.0, 2.0])
+        layer.bias[...] = jnp.asarray([0.5, -1.0, 2.0], jnp.float32)
         x = np.random.default_rng(0).normal(size=(4, 5, 5, 3)).astype(np.float32) + 3.0
         y = layer(jnp.asarray(x))
         batch_mean = x.mean(axis=(0, 1, 2))
@@ -266,7 +266,7 @@ class LoopTest(absltest.TestCase):
         self.addCleanup(shutil.rmtree, self.root, ignore_errors=True)
 
     def _folded_sigmas(self, model):
-        x = jnp.zeros((1, 8, 8, 1))
+        x = jnp.zeros((1, 8, 8, 1), jnp.float32)
         specs = discovery.find_convs_nnx(model, x)
         params, rest = _split(model)
         return [_folded_exact(params, rest, specs, f)

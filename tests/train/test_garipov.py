@@ -157,7 +157,11 @@ class LayoutTest(parameterized.TestCase):
         labels = jnp.arange(4)
         graphdef, params, rest = nnx.split(net, nnx.Param, ...)
         params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), nnx.as_pure(params))
-        rest = nnx.as_pure(rest)
+        # The BatchNorm statistics too: training mode writes float64 batch statistics into them.
+        rest = jax.tree.map(
+            lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+            nnx.as_pure(rest),
+        )
 
         @jax.jit
         def loss(params):  # Training mode: BatchNorm on batch statistics.

@@ -31,9 +31,9 @@ def _randomise_batch_norms(model, seed=0):
     for _, m in nnx.iter_graph(model):
         if isinstance(m, nnx.BatchNorm):
             c = m.mean.shape
-            m.mean[...] = jnp.asarray(rng.normal(size=c))
-            m.var[...] = jnp.asarray(rng.uniform(0.5, 2.0, size=c))
-            m.scale[...] = jnp.asarray(rng.uniform(0.3, 1.5, size=c))
+            m.mean[...] = jnp.asarray(rng.normal(size=c), m.mean.dtype)
+            m.var[...] = jnp.asarray(rng.uniform(0.5, 2.0, size=c), m.var.dtype)
+            m.scale[...] = jnp.asarray(rng.uniform(0.3, 1.5, size=c), m.scale.dtype)
 
 
 class ScanNet(nnx.Module):

@@ -97,14 +97,20 @@ def he_conv(
 
 def batch_norm(features: int, param_dtype, rngs) -> nnx.BatchNorm:
     """``nnx.BatchNorm`` with ``momentum=0.9``, ``epsilon=1e-5`` (scale 1, bias 0): the
-    BatchNorm of the ResNets and of :mod:`train.models.garipov`."""
-    return nnx.BatchNorm(
+    BatchNorm of the ResNets and of :mod:`train.models.garipov`. Its running statistics have
+    ``param_dtype`` too (``nnx.BatchNorm`` makes them float32 always: a float64 model in
+    training mode would write float64 batch statistics into them, which JAX deprecates)."""
+    bn = nnx.BatchNorm(
         features,
         momentum=_BN_MOMENTUM,
         epsilon=_BN_EPSILON,
         param_dtype=param_dtype,
         rngs=rngs,
     )
+    if jnp.dtype(param_dtype) != bn.mean.dtype:
+        bn.mean = nnx.BatchStat(jnp.asarray(bn.mean[...], param_dtype))
+        bn.var = nnx.BatchStat(jnp.asarray(bn.var[...], param_dtype))
+    return bn
 
 
 def norm_layer(
