@@ -13,7 +13,6 @@ NumPy, float64, no XLA; the maths of :mod:`spectra._fourier` and :mod:`spectra._
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -92,13 +91,21 @@ def _gram(m: np.ndarray) -> np.ndarray:
     return scipy.linalg.blas.zherk(1.0, m, trans=0 if r <= c else 2, lower=0)
 
 
-def _top_eigenpair(gram: np.ndarray, m: np.ndarray) -> tuple[float, np.ndarray]:
-    """λ_max of a Gram (LAPACK ``eigh``, the top eigenpair only) and ``m``'s top right vector."""
+def _top_eigenpair(gram: np.ndarray) -> tuple[float, np.ndarray]:
+    """λ_max of a Gram (upper triangle; LAPACK ``eigh``, the top eigenpair only) and its
+    eigenvector (on the Gram's side: :func:`_right_vector` maps it to the matrix's top right
+    singular vector)."""
     lam, vec = scipy.linalg.eigh(gram, lower=False, subset_by_index=[gram.shape[0] - 1] * 2)
-    lam, vec = max(float(lam[0]), 0.0), vec[:, 0]
-    if m.shape[0] <= m.shape[1]:  # vec is the left singular vector: w = M^H u / σ.
+    return max(float(lam[0]), 0.0), vec[:, 0]
+
+
+def _right_vector(m: np.ndarray, vec: np.ndarray) -> np.ndarray:
+    """``m``'s unit top right singular vector from the top eigenvector ``vec`` of its smaller
+    Gram (:func:`_top_eigenpair`): ``vec`` itself, or ``M^H u / ||M^H u||`` when the Gram is
+    ``M M^H`` (the output side)."""
+    if m.shape[0] <= m.shape[1]:
         vec = np.conj(m.T) @ vec
-    return lam, vec / max(np.linalg.norm(vec), np.finfo(float).tiny)
+    return vec / max(np.linalg.norm(vec), np.finfo(float).tiny)
 
 
 def _below(gram: np.ndarray, tau: float) -> bool:
@@ -152,7 +159,9 @@ def _circulant_pruned(kernel, emb, g, row_scales=(None,)):
     with the largest estimate starts the best per group. Pass 2: each other frequency is
     certified ``λ_max <= best`` by :func:`_below` (a Cholesky factorisation, no eigenvalues) or
     else its exact top is computed (and the best raised). The result equals the max over all
-    frequencies of their ``eigh`` top up to LAPACK's rounding.
+    frequencies of their ``eigh`` top up to LAPACK's rounding. Variants whose first top is the
+    same frequency share its Gram; the top right singular vector (the warm start) is formed at
+    the end, of the winning frequency only.
 
     ``row_scales``: one entry per variant of the layer, ``None`` (the kernel itself) or a
     ``(g, c_out / g)`` per-output-channel scale ``s`` (the kernel scaled on its outputs: each
@@ -179,19 +188,25 @@ def _circulant_pruned(kernel, emb, g, row_scales=(None,)):
                     keep[vi][gi] = (float(est[gi].flat[i]), (start + int(r), int(v)))
         start += m.shape[1]
     group_best = np.zeros((nv, g))
-    where = [[None] * g for _ in range(nv)]  # Per group: (u, v, vector) of the best frequency.
-    for vi in range(nv):
-        for gi in range(g):
+    # Per variant and group: (u, v, Gram-side top eigenvector) of the best frequency; the right
+    # singular vector (the warm start) is formed at the end, for the winner only.
+    where = [[None] * g for _ in range(nv)]
+    for gi in range(g):
+        tops = {}  # (u, v) -> Gram: variants whose top frequencies coincide share it.
+        for vi in range(nv):
             _, (u, v) = keep[vi][gi]
-            mat = one(_frequency_matrix(taps, gi, u, v), vi, gi)
-            lam, vec = _top_eigenpair(_gram(mat), mat)
+            if (u, v) not in tops:
+                tops[u, v] = _gram(_frequency_matrix(taps, gi, u, v))
+            s = row_scales[vi]
+            gram = tops[u, v] if s is None else tops[u, v] * np.outer(s[gi], s[gi])
+            lam, vec = _top_eigenpair(gram)
             group_best[vi, gi], where[vi][gi] = lam, (u, v, vec)
     big1, big2 = (n // s for n, s in zip(emb.input_shape, emb.strides))
     # A real kernel's matrices at -k are the conjugates of those at k (the same singular values):
     # on the columns v = 0 and v = N2 / 2 of the half plane, row u repeats row (N1 - u) mod N1.
     self_conjugate = {0, big2 / 2}
 
-    def visit(gi, u, v, gram, matrix):
+    def visit(gi, u, v, gram):
         """Certify frequency (u, v) of group gi below the best, or raise the best."""
         todo = [vi for vi in range(nv) if (u, v) != keep[vi][gi][1]]
         for vi in todo:
@@ -200,7 +215,7 @@ def _circulant_pruned(kernel, emb, g, row_scales=(None,)):
             gv = gram if s is None else gram * np.outer(s[gi], s[gi])
             if _below(gv, group_best[vi, gi]):
                 continue
-            lam, vec = _top_eigenpair(gv, one(matrix(), vi, gi))
+            lam, vec = _top_eigenpair(gv)
             if lam > group_best[vi, gi]:
                 group_best[vi, gi] = lam
                 where[vi][gi] = (u, v, vec)
@@ -213,7 +228,7 @@ def _circulant_pruned(kernel, emb, g, row_scales=(None,)):
             for us, vs, grams in _gram_chunks(taps, gi):
                 for u, v, gram in zip(us.tolist(), vs.tolist(), grams):
                     if not repeated(u, v):
-                        visit(gi, u, v, gram, functools.partial(_frequency_matrix, taps, gi, u, v))
+                        visit(gi, u, v, gram)
     else:
         start = 0
         for m in _frequency_chunks(kernel, emb, taps=taps):
@@ -222,15 +237,14 @@ def _circulant_pruned(kernel, emb, g, row_scales=(None,)):
                     u = start + r
                     for v in range(m.shape[2]):
                         if not repeated(u, v):
-                            mat = m[gi, r, v]
-                            visit(gi, u, v, _gram(mat), lambda mat=mat: mat)
+                            visit(gi, u, v, _gram(m[gi, r, v]))
             start += m.shape[1]
     out = []
     for vi in range(nv):
         gi = int(np.argmax(group_best[vi]))
-        tops = np.sqrt(group_best[vi])
         u, v, vec = where[vi][gi]
-        out.append((float(tops[gi]), tops, (gi, u, v, vec)))
+        w = _right_vector(one(_frequency_matrix(taps, gi, u, v), vi, gi), vec)
+        out.append((float(np.sqrt(group_best[vi, gi])), np.sqrt(group_best[vi]), (gi, u, v, w)))
     return out
 
 

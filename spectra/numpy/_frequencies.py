@@ -43,14 +43,18 @@ def _polyphase_taps(kernel: np.ndarray, spec: ConvSpec) -> _Taps:
     big1, big2 = (n // s for n, s in zip(spec.input_shape, spec.strides))
     keff1, keff2 = spec.dilated_kernel_size(kernel.shape)
     t1, t2 = -(-keff1 // s1), -(-keff2 // s2)
-    if (s1, s2, d1, d2) == (1, 1, 1, 1):  # The kernel is its own polyphase embedding.
-        e = np.asarray(kernel, np.float64)
-    else:
-        e = np.zeros((t1 * s1, t2 * s2, cig, cout))
-        e[:keff1:d1, :keff2:d2] = kernel
-    e = e.reshape(t1, s1, t2, s2, cig, g, cog)
     # (g, t1 t2, cog cig s1 s2): per group and tap, the matrix (rows cog, columns (cig, s1, s2)).
-    taps = np.ascontiguousarray(e.transpose(5, 0, 2, 6, 4, 1, 3)).reshape(g, t1 * t2, -1)
+    if (s1, s2, d1, d2) == (1, 1, 1, 1):  # The kernel is its own polyphase embedding.
+        e = np.asarray(kernel, np.float64).reshape(t1, t2, cig, g, cog)
+        taps = np.ascontiguousarray(e.transpose(3, 0, 1, 4, 2)).reshape(g, t1 * t2, -1)
+    else:  # Each tap written to its polyphase slot: no zero-embedded copy of the kernel.
+        out = np.zeros((g, t1, t2, cog, cig, s1, s2))
+        for i in range(kh):
+            a, p = divmod(i * d1, s1)
+            for j in range(kw):
+                b, q = divmod(j * d2, s2)
+                out[:, a, b, :, :, p, q] = kernel[i, j].reshape(cig, g, cog).transpose(1, 2, 0)
+        taps = out.reshape(g, t1 * t2, -1)
     a = np.repeat(np.arange(t1), t2)
     b = np.tile(np.arange(t2), t1)
     return _Taps(taps, a, b, (big1, big2), cog, cig * s1 * s2)
@@ -70,8 +74,10 @@ def _phases(taps: _Taps, u: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 def _frequency_matrix(taps: _Taps, gi: int, u: int, v: int) -> np.ndarray:
     """The complex128 ``(c_out / g, cols)`` matrix of group ``gi`` at frequency ``(u, v)``."""
-    phase = _phases(taps, np.array([u]), np.array([v]))
-    m = (phase.real @ taps.taps[gi]) + 1j * (phase.imag @ taps.taps[gi])
+    phase = _phases(taps, np.array([u]), np.array([v]))[0]
+    parts = np.stack([phase.real, phase.imag]) @ taps.taps[gi]  # One real GEMM: (2, entries).
+    m = np.empty(parts.shape[1], np.complex128)
+    m.real, m.imag = parts
     return m.reshape(taps.cog, taps.cols)
 
 
