@@ -522,7 +522,12 @@ def analyse_convs(
       progress: show a tqdm bar over the layers.
       backend: ``'numpy'`` (host, float64, no compilation: the fast choice for a one-off report
         on CPU, and on a GPU machine too unless the layers are huge) or ``'jax'`` (compiled
-        programs on the default device, in the kernels' dtype); see the module doc.
+        programs on the default device, in the kernels' dtype); see the module doc. Every
+        float64 result is rounded up (down, for the bracket's lower end) by its
+        ``rounding_rtol`` (:func:`spectra.numpy.rounding_rtol`); ``'jax'`` results computed in
+        float32 carry ``rounding_rtol=0``: exact only up to float32 rounding (~1e-6), which
+        the worst-case analysis would bound only loosely (use the default backend for
+        certified numbers).
       on_last_started: (``'numpy'`` backend) called when the last of the per-kernel jobs starts
         (they run longest first), e.g. to end work running beside this stage.
 
