@@ -27,9 +27,9 @@ from spectra._fourier import half_plane_multiplicity
 from spectra._spec import ConvSpec
 from spectra.numpy._frequencies import _frequency_chunks
 from spectra.numpy._frequencies import _frequency_matrix
-from spectra.numpy._frequencies import _gram_chunks
 from spectra.numpy._frequencies import _polyphase_taps
 from spectra.numpy._frequencies import _tap_grams_pay
+from spectra.numpy._frequencies import _TapGrams
 from spectra.numpy._operator import ConvOperator
 from spectra.numpy._operator import axis_geometry
 from spectra.numpy._operator import float64_kernel
@@ -152,11 +152,30 @@ def _power_estimates(m: np.ndarray, steps: int, row_scale=None) -> np.ndarray:
     return np.sum(w if s2 is None else s2 * w, axis=(-2, -1)).astype(np.float64)
 
 
+def _gram_power_estimates(grams: np.ndarray, steps: int, scale=None) -> np.ndarray:
+    """Power-iteration estimates of λ_max per Hermitian Gram ``(k, n, n)`` (both triangles; of
+    ``diag(s) G diag(s)`` with ``scale`` ``s`` ``(n,)``): Rayleigh quotients after ``steps``
+    products from a seeded random start. They only order the frequencies."""
+    rng = np.random.default_rng(0)
+    k, n, _ = grams.shape
+    s = None if scale is None else np.asarray(scale, np.float64).reshape(1, n, 1)
+    v = rng.standard_normal((k, n, 1)) + 0j
+
+    def product(v):
+        return grams @ v if s is None else s * (grams @ (s * v))
+
+    for _ in range(steps):
+        v = product(v / np.maximum(np.linalg.norm(v, axis=(1, 2), keepdims=True), 1e-300))
+    v = v / np.maximum(np.linalg.norm(v, axis=(1, 2), keepdims=True), 1e-300)
+    return np.real(np.sum(np.conj(v) * product(v), axis=(1, 2)))
+
+
 def _circulant_pruned(kernel, emb, g, row_scales=(None,)):
     """Per-group max of per-frequency λ_max, pruning frequencies certified below the best.
 
-    Pass 1: power-iteration estimates per frequency; the exact top (``eigh``) of the frequency
-    with the largest estimate starts the best per group. Pass 2: each other frequency is
+    Pass 1: power-iteration estimates per frequency (on the complex64 matrices, or on the
+    Grams where those come from the taps' cross-Grams); the exact top (``eigh``) of the
+    frequency with the largest estimate starts the best per group. Pass 2: each other frequency is
     certified ``λ_max <= best`` by :func:`_below` (a Cholesky factorisation, no eigenvalues) or
     else its exact top is computed (and the best raised). The result equals the max over all
     frequencies of their ``eigh`` top up to LAPACK's rounding. Variants whose first top is the
@@ -176,31 +195,29 @@ def _circulant_pruned(kernel, emb, g, row_scales=(None,)):
         return mat if s is None else mat * s[gi][:, None]
 
     taps = _polyphase_taps(kernel, emb)
-    start, keep = 0, [{} for _ in range(nv)]
-    # Pass 1 in single precision: the estimates only order the frequencies.
-    for m in _frequency_chunks(kernel, emb, np.complex64, taps):
-        for vi in range(nv):
-            est = _power_estimates(m, PRUNE_POWER_STEPS, row_scales[vi])  # (g, rows, N2h)
-            for gi in range(g):
-                i = int(np.argmax(est[gi]))
-                if gi not in keep[vi] or est[gi].flat[i] > keep[vi][gi][0]:
-                    r, v = np.unravel_index(i, est[gi].shape)
-                    keep[vi][gi] = (float(est[gi].flat[i]), (start + int(r), int(v)))
-        start += m.shape[1]
+    keep = [{} for _ in range(nv)]  # Per variant and group: (estimate, (u, v)) of the top.
+
+    def consider(vi, gi, est, us, vs):  # The largest estimate of a chunk, kept if the best.
+        i = int(np.argmax(est))
+        if gi not in keep[vi] or est[i] > keep[vi][gi][0]:
+            keep[vi][gi] = (float(est[i]), (int(us[i]), int(vs[i])))
+
     group_best = np.zeros((nv, g))
     # Per variant and group: (u, v, Gram-side top eigenvector) of the best frequency; the right
     # singular vector (the warm start) is formed at the end, for the winner only.
     where = [[None] * g for _ in range(nv)]
-    for gi in range(g):
+
+    def start_best(gi, gram_at):  # The exact tops of the frequencies of largest estimate.
         tops = {}  # (u, v) -> Gram: variants whose top frequencies coincide share it.
         for vi in range(nv):
             _, (u, v) = keep[vi][gi]
             if (u, v) not in tops:
-                tops[u, v] = _gram(_frequency_matrix(taps, gi, u, v))
+                tops[u, v] = gram_at(u, v)
             s = row_scales[vi]
             gram = tops[u, v] if s is None else tops[u, v] * np.outer(s[gi], s[gi])
             lam, vec = _top_eigenpair(gram)
             group_best[vi, gi], where[vi][gi] = lam, (u, v, vec)
+
     big1, big2 = (n // s for n, s in zip(emb.input_shape, emb.strides))
     # A real kernel's matrices at -k are the conjugates of those at k (the same singular values):
     # on the columns v = 0 and v = N2 / 2 of the half plane, row u repeats row (N1 - u) mod N1.
@@ -224,12 +241,34 @@ def _circulant_pruned(kernel, emb, g, row_scales=(None,)):
         return v in self_conjugate and (big1 - u) % big1 < u
 
     if _tap_grams_pay(taps):
+        # Grams from the taps' cross-Grams (computed once per group): the ordering pass is power
+        # iteration on the Grams themselves (float64; a second pass over the Grams costs two
+        # real products per chunk, far less than the cross-Grams).
         for gi in range(g):
-            for us, vs, grams in _gram_chunks(taps, gi):
+            grams_of = _TapGrams(taps, gi)
+            for us, vs, grams in grams_of.chunks():
+                for vi in range(nv):
+                    s = None if row_scales[vi] is None else row_scales[vi][gi]
+                    consider(vi, gi, _gram_power_estimates(grams, PRUNE_POWER_STEPS, s), us, vs)
+            start_best(gi, grams_of.at)
+            for us, vs, grams in grams_of.chunks():
                 for u, v, gram in zip(us.tolist(), vs.tolist(), grams):
                     if not repeated(u, v):
                         visit(gi, u, v, gram)
+            del grams_of
     else:
+        start = 0
+        # Pass 1 in single precision: the estimates only order the frequencies.
+        for m in _frequency_chunks(kernel, emb, np.complex64, taps):
+            n2h = m.shape[2]
+            us, vs = np.divmod(np.arange(m.shape[1] * n2h), n2h)
+            for vi in range(nv):
+                est = _power_estimates(m, PRUNE_POWER_STEPS, row_scales[vi])  # (g, rows, N2h)
+                for gi in range(g):
+                    consider(vi, gi, est[gi].reshape(-1), us + start, vs)
+            start += m.shape[1]
+        for gi in range(g):
+            start_best(gi, lambda u, v, gi=gi: _gram(_frequency_matrix(taps, gi, u, v)))
         start = 0
         for m in _frequency_chunks(kernel, emb, taps=taps):
             for gi in range(g):

@@ -132,53 +132,76 @@ def _tap_grams_pay(taps: _Taps) -> bool:
     return t * (t + 1) <= 2 * frequencies and t * t * n * n * 8 <= MAX_TAP_GRAM_BYTES
 
 
-def _gram_chunks(taps: _Taps, gi: int):
-    """Yields ``(u, v, Grams)`` per chunk of the half plane's frequencies (row-major), the
-    smaller Gram of group ``gi``'s matrix at each (complex128 ``(chunk, n, n)``, both triangles;
-    **a view of a buffer that the next item overwrites**), from the taps' cross-Grams.
+class _TapGrams:
+    """The smaller Gram ``M M^H`` / ``M^H M`` of group ``gi``'s matrix at each frequency of the
+    half plane, from the taps' real cross-Grams (computed once, here).
 
     With ``M(ω) = Σ_t φ_t(ω) E_t``: on the output side ``M M^H = Σ_{t,t'} φ_t conj(φ_t') E_t
     E_t'^T``, on the input side ``M^H M = Σ_{t,t'} conj(φ_t) φ_t' E_t^T E_t'``. The real
-    cross-Grams ``E_t E_t'^T`` are computed once (``t (t + 1) / 2`` real products); each chunk
-    of Grams is then two real products ``(chunk, t²) @ (t², n²)``. The same Grams as ``zherk``
-    of each ``M(ω)``, up to float64 rounding of the sums.
+    cross-Grams ``E_t E_t'^T`` cost ``t (t + 1) / 2`` real products; each Gram is then a sum of
+    ``t²`` of them (:meth:`chunks`: two real products ``(chunk, t²) @ (t², n²)`` per chunk of
+    frequencies; :meth:`at`: one frequency). The same Grams as ``zherk`` of each ``M(ω)``, up to
+    float64 rounding of the sums.
     """
-    _, t, _ = taps.taps.shape
-    e = taps.taps[gi].reshape(t, taps.cog, taps.cols)
-    out_side = taps.cog <= taps.cols
-    n = taps.cog if out_side else taps.cols
-    # The cross-Grams, one real product per pair t <= t' (the others their transposes), written
-    # in place: no temporaries of the cross-Grams' size.
-    cross = np.empty((t, t, n, n))
-    for i in range(t):
-        for j in range(i, t):
-            if out_side:
-                np.matmul(e[i], e[j].T, out=cross[i, j])
-            else:
-                np.matmul(e[i].T, e[j], out=cross[i, j])
-            if j > i:
-                cross[j, i] = cross[i, j].T
-    cross = cross.reshape(t * t, n * n)
-    big1, big2 = taps.big
-    n2h = big2 // 2 + 1
-    # (frequencies, t) phases of the whole half plane, row-major (u, v); conjugated on the input
-    # side, so that each side's Gram is Σ_{t,t'} φ_t conj(φ_t') C[t, t'].
-    phases = _phases(taps, np.arange(big1), np.arange(n2h))
-    if not out_side:
-        phases = np.conj(phases)
-    total = phases.shape[0]
-    step = max(1, GRAM_CHUNK_ENTRIES // (n * n))
-    re = np.empty((step, n * n))
-    im = np.empty((step, n * n))
-    grams = np.empty((step, n, n), np.complex128)
-    for start in range(0, total, step):
-        index = np.arange(start, min(start + step, total))
-        part = phases[index]
-        coef = (part[:, :, None] * np.conj(part[:, None, :])).reshape(len(index), t * t)
-        k = len(index)
-        np.matmul(np.ascontiguousarray(coef.real), cross, out=re[:k])
-        np.matmul(np.ascontiguousarray(coef.imag), cross, out=im[:k])
-        out = grams[:k]
-        out.real = re[:k].reshape(k, n, n)
-        out.imag = im[:k].reshape(k, n, n)
-        yield index // n2h, index % n2h, out
+
+    def __init__(self, taps: _Taps, gi: int):
+        _, t, _ = taps.taps.shape
+        e = taps.taps[gi].reshape(t, taps.cog, taps.cols)
+        self.out_side = taps.cog <= taps.cols
+        n = self.n = taps.cog if self.out_side else taps.cols
+        # The cross-Grams, one real product per pair t <= t' (the others their transposes),
+        # written in place: no temporaries of the cross-Grams' size.
+        cross = np.empty((t, t, n, n))
+        for i in range(t):
+            for j in range(i, t):
+                if self.out_side:
+                    np.matmul(e[i], e[j].T, out=cross[i, j])
+                else:
+                    np.matmul(e[i].T, e[j], out=cross[i, j])
+                if j > i:
+                    cross[j, i] = cross[i, j].T
+        self.cross = cross.reshape(t * t, n * n)
+        self.taps = taps
+        self.n2h = taps.big[1] // 2 + 1
+        # (frequencies, t) phases of the whole half plane, row-major (u, v); conjugated on the
+        # input side, so that each side's Gram is Σ_{t,t'} φ_t conj(φ_t') C[t, t'].
+        phases = _phases(taps, np.arange(taps.big[0]), np.arange(self.n2h))
+        self.phases = phases if self.out_side else np.conj(phases)
+
+    def _coefficients(self, index: np.ndarray) -> np.ndarray:
+        part = self.phases[index]
+        return (part[:, :, None] * np.conj(part[:, None, :])).reshape(len(index), -1)
+
+    def at(self, u: int, v: int) -> np.ndarray:
+        """The complex128 ``(n, n)`` Gram at frequency ``(u, v)`` (a new array)."""
+        coef = self._coefficients(np.array([u * self.n2h + v]))
+        gram = np.empty(self.n * self.n, np.complex128)
+        gram.real = coef.real @ self.cross
+        gram.imag = coef.imag @ self.cross
+        return gram.reshape(self.n, self.n)
+
+    def chunks(self):
+        """Yields ``(u, v, Grams)`` per chunk of the half plane's frequencies (row-major):
+        complex128 ``(chunk, n, n)``, both triangles; **a view of a buffer that the next item
+        overwrites**."""
+        n = self.n
+        total = self.phases.shape[0]
+        step = max(1, GRAM_CHUNK_ENTRIES // (n * n))
+        re = np.empty((step, n * n))
+        im = np.empty((step, n * n))
+        grams = np.empty((step, n, n), np.complex128)
+        for start in range(0, total, step):
+            index = np.arange(start, min(start + step, total))
+            coef = self._coefficients(index)
+            k = len(index)
+            np.matmul(np.ascontiguousarray(coef.real), self.cross, out=re[:k])
+            np.matmul(np.ascontiguousarray(coef.imag), self.cross, out=im[:k])
+            out = grams[:k]
+            out.real = re[:k].reshape(k, n, n)
+            out.imag = im[:k].reshape(k, n, n)
+            yield index // self.n2h, index % self.n2h, out
+
+
+def _gram_chunks(taps: _Taps, gi: int):
+    """:meth:`_TapGrams.chunks` of group ``gi`` (the cross-Grams computed for this pass only)."""
+    return _TapGrams(taps, gi).chunks()

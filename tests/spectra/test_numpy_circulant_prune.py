@@ -84,15 +84,22 @@ class ScaledVariantsTest(parameterized.TestCase):
     """circulant_tops: a kernel and its output-scaled variants (one Gram per frequency)."""
 
     @parameterized.named_parameters(
-        *[(f"{c[0]}_{p}", i, p) for i, c in enumerate(CASES) for p in ("pruned", "full")]
+        *[
+            (f"{c[0]}_{p}", i, p)
+            for i, c in enumerate(CASES)
+            for p in ("pruned_tap_grams", "pruned_zherk", "full")
+        ]
     )
     def test_equals_separate_and_bounds_dense(self, index, prune):
         _, kshape, spec = CASES[index]
         kernel = random_kernel(kshape, seed=200 + index)
         rng = np.random.default_rng(index)
         scales = [rng.uniform(0.2, 1.8, kshape[3]), -rng.uniform(0.2, 1.8, kshape[3])]
-        side = 2 if prune == "pruned" else 10**9
-        with mock.patch.object(_fourier, "PRUNE_MIN_SIDE", side):
+        side = 2 if prune.startswith("pruned") else 10**9
+        pays = prune == "pruned_tap_grams"
+        with mock.patch.object(_fourier, "PRUNE_MIN_SIDE", side), mock.patch.object(
+            _fourier, "_tap_grams_pay", lambda *a: pays
+        ):
             tops = snp.circulant_tops(kernel, spec, scales)
             separate = [snp.circulant_top(kernel, spec)] + [
                 snp.circulant_top(np.asarray(kernel, np.float64) * s, spec) for s in scales
@@ -105,6 +112,28 @@ class ScaledVariantsTest(parameterized.TestCase):
             k = np.asarray(kernel, np.float64) * (1.0 if s is None else s)
             exact = exact_singular_values(k, spec)[0]  # Float64 dense operator.
             self.assertGreaterEqual(top.bound * (1 + 1e-12), exact)
+
+    @parameterized.parameters(
+        ((3, 3, 6, 5), 1, True), ((3, 3, 6, 5), 1, False), ((3, 3, 6, 9), 2, True),
+        ((3, 3, 6, 9), 2, False),
+    )
+    def test_warm_start_is_a_top_singular_vector(self, kshape, stride, pays):
+        # Circular, strides dividing: the plane wave of the winning frequency (formed once, at
+        # the end, from the Gram's eigenvector) is a top singular vector of the layer, of the
+        # kernel and of its scaled variant, on both Gram paths.
+        spec = ConvSpec((8, 8), strides=stride, padding="CIRCULAR")
+        rng = np.random.default_rng(sum(kshape) + stride)
+        kernel = rng.standard_normal(kshape)
+        scale = rng.uniform(0.2, 1.8, kshape[3])
+        with mock.patch.object(_fourier, "PRUNE_MIN_SIDE", 2), mock.patch.object(
+            _fourier, "_tap_grams_pay", lambda *a: pays
+        ):
+            tops = snp.circulant_tops(kernel, spec, [scale])
+        for top, k in zip(tops, (kernel, kernel * scale)):
+            v = top.vector
+            gain = np.linalg.norm(snp.ConvOperator(k, spec).apply(v)) / np.linalg.norm(v)
+            self.assertAlmostEqual(gain / top.bound, 1.0, delta=1e-12)
+            self.assertAlmostEqual(top.bound / exact_singular_values(k, spec)[0], 1.0, delta=1e-10)
 
     def test_no_scales_is_circulant_top(self):
         kernel = random_kernel((3, 3, 4, 6), seed=3)
