@@ -191,14 +191,14 @@ def sort_descending(values: jax.Array) -> jax.Array:
 def circulant_embedding(spec: ConvSpec, kernel_shape) -> ConvSpec:
     """The circular layer whose operator contains ``spec``'s operator as a submatrix.
 
-    With zero pads ``(lo, hi)`` and stride ``s`` per axis, place the input at offset ``lo`` of a
-    circular grid of size ``N = ceil((n + lo + hi) / s) * s``: every read of the zero-padded
-    conv stays inside the grid without wrapping, its outputs are rows ``0..H_out-1`` of the
-    strided circulant, and its inputs are columns of it. Hence (exact statement)
-    ``σ_max(zero-padded) <= σ_max(circulant)``: any circulant spectral-norm value or bound is an
-    **upper bound** for the zero-padded layer, at any stride, dilation and group count, and any
-    input size (``N >= n + lo + hi >= k_eff``: the kernel never wraps, even when it is larger
-    than the input). (The cyclic shift of Flax's ``'CIRCULAR'`` convention is a permutation
+    With zero pads ``(lo, hi)`` and stride ``s`` per axis, place the input on a circular grid of
+    size ``N = ceil((n + max(lo, hi)) / s) * s`` (:func:`_embedding_size`: every read of the
+    zero-padded conv outside the input lands on a zero of the grid, a real pixel is read only as
+    itself): its outputs are rows ``0..H_out-1`` of the strided circulant, and its inputs are
+    columns of it. Hence (exact statement) ``σ_max(zero-padded) <= σ_max(circulant)``: any
+    circulant spectral-norm value or bound is an **upper bound** for the zero-padded layer, at
+    any stride, dilation and group count, and any input size (taps that wrap round a small grid
+    wrap only onto zeros). (The cyclic shift of Flax's ``'CIRCULAR'`` convention is a permutation
     and changes no singular value.)
 
     For a circular ``spec`` whose strides divide its input this returns ``spec`` itself (equal
@@ -210,11 +210,34 @@ def circulant_embedding(spec: ConvSpec, kernel_shape) -> ConvSpec:
     if spec.is_circular:
         strides = tuple(s if n % s == 0 else 1 for n, s in zip(spec.input_shape, spec.strides))
         return spec if strides == spec.strides else dataclasses.replace(spec, strides=strides)
-    pads = spec.pads(kernel_shape)
     size = tuple(
-        -(-(n + lo + hi) // s) * s for n, (lo, hi), s in zip(spec.input_shape, pads, spec.strides)
+        _embedding_size(n, lo, hi, s, m)
+        for n, (lo, hi), s, m in zip(
+            spec.input_shape, spec.pads(kernel_shape), spec.strides, spec.output_shape(kernel_shape)
+        )
     )
     return dataclasses.replace(spec, input_shape=size, padding="CIRCULAR")
+
+
+def _embedding_size(n: int, lo: int, hi: int, s: int, m: int) -> int:
+    """The circulant grid of one axis (input ``n``, pads ``lo, hi``, stride ``s``, output ``m``).
+
+    The zero-padded layer reads positions ``[-lo, n + hi - 1]``; on a grid of ``N >= n +
+    max(lo, hi)`` pixels (input at ``0..n-1``) every read outside the input lands on a zero
+    (``N + p >= n`` for ``p >= -lo``, ``p < N`` for ``p <= n + hi - 1``), and a real pixel ``q``
+    is read only as itself (``q ± N`` is outside the read range). Two reads ``N`` apart are both
+    pads: the taps may wrap round a small grid, but only onto zeros. So with ``m <= N / s``
+    (every output its own row) the layer is the submatrix of the circular layer's rows
+    ``0..m-1`` and its input's columns: ``N = ceil((n + max(lo, hi)) / s) s``, fewer
+    frequencies than ``n + lo + hi`` (e.g. ``n + 1`` instead of ``n + 2`` for a 3x3 'SAME'
+    conv). Else (pads wider than the kernel on both sides, negative pads) ``ceil((n + lo + hi)
+    / s) s``, in which no read wraps.
+    """
+    if min(lo, hi) >= 0:
+        small = -(-(n + max(lo, hi)) // s) * s
+        if m <= small // s:
+            return small
+    return -(-(n + lo + hi) // s) * s
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ Given a kernel ``K`` and a radius ``c = max_norm``, find a kernel of the same sh
 ``σ_max <= c``. All methods work on a **circular** operator ``C``,
 :func:`~spectra.circulant_embedding` ``(spec, kernel_shape)``: ``spec`` itself when it is
 ``'CIRCULAR'`` with strides dividing its input (stride 1 on an axis where a circular stride does
-not divide it), else a circular grid of size ``N >= n + lo + hi`` whose operator contains the
+not divide it), else a circular grid of size ``N >= n + max(lo, hi)`` whose operator contains the
 zero-padded one as a submatrix, at any stride, dilation, group count and input size (inputs
 smaller than the kernel included). Hence ``σ_max(real layer) <= σ_max(C)``, and a kernel that is
 feasible for ``C`` is feasible for the real layer.

@@ -24,6 +24,7 @@ from absl.testing import parameterized
 from flax import nnx
 
 import spectra
+import spectra.numpy as snp
 from tests.spectra import layers
 
 F64_TOL = 1e-10
@@ -206,6 +207,26 @@ class SmallInputTest(parameterized.TestCase):
         self.assertTrue(cspec.is_circular)
         np.testing.assert_array_equal(layers.dense_operator(kernel, cspec)[np.ix_(rows, cols)],
                                       layers.dense_operator(kernel, spec))
+
+    @parameterized.named_parameters(
+        ("same_3x3", (3, 3, 2, 3), spectra.ConvSpec((3, 3), padding="SAME"), (4, 4)),
+        ("same_3x3_stride2", (3, 3, 2, 3), spectra.ConvSpec((6, 5), 2, "SAME"), (8, 6)),
+        ("kernel_wraps", (5, 5, 1, 2), spectra.ConvSpec((2, 3), padding=((2, 2), (2, 2))), (4, 5)),
+        # Pads wider than the kernel on both sides: outputs that read only zeros; the grid
+        # n + lo + hi, in which no read wraps.
+        ("wide_pads", (3, 3, 2, 2), spectra.ConvSpec((4, 4), padding=((3, 3), (3, 3))), (10, 10)),
+        ("one_sided", (3, 3, 1, 2), spectra.ConvSpec((5, 5), padding=((0, 2), (2, 0))), (7, 7)),
+    )
+    def test_embedding_size(self, kshape, spec, size):
+        # N = ceil((n + max(lo, hi)) / s) s when every output gets its own row of the circulant:
+        # fewer frequencies than n + lo + hi, and still the layer is a submatrix of it.
+        kernel = layers.random_kernel(kshape, seed=6)
+        cspec, rows, cols = _embedding_index(spec, kshape)
+        self.assertEqual(cspec.input_shape, size)
+        np.testing.assert_array_equal(layers.dense_operator(kernel, cspec)[np.ix_(rows, cols)],
+                                      layers.dense_operator(kernel, spec))
+        self.assertGreaterEqual(snp.symbol_grid_bound(kernel, spec) * (1 + 1e-12),
+                                _sigma_max(kernel, spec))
 
     def test_circular_taps_fold_modulo_the_input(self):
         # A 1-channel 5-tap row kernel on a 2-pixel circular input: taps 0, 2, 4 read one
