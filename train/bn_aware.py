@@ -692,6 +692,15 @@ def _set_leaves(tree: Any, values: dict[str, Any]) -> Any:
     )
 
 
+def _headroom(values: Any) -> float:
+    """``1 - 8 eps`` of the values' float dtype: a rescale to ``c`` times this stays ``<= c``
+    after rounding the rescaled values to that dtype (each moves by at most ``eps / 2``
+    relative, so the norm by at most that factor) and the bound's rounding allowance."""
+    dtype = np.asarray(values).dtype
+    eps = float(np.finfo(dtype).eps) if np.issubdtype(dtype, np.floating) else 2.0**-52
+    return 1.0 - 8 * eps
+
+
 def folded_upper_bound(kernel: Any, scale: Any, spec: ConvSpec) -> float:
     """Certified float64 upper bound on σ_max of the folded layer ``kernel · diag(scale)``.
 
@@ -722,8 +731,9 @@ def certify_folded(
     Host-side, float64. For each fold, ``u`` = :func:`folded_upper_bound` of ``K · diag(s)``
     with ``s = gamma / sqrt(var + eps)`` from ``params`` and ``batch_stats``; where ``u > c``,
     gamma and beta (``K`` without scale) are multiplied by ``c / u`` (in their dtype). Each
-    dense weight with exact ``σ_max(W) > c`` (float64 SVD) is multiplied by ``c / σ_max``. Then
-    the bounds of
+    dense weight with exact ``σ_max(W) > c`` (float64 SVD) is multiplied by ``c / σ_max``. Both
+    rescales aim at ``c (1 - 8 eps)`` of the values' dtype, so that rounding cannot lift a bound
+    back above ``c`` and certifying the result again changes nothing. Then the bounds of
     the **returned** values are computed: with these ``batch_stats``, each folded layer of the
     evaluation network has exact σ_max ``<=`` its reported bound ``<= c (1 + tolerance)``.
     Convs without fold are not touched (:func:`train.certify.certify_conv_operator_norm`).
@@ -771,15 +781,19 @@ def _certify_folded(params, batch_stats, specs, folds, max_norm, *, dense=(), to
         before = max(before, u / c)
         did = u > c
         if did:
+            # Rescaled to just below c: the rounding of the new values to their dtype (and the
+            # bound's own allowance) cannot lift the bound back above c, so that certifying
+            # the result again changes nothing.
+            target = c / u * _headroom(kernel if gamma is None else gamma)
             if gamma is None:
-                kernel = (np.asarray(kernel, np.float64) * (c / u)).astype(kernel.dtype)
+                kernel = (np.asarray(kernel, np.float64) * target).astype(kernel.dtype)
                 new[fold.kernel] = kernel
             else:
-                gamma = (np.asarray(gamma, np.float64) * (c / u)).astype(gamma.dtype)
+                gamma = (np.asarray(gamma, np.float64) * target).astype(gamma.dtype)
                 new[fold.scale] = gamma
                 if fold.bias is not None:
                     beta = values[fold.bias]
-                    new[fold.bias] = (np.asarray(beta, np.float64) * (c / u)).astype(beta.dtype)
+                    new[fold.bias] = (np.asarray(beta, np.float64) * target).astype(beta.dtype)
                 scale = np.asarray(gamma, np.float64) * inv
             u = folded_upper_bound(kernel, scale, spec)
         layers.append(fold.kernel)
@@ -793,7 +807,7 @@ def _certify_folded(params, batch_stats, specs, folds, max_norm, *, dense=(), to
         before = max(before, sigma / c)
         did = sigma > c
         if did:
-            w = (np.asarray(w, np.float64) * (c / sigma)).astype(w.dtype)
+            w = (np.asarray(w, np.float64) * (c / sigma * _headroom(w))).astype(w.dtype)
             new[path] = w
             sigma = float(np.linalg.norm(np.asarray(w, np.float64), 2))
         layers.append(path)

@@ -24,7 +24,7 @@ CASES = layer_cases()
 # search over seeds; checked in the test).
 _DEPTHWISE = (3, 3, 1, 6)
 _DEPTHWISE_SPEC = ConvSpec((6, 6), 1, "SAME", 1, 6)
-_DEPTHWISE_SEED = 8
+_DEPTHWISE_SEED = 54  # Adversarial for the circulant grid of circulant_embedding (see the test).
 
 
 class BackendTest(absltest.TestCase):
