@@ -207,15 +207,22 @@ def _circulant_pruned(kernel, emb, g, row_scales=(None,)):
     # singular vector (the warm start) is formed at the end, for the winner only.
     where = [[None] * g for _ in range(nv)]
 
+    # Per group: each variant's diag(s) ⊗ diag(s) (None: unscaled), formed once, not per frequency.
+    outers = [
+        [None if s is None else np.outer(s[gi], s[gi]) for s in row_scales] for gi in range(g)
+    ]
+
+    def scaled(gram, vi, gi):  # The variant's Gram diag(s) G diag(s) (upper triangle).
+        outer = outers[gi][vi]
+        return gram if outer is None else gram * outer
+
     def start_best(gi, gram_at):  # The exact tops of the frequencies of largest estimate.
         tops = {}  # (u, v) -> Gram: variants whose top frequencies coincide share it.
         for vi in range(nv):
             _, (u, v) = keep[vi][gi]
             if (u, v) not in tops:
                 tops[u, v] = gram_at(u, v)
-            s = row_scales[vi]
-            gram = tops[u, v] if s is None else tops[u, v] * np.outer(s[gi], s[gi])
-            lam, vec = _top_eigenpair(gram)
+            lam, vec = _top_eigenpair(scaled(tops[u, v], vi, gi))
             group_best[vi, gi], where[vi][gi] = lam, (u, v, vec)
 
     big1, big2 = (n // s for n, s in zip(emb.input_shape, emb.strides))
@@ -227,9 +234,7 @@ def _circulant_pruned(kernel, emb, g, row_scales=(None,)):
         """Certify frequency (u, v) of group gi below the best, or raise the best."""
         todo = [vi for vi in range(nv) if (u, v) != keep[vi][gi][1]]
         for vi in todo:
-            s = row_scales[vi]
-            # diag(s) G diag(s): the scaled matrix's Gram (upper triangle).
-            gv = gram if s is None else gram * np.outer(s[gi], s[gi])
+            gv = scaled(gram, vi, gi)
             if _below(gv, group_best[vi, gi]):
                 continue
             lam, vec = _top_eigenpair(gv)
@@ -255,7 +260,7 @@ def _circulant_pruned(kernel, emb, g, row_scales=(None,)):
                 for u, v, gram in zip(us.tolist(), vs.tolist(), grams):
                     if not repeated(u, v):
                         visit(gi, u, v, gram)
-            del grams_of
+            del grams_of  # Its cross-Grams freed before the next group's are formed.
     else:
         start = 0
         # Pass 1 in single precision: the estimates only order the frequencies.

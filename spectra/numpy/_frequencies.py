@@ -4,7 +4,7 @@ For a circular spec whose strides divide the input (e.g. :func:`spectra.exact_ci
 embedding of any layer), the layer is block-diagonalised by the 2-D DFT: at frequency
 ``ω = (u, v)`` its matrix is ``M(ω) = Σ_t φ_t(ω) E_t`` over the kernel's few polyphase taps
 ``E_t`` (:func:`_polyphase_taps`). :func:`_frequency_chunks` yields the matrices (one complex GEMM
-per chunk of frequencies), :func:`_gram_chunks` the smaller Gram ``M M^H`` / ``M^H M`` of each
+per chunk of frequencies), :class:`_TapGrams` the smaller Gram ``M M^H`` / ``M^H M`` of each
 from the taps' real cross-Grams. Used by :mod:`spectra.numpy._fourier` (circulant bound, exact
 spectra), whose maths these are.
 """
@@ -114,14 +114,14 @@ def _frequency_chunks(kernel: np.ndarray, spec: ConvSpec, dtype=np.complex128, t
         yield out.reshape(g, len(u), n2h, taps.cog, taps.cols)
 
 
-#: Most bytes of the tap cross-Grams that :func:`_gram_chunks` holds (one group's).
+#: Most bytes of the tap cross-Grams that :class:`_TapGrams` holds (one group's).
 MAX_TAP_GRAM_BYTES = 160 * 2**20
-#: Most complex entries of per-frequency Grams that :func:`_gram_chunks` forms at once.
+#: Most complex entries of per-frequency Grams that :meth:`_TapGrams.chunks` forms at once.
 GRAM_CHUNK_ENTRIES = 2_000_000
 
 
 def _tap_grams_pay(taps: _Taps) -> bool:
-    """Whether :func:`_gram_chunks` (Grams from the taps' cross-Grams) pays against one
+    """Whether :class:`_TapGrams` (Grams from the taps' cross-Grams) pays against one
     ``zherk`` per frequency: ``t (t + 1) / 2`` real products (``2 n² k`` flops each) against
     ``N1 (N2 // 2 + 1)`` complex rank-k updates (``4 n² k`` each), for ``t`` taps, asked to be at
     least 2x fewer flops (the per-frequency sums of ``t²`` terms are memory-bound), and the
@@ -161,7 +161,6 @@ class _TapGrams:
                 if j > i:
                     cross[j, i] = cross[i, j].T
         self.cross = cross.reshape(t * t, n * n)
-        self.taps = taps
         self.n2h = taps.big[1] // 2 + 1
         # (frequencies, t) phases of the whole half plane, row-major (u, v); conjugated on the
         # input side, so that each side's Gram is Σ_{t,t'} φ_t conj(φ_t') C[t, t'].
@@ -200,8 +199,3 @@ class _TapGrams:
             out.real = re[:k].reshape(k, n, n)
             out.imag = im[:k].reshape(k, n, n)
             yield index // self.n2h, index % self.n2h, out
-
-
-def _gram_chunks(taps: _Taps, gi: int):
-    """:meth:`_TapGrams.chunks` of group ``gi`` (the cross-Grams computed for this pass only)."""
-    return _TapGrams(taps, gi).chunks()

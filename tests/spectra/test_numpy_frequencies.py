@@ -54,14 +54,19 @@ class FrequencyMatricesTest(parameterized.TestCase):
              (c.copy() for c in _frequencies._frequency_chunks(kernel, emb, taps=taps))], axis=1
         )  # (g, frequencies, rows, cols), row-major (u, v).
         for gi in range(spec.feature_group_count):
+            tap_grams = _frequencies._TapGrams(taps, gi)
             with mock.patch.object(_frequencies, "GRAM_CHUNK_ENTRIES", 50):  # Several chunks.
-                grams = [(u, v, g.copy()) for us, vs, gs in _frequencies._gram_chunks(taps, gi)
+                grams = [(u, v, g.copy()) for us, vs, gs in tap_grams.chunks()
                          for u, v, g in zip(us, vs, gs)]
             self.assertLen(grams, mats.shape[1])
-            for f, (_, _, gram) in enumerate(grams):
+            for f, (u, v, gram) in enumerate(grams):
                 m = mats[gi, f]
                 want = m @ m.conj().T if m.shape[0] <= m.shape[1] else m.conj().T @ m
                 np.testing.assert_allclose(gram, want, atol=1e-12 * np.abs(want).max())
+                # One frequency's Gram (the pruning's tops) is the same sum.
+                np.testing.assert_allclose(
+                    tap_grams.at(u, v), gram, atol=1e-13 * np.abs(want).max()
+                )
 
     def test_input_side_grams(self):
         kernel = random_kernel((3, 3, 2, 9), seed=5)  # c_out > c_in: the Gram on the input side.
@@ -70,7 +75,7 @@ class FrequencyMatricesTest(parameterized.TestCase):
         taps = _frequencies._polyphase_taps(kernel.astype(np.float64), emb)
         self.assertGreater(taps.cog, taps.cols)
         m = next(iter(_frequencies._frequency_chunks(kernel, emb, taps=taps)))[0, 0, 1]
-        _, _, grams = next(iter(_frequencies._gram_chunks(taps, 0)))
+        _, _, grams = next(iter(_frequencies._TapGrams(taps, 0).chunks()))
         np.testing.assert_allclose(grams[1], m.conj().T @ m, atol=1e-12)
 
 
