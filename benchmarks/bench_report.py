@@ -49,7 +49,7 @@ from _timing import limit_threads
 from _timing import markdown
 
 #: network_report options set from the command line.
-OPTIONS = {"backend": "numpy", "power_rtol": 0.0, "lower_bound_share": 0.35}
+OPTIONS = {"backend": "numpy", "power_rtol": 0.0}
 
 
 def _detector(size: int):
@@ -285,9 +285,9 @@ def main() -> None:
     parser.add_argument(
         "--lower-bound-share",
         type=float,
-        default=0.35,
+        default=None,
         help="network_report(lower_bound_share=...): the search's share of the wall-clock time "
-        "while the layer stage runs (1: no waiting)",
+        "while the layer stage runs (1: no waiting; default: the report's)",
     )
     parser.add_argument("--onnx", help="path to nudenet's 320n.onnx (else pip download)")
     parser.add_argument(
@@ -314,9 +314,9 @@ def main() -> None:
         "pairs; 0: no check)",
     )
     args = parser.parse_args()
-    OPTIONS.update(
-        backend=args.backend, power_rtol=args.power_rtol, lower_bound_share=args.lower_bound_share
-    )
+    OPTIONS.update(backend=args.backend, power_rtol=args.power_rtol)
+    if args.lower_bound_share is not None:
+        OPTIONS["lower_bound_share"] = args.lower_bound_share
     if args.threads:
         limit_threads(args.threads)
     from train.lapack_workaround import avoid_cpu_lapack_deadlock
@@ -407,7 +407,8 @@ def main() -> None:
         f"bench_report, {datetime.datetime.now().isoformat(timespec='seconds')}, "
         f"{platform.platform()}, {os.cpu_count()} CPUs, JAX {jax.__version__}, "
         f"threads {args.threads or 'default'}, backend {args.backend}, "
-        f"power_rtol {args.power_rtol:g}, lower_bound_share {args.lower_bound_share:g}, "
+        f"power_rtol {args.power_rtol:g}, "
+        f"lower_bound_share {OPTIONS.get('lower_bound_share', 'default')}, "
         f"load average {os.getloadavg()[0]:.1f}"
     )
     print(

@@ -696,8 +696,8 @@ def _headroom(values: Any) -> float:
     """``1 - 8 eps`` of the values' float dtype: a rescale to ``c`` times this stays ``<= c``
     after rounding the rescaled values to that dtype (each moves by at most ``eps / 2``
     relative, so the norm by at most that factor) and the bound's rounding allowance."""
-    dtype = np.asarray(values).dtype
-    eps = float(np.finfo(dtype).eps) if np.issubdtype(dtype, np.floating) else 2.0**-52
+    dtype = np.asarray(values).dtype  # jnp.finfo: bfloat16 too.
+    eps = float(jnp.finfo(dtype).eps) if jnp.issubdtype(dtype, jnp.floating) else 2.0**-52
     return 1.0 - 8 * eps
 
 

@@ -105,7 +105,12 @@ def _frequency_rtol(u: float, n: int, k: int, t: int, grid: int) -> float:
 
 
 def rounding_rtol(
-    kernel_shape: Sequence[int], spec: ConvSpec, methods: Iterable[str], dtype=np.float64
+    kernel_shape: Sequence[int],
+    spec: ConvSpec,
+    methods: Iterable[str],
+    dtype=np.float64,
+    *,
+    rounded_kernel: bool = False,
 ) -> float:
     """The relative allowance of a layer's host values computed by ``methods``: the largest.
 
@@ -126,9 +131,12 @@ def rounding_rtol(
       spec: the layer.
       methods: names from :data:`ROUNDING_METHODS`.
       dtype: the computation's dtype (``float64`` on the host).
+      rounded_kernel: the kernel's entries are themselves rounded products (e.g. a BatchNorm
+        scale folded in, ``fl(K s)``): adds ``u sqrt(rank)`` (``||ΔA||_2 <= ||ΔA||_F <= u
+        ||A||_F <= u sqrt(rank) σ``).
 
     Returns:
-      ``ρ`` (0 when ``methods`` is empty).
+      ``ρ`` (0 when ``methods`` is empty and the kernel is not rounded).
 
     Raises:
       ValueError: naming ``methods`` for an unknown method, ``dtype`` for a non-float dtype.
@@ -163,6 +171,8 @@ def rounding_rtol(
             out = max(out, matrix_rtol(spec.in_dim(kshape) // g, spec.out_dim(kshape) // g, dtype))
         if method in ("lanczos", "lanczos_estimate"):
             out = max(out, _padded(u, kh * kw * cig + spec.in_dim(kshape) + spec.out_dim(kshape)))
+    if rounded_kernel:
+        out += 1.01 * u * math.sqrt(min(spec.in_dim(kshape), spec.out_dim(kshape)))
     return out
 
 

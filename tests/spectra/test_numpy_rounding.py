@@ -37,6 +37,16 @@ class RoundingTest(parameterized.TestCase):
             both, max(snp.rounding_rtol((3, 3, 16, 16), spec, [m]) for m in ("tap_sum", "dense"))
         )
 
+    def test_rounded_kernel(self):
+        # A kernel whose entries are rounded products (a folded BatchNorm): + u sqrt(rank).
+        spec = ConvSpec((6, 5), strides=2)
+        kshape = (3, 3, 4, 8)
+        plain = snp.rounding_rtol(kshape, spec, ["symbol_grid"])
+        rounded = snp.rounding_rtol(kshape, spec, ["symbol_grid"], rounded_kernel=True)
+        rank = min(spec.in_dim(kshape), spec.out_dim(kshape))
+        term = 1.01 * 2.0**-53 * np.sqrt(rank)
+        self.assertAlmostEqual(rounded - plain, term, delta=1e-6 * term)  # Up to the subtraction.
+
     def test_errors(self):
         spec = ConvSpec((3, 3))
         with self.assertRaisesRegex(ValueError, "methods"):

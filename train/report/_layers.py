@@ -617,12 +617,9 @@ def _collect(results, layers, members, spec, has_bn, bracket_rtol, out, methods,
     sigma_method, bound_names, _ = methods
     kshape = np.shape(layers[members[0]].kernel)
     rho = 0.0
-    if dtype is not None:
-        rho = snp.rounding_rtol(kshape, spec, (sigma_method, *bound_names), dtype)
-    if has_bn and dtype is not None:
-        # A folded kernel's entries are rounded products: ||ΔA||_2 <= u ||A||_F <= u √rank σ.
-        rank = min(spec.in_dim(kshape), spec.out_dim(kshape))
-        rho += 1.01 * float(np.finfo(dtype).eps) / 2 * math.sqrt(rank)
+    if dtype is not None:  # A folded kernel's entries are rounded products (has_bn).
+        methods_used = (sigma_method, *bound_names)
+        rho = snp.rounding_rtol(kshape, spec, methods_used, dtype, rounded_kernel=has_bn)
     for j, i in enumerate(members):
         results[i] = _layer_report(
             layers[i], spec, *methods, out, j, (n + j) if has_bn else None, bracket_rtol, rho
