@@ -3,7 +3,8 @@
 Entry points (the training CLI, the experiment scripts, tests and benchmarks that run the
 projection or exact spectra) call :func:`avoid_cpu_lapack_deadlock` before the first JAX
 computation of the process. :func:`limit_blas_threads` limits the BLAS/LAPACK threads of NumPy
-and of XLA:CPU's SVD/eigh for a block of code.
+and of XLA:CPU's SVD/eigh for a block of code; :func:`numpy_huge_pages` switches NumPy's
+transparent-huge-page advice off for a block of code.
 """
 
 import contextlib
@@ -62,3 +63,44 @@ def limit_blas_threads(threads: int | None = 1) -> contextlib.AbstractContextMan
 
     np.linalg.svd(np.eye(2), compute_uv=False)  # Loads NumPy's BLAS.
     return threadpool_limits(limits=threads)
+
+
+def _madvise_functions():
+    """NumPy's private getter and setter of its ``madvise(MADV_HUGEPAGE)`` switch, or ``None``."""
+    import numpy as np
+
+    for owner in ("_core", "core"):  # NumPy 2 names the package ``_core``, NumPy 1 ``core``.
+        multiarray = getattr(getattr(np, owner, None), "multiarray", None)
+        get = getattr(multiarray, "_get_madvise_hugepage", None)
+        set_ = getattr(multiarray, "_set_madvise_hugepage", None)
+        if get is not None and set_ is not None:
+            return get, set_
+    return None
+
+
+@contextlib.contextmanager
+def numpy_huge_pages(enabled: bool | None = False):
+    """A context manager setting whether NumPy advises the kernel to back its large arrays with
+    transparent huge pages (``madvise(MADV_HUGEPAGE)``, NumPy's default on Linux; the same switch
+    as the ``NUMPY_MADVISE_HUGEPAGE`` environment variable). ``None``: unchanged. The previous
+    setting is restored on exit. The switch is process-wide: other threads see it meanwhile.
+
+    Why off: on the 2-core VMs this project is measured on (transparent huge pages in
+    ``madvise`` mode, synchronous compaction), the first touch of fresh memory cost ~10 ms per MB
+    with the advice and ~0.6 ms per MB without (500 MB: 4.9 s against 0.3 s; freed memory is
+    handed back to the host within seconds, so it is "fresh" again). The per-layer report
+    allocates GBs of short-lived complex matrices: WideResNet-50-2 @96² 51.9 s with the advice,
+    39.3 s without (``benchmarks/bench_report.py --large``). The arithmetic is unchanged.
+    A NumPy without the (private) switch: no-op.
+    """
+    functions = None if enabled is None else _madvise_functions()
+    if functions is None:
+        yield
+        return
+    get, set_ = functions
+    previous = bool(get())
+    set_(bool(enabled))
+    try:
+        yield
+    finally:
+        set_(previous)

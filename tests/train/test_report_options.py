@@ -34,7 +34,7 @@ class ReportOptionsTest(parameterized.TestCase):
         ("power_rtol", -1e-3), ("compute_spectra", 1), ("blas_threads", 0),
         ("tight_max_work", 1.5), ("backend", "torch"), ("lower_bound_budget", "forever"),
         ("lower_bound_budget", -1.0), ("checkpoint_dir", 3), ("lower_bound_share", 0.0),
-        ("lower_bound_share", 1.5), ("lower_bound_share", True),
+        ("lower_bound_share", 1.5), ("lower_bound_share", True), ("huge_pages", 0),
     )
     def test_bad_option_is_named(self, name, value):
         with self.assertRaisesRegex(ValueError, f"^{name}="):

@@ -16,6 +16,7 @@ from flax import nnx
 import spectra.numpy as snp
 from train import discovery
 from train.lapack_workaround import limit_blas_threads
+from train.lapack_workaround import numpy_huge_pages
 from train.report import _layers
 from train.report import _lower
 from train.report import _network_bound
@@ -104,7 +105,7 @@ def network_report(
         raise ValueError("example_args must hold at least the input x")
     changes, example_kwargs = split_options(kwargs)
     options = ReportOptions.merged(options, **changes)
-    with limit_blas_threads(options.blas_threads):
+    with limit_blas_threads(options.blas_threads), numpy_huge_pages(options.huge_pages):
         return _network_report(apply_fn, params, example_args, example_kwargs, data, options)
 
 

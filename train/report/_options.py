@@ -42,6 +42,10 @@ class ReportOptions:
       blas_threads: limit of BLAS/LAPACK threads while the report runs (``threadpoolctl``;
         ``None``: unchanged). Measured on a shared 2-core machine: multi-threaded OpenBLAS made
         the batched SVDs of the 64-channel ResNet layers ~10x slower (26 s vs 2.5 s).
+      huge_pages: whether NumPy advises transparent huge pages for its arrays while the report
+        runs (:func:`train.lapack_workaround.numpy_huge_pages`; ``None``: NumPy's setting,
+        unchanged). Default ``False``: measured on a 2-core VM, the advice made first-touched
+        memory ~15x slower and WideResNet-50-2 @96² 51.9 s against 39.3 s without it.
       backend: how the per-layer numbers are computed (:func:`train.report.analyse_convs`):
         ``'numpy'`` (default: host NumPy / SciPy in float64, no compilation; a report runs each
         layer once, so compiling a program per layer shape, as ``'jax'`` does, dominated the
@@ -91,6 +95,7 @@ class ReportOptions:
     progress: bool = False
     seed: int = 0
     blas_threads: int | None = 1
+    huge_pages: bool | None = False
     backend: str = "numpy"
     overlap_lower_bound: bool = True
     ascent_steps: int = 100
@@ -116,6 +121,8 @@ class ReportOptions:
                      "tight_bound"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
+        if self.huge_pages is not None and not isinstance(self.huge_pages, bool):
+            raise ValueError(f"huge_pages={self.huge_pages!r} must be a bool or None")
         for name in ("blas_threads", "tight_max_work"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 1):
