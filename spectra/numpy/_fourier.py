@@ -18,9 +18,6 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
-import scipy.linalg
-import scipy.linalg.blas
-import scipy.linalg.lapack
 
 from spectra._bounds import exact_circular_spec
 from spectra._fourier import half_plane_multiplicity
@@ -84,24 +81,70 @@ PRUNE_POWER_STEPS = 12
 
 
 def _gram(m: np.ndarray) -> np.ndarray:
-    """The smaller Gram ``M M^H`` or ``M^H M`` of one complex matrix ``(r, c)``: its **upper
-    triangle** only (BLAS ``zherk``, half the flops of a product; the lower triangle is not
-    set). Read it with ``lower=False`` (:func:`_below`, :func:`_top_eigenpair`)."""
+    """The smaller Gram ``M M^H`` or ``M^H M`` of one complex matrix ``(r, c)``, both triangles.
+
+    From real products that release the GIL (NumPy ``matmul``; SciPy's BLAS wrapper ``zherk``
+    holds it, so two report threads forming Grams ran one at a time): with ``M = A + iB``,
+    ``M M^H = [A B] [A B]^T + i (B A^T - (B A^T)^T)``, ``3 r² c`` real multiply-adds (``zherk``:
+    ``2 r² c``; measured as fast, single-threaded, at ``r = 1024``). Rounding: inner dimension
+    ``2c`` (:mod:`spectra.numpy._rounding`, item 3.).
+    """
+    if m.shape[0] > m.shape[1]:
+        m = m.T  # M^H M = conj(M^T conj(M^T)^H): the same Gram of M^T, conjugated below.
+        return np.conj(_gram(m))
     r, c = m.shape
-    return scipy.linalg.blas.zherk(1.0, m, trans=0 if r <= c else 2, lower=0)
+    x = np.empty((r, 2 * c))
+    x[:, :c], x[:, c:] = m.real, m.imag
+    gram = np.empty((r, r), np.complex128)
+    gram.real = x @ x.T
+    y = x[:, c:] @ x[:, :c].T
+    gram.imag = y - y.T
+    return gram
 
 
-def _top_eigenpair(gram: np.ndarray) -> tuple[float, np.ndarray]:
-    """λ_max of a Gram (upper triangle; LAPACK ``eigh``, the top eigenpair only) and its
-    eigenvector (on the Gram's side: :func:`_right_vector` maps it to the matrix's top right
-    singular vector)."""
-    lam, vec = scipy.linalg.eigh(gram, lower=False, subset_by_index=[gram.shape[0] - 1] * 2)
-    return max(float(lam[0]), 0.0), vec[:, 0]
+def _top_eigenvalue(gram: np.ndarray) -> float:
+    """λ_max of a Hermitian Gram (both triangles), by LAPACK through NumPy's ``eigvalsh`` (it
+    releases the GIL; SciPy's ``eigh`` holds it, and its ``subset_by_index`` saved nothing
+    measurable at ``n = 1024``: the reduction to tridiagonal form dominates)."""
+    return max(float(np.linalg.eigvalsh(gram)[-1]), 0.0)
+
+
+#: Krylov dimension of :func:`_top_vector`.
+TOP_VECTOR_STEPS = 24
+
+
+def _top_vector(gram: np.ndarray, steps: int = TOP_VECTOR_STEPS) -> np.ndarray:
+    """A unit top eigenvector of a Hermitian Gram, for a warm start only: the Rayleigh-Ritz
+    vector of the Krylov space of dimension ``min(n, steps)`` from a seeded random start (fully
+    reorthogonalised). **Exact** (to rounding) when ``n <= steps``; for larger Grams an
+    approximation that Lanczos refines (it never serves as a value or a bound)."""
+    n = gram.shape[0]
+    k = min(n, steps)
+    q = np.zeros((n, k), np.complex128)
+    w = np.zeros((n, k), np.complex128)
+    v = np.random.default_rng(0).standard_normal(n) + 0j
+    for j in range(k):
+        for _ in range(2):  # Twice is enough (Giraud et al.'s "twice is enough").
+            v = v - q[:, :j] @ (np.conj(q[:, :j].T) @ v)
+        norm = np.linalg.norm(v)
+        if norm <= 1e-12 * max(np.linalg.norm(w[:, :j]), np.finfo(float).tiny) or norm == 0:
+            k = j  # The Krylov space is invariant: its Ritz vectors are eigenvectors.
+            break
+        q[:, j] = v / norm
+        w[:, j] = v = gram @ q[:, j]
+    if k == 0:
+        e = np.zeros(n, np.complex128)
+        e[0] = 1.0
+        return e
+    h = np.conj(q[:, :k].T) @ w[:, :k]
+    _, vecs = np.linalg.eigh((h + np.conj(h.T)) / 2)
+    vec = q[:, :k] @ vecs[:, -1]
+    return vec / np.linalg.norm(vec)
 
 
 def _right_vector(m: np.ndarray, vec: np.ndarray) -> np.ndarray:
     """``m``'s unit top right singular vector from the top eigenvector ``vec`` of its smaller
-    Gram (:func:`_top_eigenpair`): ``vec`` itself, or ``M^H u / ||M^H u||`` when the Gram is
+    Gram (:func:`_top_vector`): ``vec`` itself, or ``M^H u / ||M^H u||`` when the Gram is
     ``M M^H`` (the output side)."""
     if m.shape[0] <= m.shape[1]:
         vec = np.conj(m.T) @ vec
@@ -109,7 +152,8 @@ def _right_vector(m: np.ndarray, vec: np.ndarray) -> np.ndarray:
 
 
 def _below(gram: np.ndarray, tau: float) -> bool:
-    """Certifies ``λ_max(gram) <= tau`` by a Cholesky factorisation of ``τ' I - gram``.
+    """Certifies ``λ_max(gram) <= tau`` by a Cholesky factorisation of ``τ' I - gram`` (a
+    Hermitian Gram, both triangles; the factorisation reads the lower one).
 
     With ``τ' = τ / (1 + 2 n γ_{n+1})``: a Cholesky factorisation that succeeds in floating point
     is the exact one of ``τ' I - G + E`` with ``|E| <= γ_{n+1} |R^H| |R|`` (Higham, *Accuracy and
@@ -125,8 +169,11 @@ def _below(gram: np.ndarray, tau: float) -> bool:
         return tau >= 0 and not np.any(gram)
     a = -gram
     a[np.diag_indices(n)] += tau_p
-    _, info = scipy.linalg.lapack.zpotrf(a, lower=False, overwrite_a=True, clean=False)
-    return info == 0
+    try:  # NumPy's LAPACK call releases the GIL (SciPy's zpotrf wrapper holds it).
+        np.linalg.cholesky(a)
+    except np.linalg.LinAlgError:
+        return False
+    return True
 
 
 def _power_estimates(m: np.ndarray, steps: int, row_scale=None) -> np.ndarray:
@@ -170,7 +217,7 @@ def _gram_power_estimates(grams: np.ndarray, steps: int, scale=None) -> np.ndarr
     return np.real(np.sum(np.conj(v) * product(v), axis=(1, 2)))
 
 
-def _circulant_pruned(kernel, emb, g, row_scales=(None,)):
+def _circulant_pruned(kernel, emb, g, row_scales=(None,), with_vector=True):
     """Per-group max of per-frequency λ_max, pruning frequencies certified below the best.
 
     Pass 1: power-iteration estimates per frequency (on the complex64 matrices, or on the
@@ -178,15 +225,18 @@ def _circulant_pruned(kernel, emb, g, row_scales=(None,)):
     frequency with the largest estimate starts the best per group. Pass 2: each other frequency is
     certified ``λ_max <= best`` by :func:`_below` (a Cholesky factorisation, no eigenvalues) or
     else its exact top is computed (and the best raised). The result equals the max over all
-    frequencies of their ``eigh`` top up to LAPACK's rounding. Variants whose first top is the
-    same frequency share its Gram; the top right singular vector (the warm start) is formed at
-    the end, of the winning frequency only.
+    frequencies of their ``eigvalsh`` top up to LAPACK's rounding. Variants whose first top is
+    the same frequency share its Gram; the top right singular vector (the warm start, when
+    ``with_vector``) is formed at the end, of the winning frequency only (:func:`_top_vector` of
+    its kept Gram). Every LAPACK and BLAS call goes through NumPy, which releases the GIL: the
+    report's two host threads run them at once.
 
     ``row_scales``: one entry per variant of the layer, ``None`` (the kernel itself) or a
     ``(g, c_out / g)`` per-output-channel scale ``s`` (the kernel scaled on its outputs: each
     per-frequency matrix is ``diag(s) M(ω)``). When the Gram is on the output side (``rows <=
-    cols``), a scaled variant's Gram is ``diag(s) G(ω) diag(s)``: one ``zherk`` per frequency
-    serves every variant. Returns one ``(bound, group tops, where)`` per variant.
+    cols``), a scaled variant's Gram is ``diag(s) G(ω) diag(s)``: one Gram per frequency
+    serves every variant. Returns one ``(bound, group tops, (group, u, v, right vector or
+    None))`` per variant.
     """
     nv = len(row_scales)
 
@@ -203,8 +253,8 @@ def _circulant_pruned(kernel, emb, g, row_scales=(None,)):
             keep[vi][gi] = (float(est[i]), (int(us[i]), int(vs[i])))
 
     group_best = np.zeros((nv, g))
-    # Per variant and group: (u, v, Gram-side top eigenvector) of the best frequency; the right
-    # singular vector (the warm start) is formed at the end, for the winner only.
+    # Per variant and group: (u, v, the variant's Gram) of the best frequency; the right singular
+    # vector (the warm start) is formed at the end, for the winner only.
     where = [[None] * g for _ in range(nv)]
 
     # Per group: each variant's diag(s) ⊗ diag(s) (None: unscaled), formed once, not per frequency.
@@ -212,7 +262,7 @@ def _circulant_pruned(kernel, emb, g, row_scales=(None,)):
         [None if s is None else np.outer(s[gi], s[gi]) for s in row_scales] for gi in range(g)
     ]
 
-    def scaled(gram, vi, gi):  # The variant's Gram diag(s) G diag(s) (upper triangle).
+    def scaled(gram, vi, gi):  # The variant's Gram diag(s) G diag(s).
         outer = outers[gi][vi]
         return gram if outer is None else gram * outer
 
@@ -222,8 +272,8 @@ def _circulant_pruned(kernel, emb, g, row_scales=(None,)):
             _, (u, v) = keep[vi][gi]
             if (u, v) not in tops:
                 tops[u, v] = gram_at(u, v)
-            lam, vec = _top_eigenpair(scaled(tops[u, v], vi, gi))
-            group_best[vi, gi], where[vi][gi] = lam, (u, v, vec)
+            gram = scaled(tops[u, v], vi, gi)
+            group_best[vi, gi], where[vi][gi] = _top_eigenvalue(gram), (u, v, gram)
 
     big1, big2 = (n // s for n, s in zip(emb.input_shape, emb.strides))
     # A real kernel's matrices at -k are the conjugates of those at k (the same singular values):
@@ -237,10 +287,10 @@ def _circulant_pruned(kernel, emb, g, row_scales=(None,)):
             gv = scaled(gram, vi, gi)
             if _below(gv, group_best[vi, gi]):
                 continue
-            lam, vec = _top_eigenpair(gv)
+            lam = _top_eigenvalue(gv)
             if lam > group_best[vi, gi]:
                 group_best[vi, gi] = lam
-                where[vi][gi] = (u, v, vec)
+                where[vi][gi] = (u, v, np.array(gv))  # A copy: gram may be a chunk's view.
 
     def repeated(u, v):  # The conjugate of a frequency already visited.
         return v in self_conjugate and (big1 - u) % big1 < u
@@ -286,8 +336,10 @@ def _circulant_pruned(kernel, emb, g, row_scales=(None,)):
     out = []
     for vi in range(nv):
         gi = int(np.argmax(group_best[vi]))
-        u, v, vec = where[vi][gi]
-        w = _right_vector(one(_frequency_matrix(taps, gi, u, v), vi, gi), vec)
+        u, v, gram = where[vi][gi]
+        w = None
+        if with_vector:
+            w = _right_vector(one(_frequency_matrix(taps, gi, u, v), vi, gi), _top_vector(gram))
         out.append((float(np.sqrt(group_best[vi, gi])), np.sqrt(group_best[vi]), (gi, u, v, w)))
     return out
 
@@ -350,7 +402,9 @@ def circulant_tops(kernel, spec: ConvSpec, scales=(), *, with_vector: bool = Tru
     if min(rows, cols) >= PRUNE_MIN_SIDE and (rows <= cols or not scales):
         row_scales = [None] + [c.reshape(g, rows) for c in scales]
         out = []
-        for best, group_best, (gi, u, v, w) in _circulant_pruned(kernel, emb, g, row_scales):
+        for best, group_best, (gi, u, v, w) in _circulant_pruned(
+            kernel, emb, g, row_scales, with_vector
+        ):
             vector = _warm_start(spec, emb, kshape, gi, u, v, w) if with_vector else None
             out.append(CirculantTop(best, group_best, vector))
         return out

@@ -121,10 +121,10 @@ GRAM_CHUNK_ENTRIES = 2_000_000
 
 
 def _tap_grams_pay(taps: _Taps) -> bool:
-    """Whether :class:`_TapGrams` (Grams from the taps' cross-Grams) pays against one
-    ``zherk`` per frequency: ``t (t + 1) / 2`` real products (``2 n² k`` flops each) against
-    ``N1 (N2 // 2 + 1)`` complex rank-k updates (``4 n² k`` each), for ``t`` taps, asked to be at
-    least 2x fewer flops (the per-frequency sums of ``t²`` terms are memory-bound), and the
+    """Whether :class:`_TapGrams` (Grams from the taps' cross-Grams) pays against one Gram per
+    frequency: ``t (t + 1) / 2`` real products (``2 n² k`` flops each) against ``N1 (N2 // 2 +
+    1)`` Grams of ``spectra.numpy._fourier._gram`` (``6 n² k`` each), for ``t`` taps, asked to
+    be at least 3x fewer flops (the per-frequency sums of ``t²`` terms are memory-bound), and the
     cross-Grams within :data:`MAX_TAP_GRAM_BYTES`."""
     t = taps.taps.shape[1]
     n = min(taps.cog, taps.cols)
@@ -140,8 +140,8 @@ class _TapGrams:
     E_t'^T``, on the input side ``M^H M = Σ_{t,t'} conj(φ_t) φ_t' E_t^T E_t'``. The real
     cross-Grams ``E_t E_t'^T`` cost ``t (t + 1) / 2`` real products; each Gram is then a sum of
     ``t²`` of them (:meth:`chunks`: two real products ``(chunk, t²) @ (t², n²)`` per chunk of
-    frequencies; :meth:`at`: one frequency). The same Grams as ``zherk`` of each ``M(ω)``, up to
-    float64 rounding of the sums.
+    frequencies; :meth:`at`: one frequency). The same Grams as ``_fourier._gram`` of each
+    ``M(ω)``, up to float64 rounding of the sums.
     """
 
     def __init__(self, taps: _Taps, gi: int):
