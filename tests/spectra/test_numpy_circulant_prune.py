@@ -66,6 +66,36 @@ class PrunedCirculantTest(parameterized.TestCase):
         exact = exact_singular_values(kernel, spec)[0]
         self.assertGreaterEqual(tops[True].bound * (1 + 1e-12), exact)
 
+    @parameterized.parameters((5, 9), (9, 5), (7, 7))
+    def test_gram_is_the_smaller_hermitian_gram(self, rows, cols):
+        rng = np.random.default_rng(rows * cols)
+        m = rng.standard_normal((rows, cols)) + 1j * rng.standard_normal((rows, cols))
+        want = m @ m.conj().T if rows <= cols else m.conj().T @ m
+        got = _fourier._gram(m)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * np.abs(want).max())
+        np.testing.assert_array_equal(got, got.conj().T)  # Both triangles, exactly Hermitian.
+
+    @parameterized.parameters(6, 24, 80)
+    def test_top_vector(self, n):
+        rng = np.random.default_rng(n)
+        m = rng.standard_normal((n, 2 * n)) + 1j * rng.standard_normal((n, 2 * n))
+        gram = m @ m.conj().T
+        lam = np.linalg.eigvalsh(gram)
+        vec = _fourier._top_vector(gram)
+        self.assertAlmostEqual(np.linalg.norm(vec), 1.0, delta=1e-12)
+        quotient = float(np.real(vec.conj() @ gram @ vec))
+        if n <= _fourier.TOP_VECTOR_STEPS:  # The whole space: an exact top eigenvector.
+            self.assertAlmostEqual(quotient / lam[-1], 1.0, delta=1e-12)
+            residual = np.linalg.norm(gram @ vec - quotient * vec) / lam[-1]
+            self.assertLess(residual, 1e-10)
+        else:  # A warm start: well above the second eigenvalue's share, never above the top.
+            self.assertLessEqual(quotient, lam[-1] * (1 + 1e-12))
+            self.assertGreater(quotient, 0.9 * lam[-1])
+        rank_one = np.outer(np.arange(1.0, n + 1), np.arange(1.0, n + 1)) + 0j
+        top = _fourier._top_vector(rank_one)  # An invariant Krylov space after one step.
+        self.assertAlmostEqual(abs(top @ np.arange(1.0, n + 1)) / np.linalg.norm(
+            np.arange(1.0, n + 1)), 1.0, delta=1e-12)
+
     def test_below_certificate(self):
         rng = np.random.default_rng(0)
         m = rng.standard_normal((8, 8)) + 1j * rng.standard_normal((8, 8))
