@@ -10,7 +10,9 @@ Process set-up, done here once for every experiment (the experiment modules have
 side effects to rely on):
 
 * :func:`main` applies the XLA:CPU LAPACK-deadlock work-around before the first JAX computation
-  (``avoid_cpu_lapack_deadlock``; it only works before the CPU backend starts);
+  (``avoid_cpu_lapack_deadlock``; it only works before the CPU backend starts) and switches
+  NumPy's transparent-huge-page advice off (``set_numpy_huge_pages``: on the 2-core VMs it
+  made first-touched memory ~15x slower; the arithmetic is unchanged);
 * :func:`run_all` calls :func:`spectra.clear_caches` after every experiment: the compiled
   programs of one experiment are never reused by the next, and keeping them all alive made a
   ``--preset paper`` run pass the kernel's ``vm.max_map_count`` and segfault inside XLA.
@@ -128,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="output folder (default: results)")
     args = parser.parse_args(argv)
     from train.lapack_workaround import avoid_cpu_lapack_deadlock
+    from train.lapack_workaround import set_numpy_huge_pages
 
     avoid_cpu_lapack_deadlock()  # Before any JAX computation (XLA:CPU LAPACK deadlock).
+    set_numpy_huge_pages(False)
     path = run_all(args.preset, args.out)
     print(f"[experiments] wrote {path}")
     return 0

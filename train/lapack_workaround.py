@@ -78,6 +78,19 @@ def _madvise_functions():
     return None
 
 
+def set_numpy_huge_pages(enabled: bool) -> bool | None:
+    """Sets NumPy's transparent-huge-page advice (see :func:`numpy_huge_pages`) for the rest of
+    the process; returns the previous setting (``None``: this NumPy has no switch, nothing
+    changed). For entry points (the experiment runner, the test session)."""
+    functions = _madvise_functions()
+    if functions is None:
+        return None
+    get, set_ = functions
+    previous = bool(get())
+    set_(bool(enabled))
+    return previous
+
+
 @contextlib.contextmanager
 def numpy_huge_pages(enabled: bool | None = False):
     """A context manager setting whether NumPy advises the kernel to back its large arrays with
@@ -93,14 +106,9 @@ def numpy_huge_pages(enabled: bool | None = False):
     39.3 s without (``benchmarks/bench_report.py --large``). The arithmetic is unchanged.
     A NumPy without the (private) switch: no-op.
     """
-    functions = None if enabled is None else _madvise_functions()
-    if functions is None:
-        yield
-        return
-    get, set_ = functions
-    previous = bool(get())
-    set_(bool(enabled))
+    previous = None if enabled is None else set_numpy_huge_pages(enabled)
     try:
         yield
     finally:
-        set_(previous)
+        if previous is not None:
+            set_numpy_huge_pages(previous)

@@ -36,6 +36,16 @@ class NumpyHugePagesTest(parameterized.TestCase):
         finally:
             set_(before)
 
+    def test_set_returns_the_previous_setting(self):
+        before = _huge_pages_now()
+        try:
+            self.assertEqual(lapack_workaround.set_numpy_huge_pages(True), before)
+            self.assertTrue(_huge_pages_now())
+            self.assertTrue(lapack_workaround.set_numpy_huge_pages(False))
+            self.assertFalse(_huge_pages_now())
+        finally:
+            lapack_workaround.set_numpy_huge_pages(before)
+
     def test_restores_after_an_error(self):
         before = _huge_pages_now()
         with self.assertRaises(RuntimeError):

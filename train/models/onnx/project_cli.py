@@ -306,8 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     shape = parse_input_shape(args.input_shape) if args.input_shape else None
 
     from train.lapack_workaround import avoid_cpu_lapack_deadlock
+    from train.lapack_workaround import set_numpy_huge_pages
 
     avoid_cpu_lapack_deadlock()
+    set_numpy_huge_pages(False)  # The host certificates' fresh memory: see numpy_huge_pages.
     cert = project_onnx(
         args.onnx,
         args.out,
