@@ -59,7 +59,7 @@ class ReportOptions:
       ascent_steps: pair-ascent steps of the lower bound search, at most.
       lower_bound_budget: the lower bound search's time: ``'layers'`` (default: it stops when
         the layer stage is done, or after as long as that took when not overlapping, but not
-        before 3 s: ``train.report._stages.MIN_SEARCH_SECONDS``; it ends within one step of
+        before 1 s: ``train.report._stages.MIN_SEARCH_SECONDS``; it ends within one step of
         that), seconds, or ``None`` (only the step counts limit it: reproducible values).
       lower_bound_share: while the layer stage runs beside it, the fraction ``(0, 1]`` of the
         wall-clock time in which the search computes: after each step it waits

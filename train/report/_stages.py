@@ -24,11 +24,13 @@ from typing import Any
 
 import numpy as np
 
-#: The lower bound search's time budget ``'layers'`` is at least this (seconds): a network whose
-#: layers take less still gets a short search. ResNet-20 @32² on 2 CPU cores: its layers take
-#: ~2.5 s, about as long as compiling the search's two programs; with a budget of the layers
-#: alone its ascent never ran (measured: compiled, then stopped before its first step).
-MIN_SEARCH_SECONDS = 3.0
+#: The lower bound search's time budget ``'layers'`` is at least this (seconds) from the report's
+#: start: a network whose layers take less still gets its power iteration compiled and run.
+#: Measured (ResNet-20 @32², 2-core CPU, ``benchmarks/bench_report.py``): with 3 s the ascent
+#: still ran no step (its compilation took the rest of the budget) and each report took 1-2 s
+#: longer (SAME 3.3-3.7 s, CIRCULAR 4.7-5.0 s); with 1 s, 2.2 s and 2.4 s, the same lower bounds
+#: (the power iteration's 3.19 and 3.83).
+MIN_SEARCH_SECONDS = 1.0
 #: Longest wait of one ``stop()`` call of a search that computes in a share of the wall-clock
 #: time (:func:`budget_stop`): an interval that held a compilation (seconds on a big network,
 #: single-threaded) would otherwise make the search wait for most of the layer stage.
