@@ -90,8 +90,7 @@ def _gram(m: np.ndarray) -> np.ndarray:
     ``2c`` (:mod:`spectra.numpy._rounding`, item 3.).
     """
     if m.shape[0] > m.shape[1]:
-        m = m.T  # M^H M = conj(M^T conj(M^T)^H): the same Gram of M^T, conjugated below.
-        return np.conj(_gram(m))
+        return np.conj(_gram(m.T))  # M^H M = conj(M^T (M^T)^H): M^T's Gram, conjugated.
     r, c = m.shape
     x = np.empty((r, 2 * c))
     x[:, :c], x[:, c:] = m.real, m.imag
@@ -127,15 +126,11 @@ def _top_vector(gram: np.ndarray, steps: int = TOP_VECTOR_STEPS) -> np.ndarray:
         for _ in range(2):  # Twice is enough (Giraud et al.'s "twice is enough").
             v = v - q[:, :j] @ (np.conj(q[:, :j].T) @ v)
         norm = np.linalg.norm(v)
-        if norm <= 1e-12 * max(np.linalg.norm(w[:, :j]), np.finfo(float).tiny) or norm == 0:
+        if norm <= 1e-12 * max(np.linalg.norm(w[:, :j]), np.finfo(float).tiny):
             k = j  # The Krylov space is invariant: its Ritz vectors are eigenvectors.
-            break
+            break  # (Never at j = 0: the random start is nonzero.)
         q[:, j] = v / norm
         w[:, j] = v = gram @ q[:, j]
-    if k == 0:
-        e = np.zeros(n, np.complex128)
-        e[0] = 1.0
-        return e
     h = np.conj(q[:, :k].T) @ w[:, :k]
     _, vecs = np.linalg.eigh((h + np.conj(h.T)) / 2)
     vec = q[:, :k] @ vecs[:, -1]
