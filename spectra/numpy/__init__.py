@@ -49,6 +49,7 @@ from spectra.numpy._fourier import singular_values
 from spectra.numpy._fourier import symbol_grid_bound
 from spectra.numpy._lanczos import LanczosResult
 from spectra.numpy._lanczos import lanczos_spectral_norm
+from spectra.numpy._lanczos import lanczos_spectral_norms
 from spectra.numpy._lanczos import per_group_upper_bounds
 from spectra.numpy._operator import ConvOperator
 from spectra.numpy._operator import conv
@@ -83,6 +84,7 @@ __all__ = [
     "group_kernel",
     "group_spec",
     "lanczos_spectral_norm",
+    "lanczos_spectral_norms",
     "matrix_rtol",
     "per_group_upper_bounds",
     "round_down",

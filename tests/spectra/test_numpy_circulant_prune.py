@@ -96,6 +96,28 @@ class PrunedCirculantTest(parameterized.TestCase):
         self.assertAlmostEqual(abs(top @ np.arange(1.0, n + 1)) / np.linalg.norm(
             np.arange(1.0, n + 1)), 1.0, delta=1e-12)
 
+    @parameterized.parameters(((3, 6, 4), False), ((2, 5, 8), True), ((4, 4), False))
+    def test_stack_singular_values(self, shape, complex_):
+        rng = np.random.default_rng(len(shape))
+        m = rng.standard_normal(shape) + (1j * rng.standard_normal(shape) if complex_ else 0)
+        m[..., 0, :] *= 3.0  # Well conditioned (σ_min / σ_max well above 1e-2): the Gram path.
+        want = np.linalg.svd(m, compute_uv=False)
+        with mock.patch.object(np.linalg, "svd", side_effect=AssertionError("svd called")):
+            got = _fourier._stack_singular_values(m)
+        self.assertEqual(got.shape, want.shape)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * want.max())
+        # A rank-deficient and a badly conditioned matrix in the stack: those two by the SVD
+        # (exact zeros and small values stay accurate), the others by their Gram.
+        bad = np.array(m.reshape(-1, *shape[-2:]))
+        bad[0, :, -1], bad[0, -1, :] = 0.0, 0.0
+        bad[-1, :, 0] *= 1e-7
+        bad[-1, 0, :] *= 1e-7
+        want = np.linalg.svd(bad, compute_uv=False)
+        got = _fourier._stack_singular_values(bad)
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-15 * want.max())
+        self.assertLess(got[0, -1], 1e-14 * want.max())  # Not sqrt(u) σ_1, as from a Gram.
+        self.assertEqual(_fourier._stack_singular_values(np.zeros((2, 3, 0))).shape, (2, 0))
+
     def test_below_certificate(self):
         rng = np.random.default_rng(0)
         m = rng.standard_normal((8, 8)) + 1j * rng.standard_normal((8, 8))

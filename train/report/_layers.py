@@ -218,10 +218,33 @@ def _analyse_pair_numpy(
     (:func:`spectra.numpy.circulant_tops`: each frequency's Gram computed once for both)."""
     args = (spec, sigma_method, bound_names, spectrum_method, rtol, bracket_rtol)
     k = _float64(k)
-    tops = snp.circulant_tops(k, spec, [scale], with_vector=_with_vector(spec, sigma_method))
-    return (
-        _analyse_kernel_numpy(k, True, *args, top=tops[0]),
-        _analyse_kernel_numpy(folded, False, *args, top=tops[1]),
+    with_vector = _with_vector(spec, sigma_method)
+    tops = snp.circulant_tops(k, spec, [scale], with_vector=with_vector)
+    if not with_vector:  # Not an ungrouped Lanczos layer: each kernel on its own.
+        return (
+            _analyse_kernel_numpy(k, True, *args, top=tops[0]),
+            _analyse_kernel_numpy(folded, False, *args, top=tops[1]),
+        )
+    # Ungrouped Lanczos: both runs in lockstep, one read of the kernel per product for the two
+    # (snp.lanczos_spectral_norms; the folded operator is diag(scale) A).
+    folded = _float64(folded)
+    prepared = [_host_bounds(x, spec, bound_names, True, top) for x, top in zip((k, folded), tops)]
+    results = snp.lanczos_spectral_norms(
+        k,
+        spec,
+        [scale],
+        rtol=rtol,
+        initial_vectors=[start for _, _, start in prepared],
+        upper_bounds=[None if best is None else float(np.max(best)) for _, best, _ in prepared],
+        bracket_rtol=min(bracket_rtol, rtol),
+    )
+    spectrum = None
+    if spectrum_method == "spectral_density":
+        spectrum = snp.spectral_density_singular_values(k, spec)
+    return tuple(
+        (float(r.value), r.residual, spectrum if i == 0 else None,
+         [bounds[name] for name in bound_names])
+        for i, (r, (bounds, _, _)) in enumerate(zip(results, prepared))
     )
 
 
