@@ -312,5 +312,79 @@ class GroupedLanczosTest(parameterized.TestCase):
                                                                    in_features=None))
 
 
+# ``lanczos_spectral_norms``: a kernel and its output-scaled variants in lockstep. Input-side
+# Grams (AᵀA: out_dim >= in_dim), output-side ones (AAᵀ: strided), circular, grouped (per variant).
+VARIANTS = [
+    ("input_side_SAME", (3, 3, 3, 5), ConvSpec((7, 6), 1, "SAME")),
+    ("output_side_stride2", (3, 3, 4, 3), ConvSpec((8, 7), 2, "SAME")),
+    ("CIRCULAR_dilated", (2, 3, 2, 4), ConvSpec((6, 5), 1, "CIRCULAR", (2, 1))),
+    ("groups2_VALID", (3, 3, 2, 4), ConvSpec((7, 7), 1, "VALID", 1, 2)),
+]
+
+
+class LanczosVariantsTest(parameterized.TestCase):
+    @parameterized.named_parameters(*[(c[0], i) for i, c in enumerate(VARIANTS)])
+    def test_variants_against_dense(self, index):
+        _, kshape, spec, = VARIANTS[index]
+        kernel = random_kernel(kshape, seed=70 + index)
+        rng = np.random.default_rng(index)
+        c_out = kshape[3]
+        scales = [rng.uniform(0.2, 3.0, c_out) * rng.choice([-1.0, 1.0], c_out),
+                  np.full(c_out, 0.5)]
+        exact = [exact_singular_values(kernel * c, spec)[0] for c in [np.ones(c_out)] + scales]
+        results = snp.lanczos_spectral_norms(kernel, spec, scales, rtol=1e-10)
+        self.assertLen(results, 3)
+        for r, e in zip(results, exact):
+            self.assertAlmostEqual(r.value / e, 1.0, delta=1e-9)
+            self.assertLessEqual(r.value, e * (1 + 1e-12))
+            self.assertLessEqual(r.residual, 1e-10)
+        # float32 products: still Rayleigh quotients of the float64 operators (lower bounds).
+        fast = snp.lanczos_spectral_norms(kernel, spec, scales, rtol=1e-4)
+        for r, e in zip(fast, exact):
+            self.assertLessEqual(r.value, e * (1 + 1e-12))
+            self.assertAlmostEqual(r.value / e, 1.0, delta=1e-4)
+            self.assertLessEqual(r.residual, 1e-4)
+        # Certified bounds: a bracket that closes is reported so, an open one is not.
+        g = spec.feature_group_count
+        tight = [np.full(g, e * (1 + 1e-6)) for e in exact]
+        loose = [np.full(g, e * 2.0) for e in exact]
+        for bounds, certified in ((tight, True), (loose, False)):
+            results = snp.lanczos_spectral_norms(
+                kernel, spec, scales, rtol=1e-10, upper_bounds=bounds
+            )
+            for r, e in zip(results, exact):
+                self.assertEqual(r.certified, certified)
+                self.assertLessEqual(r.value, e * (1 + 1e-12))
+                self.assertAlmostEqual(r.value / e, 1.0, delta=1e-5)
+
+    def test_warm_start_and_errors(self):
+        kernel = random_kernel((3, 3, 3, 4), seed=1)
+        spec = ConvSpec((6, 6), 1, "SAME")
+        exact = exact_singular_values(kernel, spec)[0]
+        top = snp.circulant_top(kernel, spec)
+        (warm,) = snp.lanczos_spectral_norms(kernel, spec, rtol=1e-10,
+                                             initial_vectors=[top.vector])
+        self.assertAlmostEqual(warm.value / exact, 1.0, delta=1e-9)
+        with self.assertRaisesRegex(ValueError, "scales"):
+            snp.lanczos_spectral_norms(kernel, spec, [np.ones(3)])
+        with self.assertRaisesRegex(ValueError, "initial_vectors"):
+            snp.lanczos_spectral_norms(kernel, spec, [np.ones(4)], initial_vectors=[None])
+        with self.assertRaisesRegex(ValueError, "initial_vectors\\[0\\]"):
+            snp.lanczos_spectral_norms(kernel, spec, initial_vectors=[np.ones(5)])
+        with self.assertRaisesRegex(ValueError, "upper_bounds"):
+            snp.lanczos_spectral_norms(kernel, spec, upper_bounds=[1.0, 2.0])
+
+    def test_basis_restarts(self):
+        # A basis of 4 vectors: restarted from the Ritz vector each time it is full, it still
+        # converges to σ_max.
+        kernel = random_kernel((3, 3, 4, 4), seed=2)
+        spec = ConvSpec((8, 8), 1, "SAME")
+        exact = exact_singular_values(kernel, spec)[0]
+        r = snp.lanczos_spectral_norm(kernel, spec, rtol=1e-8, ncv=4, max_tries=50)
+        self.assertAlmostEqual(r.value / exact, 1.0, delta=1e-8)
+        full = snp.lanczos_spectral_norm(kernel, spec, rtol=1e-8)
+        self.assertGreater(r.num_matvecs, full.num_matvecs)
+
+
 if __name__ == "__main__":
     absltest.main()
