@@ -16,6 +16,7 @@ from scipy.optimize import linprog
 
 from train import report
 from train.report import _api
+from train.report import _empirical
 from train.report import _lower
 
 
@@ -96,6 +97,34 @@ class SearchTest(absltest.TestCase):
             self.assertLessEqual(lb.value, exact * (1 + 1e-9))
             self.assertLessEqual(old, exact * (1 + 1e-9))
             self.assertGreater(lb.value, 0.5 * exact)
+
+    def test_stop_ends_the_power_iteration_after_min_iterations(self):
+        # stop() is asked once every point has min_iterations steps; True ends the iteration
+        # there (one more call only evaluates ||J v|| at the final vectors).
+        f, p = _relu_net(1)
+        points = np.random.default_rng(1).normal(size=(3, 1, 2)).astype(np.float32)
+        v0 = _empirical.unit_vectors(np.random.default_rng(0), points.shape, points.dtype)
+        active = np.ones(len(points), bool)
+        args = (_empirical.flat_outputs(f), p, points, v0, active)
+        step = _empirical.compiled(_empirical._power_step, args)
+        calls = []
+
+        def counted(*a):
+            calls.append(1)
+            return step(*a)
+
+        for min_iterations in (0, 2, 3):
+            calls.clear()
+            asked = []
+            _, _, counts = _empirical.power_iterate(
+                counted, p, points, v0, num_iterations=20, min_iterations=min_iterations,
+                stop=lambda: asked.append(1) or True,
+            )
+            np.testing.assert_array_equal(counts, min_iterations)
+            self.assertLen(calls, min_iterations + 1)
+            self.assertLen(asked, 1)
+        _, _, counts = _empirical.power_iterate(counted, p, points, v0, num_iterations=4)
+        np.testing.assert_array_equal(counts, 4)  # No stop: the full count.
 
     def test_witness_recomputed_independently(self):
         f, p = _relu_net(1, d_in=5, hidden=12, d_out=3)

@@ -99,7 +99,7 @@ def power_iterate(
         # A point goes on while under num_iterations and (before 2 steps, or still moving).
         moving = np.abs(current - previous) > float(rtol) * np.maximum(current, tiny)
         active = (counts < int(num_iterations)) & ((counts < 2) | moving)
-        if stop is not None and counts.min(initial=0) >= min_iterations and stop():
+        if stop is not None and int(counts.min()) >= min_iterations and stop():
             active[:] = False
         v_next, jv_norm, w_norm = step(params, points, v, active)
         if not active.any():
