@@ -1,9 +1,10 @@
 """``spectra.numpy``: the host backend of ``spectra``, in NumPy / SciPy, float64, with no XLA.
 
 The same maths as the JAX functions of :mod:`spectra` (same conventions: HWIO kernels, HWC
-inputs, ``lax`` cross-correlation, :class:`spectra.ConvSpec`), computed with BLAS / LAPACK and
-SciPy's ARPACK in float64 whatever the kernel's dtype (Lanczos products in float32 at loose
-tolerances, its value and residual recomputed in float64), with nothing compiled. A network
+inputs, ``lax`` cross-correlation, :class:`spectra.ConvSpec`), computed with BLAS / LAPACK in
+float64 whatever the kernel's dtype (Lanczos with full reorthogonalisation; its products in
+float32 at loose tolerances, its value and residual recomputed in float64), with nothing
+compiled. A network
 report analyses every layer once, each at its own input size: with JAX every distinct layer shape
 costs compiled programs (seconds each on CPU), here none. Not traceable (no ``jit`` / ``vmap``):
 kernels are concrete arrays.
