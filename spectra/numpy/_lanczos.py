@@ -49,6 +49,8 @@ BRACKET_FIRST_TOL = 1e-3
 #: Memory of one run's Lanczos basis (float64 vectors) before an explicit restart from its
 #: current Ritz vector (``ncv=None``).
 BASIS_BYTES = 256 * 2**20
+#: Fewest basis vectors of a run (``ncv=None``) whatever their memory (ARPACK's default ``ncv``).
+MIN_BASIS = 20
 #: Gram products at most per run (each one ``A`` and one ``Aᵀ``); the run then stops with the
 #: residual it has.
 MAX_PRODUCTS = 4000
@@ -145,11 +147,11 @@ def _lanczos_tops(
     ``max_checks`` checks or :data:`MAX_PRODUCTS` products; otherwise it goes on, with ``tol =
     rtol`` after the loose first tolerance, else ``tol / 4`` (and with float32 products,
     restarted from ``y`` with float64 ones: float32 rounding may be what holds the residual
-    up). A basis of ``ncv`` vectors (default: :data:`BASIS_BYTES`) is restarted from the
-    current Ritz vector when full.
+    up). A basis of ``ncv`` vectors (default: as many as fit in :data:`BASIS_BYTES`, at least
+    :data:`MIN_BASIS`) is restarted from the current Ritz vector when full.
     """
     nv, n = starts.shape
-    cap = max(3, ncv or BASIS_BYTES // (8 * n))
+    cap = max(3, ncv) if ncv else max(MIN_BASIS, BASIS_BYTES // (8 * n))
     cap = min(cap, n + 1, MAX_PRODUCTS + 1)
     runs = []
     for v, bound in zip(starts, upper_bounds):
@@ -362,7 +364,7 @@ def lanczos_spectral_norm(
       spec: the layer.
       rtol: relative residual tolerance (see :class:`LanczosResult`).
       ncv: Lanczos vectors kept before a restart from the Ritz vector (``None``: as many as
-        fit in :data:`BASIS_BYTES`).
+        fit in :data:`BASIS_BYTES`, at least :data:`MIN_BASIS`).
       max_tries: float64 checks of a run's Ritz vector at most, per group.
       seed: for the random part of the start vectors.
       initial_vector: optional input-shaped ``(H, W, c_in)`` warm start.

@@ -118,7 +118,7 @@ class SearchTest(absltest.TestCase):
             asked = []
             _, _, counts = _empirical.power_iterate(
                 counted, p, points, v0, num_iterations=20, min_iterations=min_iterations,
-                stop=lambda: asked.append(1) or True,
+                stop=lambda asked=asked: asked.append(1) or True,
             )
             np.testing.assert_array_equal(counts, min_iterations)
             self.assertLen(calls, min_iterations + 1)
