@@ -42,20 +42,23 @@ def fft_applies(spec: ConvSpec) -> bool:
     return spec.is_circular and all(n % s == 0 for n, s in zip(spec.input_shape, spec.strides))
 
 
+def _smaller_grams(m: np.ndarray) -> np.ndarray:
+    """The smaller Gram ``M Mᴴ`` or ``Mᴴ M`` of each matrix of a stack ``(..., r, c)``."""
+    mh = np.conj(np.swapaxes(m, -1, -2))
+    return m @ mh if m.shape[-2] <= m.shape[-1] else mh @ m
+
+
 def _top_singular_values(m: np.ndarray) -> np.ndarray:
     """σ_max of each matrix of a stack ``(..., r, c)``: λ_max of the smaller Gram (eigvalsh)."""
-    r, c = m.shape[-2:]
-    if min(r, c) == 1:
+    if min(m.shape[-2:]) == 1:
         return np.sqrt(np.sum(np.abs(m) ** 2, axis=(-2, -1)))
-    mh = np.conj(np.swapaxes(m, -1, -2))
-    gram = m @ mh if r <= c else mh @ m
-    return np.sqrt(np.maximum(np.linalg.eigvalsh(gram)[..., -1], 0.0))
+    return np.sqrt(np.maximum(np.linalg.eigvalsh(_smaller_grams(m))[..., -1], 0.0))
 
 
-#: :func:`_stack_singular_values` takes the singular values from the smaller Gram's eigenvalues
-#: when, in every matrix of the stack, the smallest is at least this fraction of the largest;
-#: otherwise from the SVD.
-GRAM_MIN_RATIO = 1e-4
+#: :func:`_stack_singular_values` takes a matrix's singular values from its smaller Gram's
+#: eigenvalues when the smallest is at least this fraction of the largest (``σ_min >= σ_max /
+#: 10``); otherwise from the SVD.
+GRAM_MIN_RATIO = 1e-2
 
 
 def _stack_singular_values(m: np.ndarray) -> np.ndarray:
@@ -63,22 +66,22 @@ def _stack_singular_values(m: np.ndarray) -> np.ndarray:
     descending per matrix, **exact** to rounding.
 
     The square roots of the eigenvalues of the smaller Gram (``eigvalsh``; measured 3.3x faster
-    than the SVD at ``2048 x 1024``, single-threaded) when the stack is well conditioned, else
-    the SVD. Rounding: the computed Gram is ``G + E`` with ``||E||_2 <= γ_k ||M||_F^2 <= k γ_k
-    σ_1²`` (``k`` the inner dimension; Higham, *Accuracy and Stability*, §3.5) and ``eigvalsh``
-    is backward stable (each eigenvalue within ``p(n) u ||G||``, Weyl), so ``|λ̂_i - σ_i²| <= δ
-    σ_1²`` with ``δ = k γ_k + p(n) u`` and ``|σ̂_i - σ_i| = |λ̂_i - σ_i²| / (σ̂_i + σ_i) <= δ σ_1
-    (σ_1 / σ̂_i)``. With ``λ̂_min >= GRAM_MIN_RATIO λ̂_max`` that is at most ``100 δ σ_1``
-    (about ``1e-11 σ_1`` at ``k = 2048``; the SVD's own, ``p(n) u σ_1``); an ill-conditioned
-    or rank-deficient matrix of the stack goes to the SVD, whose error does not grow with
-    ``σ_1 / σ_i``.
+    than the SVD at ``2048 x 1024``, single-threaded) for each well-conditioned matrix, the SVD
+    for the others. Rounding (:mod:`spectra.numpy._rounding`, items 2. and 3.: the top value's
+    allowance :func:`spectra.numpy.matrix_rtol` already covers this path): the computed Gram is
+    ``G + E`` with ``||E||_2 <= n γ_k σ_1²`` (``n`` the smaller side, ``k`` the larger) and
+    ``eigvalsh`` puts each eigenvalue within ``p(n) u σ_1²`` of one of ``G + E`` (Weyl), so
+    ``|λ̂_i - σ_i²| <= δ σ_1²`` with ``δ = n γ_k + p(n) u`` and ``|σ̂_i - σ_i| = |λ̂_i - σ_i²|
+    / (σ̂_i + σ_i) <= δ σ_1 (σ_1 / σ̂_i)``. With ``λ̂_min >= GRAM_MIN_RATIO λ̂_max`` that is
+    at most ``10 δ σ_1`` for every value (worst case ``~4e-9 σ_1`` at ``n = 1024, k = 2048``
+    with ``p(n) = n²``; the SVD's, ``p(n) u σ_1``, ``~1e-10 σ_1``); an ill-conditioned or
+    rank-deficient matrix goes to the SVD, whose error does not grow with ``σ_1 / σ_i``.
     """
     lead, (r, c) = m.shape[:-2], m.shape[-2:]
     if min(r, c) == 0:
         return np.zeros((*lead, 0))
     m = m.reshape(-1, r, c)
-    mh = np.conj(np.swapaxes(m, -1, -2))
-    lam = np.linalg.eigvalsh(m @ mh if r <= c else mh @ m)[:, ::-1]
+    lam = np.linalg.eigvalsh(_smaller_grams(m))[:, ::-1]
     ok = (lam[:, 0] > 0) & (lam[:, -1] >= GRAM_MIN_RATIO * lam[:, 0])
     values = np.sqrt(np.maximum(lam, 0.0))
     if not np.all(ok):  # Only the ill-conditioned matrices of the stack.

@@ -195,19 +195,22 @@ def _lanczos_tops(
                 thetas, vecs = np.linalg.eigh(t)
                 theta, s = float(thetas[-1]), vecs[:, -1]
                 invariant = beta <= 1e-12 * max(abs(theta), tiny) or r.j + 1 >= n
-                if (
+                pause = (
                     invariant
                     or beta * abs(s[-1]) <= r.tol * max(theta, tiny)
                     or r.products >= MAX_PRODUCTS
-                ):
+                )
+                grow = r.j + 1 < cap and not invariant
+                if pause or not grow:
                     y = q.T @ s
-                    checks.append((i, y / np.linalg.norm(y), invariant))
-                if r.j + 1 < cap and not invariant:
+                    y /= np.linalg.norm(y)  # The top Ritz vector.
+                if pause:
+                    checks.append((i, y, invariant))
+                if grow:
                     r.j += 1
                     r.basis[r.j] = w / beta
                 else:  # Basis full (or space exhausted): restart from the Ritz vector.
-                    y = q.T @ s
-                    r.restart(y / np.linalg.norm(y))
+                    r.restart(y)
         if not checks:
             continue
         ys = np.stack([y for _, y, _ in checks])

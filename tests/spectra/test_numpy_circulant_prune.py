@@ -100,7 +100,11 @@ class PrunedCirculantTest(parameterized.TestCase):
     def test_stack_singular_values(self, shape, complex_):
         rng = np.random.default_rng(len(shape))
         m = rng.standard_normal(shape) + (1j * rng.standard_normal(shape) if complex_ else 0)
-        m[..., 0, :] *= 3.0  # Well conditioned (σ_min / σ_max well above 1e-2): the Gram path.
+        # Well conditioned by construction (a dominant 4 I: σ_min / σ_max above the Gram path's
+        # 0.1), so every matrix takes the Gram path.
+        m = m + 4.0 * np.eye(*shape[-2:])
+        sv = np.linalg.svd(m, compute_uv=False)
+        self.assertTrue(np.all(sv[..., -1] ** 2 >= _fourier.GRAM_MIN_RATIO * sv[..., 0] ** 2))
         want = np.linalg.svd(m, compute_uv=False)
         with mock.patch.object(np.linalg, "svd", side_effect=AssertionError("svd called")):
             got = _fourier._stack_singular_values(m)
